@@ -1,0 +1,77 @@
+//! Command-line types for `vpnctl`. Doc comments become `--help`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Administer a running vpn-gateway (vpnd) and its local users.
+#[derive(Parser)]
+#[command(version)]
+pub struct Args {
+    /// vpnd's control socket.
+    #[arg(long, global = true, default_value = vpn_daemon::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// List sessions: user, VPN address, public address, since, traffic, pseudo-MAC.
+    Sessions {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the sessions of a user, or the session holding a VPN address.
+    Disconnect {
+        /// User name or VPN address.
+        target: String,
+    },
+    /// Gateway counters: sessions, pool use, packets dropped by the BPF programs.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the local user database (no daemon needed).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Add a user; the password is read from the terminal, or from stdin when it is not a terminal.
+    Add {
+        name: String,
+        /// Group policy applied to this user's sessions.
+        #[arg(long)]
+        group_policy: Option<String>,
+        #[command(flatten)]
+        file: UsersFile,
+    },
+    /// Remove a user.
+    Del {
+        name: String,
+        #[command(flatten)]
+        file: UsersFile,
+    },
+    /// Change a user's password (read like `add`).
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        file: UsersFile,
+    },
+    /// List users and their group policies.
+    List {
+        #[command(flatten)]
+        file: UsersFile,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct UsersFile {
+    /// The user database (auth.users_file in the gateway's config).
+    #[arg(long = "users", default_value = "/etc/vpn-gateway/users.toml")]
+    pub path: PathBuf,
+}

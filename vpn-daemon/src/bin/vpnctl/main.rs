@@ -1,0 +1,28 @@
+//! `vpnctl`: thin dispatch; each subcommand lives in its own module.
+
+mod args;
+mod sessions;
+mod user;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Args, Command};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.cmd {
+        Command::Sessions { json } => sessions::list(&args.socket, json),
+        Command::Disconnect { target } => sessions::disconnect(&args.socket, &target),
+        Command::Stats { json } => sessions::stats(&args.socket, json),
+        Command::User(cmd) => user::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vpnctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! `vpnctl user ...`: edits the local user database file directly.
+
+use std::io::{BufRead, IsTerminal};
+
+use anyhow::{Context as _, bail};
+use vpn_daemon::users::UserFile;
+
+use crate::args::UserCommand;
+
+/// Reads a password without echo from the terminal (asking twice), or one
+/// line from stdin when stdin is not a terminal. Never from the command line.
+fn read_password(user: &str) -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let p1 = rpassword::prompt_password(format!("Password for {user}: "))?;
+        let p2 = rpassword::prompt_password("Again: ")?;
+        if p1 != p2 {
+            bail!("the passwords do not match");
+        }
+        Ok(p1)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    }
+}
+
+pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
+    match cmd {
+        UserCommand::Add { name, group_policy, file } => {
+            let mut db = UserFile::read(&file.path)?;
+            vpn_daemon::users::validate_name(&name)?;
+            let pw = read_password(&name)?;
+            db.add(&name, &pw, group_policy)?;
+            db.write(&file.path)?;
+            println!("added user {name} to {}", file.path.display());
+        }
+        UserCommand::Del { name, file } => {
+            let mut db = UserFile::read(&file.path)?;
+            db.remove(&name)?;
+            db.write(&file.path)?;
+            println!("removed user {name}");
+        }
+        UserCommand::Passwd { name, file } => {
+            let mut db = UserFile::read(&file.path)?;
+            if db.find(&name).is_none() {
+                bail!("no user '{name}' in {}", file.path.display());
+            }
+            let pw = read_password(&name)?;
+            db.set_password(&name, &pw)?;
+            db.write(&file.path)?;
+            println!("changed the password of {name}");
+        }
+        UserCommand::List { file } => {
+            let db = UserFile::read(&file.path)?;
+            println!("{:<24} GROUP POLICY", "USER");
+            for u in &db.users {
+                println!("{:<24} {}", u.name, u.group_policy.as_deref().unwrap_or("(default)"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `vpnd`: the vpn-gateway daemon.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vpn_daemon::{
+    bpf::Datapath, config::Config, control, events::EventLog, netlink, server, tls, tun::Tun,
+    users::UserDb,
+};
+
+/// vpn-gateway daemon: an AnyConnect/OpenConnect-compatible VPN headend
+/// with per-session policy in eBPF.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML; see examples/gateway.toml).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate FILE and exit: 0 if valid, 2 with the reason if not.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Some(path) = args.check_config {
+        return match Config::load(&path) {
+            Ok(_) => {
+                println!("{}: configuration is valid", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let Some(path) = args.config else {
+        eprintln!("vpnd: give --config FILE (or --check-config FILE); `cargo xtask run` starts a demo");
+        return ExitCode::from(2);
+    };
+    let settings = match Config::load(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: vpn_daemon::config::Settings) -> anyhow::Result<()> {
+    let raw = &settings.raw;
+    let events = EventLog::open(raw.server.event_log.as_deref()).context("opening server.event_log")?;
+    let users = UserDb::open(raw.auth.users_file.clone())?;
+    let identity = tls::load_identity(&settings)?;
+    tracing::info!(
+        cert = %identity.cert_path.display(),
+        "server certificate fingerprint {} (openconnect --servercert)",
+        identity.pin
+    );
+    let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
+
+    let tun = Arc::new(Tun::create(&raw.tunnel.device).with_context(|| {
+        format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
+    })?);
+    let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
+    if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
+        addrs.push((a.into(), n.prefix_len()));
+    }
+    netlink::configure_tunnel(tun.name(), raw.tunnel.mtu, &addrs).await?;
+    netlink::enable_forwarding(settings.pool_v6.is_some())?;
+    let datapath = Datapath::load(tun.name(), &raw.server.bpf_pin_dir)?;
+    tracing::info!(pins = %raw.server.bpf_pin_dir.display(), "BPF programs attached to {}", tun.name());
+
+    let (listener, acceptor) = server::bind(&settings, tls_config).await?;
+    let control_path = raw.server.control_socket.clone();
+    let control = control::bind(&control_path)?;
+    let gw = server::Gateway::new(settings.clone(), users, datapath, events, tun);
+
+    tokio::spawn(gw.clone().tun_reader());
+    tokio::spawn(gw.clone().reap());
+    tokio::spawn(control::serve(gw.clone(), control));
+    let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
+    tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        r = serve => { r??; }
+    }
+    for s in gw.sessions.all() {
+        gw.end_session(s.id, "gateway shutting down");
+    }
+    // Give tunnels a moment to send their TERMINATE frames.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gw.datapath.lock().unwrap().unpin();
+    let _ = std::fs::remove_file(&control_path);
+    Ok(())
+}

@@ -1,0 +1,621 @@
+//! The gateway's configuration file (TOML).
+//!
+//! Every option is documented here, where it is defined, and in
+//! `examples/gateway.toml`. [`Config::load`] parses and validates; every
+//! error names the offending key, the bad value and what would be valid.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+
+/// A configuration problem, worded for the admin who wrote the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key '{key}': {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub http: HttpLimits,
+    pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub client_routing: ClientRouting,
+    #[serde(default)]
+    pub session: SessionConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Tunnel groups offered at login (`[[group]]`). With more than one, the
+    /// login form has a group selector; with none, one group called
+    /// "default" exists.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
+}
+
+/// `[server]`: where the daemon listens and keeps its files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// TLS listener, `address:port`. Default `0.0.0.0:443`.
+    pub listen: SocketAddr,
+    /// Directory for generated state (the self-signed certificate).
+    /// Default `/var/lib/vpn-gateway`.
+    pub state_dir: PathBuf,
+    /// Unix socket `vpnctl` talks to. Default `/run/vpn-gateway/vpnd.sock`.
+    pub control_socket: PathBuf,
+    /// File that receives one JSON object per event (connect, disconnect,
+    /// authentication failure). Optional; events also go to the log.
+    pub event_log: Option<PathBuf>,
+    /// Maximum concurrent sessions. Further logins are refused with a
+    /// message; existing sessions are untouched. Default 250.
+    pub max_sessions: u32,
+    /// bpffs directory where the BPF maps are pinned. Default `/sys/fs/bpf/vpn`.
+    pub bpf_pin_dir: PathBuf,
+    /// Name shown to clients in `X-CSTP-Server-Name`... and in the login form title.
+    pub name: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 443)),
+            state_dir: PathBuf::from("/var/lib/vpn-gateway"),
+            control_socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            event_log: None,
+            max_sessions: 250,
+            bpf_pin_dir: PathBuf::from(vpn_common::DEFAULT_PIN_DIR),
+            name: "vpn-gateway".into(),
+        }
+    }
+}
+
+/// `[tls]`: the server certificate and protocol versions.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate followed by its chain. When
+    /// neither this nor `key_file` is set, a self-signed certificate is
+    /// generated once into `server.state_dir` and its `pin-sha256:` logged.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// Host names (DNS SANs) for the generated certificate. Default
+    /// `["vpn-gateway"]`; the listener's address is always added.
+    pub hostnames: Vec<String>,
+    /// Allow TLS 1.3 (default true). Some old Cisco clients misbehave with
+    /// TLS 1.3; TLS 1.2 is always offered.
+    pub tls13: Option<bool>,
+}
+
+/// `[http]`: limits on the HTTP exchange before the tunnel starts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Largest request head (request line and headers) in bytes. Larger
+    /// requests get `431`. Default 16384.
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes. Larger bodies get `413`. Default 65536.
+    pub max_body_bytes: usize,
+    /// Seconds a client has to complete the TLS handshake and then each
+    /// request (head and body) once it has started sending it — the
+    /// slowloris guard. Default 10.
+    pub request_timeout_secs: u64,
+    /// Seconds an idle keep-alive connection may wait for its next request.
+    /// Default 60.
+    pub keepalive_timeout_secs: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 64 * 1024,
+            request_timeout_secs: 10,
+            keepalive_timeout_secs: 60,
+        }
+    }
+}
+
+/// `[tunnel]`: the tunnel device and the addresses handed to clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Name of the TUN device the daemon creates. Default `vpn0`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// IPv4 pool in CIDR form. The first host address is the gateway's own
+    /// address on the tunnel device; clients get the others, one /32 each.
+    pub pool_v4: String,
+    /// Optional IPv6 prefix (CIDR, /64 to /120). Clients get one address
+    /// each, at the same offset as their IPv4 address.
+    pub pool_v6: Option<String>,
+    /// Tunnel MTU pushed to clients. Default 1399; 576..=9000.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// DNS servers pushed to clients (at most 3 are used by openconnect).
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    /// DNS suffix (default domain) pushed to clients.
+    pub default_domain: Option<String>,
+    /// Login banner shown by the client after connecting.
+    pub banner: Option<String>,
+}
+
+fn default_device() -> String {
+    "vpn0".into()
+}
+fn default_mtu() -> u16 {
+    1399
+}
+
+/// `[client_routing]`: what the client sends through the tunnel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientRouting {
+    /// `all` (full tunnel), `exclude` (everything except `subnets`) or
+    /// `include` (only `subnets`). Default `all`.
+    pub mode: String,
+    /// Subnets in CIDR form, IPv4 or IPv6, for `include` and `exclude`.
+    pub subnets: Vec<String>,
+    /// Let clients reach their local LAN while connected: sends the
+    /// `0.0.0.0/32` exclude Cisco clients understand. Default false.
+    pub local_lan_access: bool,
+}
+
+impl Default for ClientRouting {
+    fn default() -> Self {
+        ClientRouting {
+            mode: "all".into(),
+            subnets: Vec::new(),
+            local_lan_access: false,
+        }
+    }
+}
+
+/// `[session]`: timers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Maximum session length: `8h`, `1d`, `7d`, or a custom `<N>h` with N
+    /// from 1 to 256. Default `8h`.
+    pub timeout: String,
+    /// Seconds without traffic after which a session ends (0 = never).
+    /// Default 1800.
+    pub idle_timeout_secs: u64,
+    /// Dead-peer-detection interval in seconds, pushed to clients; the
+    /// server declares the peer dead after 3 intervals of silence. Default 30.
+    pub dpd_secs: u64,
+    /// Keepalive interval in seconds pushed to clients. Default 20.
+    pub keepalive_secs: u64,
+    /// Seconds a session whose tunnel dropped (DPD, network change) stays
+    /// resumable with its cookie. Default 300.
+    pub disconnected_timeout_secs: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            timeout: "8h".into(),
+            idle_timeout_secs: 1800,
+            dpd_secs: 30,
+            keepalive_secs: 20,
+            disconnected_timeout_secs: 300,
+        }
+    }
+}
+
+/// `[auth]`: how users log in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Local user database (managed with `vpnctl user`). Default
+    /// `/etc/vpn-gateway/users.toml`.
+    pub users_file: PathBuf,
+    /// Wrong passwords allowed in one login attempt before the server
+    /// answers 401 and closes; earlier failures get the form again with an
+    /// error. Default 3.
+    pub max_failures: u32,
+    /// Seconds a started login may take. Default 240.
+    pub timeout_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users_file: PathBuf::from("/etc/vpn-gateway/users.toml"),
+            max_failures: 3,
+            timeout_secs: 240,
+        }
+    }
+}
+
+/// `[[group]]`: a tunnel group offered at login.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Identifier sent by the client (also the group URL path `/NAME`).
+    pub name: String,
+    /// Label shown in the group selector. Default: the name.
+    pub label: Option<String>,
+}
+
+/// How the client routes traffic, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routing {
+    All,
+    Include(Vec<IpNet>),
+    Exclude(Vec<IpNet>),
+}
+
+/// The configuration after validation: what the daemon actually uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub raw: Config,
+    pub pool_v4: Ipv4Net,
+    pub pool_v6: Option<Ipv6Net>,
+    pub routing: Routing,
+    pub session_timeout: Duration,
+    pub groups: Vec<GroupConfig>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let raw: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+
+    /// Checks every value and derives [`Settings`].
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let pool_v4: Ipv4Net = self.tunnel.pool_v4.parse().map_err(|_| {
+            invalid(
+                "tunnel.pool_v4",
+                format!(
+                    "'{}' is not an IPv4 subnet in CIDR form (for example 198.19.0.0/24)",
+                    self.tunnel.pool_v4
+                ),
+            )
+        })?;
+        if pool_v4.prefix_len() > 30 {
+            return Err(invalid(
+                "tunnel.pool_v4",
+                format!("'{pool_v4}' is too small: use a prefix of /30 or shorter"),
+            ));
+        }
+        let pool_v4 = pool_v4.trunc();
+        let pool_v6 = match &self.tunnel.pool_v6 {
+            None => None,
+            Some(s) => {
+                let net: Ipv6Net = s.parse().map_err(|_| {
+                    invalid(
+                        "tunnel.pool_v6",
+                        format!("'{s}' is not an IPv6 prefix in CIDR form (for example fd00:1::/64)"),
+                    )
+                })?;
+                if !(64..=120).contains(&net.prefix_len()) {
+                    return Err(invalid(
+                        "tunnel.pool_v6",
+                        format!("prefix length /{} is not supported: use /64 to /120", net.prefix_len()),
+                    ));
+                }
+                Some(net.trunc())
+            }
+        };
+        if !(576..=9000).contains(&self.tunnel.mtu) {
+            return Err(invalid(
+                "tunnel.mtu",
+                format!("{} is out of range: use 576 to 9000", self.tunnel.mtu),
+            ));
+        }
+        if pool_v6.is_some() && self.tunnel.mtu < 1280 {
+            return Err(invalid(
+                "tunnel.mtu",
+                format!("{} is below 1280, the minimum for IPv6 (tunnel.pool_v6 is set)", self.tunnel.mtu),
+            ));
+        }
+        if self.tunnel.device.is_empty()
+            || self.tunnel.device.len() > 15
+            || !self.tunnel.device.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "tunnel.device",
+                format!(
+                    "'{}' is not a valid interface name: 1 to 15 letters, digits, '-' or '_'",
+                    self.tunnel.device
+                ),
+            ));
+        }
+        let routing = self.client_routing.parse()?;
+        let session_timeout = parse_session_timeout(&self.session.timeout)?;
+        if self.server.max_sessions == 0 || self.server.max_sessions > vpn_common::MAX_SESSIONS {
+            return Err(invalid(
+                "server.max_sessions",
+                format!(
+                    "{} is out of range: use 1 to {}",
+                    self.server.max_sessions,
+                    vpn_common::MAX_SESSIONS
+                ),
+            ));
+        }
+        let hosts = pool_v4.hosts().count().saturating_sub(1);
+        if (self.server.max_sessions as usize) > hosts {
+            return Err(invalid(
+                "server.max_sessions",
+                format!(
+                    "{} exceeds the {hosts} client addresses in tunnel.pool_v4 {pool_v4}: enlarge the pool or lower max_sessions",
+                    self.server.max_sessions
+                ),
+            ));
+        }
+        if self.session.dpd_secs == 0 {
+            return Err(invalid("session.dpd_secs", "0 is not allowed: use 1 or more seconds"));
+        }
+        if self.session.keepalive_secs == 0 {
+            return Err(invalid(
+                "session.keepalive_secs",
+                "0 is not allowed: use 1 or more seconds",
+            ));
+        }
+        if self.auth.max_failures == 0 {
+            return Err(invalid("auth.max_failures", "0 is not allowed: use 1 or more"));
+        }
+        if self.http.max_header_bytes < 1024 {
+            return Err(invalid(
+                "http.max_header_bytes",
+                format!("{} is too small: use 1024 or more", self.http.max_header_bytes),
+            ));
+        }
+        if self.http.request_timeout_secs == 0 {
+            return Err(invalid(
+                "http.request_timeout_secs",
+                "0 is not allowed: use 1 or more seconds",
+            ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "tls.cert_file",
+                "set both tls.cert_file and tls.key_file, or neither (to use a generated self-signed certificate)",
+            ));
+        }
+        let mut groups = self.groups.clone();
+        if groups.is_empty() {
+            groups.push(GroupConfig {
+                name: "default".into(),
+                label: None,
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for g in &groups {
+            if g.name.is_empty() || !g.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                return Err(invalid(
+                    "group.name",
+                    format!("'{}' is not a valid group name: use letters, digits, '-', '_' or '.'", g.name),
+                ));
+            }
+            if !seen.insert(g.name.clone()) {
+                return Err(invalid("group.name", format!("'{}' is defined twice", g.name)));
+            }
+        }
+        Ok(Settings {
+            raw: self,
+            pool_v4,
+            pool_v6,
+            routing,
+            session_timeout,
+            groups,
+        })
+    }
+}
+
+impl ClientRouting {
+    fn parse(&self) -> Result<Routing, ConfigError> {
+        let mut nets = Vec::with_capacity(self.subnets.len());
+        for s in &self.subnets {
+            let net: IpNet = s.parse().map_err(|_| {
+                invalid(
+                    "client_routing.subnets",
+                    format!("'{s}' is not a subnet in CIDR form (for example 198.18.2.0/24 or fd00:2::/64)"),
+                )
+            })?;
+            nets.push(net.trunc());
+        }
+        match self.mode.as_str() {
+            "all" => {
+                if !nets.is_empty() {
+                    return Err(invalid(
+                        "client_routing.subnets",
+                        "client routing mode 'all' takes no subnets: use mode 'include' or 'exclude' to list them",
+                    ));
+                }
+                Ok(Routing::All)
+            }
+            "include" | "exclude" if nets.is_empty() => Err(invalid(
+                "client_routing.subnets",
+                format!(
+                    "client routing mode '{}' needs at least one valid subnet in CIDR form",
+                    self.mode
+                ),
+            )),
+            "include" => Ok(Routing::Include(nets)),
+            "exclude" => Ok(Routing::Exclude(nets)),
+            other => Err(invalid(
+                "client_routing.mode",
+                format!("'{other}' is not a routing mode: use 'all', 'include' or 'exclude'"),
+            )),
+        }
+    }
+}
+
+/// Parses `session.timeout`: `8h`, `1d`, `7d` or `<N>h` with 1 <= N <= 256.
+pub fn parse_session_timeout(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || {
+        invalid(
+            "session.timeout",
+            format!("'{s}' is not a session timeout: use 8h, 1d, 7d, or a custom <N>h from 1h to 256h"),
+        )
+    };
+    let hours: u64 = match s {
+        "1d" => 24,
+        "7d" => 168,
+        _ => {
+            let n = s.strip_suffix('h').ok_or_else(bad)?;
+            let n: u64 = n.parse().map_err(|_| bad())?;
+            if !(1..=256).contains(&n) {
+                return Err(bad());
+            }
+            n
+        }
+    };
+    Ok(Duration::from_secs(hours * 3600))
+}
+
+impl Settings {
+    /// The gateway's own address on the tunnel device (first host of the pool).
+    pub fn gateway_v4(&self) -> Ipv4Addr {
+        self.pool_v4.hosts().next().expect("validated pool has hosts")
+    }
+
+    /// The gateway's own IPv6 address on the tunnel device (prefix + 1).
+    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
+        self.pool_v6
+            .map(|n| Ipv6Addr::from(u128::from(n.network()) + 1))
+    }
+
+    /// Tunnel groups by name or label (clients may send either).
+    pub fn find_group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name).or_else(|| {
+            self.groups
+                .iter()
+                .find(|g| g.label.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(name)))
+        })
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.raw.http.request_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<Settings, ConfigError> {
+        let text = format!("[tunnel]\npool_v4 = \"198.19.0.0/24\"\n{extra}");
+        Config::parse(&text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_has_safe_defaults() {
+        let s = parse("").unwrap();
+        assert_eq!(s.routing, Routing::All);
+        assert_eq!(s.session_timeout, Duration::from_secs(8 * 3600));
+        assert_eq!(s.gateway_v4(), Ipv4Addr::new(198, 19, 0, 1));
+        assert_eq!(s.groups.len(), 1);
+        assert_eq!(s.raw.http.max_header_bytes, 16384);
+    }
+
+    #[test]
+    fn include_without_subnets_is_rejected_with_the_documented_message() {
+        let e = parse("[client_routing]\nmode = \"include\"\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config key 'client_routing.subnets': client routing mode 'include' needs at least one valid subnet in CIDR form"
+        );
+    }
+
+    #[test]
+    fn bad_subnet_names_the_value() {
+        let e = parse("[client_routing]\nmode = \"exclude\"\nsubnets = [\"198.18.2.0/33\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'198.18.2.0/33'"), "{e}");
+        assert!(e.contains("client_routing.subnets"), "{e}");
+    }
+
+    #[test]
+    fn unknown_mode_lists_valid_modes() {
+        let e = parse("[client_routing]\nmode = \"split\"\n").unwrap_err().to_string();
+        assert!(e.contains("'split'") && e.contains("'all', 'include' or 'exclude'"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = parse("[session]\ntimeuot = \"8h\"\n").unwrap_err().to_string();
+        assert!(e.contains("timeuot"), "{e}");
+    }
+
+    #[test]
+    fn session_timeouts() {
+        assert_eq!(parse_session_timeout("1d").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_session_timeout("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(parse_session_timeout("256h").unwrap(), Duration::from_secs(256 * 3600));
+        for bad in ["257h", "0h", "2d", "forever", ""] {
+            let e = parse_session_timeout(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
+    }
+
+    #[test]
+    fn max_sessions_must_fit_the_pool() {
+        let e = parse("[server]\nmax_sessions = 300\n").unwrap_err().to_string();
+        assert!(e.contains("server.max_sessions") && e.contains("253"), "{e}");
+    }
+
+    #[test]
+    fn pool_v6_gateway_address() {
+        let s = parse("pool_v6 = \"fd00:1::/64\"\n").unwrap();
+        assert_eq!(s.gateway_v6(), Some("fd00:1::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn cert_without_key_is_rejected() {
+        let e = parse("[tls]\ncert_file = \"/x.pem\"\n").unwrap_err().to_string();
+        assert!(e.contains("tls.key_file"), "{e}");
+    }
+
+    #[test]
+    fn groups_match_name_or_label() {
+        let s = parse("[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n[[group]]\nname = \"sales\"\n").unwrap();
+        assert_eq!(s.find_group("eng").unwrap().name, "eng");
+        assert_eq!(s.find_group("engineering").unwrap().name, "eng");
+        assert!(s.find_group("ops").is_none());
+    }
+}

@@ -1,0 +1,218 @@
+//! The control socket `vpnctl` talks to: one JSON request per line, one JSON
+//! response per line, on a Unix socket only root can open.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{mac::format_mac, server::Gateway};
+
+/// Where `vpnd` listens and `vpnctl` connects unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vpn-gateway/vpnd.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Sessions,
+    /// Ends every session of a user name, or the session holding an address.
+    Disconnect { target: String },
+    Stats,
+}
+
+/// One row of `vpnctl sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRow {
+    pub id: u64,
+    pub user: String,
+    pub group: String,
+    pub vpn_address: String,
+    pub vpn_address6: Option<String>,
+    pub public_address: Option<String>,
+    pub public_port: Option<u16>,
+    /// RFC 3339 time of login.
+    pub since: String,
+    /// `connected`, or `disconnected` (resumable with the cookie).
+    pub state: String,
+    pub transport: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub pseudo_mac: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub sessions: usize,
+    pub max_sessions: u32,
+    pub pool_in_use: usize,
+    pub pool_capacity: u32,
+    /// Packets dropped by the BPF programs, per reason.
+    pub drops: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Response {
+    Sessions { sessions: Vec<SessionRow> },
+    Disconnected { disconnected: usize },
+    Stats { stats: Stats },
+    Error { error: String },
+}
+
+impl Gateway {
+    pub fn session_rows(&self) -> Vec<SessionRow> {
+        let dp = self.datapath.lock().unwrap();
+        self.sessions
+            .all()
+            .iter()
+            .map(|s| {
+                let mut st = vpn_common::SessionStats::default();
+                for a in s.addresses() {
+                    st.add(&dp.session_stats(a));
+                }
+                let slot = s.tunnel.lock().unwrap();
+                SessionRow {
+                    id: s.id,
+                    user: s.user.clone(),
+                    group: s.group.clone(),
+                    vpn_address: s.lease.v4.to_string(),
+                    vpn_address6: s.lease.v6.map(|a| a.to_string()),
+                    public_address: slot.peer.map(|p| p.ip().to_string()),
+                    public_port: slot.peer.map(|p| p.port()),
+                    since: humantime::format_rfc3339_seconds(s.created).to_string(),
+                    state: if slot.handle.is_some() { "connected" } else { "disconnected" }.into(),
+                    transport: if slot.handle.is_some() { "tls" } else { "-" }.into(),
+                    bytes_in: st.rx_bytes,
+                    bytes_out: st.tx_bytes,
+                    packets_in: st.rx_packets,
+                    packets_out: st.tx_packets,
+                    pseudo_mac: format_mac(&s.mac),
+                }
+            })
+            .collect()
+    }
+
+    fn stats(&self) -> Stats {
+        let pool = self.pool.lock().unwrap();
+        Stats {
+            sessions: self.sessions.len(),
+            max_sessions: self.settings.raw.server.max_sessions,
+            pool_in_use: pool.in_use(),
+            pool_capacity: pool.capacity(),
+            drops: self
+                .datapath
+                .lock()
+                .unwrap()
+                .drops()
+                .into_iter()
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect(),
+        }
+    }
+
+    /// Ends the sessions `target` names (user name or VPN address).
+    fn disconnect(&self, target: &str) -> Result<usize, String> {
+        let ip: Option<std::net::IpAddr> = target.parse().ok();
+        let matching: Vec<u64> = self
+            .sessions
+            .all()
+            .iter()
+            .filter(|s| match ip {
+                Some(ip) => s.addresses().any(|a| a == ip),
+                None => s.user == target,
+            })
+            .map(|s| s.id)
+            .collect();
+        if matching.is_empty() {
+            return Err(format!("no session matches '{target}' (give a user name or a VPN address)"));
+        }
+        Ok(matching
+            .into_iter()
+            .filter(|id| self.end_session(*id, "disconnected by administrator"))
+            .count())
+    }
+
+    fn answer(&self, line: &str) -> Response {
+        match serde_json::from_str::<Request>(line) {
+            Err(e) => Response::Error {
+                error: format!("bad request: {e}"),
+            },
+            Ok(Request::Sessions) => Response::Sessions {
+                sessions: self.session_rows(),
+            },
+            Ok(Request::Stats) => Response::Stats { stats: self.stats() },
+            Ok(Request::Disconnect { target }) => match self.disconnect(&target) {
+                Ok(n) => Response::Disconnected { disconnected: n },
+                Err(error) => Response::Error { error },
+            },
+        }
+    }
+}
+
+/// Binds the control socket (mode 0600), replacing a stale one.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another vpnd is already listening on {} (server.control_socket)",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves control requests forever.
+pub async fn serve(gw: Arc<Gateway>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+            {
+                let resp = gw.answer(&line);
+                let mut text = serde_json::to_string(&resp).expect("responses serialise");
+                text.push('\n');
+                if wr.write_all(text.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Client side: sends one request and reads the response.
+pub async fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "cannot reach vpnd at {} (is it running? use --socket to point elsewhere)",
+            path.display()
+        )
+    })?;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    wr.write_all(line.as_bytes()).await?;
+    let mut lines = BufReader::new(rd).lines();
+    let resp = lines
+        .next_line()
+        .await?
+        .context("vpnd closed the control connection without answering")?;
+    Ok(serde_json::from_str(&resp)?)
+}

@@ -1,0 +1,96 @@
+//! Structured events: one JSON object per line on the configured event log,
+//! and the same event through `tracing`.
+
+use std::{
+    fs::File,
+    io::Write,
+    path::Path,
+    sync::Mutex,
+    time::SystemTime,
+};
+
+use serde::Serialize;
+
+/// Something an admin wants to see in the event log.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    ClientConnected {
+        session_id: u64,
+        user: String,
+        group: String,
+        vpn_address: String,
+        public_address: String,
+        pseudo_mac: String,
+        resumed: bool,
+    },
+    ClientDisconnected {
+        session_id: u64,
+        user: String,
+        vpn_address: String,
+        reason: String,
+        duration_secs: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+    AuthenticationFailed {
+        user: String,
+        source_address: String,
+        reason: String,
+    },
+    LoginRefused {
+        user: String,
+        source_address: String,
+        reason: String,
+    },
+    TunnelDown {
+        session_id: u64,
+        user: String,
+        reason: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+/// Where events go.
+pub struct EventLog {
+    file: Option<Mutex<File>>,
+}
+
+impl EventLog {
+    /// Opens (appends to) `path`, creating its directory.
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        let file = match path {
+            None => None,
+            Some(p) => {
+                if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(d)?;
+                }
+                Some(Mutex::new(
+                    std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+                ))
+            }
+        };
+        Ok(EventLog { file })
+    }
+
+    pub fn emit(&self, event: Event) {
+        let line = Line {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event: &event,
+        };
+        let json = serde_json::to_string(&line).expect("events serialise");
+        tracing::info!(target: "vpnd::event", "{json}");
+        if let Some(f) = &self.file {
+            let mut f = f.lock().unwrap();
+            if let Err(e) = writeln!(f, "{json}") {
+                tracing::error!("cannot write event log: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! vpn-gateway's daemon library: everything `vpnd` does lives here, the
+//! binaries in `src/bin/` only parse arguments and dispatch.
+pub mod bpf;
+pub mod config;
+pub mod control;
+pub mod cstp;
+pub mod events;
+pub mod http;
+pub mod mac;
+pub mod netlink;
+pub mod pool;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod tun;
+pub mod users;
+pub mod xml;

@@ -1,0 +1,219 @@
+//! Sessions: what a successful login creates, and what a tunnel attaches to.
+//!
+//! A session outlives its tunnels. It starts at login (cookie issued,
+//! address reserved, BPF entry installed), gets a tunnel at each CONNECT
+//! (a new CONNECT with the same cookie takes the session over from an older
+//! tunnel), and ends at logout, admin disconnect, session or idle timeout,
+//! or when no tunnel has been attached for `disconnected_timeout_secs`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use rand::RngCore as _;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::pool::Lease;
+
+/// Why a tunnel is being closed from the server side.
+#[derive(Debug, Clone)]
+pub enum Kick {
+    /// End the session: tell the client (TERMINATE) and close.
+    Terminate(String),
+    /// A newer CONNECT took the session over: close quietly.
+    Replaced,
+}
+
+/// The live tunnel of a session.
+pub struct TunnelHandle {
+    pub generation: u64,
+    /// Packets routed to this client.
+    pub to_client: mpsc::Sender<Vec<u8>>,
+    pub kick: Option<oneshot::Sender<Kick>>,
+}
+
+/// The tunnel side of a session, behind one lock.
+#[derive(Default)]
+pub struct TunnelSlot {
+    pub generation: u64,
+    pub handle: Option<TunnelHandle>,
+    /// The client's public address and port of the latest tunnel.
+    pub peer: Option<SocketAddr>,
+    /// When the last tunnel went away (or the session was created, before
+    /// the first CONNECT). `None` while a tunnel is up.
+    pub down_since: Option<Instant>,
+}
+
+pub struct Session {
+    pub id: u64,
+    pub user: String,
+    pub group: String,
+    pub group_policy: Option<String>,
+    pub lease: Lease,
+    pub mac: [u8; 6],
+    pub created: SystemTime,
+    pub started: Instant,
+    /// Milliseconds after `started` of the last data packet either way.
+    pub last_activity_ms: AtomicU64,
+    pub tunnel: Mutex<TunnelSlot>,
+}
+
+impl Session {
+    pub fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// The session's tunnel addresses.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(IpAddr::V4(self.lease.v4)).chain(self.lease.v6.map(IpAddr::V6))
+    }
+
+    /// Sends a packet to the client if a tunnel is up. Full queues drop, as
+    /// an interface queue would.
+    pub fn deliver(&self, pkt: Vec<u8>) {
+        let slot = self.tunnel.lock().unwrap();
+        if let Some(h) = &slot.handle {
+            let _ = h.to_client.try_send(pkt);
+        }
+    }
+}
+
+/// A new session cookie: 256 random bits from the OS CSPRNG, hex-encoded
+/// (no `=`, `;` or spaces, which openconnect would split on).
+pub fn new_cookie() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Cookies are stored only as SHA-256 hashes; lookups hash the presented
+/// cookie, so neither a memory dump nor lookup timing reveals valid ones.
+pub fn cookie_hash(cookie: &str) -> [u8; 32] {
+    Sha256::digest(cookie.as_bytes()).into()
+}
+
+/// All sessions, indexed three ways.
+#[derive(Default)]
+pub struct SessionTable {
+    inner: RwLock<Indexes>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Indexes {
+    by_id: HashMap<u64, std::sync::Arc<Session>>,
+    by_cookie: HashMap<[u8; 32], u64>,
+    by_addr: HashMap<IpAddr, std::sync::Arc<Session>>,
+}
+
+impl SessionTable {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn insert(&self, s: std::sync::Arc<Session>, cookie: &str) {
+        let mut i = self.inner.write().unwrap();
+        i.by_cookie.insert(cookie_hash(cookie), s.id);
+        for a in s.addresses() {
+            i.by_addr.insert(a, s.clone());
+        }
+        i.by_id.insert(s.id, s);
+    }
+
+    /// Removes a session from every index; `None` if it was already gone
+    /// (so exactly one caller ends each session).
+    pub fn remove(&self, id: u64) -> Option<std::sync::Arc<Session>> {
+        let mut i = self.inner.write().unwrap();
+        let s = i.by_id.remove(&id)?;
+        i.by_cookie.retain(|_, v| *v != id);
+        for a in s.addresses() {
+            i.by_addr.remove(&a);
+        }
+        Some(s)
+    }
+
+    pub fn by_cookie(&self, cookie: &str) -> Option<std::sync::Arc<Session>> {
+        let i = self.inner.read().unwrap();
+        let id = i.by_cookie.get(&cookie_hash(cookie))?;
+        i.by_id.get(id).cloned()
+    }
+
+    pub fn by_addr(&self, a: &IpAddr) -> Option<std::sync::Arc<Session>> {
+        self.inner.read().unwrap().by_addr.get(a).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().unwrap().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of all sessions, oldest first.
+    pub fn all(&self) -> Vec<std::sync::Arc<Session>> {
+        let mut v: Vec<_> = self.inner.read().unwrap().by_id.values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{net::Ipv4Addr, sync::Arc};
+
+    fn session(id: u64, last: u8) -> Arc<Session> {
+        Arc::new(Session {
+            id,
+            user: "alice".into(),
+            group: "default".into(),
+            group_policy: None,
+            lease: Lease {
+                v4: Ipv4Addr::new(198, 19, 0, last),
+                v6: None,
+            },
+            mac: [2, 0, 0, 0, 0, 1],
+            created: SystemTime::now(),
+            started: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            tunnel: Mutex::new(TunnelSlot::default()),
+        })
+    }
+
+    #[test]
+    fn cookie_is_long_random_hex() {
+        let a = new_cookie();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, new_cookie());
+    }
+
+    #[test]
+    fn indexes_follow_insert_and_remove() {
+        let t = SessionTable::default();
+        t.insert(session(1, 2), "c1");
+        t.insert(session(2, 3), "c2");
+        assert_eq!(t.by_cookie("c2").unwrap().id, 2);
+        assert!(t.by_cookie("c3").is_none());
+        assert_eq!(t.by_addr(&"198.19.0.2".parse().unwrap()).unwrap().id, 1);
+        assert!(t.remove(1).is_some());
+        assert!(t.remove(1).is_none(), "a session ends once");
+        assert!(t.by_cookie("c1").is_none());
+        assert!(t.by_addr(&"198.19.0.2".parse().unwrap()).is_none());
+        assert_eq!(t.len(), 1);
+    }
+}

@@ -1,0 +1,138 @@
+//! The server certificate: loaded from PEM files, or generated once
+//! (self-signed, rcgen) into the state directory. Clients pin it by its
+//! `pin-sha256:` fingerprint, which we log at start.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use base64::Engine as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::Settings;
+
+pub const GENERATED_CERT: &str = "server-cert.pem";
+pub const GENERATED_KEY: &str = "server-key.pem";
+
+/// A certificate chain and its key, plus the leaf's pin.
+pub struct ServerIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub pin: String,
+    pub cert_path: PathBuf,
+}
+
+/// `pin-sha256:` + base64(SHA-256(SubjectPublicKeyInfo)), as openconnect's
+/// `--servercert` takes it.
+pub fn pin_sha256(cert_der: &[u8]) -> anyhow::Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| anyhow!("cannot parse certificate: {e}"))?;
+    let spki = cert.tbs_certificate.subject_pki.raw;
+    Ok(format!(
+        "pin-sha256:{}",
+        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(spki))
+    ))
+}
+
+/// Reads the PEM certificate chain in `path`.
+pub fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let chain = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(chain)
+}
+
+fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .with_context(|| format!("parsing private key in {}", path.display()))?
+        .ok_or_else(|| anyhow!("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display()))
+}
+
+/// Loads the configured certificate or the generated one, generating it on
+/// first use.
+pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
+    let (cert_path, key_path) = match (&s.raw.tls.cert_file, &s.raw.tls.key_file) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let dir = &s.raw.server.state_dir;
+            let c = dir.join(GENERATED_CERT);
+            let k = dir.join(GENERATED_KEY);
+            if !c.exists() || !k.exists() {
+                generate(s, &c, &k)?;
+            }
+            (c, k)
+        }
+    };
+    let chain = read_chain(&cert_path)?;
+    let key = read_key(&key_path)?;
+    let pin = pin_sha256(&chain[0])?;
+    Ok(ServerIdentity {
+        chain,
+        key,
+        pin,
+        cert_path,
+    })
+}
+
+fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut names = if s.raw.tls.hostnames.is_empty() {
+        vec!["vpn-gateway".to_owned()]
+    } else {
+        s.raw.tls.hostnames.clone()
+    };
+    let ip = s.raw.server.listen.ip();
+    if !ip.is_unspecified() {
+        names.push(ip.to_string());
+    }
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    for n in &names {
+        params.subject_alt_names.push(match n.parse::<IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
+        });
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0].clone());
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let c = params.self_signed(&kp)?;
+    let dir = cert.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+    let mut kf = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(key)
+        .with_context(|| format!("writing {}", key.display()))?;
+    kf.write_all(kp.serialize_pem().as_bytes())?;
+    std::fs::write(cert, c.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    tracing::info!(cert = %cert.display(), "generated a self-signed server certificate");
+    Ok(())
+}
+
+/// The rustls server configuration: TLS 1.2 always, TLS 1.3 unless disabled.
+pub fn server_config(id: &ServerIdentity, tls13: bool) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS12]
+    };
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .context("certificate and key do not match")?;
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,306 @@
+//! The local user database: a TOML file of users with argon2id password
+//! hashes and an optional group-policy name, managed with `vpnctl user`.
+//!
+//! ```toml
+//! [[user]]
+//! name = "alice"
+//! password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
+//! group_policy = "engineering"   # optional
+//! ```
+//!
+//! The daemon re-reads the file when its modification time changes, so
+//! `vpnctl user add` takes effect at the next login. A file that no longer
+//! parses is reported and the last good copy stays in use.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::SystemTime,
+};
+
+use argon2::{
+    Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
+    password_hash::{SaltString, rand_core::OsRng},
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub password_hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_policy: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    #[serde(default, rename = "user")]
+    pub users: Vec<User>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("cannot read user database {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("user database {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot write user database {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("user '{0}' already exists (use `vpnctl user passwd` to change the password)")]
+    Exists(String),
+    #[error("no user '{0}' in the database")]
+    NotFound(String),
+    #[error(
+        "'{0}' is not a valid user name: use 1 to 64 letters, digits, '.', '-', '_' or '@'"
+    )]
+    BadName(String),
+    #[error("the password is empty")]
+    EmptyPassword,
+}
+
+/// Checks a user name: what we accept also keeps logs and events unambiguous.
+pub fn validate_name(name: &str) -> Result<(), UserError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(UserError::BadName(name.to_owned()))
+    }
+}
+
+/// Hashes a password with argon2id and a random salt (PHC string format).
+pub fn hash_password(password: &str) -> Result<String, UserError> {
+    if password.is_empty() {
+        return Err(UserError::EmptyPassword);
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters cannot fail")
+        .to_string())
+}
+
+/// Checks a password against a PHC hash. Malformed hashes never match.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(h) => Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+impl UserFile {
+    /// Reads the file; a missing file is an empty database.
+    pub fn read(path: &Path) -> Result<Self, UserError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(UserError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let f: UserFile = toml::from_str(&text).map_err(|e| UserError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        for u in &f.users {
+            validate_name(&u.name).map_err(|e| UserError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(f)
+    }
+
+    /// Writes the file atomically (temporary file + rename), mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), UserError> {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let werr = |source| UserError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(werr)?;
+        }
+        let tmp = path.with_extension("toml.tmp");
+        let text = toml::to_string(self).expect("user file serialises");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(werr)?;
+        f.write_all(b"# vpn-gateway local users; manage with `vpnctl user`.\n")
+            .and_then(|()| f.write_all(text.as_bytes()))
+            .and_then(|()| f.sync_all())
+            .map_err(werr)?;
+        std::fs::rename(&tmp, path).map_err(werr)
+    }
+
+    pub fn find(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn add(&mut self, name: &str, password: &str, group_policy: Option<String>) -> Result<(), UserError> {
+        validate_name(name)?;
+        if self.find(name).is_some() {
+            return Err(UserError::Exists(name.to_owned()));
+        }
+        self.users.push(User {
+            name: name.to_owned(),
+            password_hash: hash_password(password)?,
+            group_policy,
+        });
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<(), UserError> {
+        let before = self.users.len();
+        self.users.retain(|u| u.name != name);
+        if self.users.len() == before {
+            return Err(UserError::NotFound(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    pub fn set_password(&mut self, name: &str, password: &str) -> Result<(), UserError> {
+        let hash = hash_password(password)?;
+        let u = self
+            .users
+            .iter_mut()
+            .find(|u| u.name == name)
+            .ok_or_else(|| UserError::NotFound(name.to_owned()))?;
+        u.password_hash = hash;
+        Ok(())
+    }
+}
+
+/// The daemon's view of the database: reloaded when the file changes.
+pub struct UserDb {
+    path: PathBuf,
+    cached: Mutex<(Option<SystemTime>, UserFile)>,
+}
+
+/// The outcome of a password check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthResult {
+    Ok { group_policy: Option<String> },
+    UnknownUser,
+    BadPassword,
+}
+
+impl UserDb {
+    pub fn open(path: PathBuf) -> Result<Self, UserError> {
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let f = UserFile::read(&path)?;
+        Ok(UserDb {
+            path,
+            cached: Mutex::new((mtime, f)),
+        })
+    }
+
+    /// The current users, re-read if the file changed. A broken file keeps
+    /// the previous copy and logs why.
+    fn current(&self) -> UserFile {
+        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mut c = self.cached.lock().unwrap();
+        if c.0 != mtime {
+            match UserFile::read(&self.path) {
+                Ok(f) => *c = (mtime, f),
+                Err(e) => {
+                    tracing::error!("{e}; keeping the previous user list");
+                    c.0 = mtime;
+                }
+            }
+        }
+        c.1.clone()
+    }
+
+    /// Checks a user's password. Slow by design (argon2): call it from a
+    /// blocking thread. Unknown users cost the same as known ones, so timing
+    /// does not reveal which names exist.
+    pub fn authenticate(&self, name: &str, password: &str) -> AuthResult {
+        let users = self.current();
+        match users.find(name) {
+            Some(u) => {
+                if verify_password(password, &u.password_hash) {
+                    AuthResult::Ok {
+                        group_policy: u.group_policy.clone(),
+                    }
+                } else {
+                    AuthResult::BadPassword
+                }
+            }
+            None => {
+                // Equalise timing with a real verification.
+                static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+                let h = DUMMY.get_or_init(|| hash_password("x").unwrap());
+                let _ = verify_password(password, h);
+                AuthResult::UnknownUser
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_and_verify() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("s3cret", &h));
+        assert!(!verify_password("s3cre", &h));
+        assert!(!verify_password("s3cret", "not a hash"));
+    }
+
+    #[test]
+    fn add_remove_passwd_roundtrip_through_file() {
+        let dir = std::env::temp_dir().join(format!("vpn-users-{}", std::process::id()));
+        let path = dir.join("users.toml");
+        let mut f = UserFile::default();
+        f.add("alice", "pw1", Some("eng".into())).unwrap();
+        assert!(matches!(f.add("alice", "x", None), Err(UserError::Exists(_))));
+        assert!(matches!(f.add("bad name", "x", None), Err(UserError::BadName(_))));
+        f.write(&path).unwrap();
+        let db = UserDb::open(path.clone()).unwrap();
+        assert_eq!(
+            db.authenticate("alice", "pw1"),
+            AuthResult::Ok { group_policy: Some("eng".into()) }
+        );
+        assert_eq!(db.authenticate("alice", "pw2"), AuthResult::BadPassword);
+        assert_eq!(db.authenticate("bob", "pw1"), AuthResult::UnknownUser);
+
+        let mut f = UserFile::read(&path).unwrap();
+        f.set_password("alice", "pw2").unwrap();
+        f.remove("nobody").unwrap_err();
+        // Make sure the mtime differs from the first write.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        f.write(&path).unwrap();
+        assert!(matches!(db.authenticate("alice", "pw2"), AuthResult::Ok { .. }));
+
+        // A broken file keeps the last good users.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "[[user]]\nname = \n").unwrap();
+        assert!(matches!(db.authenticate("alice", "pw2"), AuthResult::Ok { .. }));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
