@@ -1,1 +1,609 @@
+//! Test topology helpers: network namespaces, a real `vpnd` and the real
+//! openconnect client.
+//!
+//! Every topology is built from namespaces this process creates, with unique
+//! names, and removed on drop (also when a test fails). Addresses are from
+//! 198.18.0.0/15 and fd00::/8 only:
+//!
+//! ```text
+//!  client ns               gateway ns                   server ns
+//!  198.18.1.2/24 ---- 198.18.1.1/24 | 198.18.2.1/24 ---- 198.18.2.2/24
+//!                       vpn0: 198.19.0.1/24                fd00:2::2/64
+//!                       pool 198.19.0.0/24, fd00:1::/64
+//! ```
+//!
+//! Processes are stopped by PID, never by name.
 
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+pub const GW_OUTSIDE: &str = "198.18.1.1";
+pub const CLIENT_OUTSIDE: &str = "198.18.1.2";
+pub const GW_INSIDE: &str = "198.18.2.1";
+pub const SERVER: &str = "198.18.2.2";
+pub const SERVER6: &str = "fd00:2::2";
+pub const SERVER_NET: &str = "198.18.2.0/24";
+pub const POOL: &str = "198.19.0.0/24";
+pub const POOL6: &str = "fd00:1::/64";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short unique id for names: pid and a per-process counter.
+pub fn unique_id() -> String {
+    format!("{}{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Fails unless running as root: the tests need namespaces, TUN and BPF.
+pub fn require_root() {
+    assert!(
+        unsafe { libc_geteuid() } == 0,
+        "integration tests need root (network namespaces, TUN, BPF); run `cargo xtask test` as root"
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// Directory holding the built binaries (`vpnd`, `vpnctl`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VPN_GATEWAY_BIN_DIR") {
+        return d.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+}
+
+/// A network namespace this process created; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> anyhow::Result<Self> {
+        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NS ARGS...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<Output> {
+        sh(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// A command run in the namespace's network stack but the host's mount
+    /// namespace (`nsenter --net`), unlike `ip netns exec`, which mounts a
+    /// private /sys and would hide the daemon's bpffs pins from the host.
+    pub fn cmd_keep_mounts(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);
+        c
+    }
+
+    /// Pings `addr` `count` times (0.2 s apart); true if all answered.
+    pub fn ping(&self, addr: &str, count: u32) -> bool {
+        self.cmd("ping")
+            .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", "-q", addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Writes a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        sh(self.cmd("sysctl").args(["-q", "-w", &format!("{key}={value}")]))?;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// client ns — gateway ns — server ns, wired and addressed.
+pub struct Topology {
+    pub id: String,
+    pub client: Netns,
+    pub gw: Netns,
+    pub server: Netns,
+}
+
+impl Topology {
+    pub fn new() -> anyhow::Result<Self> {
+        let id = unique_id();
+        let client = Netns::new(format!("vgt-{id}-c"))?;
+        let gw = Netns::new(format!("vgt-{id}-g"))?;
+        let server = Netns::new(format!("vgt-{id}-s"))?;
+        // veths are created directly inside the namespaces: the host's
+        // interfaces are never touched.
+        client.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", &gw.name])?;
+        server.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "lan0", "netns", &gw.name])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_OUTSIDE}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        gw.ip(&["addr", "add", &format!("{GW_OUTSIDE}/24"), "dev", "up0"])?;
+        gw.ip(&["link", "set", "up0", "up"])?;
+        gw.ip(&["addr", "add", &format!("{GW_INSIDE}/24"), "dev", "lan0"])?;
+        gw.ip(&["addr", "add", "fd00:2::1/64", "dev", "lan0", "nodad"])?;
+        gw.ip(&["link", "set", "lan0", "up"])?;
+        server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "eth0"])?;
+        server.ip(&["addr", "add", &format!("{SERVER6}/64"), "dev", "eth0", "nodad"])?;
+        server.ip(&["link", "set", "eth0", "up"])?;
+        server.ip(&["route", "add", POOL, "via", GW_INSIDE])?;
+        server.ip(&["-6", "route", "add", POOL6, "via", "fd00:2::1"])?;
+        Ok(Topology { id, client, gw, server })
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let p = std::env::temp_dir().join(format!("vpn-gateway-{tag}-{}", unique_id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("VPN_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Sends a signal to a child we started.
+pub fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status();
+}
+
+/// Waits up to `timeout` for a child to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn stop_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        signal(child, "TERM");
+        if wait_exit(child, Duration::from_secs(5)).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A user for the gateway's local database.
+pub struct TestUser<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    pub group_policy: Option<&'a str>,
+}
+
+/// A running `vpnd` in the gateway namespace.
+pub struct Gateway {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub events: PathBuf,
+    pub pin_dir: PathBuf,
+    pub config: PathBuf,
+    pub users_file: PathBuf,
+    /// `pin-sha256:...` of the server certificate.
+    pub pin: String,
+}
+
+impl Gateway {
+    /// The config every test starts from; `extra` is appended (TOML).
+    pub fn base_config(dir: &Path, topo: &Topology, tunnel_extra: &str, extra: &str) -> String {
+        let id = &topo.id;
+        format!(
+            r#"[server]
+listen = "{GW_OUTSIDE}:443"
+state_dir = "{dir}/state"
+control_socket = "{dir}/vpnd.sock"
+event_log = "{dir}/events.jsonl"
+bpf_pin_dir = "/sys/fs/bpf/vpn-test-{id}"
+max_sessions = 10
+
+[auth]
+users_file = "{dir}/users.toml"
+
+[tunnel]
+pool_v4 = "{POOL}"
+pool_v6 = "{POOL6}"
+mtu = 1300
+{tunnel_extra}
+
+{extra}
+"#,
+            dir = dir.display()
+        )
+    }
+
+    /// Starts vpnd in `topo`'s gateway namespace with the config `config`
+    /// writes given the gateway's scratch directory.
+    pub fn start_with(
+        topo: &Topology,
+        config: impl FnOnce(&Path) -> String,
+        users: &[TestUser<'_>],
+    ) -> anyhow::Result<Self> {
+        let dir = TempDir::new("gw")?;
+        let config = config(dir.path());
+        let users_file = dir.path().join("users.toml");
+        let mut db = vpn_daemon::users::UserFile::default();
+        for u in users {
+            db.add(u.name, u.password, u.group_policy.map(str::to_owned))?;
+        }
+        db.write(&users_file)?;
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::write(&config_path, &config)?;
+        let log = std::fs::File::create(dir.path().join("vpnd.log"))?;
+        let child = topo
+            .gw
+            .cmd_keep_mounts(bin_dir().join("vpnd"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,vpnd=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting vpnd")?;
+        let mut gw = Gateway {
+            child: Some(child),
+            socket: dir.path().join("vpnd.sock"),
+            events: dir.path().join("events.jsonl"),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/vpn-test-{}", topo.id)),
+            config: config_path,
+            users_file,
+            pin: String::new(),
+            dir,
+        };
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(Ok(Some(_))) = gw.child.as_mut().map(|c| c.try_wait()) {
+                return Some(false);
+            }
+            gw.vpnctl(&["stats"]).ok().map(|_| true)
+        });
+        if ready != Some(true) {
+            bail!("vpnd did not become ready:\n{}", gw.log());
+        }
+        let chain = vpn_daemon::tls::read_chain(&gw.dir.path().join("state/server-cert.pem"))?;
+        gw.pin = vpn_daemon::tls::pin_sha256(&chain[0])?;
+        Ok(gw)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vpnd.log")).unwrap_or_default()
+    }
+
+    /// Runs `vpnctl --socket ... ARGS`, returning stdout.
+    pub fn vpnctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = sh(Command::new(bin_dir().join("vpnctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args))?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `vpnctl sessions --json`.
+    pub fn sessions(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let v: serde_json::Value = serde_json::from_str(&self.vpnctl(&["sessions", "--json"])?)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// A drop counter from `vpnctl stats --json`.
+    pub fn drops(&self, reason: &str) -> anyhow::Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(&self.vpnctl(&["stats", "--json"])?)?;
+        v["drops"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d[0] == reason))
+            .and_then(|d| d[1].as_u64())
+            .ok_or_else(|| anyhow!("no drop counter '{reason}' in {v}"))
+    }
+
+    /// All events logged so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("vpnd running")
+    }
+
+    /// Stops vpnd with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        signal(&c, "TERM");
+        let st = wait_exit(&mut c, Duration::from_secs(10));
+        if st.is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        st
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            stop_child(c);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if std::thread::panicking() {
+            eprintln!("---- vpnd log ----\n{}", self.log());
+        }
+    }
+}
+
+/// The script openconnect runs: records the environment it was given per
+/// `reason`, and configures the tunnel device minimally (no resolv.conf
+/// changes, which would touch the host's files).
+const CLIENT_SCRIPT: &str = r#"#!/bin/sh
+env -0 > "$OCDIR/env.$reason"
+echo "$reason" >> "$OCDIR/reasons"
+case "$reason" in
+  connect)
+    ip link set dev "$TUNDEV" up mtu "$INTERNAL_IP4_MTU"
+    ip addr add "$INTERNAL_IP4_ADDRESS/32" dev "$TUNDEV"
+    ip route add 198.18.2.0/24 dev "$TUNDEV"
+    ip route add 198.19.0.0/24 dev "$TUNDEV"
+    if [ -n "$INTERNAL_IP6_NETMASK" ]; then
+      ip -6 addr add "$INTERNAL_IP6_NETMASK" dev "$TUNDEV" nodad
+      ip -6 route add fd00:2::/64 dev "$TUNDEV"
+    fi
+    ;;
+esac
+exit 0
+"#;
+
+/// A running openconnect in the client namespace.
+pub struct Client {
+    child: Option<Child>,
+    pub dir: TempDir,
+}
+
+impl Client {
+    /// Starts `openconnect` logging in as `user` with `password` on stdin.
+    pub fn start(topo: &Topology, gw: &Gateway, user: &str, password: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(topo, &gw.pin, extra, Some((user, password)), None)
+    }
+
+    /// Starts `openconnect` with a cookie instead of a login.
+    pub fn start_with_cookie(topo: &Topology, gw: &Gateway, cookie: &str) -> anyhow::Result<Self> {
+        Self::start_with(topo, &gw.pin, &[], None, Some(cookie))
+    }
+
+    fn start_with(
+        topo: &Topology,
+        pin: &str,
+        extra: &[&str],
+        login: Option<(&str, &str)>,
+        cookie: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let dir = TempDir::new("oc")?;
+        let script = dir.path().join("script.sh");
+        std::fs::write(&script, CLIENT_SCRIPT)?;
+        sh(Command::new("chmod").arg("755").arg(&script))?;
+        let log = std::fs::File::create(dir.path().join("openconnect.log"))?;
+        let mut cmd = topo.client.cmd("openconnect");
+        cmd.env("OCDIR", dir.path())
+            .args(["-v", "--protocol=anyconnect", "--servercert", pin, "--script"])
+            .arg(&script)
+            .args(["-i", "octun0", "--reconnect-timeout", "30"])
+            .args(extra);
+        match (login, cookie) {
+            (Some((user, _)), _) => {
+                cmd.args(["-u", user, "--passwd-on-stdin"]);
+            }
+            (None, Some(_)) => {
+                cmd.arg("--cookie-on-stdin");
+            }
+            _ => {}
+        }
+        cmd.arg(format!("https://{GW_OUTSIDE}/"));
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting openconnect")?;
+        {
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            let line = match (login, cookie) {
+                (Some((_, pw)), _) => pw.to_owned(),
+                (None, Some(c)) => c.to_owned(),
+                _ => String::new(),
+            };
+            let _ = writeln!(stdin, "{line}");
+            // Dropping stdin closes it: a second password prompt gets EOF.
+        }
+        Ok(Client {
+            child: Some(child),
+            dir,
+        })
+    }
+
+    /// Waits until the connect script ran; returns the environment it got.
+    pub fn wait_connected(&mut self, timeout: Duration) -> anyhow::Result<HashMap<String, String>> {
+        let env_file = self.dir.path().join("env.connect");
+        let got = wait_for(timeout, || {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Some(false);
+            }
+            env_file.exists().then_some(true)
+        });
+        if got != Some(true) {
+            bail!("openconnect did not connect:\n{}", self.log());
+        }
+        // The script writes the file before configuring the device; wait
+        // for the route it adds last.
+        std::thread::sleep(Duration::from_millis(300));
+        self.env("connect")
+    }
+
+    /// The environment openconnect passed to the script for `reason`.
+    pub fn env(&self, reason: &str) -> anyhow::Result<HashMap<String, String>> {
+        // NUL-separated (`env -0`): values such as the banner span lines.
+        let text = std::fs::read_to_string(self.dir.path().join(format!("env.{reason}")))?;
+        Ok(text
+            .split('\0')
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect())
+    }
+
+    /// The script reasons seen so far, in order.
+    pub fn reasons(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("reasons"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("openconnect.log")).unwrap_or_default()
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("openconnect running")
+    }
+
+    /// Waits for openconnect to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(self.child_mut(), timeout)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c, sig);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            stop_child(c);
+        }
+        if std::thread::panicking() {
+            eprintln!("---- openconnect log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Runs openconnect `--authenticate` and returns the `COOKIE` it prints.
+pub fn authenticate(topo: &Topology, gw: &Gateway, user: &str, password: &str) -> anyhow::Result<String> {
+    let mut child = topo
+        .client
+        .cmd("openconnect")
+        .args(["--authenticate", "--protocol=anyconnect", "--servercert", &gw.pin, "-u", user, "--passwd-on-stdin"])
+        .arg(format!("https://{GW_OUTSIDE}/"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    writeln!(child.stdin.take().unwrap(), "{password}")?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("COOKIE="))
+        .map(|c| c.trim_matches('\'').to_owned())
+        .ok_or_else(|| anyhow!("no COOKIE from openconnect --authenticate: {stdout}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Runs iperf3 from `client` to a server in `server` for `secs`; returns
+/// the bits per second received.
+pub fn iperf3(client: &Netns, server: &Netns, server_addr: &str, secs: u32, reverse: bool) -> anyhow::Result<f64> {
+    let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 100) as u16;
+    let mut srv = server
+        .cmd("iperf3")
+        .args(["-s", "-1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut cmd = client.cmd("timeout");
+    cmd.args([&(secs + 15).to_string(), "iperf3", "-J", "-c", server_addr, "-p", &port.to_string(), "-t", &secs.to_string()]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = cmd.output();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let out = out?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("iperf3 failed: {v}"))
+}
