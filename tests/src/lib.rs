@@ -38,7 +38,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique id for names: pid and a per-process counter.
 pub fn unique_id() -> String {
-    format!("{}{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Fails unless running as root: the tests need namespaces, TUN and BPF.
@@ -106,7 +110,9 @@ impl Netns {
     /// private /sys and would hide the daemon's bpffs pins from the host.
     pub fn cmd_keep_mounts(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -122,7 +128,9 @@ impl Netns {
 
     /// Writes a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        sh(self.cmd("sysctl").args(["-q", "-w", &format!("{key}={value}")]))?;
+        sh(self
+            .cmd("sysctl")
+            .args(["-q", "-w", &format!("{key}={value}")]))?;
         Ok(())
     }
 }
@@ -152,9 +160,19 @@ impl Topology {
         let server = Netns::new(format!("vgt-{id}-s"))?;
         // veths are created directly inside the namespaces: the host's
         // interfaces are never touched.
-        client.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", &gw.name])?;
-        server.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "lan0", "netns", &gw.name])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_OUTSIDE}/24"), "dev", "eth0"])?;
+        client.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", &gw.name,
+        ])?;
+        server.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "lan0", "netns", &gw.name,
+        ])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_OUTSIDE}/24"),
+            "dev",
+            "eth0",
+        ])?;
         client.ip(&["link", "set", "eth0", "up"])?;
         gw.ip(&["addr", "add", &format!("{GW_OUTSIDE}/24"), "dev", "up0"])?;
         gw.ip(&["link", "set", "up0", "up"])?;
@@ -162,11 +180,23 @@ impl Topology {
         gw.ip(&["addr", "add", "fd00:2::1/64", "dev", "lan0", "nodad"])?;
         gw.ip(&["link", "set", "lan0", "up"])?;
         server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "eth0"])?;
-        server.ip(&["addr", "add", &format!("{SERVER6}/64"), "dev", "eth0", "nodad"])?;
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{SERVER6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         server.ip(&["link", "set", "eth0", "up"])?;
         server.ip(&["route", "add", POOL, "via", GW_INSIDE])?;
         server.ip(&["-6", "route", "add", POOL6, "via", "fd00:2::1"])?;
-        Ok(Topology { id, client, gw, server })
+        Ok(Topology {
+            id,
+            client,
+            gw,
+            server,
+        })
     }
 }
 
@@ -249,6 +279,7 @@ pub struct Gateway {
     pub socket: PathBuf,
     pub events: PathBuf,
     pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
     pub config: PathBuf,
     pub users_file: PathBuf,
     /// `pin-sha256:...` of the server certificate.
@@ -292,13 +323,13 @@ mtu = 1300
     ) -> anyhow::Result<Self> {
         let dir = TempDir::new("gw")?;
         let config = config(dir.path());
+        let config_path = dir.path().join("gateway.toml");
         let users_file = dir.path().join("users.toml");
         let mut db = vpn_daemon::users::UserFile::default();
         for u in users {
             db.add(u.name, u.password, u.group_policy.map(str::to_owned))?;
         }
         db.write(&users_file)?;
-        let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, &config)?;
         let log = std::fs::File::create(dir.path().join("vpnd.log"))?;
         let child = topo
@@ -311,11 +342,14 @@ mtu = 1300
             .stderr(log)
             .spawn()
             .context("starting vpnd")?;
+        let settings = vpn_daemon::config::Config::parse(&config, &config_path)?;
+        let server = &settings.raw.server;
         let mut gw = Gateway {
             child: Some(child),
-            socket: dir.path().join("vpnd.sock"),
-            events: dir.path().join("events.jsonl"),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/vpn-test-{}", topo.id)),
+            socket: server.control_socket.clone(),
+            events: server.event_log.clone().unwrap_or_default(),
+            pin_dir: server.bpf_pin_dir.clone(),
+            state_dir: server.state_dir.clone(),
             config: config_path,
             users_file,
             pin: String::new(),
@@ -330,7 +364,8 @@ mtu = 1300
         if ready != Some(true) {
             bail!("vpnd did not become ready:\n{}", gw.log());
         }
-        let chain = vpn_daemon::tls::read_chain(&gw.dir.path().join("state/server-cert.pem"))?;
+        let chain =
+            vpn_daemon::tls::read_chain(&gw.state_dir.join(vpn_daemon::tls::GENERATED_CERT))?;
         gw.pin = vpn_daemon::tls::pin_sha256(&chain[0])?;
         Ok(gw)
     }
@@ -432,7 +467,13 @@ pub struct Client {
 
 impl Client {
     /// Starts `openconnect` logging in as `user` with `password` on stdin.
-    pub fn start(topo: &Topology, gw: &Gateway, user: &str, password: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        topo: &Topology,
+        gw: &Gateway,
+        user: &str,
+        password: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         Self::start_with(topo, &gw.pin, extra, Some((user, password)), None)
     }
 
@@ -455,7 +496,13 @@ impl Client {
         let log = std::fs::File::create(dir.path().join("openconnect.log"))?;
         let mut cmd = topo.client.cmd("openconnect");
         cmd.env("OCDIR", dir.path())
-            .args(["-v", "--protocol=anyconnect", "--servercert", pin, "--script"])
+            .args([
+                "-v",
+                "--protocol=anyconnect",
+                "--servercert",
+                pin,
+                "--script",
+            ])
             .arg(&script)
             .args(["-i", "octun0", "--reconnect-timeout", "30"])
             .args(extra);
@@ -561,11 +608,24 @@ impl Drop for Client {
 }
 
 /// Runs openconnect `--authenticate` and returns the `COOKIE` it prints.
-pub fn authenticate(topo: &Topology, gw: &Gateway, user: &str, password: &str) -> anyhow::Result<String> {
+pub fn authenticate(
+    topo: &Topology,
+    gw: &Gateway,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<String> {
     let mut child = topo
         .client
         .cmd("openconnect")
-        .args(["--authenticate", "--protocol=anyconnect", "--servercert", &gw.pin, "-u", user, "--passwd-on-stdin"])
+        .args([
+            "--authenticate",
+            "--protocol=anyconnect",
+            "--servercert",
+            &gw.pin,
+            "-u",
+            user,
+            "--passwd-on-stdin",
+        ])
         .arg(format!("https://{GW_OUTSIDE}/"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -578,12 +638,23 @@ pub fn authenticate(topo: &Topology, gw: &Gateway, user: &str, password: &str) -
         .lines()
         .find_map(|l| l.strip_prefix("COOKIE="))
         .map(|c| c.trim_matches('\'').to_owned())
-        .ok_or_else(|| anyhow!("no COOKIE from openconnect --authenticate: {stdout}{}", String::from_utf8_lossy(&out.stderr)))
+        .ok_or_else(|| {
+            anyhow!(
+                "no COOKIE from openconnect --authenticate: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
 
 /// Runs iperf3 from `client` to a server in `server` for `secs`; returns
 /// the bits per second received.
-pub fn iperf3(client: &Netns, server: &Netns, server_addr: &str, secs: u32, reverse: bool) -> anyhow::Result<f64> {
+pub fn iperf3(
+    client: &Netns,
+    server: &Netns,
+    server_addr: &str,
+    secs: u32,
+    reverse: bool,
+) -> anyhow::Result<f64> {
     let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 100) as u16;
     let mut srv = server
         .cmd("iperf3")
@@ -593,7 +664,17 @@ pub fn iperf3(client: &Netns, server: &Netns, server_addr: &str, secs: u32, reve
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
     let mut cmd = client.cmd("timeout");
-    cmd.args([&(secs + 15).to_string(), "iperf3", "-J", "-c", server_addr, "-p", &port.to_string(), "-t", &secs.to_string()]);
+    cmd.args([
+        &(secs + 15).to_string(),
+        "iperf3",
+        "-J",
+        "-c",
+        server_addr,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &secs.to_string(),
+    ]);
     if reverse {
         cmd.arg("-R");
     }

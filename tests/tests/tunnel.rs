@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser { name: "alice", password: "correct horse", group_policy: None };
+const ALICE: TestUser = TestUser {
+    name: "alice",
+    password: "correct horse",
+    group_policy: None,
+};
 
 fn full_config(topo: &Topology, dir: &std::path::Path) -> String {
     Gateway::base_config(
@@ -39,13 +43,19 @@ fn login_pushes_every_setting_and_passes_traffic() {
 
     let addr = env["INTERNAL_IP4_ADDRESS"].clone();
     assert!(addr.starts_with("198.19.0."), "{addr}");
-    assert_ne!(addr, "198.19.0.1", "the gateway's own address is never handed out");
+    assert_ne!(
+        addr, "198.19.0.1",
+        "the gateway's own address is never handed out"
+    );
     assert_eq!(env["INTERNAL_IP4_NETMASK"], "255.255.255.0");
     assert_eq!(env["INTERNAL_IP4_MTU"], "1300");
     // openconnect lists resolvers of both families in INTERNAL_IP4_DNS.
     assert_eq!(env["INTERNAL_IP4_DNS"], "198.18.2.53 fd00:2::53");
     assert_eq!(env["CISCO_DEF_DOMAIN"], "corp.example");
-    assert_eq!(env["CISCO_BANNER"], "Authorised use only.\nAll access is logged: 100% of it.");
+    assert_eq!(
+        env["CISCO_BANNER"],
+        "Authorised use only.\nAll access is logged: 100% of it."
+    );
     // openconnect lists routes in reverse order of the headers.
     assert_eq!(
         split_routes(&env, "CISCO_SPLIT_INC"),
@@ -55,17 +65,33 @@ fn login_pushes_every_setting_and_passes_traffic() {
     assert_eq!(env["CISCO_IPV6_SPLIT_INC"], "1");
     assert_eq!(env["CISCO_IPV6_SPLIT_INC_0_ADDR"], "fd00:2::");
     assert_eq!(env["CISCO_IPV6_SPLIT_INC_0_MASKLEN"], "64");
-    assert!(env["INTERNAL_IP6_NETMASK"].starts_with("fd00:1::"), "{:?}", env.get("INTERNAL_IP6_NETMASK"));
+    assert!(
+        env["INTERNAL_IP6_NETMASK"].starts_with("fd00:1::"),
+        "{:?}",
+        env.get("INTERNAL_IP6_NETMASK")
+    );
     assert!(env["INTERNAL_IP6_NETMASK"].ends_with("/64"));
     assert_eq!(env["IDLE_TIMEOUT"], "900");
     let opts = &env["CISCO_CSTP_OPTIONS"];
-    for want in ["X-CSTP-DPD=15", "X-CSTP-Keepalive=25", "X-CSTP-Session-Timeout=86400", "X-CSTP-Idle-Timeout=900"] {
+    for want in [
+        "X-CSTP-DPD=15",
+        "X-CSTP-Keepalive=25",
+        "X-CSTP-Session-Timeout=86400",
+        "X-CSTP-Idle-Timeout=900",
+    ] {
         assert!(opts.contains(want), "{want} missing from {opts}");
     }
 
     // Traffic both ways, IPv4 and IPv6.
-    assert!(topo.client.ping(SERVER, 3), "ping through the tunnel failed\n{}", gw.log());
-    assert!(topo.client.ping(SERVER6, 3), "IPv6 ping through the tunnel failed");
+    assert!(
+        topo.client.ping(SERVER, 3),
+        "ping through the tunnel failed\n{}",
+        gw.log()
+    );
+    assert!(
+        topo.client.ping(SERVER6, 3),
+        "IPv6 ping through the tunnel failed"
+    );
     let up = iperf3(&topo.client, &topo.server, SERVER, 3, false).unwrap();
     let down = iperf3(&topo.client, &topo.server, SERVER, 3, true).unwrap();
     assert!(up > 10e6, "client->server {up} bit/s");
@@ -79,7 +105,10 @@ fn login_pushes_every_setting_and_passes_traffic() {
     assert_eq!(s["vpn_address"], addr.as_str());
     assert_eq!(s["public_address"], CLIENT_OUTSIDE);
     assert_eq!(s["state"], "connected");
-    assert_eq!(s["pseudo_mac"], vpn_daemon::mac::format_mac(&vpn_daemon::mac::pseudo_mac("alice")).as_str());
+    assert_eq!(
+        s["pseudo_mac"],
+        vpn_daemon::mac::format_mac(&vpn_daemon::mac::pseudo_mac("alice")).as_str()
+    );
     let bytes_in = s["bytes_in"].as_u64().unwrap();
     let bytes_out = s["bytes_out"].as_u64().unwrap();
     assert!(bytes_in > 1_000_000, "bytes_in {bytes_in}");
@@ -96,12 +125,25 @@ fn login_pushes_every_setting_and_passes_traffic() {
     // Logout (SIGINT makes openconnect send DISCONNECT 0xb0) ends the session.
     client.signal("INT");
     assert!(client.wait_exit(Duration::from_secs(10)).is_some());
-    assert!(wait_for(Duration::from_secs(5), || gw.sessions().unwrap().is_empty().then_some(())).is_some());
+    assert!(
+        wait_for(Duration::from_secs(5), || gw
+            .sessions()
+            .unwrap()
+            .is_empty()
+            .then_some(()))
+        .is_some()
+    );
     let ev = gw.events();
-    let disc = ev.iter().find(|e| e["event"] == "client_disconnected").expect("disconnect event");
+    let disc = ev
+        .iter()
+        .find(|e| e["event"] == "client_disconnected")
+        .expect("disconnect event");
     assert_eq!(disc["reason"], "user logout");
     assert!(disc["bytes_in"].as_u64().unwrap() > 1_000_000);
-    assert!(ev.iter().any(|e| e["event"] == "client_connected" && e["user"] == "alice"));
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "client_connected" && e["user"] == "alice")
+    );
 }
 
 /// Starts vpnd with a config built by `f` from the gateway's directory.

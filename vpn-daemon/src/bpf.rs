@@ -19,9 +19,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TcAttachType, tc},
 };
-use vpn_common::{
-    DropReason, SessionInfo, SessionKey, SessionStats, map_names, prog_names,
-};
+use vpn_common::{DropReason, SessionInfo, SessionKey, SessionStats, map_names, prog_names};
 
 /// The BPF object built from `vpn-ebpf` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vpn-ebpf"));
@@ -93,12 +91,20 @@ impl Datapath {
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         let mut ebpf = Ebpf::load(OBJECT).context("loading the BPF object")?;
 
-        for name in [map_names::SESSIONS, map_names::SESSION_STATS, map_names::DROPS] {
+        for name in [
+            map_names::SESSIONS,
+            map_names::SESSION_STATS,
+            map_names::DROPS,
+        ] {
             let path = pin_dir.join(pin_name(name));
             match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!(pin = %path.display(), "removed a stale map pin from an earlier run"),
+                Ok(()) => {
+                    tracing::info!(pin = %path.display(), "removed a stale map pin from an earlier run")
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing stale pin {}", path.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing stale pin {}", path.display()));
+                }
             }
             ebpf.map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))?
@@ -144,8 +150,12 @@ impl Datapath {
         let key = key_for(ip);
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zero = PerCpuValues::try_from(vec![SessionStats::default(); ncpus])?;
-        self.stats.insert(key, zero, 0).context("creating session counters")?;
-        self.sessions.insert(key, info, 0).context("inserting session")?;
+        self.stats
+            .insert(key, zero, 0)
+            .context("creating session counters")?;
+        self.sessions
+            .insert(key, info, 0)
+            .context("inserting session")?;
         Ok(())
     }
 
@@ -191,7 +201,11 @@ impl Datapath {
 
     /// Removes the pins (clean shutdown); the maps go away with the daemon.
     pub fn unpin(&self) {
-        for name in [map_names::SESSIONS, map_names::SESSION_STATS, map_names::DROPS] {
+        for name in [
+            map_names::SESSIONS,
+            map_names::SESSION_STATS,
+            map_names::DROPS,
+        ] {
             let _ = std::fs::remove_file(self.pin_dir.join(pin_name(name)));
         }
         let _ = std::fs::remove_dir(&self.pin_dir);

@@ -327,13 +327,18 @@ impl Config {
                 let net: Ipv6Net = s.parse().map_err(|_| {
                     invalid(
                         "tunnel.pool_v6",
-                        format!("'{s}' is not an IPv6 prefix in CIDR form (for example fd00:1::/64)"),
+                        format!(
+                            "'{s}' is not an IPv6 prefix in CIDR form (for example fd00:1::/64)"
+                        ),
                     )
                 })?;
                 if !(64..=120).contains(&net.prefix_len()) {
                     return Err(invalid(
                         "tunnel.pool_v6",
-                        format!("prefix length /{} is not supported: use /64 to /120", net.prefix_len()),
+                        format!(
+                            "prefix length /{} is not supported: use /64 to /120",
+                            net.prefix_len()
+                        ),
                     ));
                 }
                 Some(net.trunc())
@@ -348,12 +353,19 @@ impl Config {
         if pool_v6.is_some() && self.tunnel.mtu < 1280 {
             return Err(invalid(
                 "tunnel.mtu",
-                format!("{} is below 1280, the minimum for IPv6 (tunnel.pool_v6 is set)", self.tunnel.mtu),
+                format!(
+                    "{} is below 1280, the minimum for IPv6 (tunnel.pool_v6 is set)",
+                    self.tunnel.mtu
+                ),
             ));
         }
         if self.tunnel.device.is_empty()
             || self.tunnel.device.len() > 15
-            || !self.tunnel.device.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !self
+                .tunnel
+                .device
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(invalid(
                 "tunnel.device",
@@ -386,7 +398,10 @@ impl Config {
             ));
         }
         if self.session.dpd_secs == 0 {
-            return Err(invalid("session.dpd_secs", "0 is not allowed: use 1 or more seconds"));
+            return Err(invalid(
+                "session.dpd_secs",
+                "0 is not allowed: use 1 or more seconds",
+            ));
         }
         if self.session.keepalive_secs == 0 {
             return Err(invalid(
@@ -395,12 +410,18 @@ impl Config {
             ));
         }
         if self.auth.max_failures == 0 {
-            return Err(invalid("auth.max_failures", "0 is not allowed: use 1 or more"));
+            return Err(invalid(
+                "auth.max_failures",
+                "0 is not allowed: use 1 or more",
+            ));
         }
         if self.http.max_header_bytes < 1024 {
             return Err(invalid(
                 "http.max_header_bytes",
-                format!("{} is too small: use 1024 or more", self.http.max_header_bytes),
+                format!(
+                    "{} is too small: use 1024 or more",
+                    self.http.max_header_bytes
+                ),
             ));
         }
         if self.http.request_timeout_secs == 0 {
@@ -424,14 +445,25 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for g in &groups {
-            if g.name.is_empty() || !g.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            if g.name.is_empty()
+                || !g
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
                 return Err(invalid(
                     "group.name",
-                    format!("'{}' is not a valid group name: use letters, digits, '-', '_' or '.'", g.name),
+                    format!(
+                        "'{}' is not a valid group name: use letters, digits, '-', '_' or '.'",
+                        g.name
+                    ),
                 ));
             }
             if !seen.insert(g.name.clone()) {
-                return Err(invalid("group.name", format!("'{}' is defined twice", g.name)));
+                return Err(invalid(
+                    "group.name",
+                    format!("'{}' is defined twice", g.name),
+                ));
             }
         }
         Ok(Settings {
@@ -489,7 +521,9 @@ pub fn parse_session_timeout(s: &str) -> Result<Duration, ConfigError> {
     let bad = || {
         invalid(
             "session.timeout",
-            format!("'{s}' is not a session timeout: use 8h, 1d, 7d, or a custom <N>h from 1h to 256h"),
+            format!(
+                "'{s}' is not a session timeout: use 8h, 1d, 7d, or a custom <N>h from 1h to 256h"
+            ),
         )
     };
     let hours: u64 = match s {
@@ -510,7 +544,10 @@ pub fn parse_session_timeout(s: &str) -> Result<Duration, ConfigError> {
 impl Settings {
     /// The gateway's own address on the tunnel device (first host of the pool).
     pub fn gateway_v4(&self) -> Ipv4Addr {
-        self.pool_v4.hosts().next().expect("validated pool has hosts")
+        self.pool_v4
+            .hosts()
+            .next()
+            .expect("validated pool has hosts")
     }
 
     /// The gateway's own IPv6 address on the tunnel device (prefix + 1).
@@ -522,9 +559,11 @@ impl Settings {
     /// Tunnel groups by name or label (clients may send either).
     pub fn find_group(&self, name: &str) -> Option<&GroupConfig> {
         self.groups.iter().find(|g| g.name == name).or_else(|| {
-            self.groups
-                .iter()
-                .find(|g| g.label.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(name)))
+            self.groups.iter().find(|g| {
+                g.label
+                    .as_deref()
+                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
+            })
         })
     }
 
@@ -554,7 +593,9 @@ mod tests {
 
     #[test]
     fn include_without_subnets_is_rejected_with_the_documented_message() {
-        let e = parse("[client_routing]\nmode = \"include\"\n").unwrap_err().to_string();
+        let e = parse("[client_routing]\nmode = \"include\"\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "config key 'client_routing.subnets': client routing mode 'include' needs at least one valid subnet in CIDR form"
@@ -572,21 +613,37 @@ mod tests {
 
     #[test]
     fn unknown_mode_lists_valid_modes() {
-        let e = parse("[client_routing]\nmode = \"split\"\n").unwrap_err().to_string();
-        assert!(e.contains("'split'") && e.contains("'all', 'include' or 'exclude'"), "{e}");
+        let e = parse("[client_routing]\nmode = \"split\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'split'") && e.contains("'all', 'include' or 'exclude'"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_key_is_rejected() {
-        let e = parse("[session]\ntimeuot = \"8h\"\n").unwrap_err().to_string();
+        let e = parse("[session]\ntimeuot = \"8h\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("timeuot"), "{e}");
     }
 
     #[test]
     fn session_timeouts() {
-        assert_eq!(parse_session_timeout("1d").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_session_timeout("7d").unwrap(), Duration::from_secs(7 * 86400));
-        assert_eq!(parse_session_timeout("256h").unwrap(), Duration::from_secs(256 * 3600));
+        assert_eq!(
+            parse_session_timeout("1d").unwrap(),
+            Duration::from_secs(86400)
+        );
+        assert_eq!(
+            parse_session_timeout("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(
+            parse_session_timeout("256h").unwrap(),
+            Duration::from_secs(256 * 3600)
+        );
         for bad in ["257h", "0h", "2d", "forever", ""] {
             let e = parse_session_timeout(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("'{bad}'")), "{e}");
@@ -595,8 +652,13 @@ mod tests {
 
     #[test]
     fn max_sessions_must_fit_the_pool() {
-        let e = parse("[server]\nmax_sessions = 300\n").unwrap_err().to_string();
-        assert!(e.contains("server.max_sessions") && e.contains("253"), "{e}");
+        let e = parse("[server]\nmax_sessions = 300\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.max_sessions") && e.contains("253"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -607,13 +669,18 @@ mod tests {
 
     #[test]
     fn cert_without_key_is_rejected() {
-        let e = parse("[tls]\ncert_file = \"/x.pem\"\n").unwrap_err().to_string();
+        let e = parse("[tls]\ncert_file = \"/x.pem\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tls.key_file"), "{e}");
     }
 
     #[test]
     fn groups_match_name_or_label() {
-        let s = parse("[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n[[group]]\nname = \"sales\"\n").unwrap();
+        let s = parse(
+            "[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n[[group]]\nname = \"sales\"\n",
+        )
+        .unwrap();
         assert_eq!(s.find_group("eng").unwrap().name, "eng");
         assert_eq!(s.find_group("engineering").unwrap().name, "eng");
         assert!(s.find_group("ops").is_none());

@@ -20,7 +20,9 @@ pub const DEFAULT_SOCKET: &str = "/run/vpn-gateway/vpnd.sock";
 pub enum Request {
     Sessions,
     /// Ends every session of a user name, or the session holding an address.
-    Disconnect { target: String },
+    Disconnect {
+        target: String,
+    },
     Stats,
 }
 
@@ -86,7 +88,12 @@ impl Gateway {
                     public_address: slot.peer.map(|p| p.ip().to_string()),
                     public_port: slot.peer.map(|p| p.port()),
                     since: humantime::format_rfc3339_seconds(s.created).to_string(),
-                    state: if slot.handle.is_some() { "connected" } else { "disconnected" }.into(),
+                    state: if slot.handle.is_some() {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
+                    .into(),
                     transport: if slot.handle.is_some() { "tls" } else { "-" }.into(),
                     bytes_in: st.rx_bytes,
                     bytes_out: st.tx_bytes,
@@ -130,7 +137,9 @@ impl Gateway {
             .map(|s| s.id)
             .collect();
         if matching.is_empty() {
-            return Err(format!("no session matches '{target}' (give a user name or a VPN address)"));
+            return Err(format!(
+                "no session matches '{target}' (give a user name or a VPN address)"
+            ));
         }
         Ok(matching
             .into_iter()
@@ -146,7 +155,9 @@ impl Gateway {
             Ok(Request::Sessions) => Response::Sessions {
                 sessions: self.session_rows(),
             },
-            Ok(Request::Stats) => Response::Stats { stats: self.stats() },
+            Ok(Request::Stats) => Response::Stats {
+                stats: self.stats(),
+            },
             Ok(Request::Disconnect { target }) => match self.disconnect(&target) {
                 Ok(n) => Response::Disconnected { disconnected: n },
                 Err(error) => Response::Error { error },

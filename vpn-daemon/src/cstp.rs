@@ -137,7 +137,10 @@ mod tests {
             }
         }
         let types: Vec<_> = out.iter().map(|f| f.ty).collect();
-        assert_eq!(types, [FrameType::DpdRequest, FrameType::Data, FrameType::Keepalive]);
+        assert_eq!(
+            types,
+            [FrameType::DpdRequest, FrameType::Data, FrameType::Keepalive]
+        );
         assert_eq!(out[1].payload.len(), 100);
     }
 
@@ -161,7 +164,10 @@ mod tests {
     fn nonzero_byte_seven() {
         let mut f = frame(FrameType::Data, b"a");
         f[7] = 1;
-        assert!(matches!(decode(&mut BytesMut::from(&f[..])), Err(FrameError::BadHeader(_))));
+        assert!(matches!(
+            decode(&mut BytesMut::from(&f[..])),
+            Err(FrameError::BadHeader(_))
+        ));
     }
 
     #[test]

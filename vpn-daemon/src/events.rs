@@ -1,13 +1,7 @@
 //! Structured events: one JSON object per line on the configured event log,
 //! and the same event through `tracing`.
 
-use std::{
-    fs::File,
-    io::Write,
-    path::Path,
-    sync::Mutex,
-    time::SystemTime,
-};
+use std::{fs::File, io::Write, path::Path, sync::Mutex, time::SystemTime};
 
 use serde::Serialize;
 
@@ -72,7 +66,10 @@ impl EventLog {
                     std::fs::create_dir_all(d)?;
                 }
                 Some(Mutex::new(
-                    std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)?,
                 ))
             }
         };

@@ -132,8 +132,9 @@ async fn read_rest<S: AsyncRead + Unpin>(
                 let path = req.path.unwrap_or_default().to_owned();
                 let mut hs = Vec::with_capacity(req.headers.len());
                 for h in req.headers.iter() {
-                    let v = std::str::from_utf8(h.value)
-                        .map_err(|_| ReadError::Malformed(format!("header {} is not UTF-8", h.name)))?;
+                    let v = std::str::from_utf8(h.value).map_err(|_| {
+                        ReadError::Malformed(format!("header {} is not UTF-8", h.name))
+                    })?;
                     hs.push((h.name.to_owned(), v.trim().to_owned()));
                 }
                 let mut r = Request {
@@ -208,7 +209,8 @@ impl Response {
 
     pub fn text(status: u16, reason: &'static str, body: impl Into<String>) -> Self {
         let mut r = Response::new(status, reason);
-        r.headers.push(("Content-Type", "text/plain; charset=utf-8".into()));
+        r.headers
+            .push(("Content-Type", "text/plain; charset=utf-8".into()));
         r.body = body.into().into_bytes();
         r
     }
@@ -298,7 +300,10 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_body_is_413() {
-        let e = read(b"POST / HTTP/1.1\r\nContent-Length: 65\r\n\r\n").await.0.unwrap_err();
+        let e = read(b"POST / HTTP/1.1\r\nContent-Length: 65\r\n\r\n")
+            .await
+            .0
+            .unwrap_err();
         assert_eq!(e.status().unwrap().0, 413);
     }
 
@@ -310,7 +315,10 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_is_refused() {
-        let e = read(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").await.0.unwrap_err();
+        let e = read(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .0
+            .unwrap_err();
         assert_eq!(e.status().unwrap().0, 411);
     }
 

@@ -20,7 +20,10 @@ pub fn pseudo_mac(user: &str) -> [u8; 6] {
 
 /// `02:ab:...` form.
 pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

@@ -67,15 +67,13 @@ impl Pool {
     /// Allocates an address for `user`, or `None` when the pool is full.
     pub fn allocate(&mut self, user: &str) -> Option<Lease> {
         let preferred = self.last_by_user.get(user).copied();
-        let off = preferred
-            .filter(|o| !self.used.contains(o))
-            .or_else(|| {
-                let h = Sha256::digest(user.as_bytes());
-                let start = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % self.count;
-                (0..self.count)
-                    .map(|i| self.first + (start + i) % self.count)
-                    .find(|o| !self.used.contains(o))
-            })?;
+        let off = preferred.filter(|o| !self.used.contains(o)).or_else(|| {
+            let h = Sha256::digest(user.as_bytes());
+            let start = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % self.count;
+            (0..self.count)
+                .map(|i| self.first + (start + i) % self.count)
+                .find(|o| !self.used.contains(o))
+        })?;
         self.used.insert(off);
         self.last_by_user.insert(user.to_owned(), off);
         Some(self.lease_at(off))
@@ -98,14 +96,19 @@ mod tests {
     use super::*;
 
     fn pool() -> Pool {
-        Pool::new("198.19.0.0/29".parse().unwrap(), Some("fd00:1::/64".parse().unwrap()))
+        Pool::new(
+            "198.19.0.0/29".parse().unwrap(),
+            Some("fd00:1::/64".parse().unwrap()),
+        )
     }
 
     #[test]
     fn excludes_network_gateway_and_broadcast() {
         let mut p = pool();
         assert_eq!(p.capacity(), 5);
-        let mut got: Vec<_> = (0..5).map(|i| p.allocate(&format!("u{i}")).unwrap().v4).collect();
+        let mut got: Vec<_> = (0..5)
+            .map(|i| p.allocate(&format!("u{i}")).unwrap().v4)
+            .collect();
         got.sort();
         let want: Vec<Ipv4Addr> = (2..=6).map(|h| Ipv4Addr::new(198, 19, 0, h)).collect();
         assert_eq!(got, want);
@@ -142,7 +145,10 @@ mod tests {
         let mut p = pool();
         let l = p.allocate("alice").unwrap();
         let off = u32::from(l.v4) - u32::from(Ipv4Addr::new(198, 19, 0, 0));
-        assert_eq!(l.v6.unwrap(), Ipv6Addr::from(u128::from("fd00:1::".parse::<Ipv6Addr>().unwrap()) + off as u128));
+        assert_eq!(
+            l.v6.unwrap(),
+            Ipv6Addr::from(u128::from("fd00:1::".parse::<Ipv6Addr>().unwrap()) + off as u128)
+        );
     }
 
     #[test]

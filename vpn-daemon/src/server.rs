@@ -79,7 +79,11 @@ impl Gateway {
     }
 
     /// Accepts TLS connections until the listener fails.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) -> anyhow::Result<()> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+    ) -> anyhow::Result<()> {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -175,7 +179,9 @@ impl Gateway {
     async fn post(self: &Arc<Self>, req: &Request, peer: SocketAddr) -> Response {
         let body = match std::str::from_utf8(&req.body) {
             Ok(b) => b,
-            Err(_) => return Response::text(400, "Bad Request", "the request body is not UTF-8 XML\n"),
+            Err(_) => {
+                return Response::text(400, "Bad Request", "the request body is not UTF-8 XML\n");
+            }
         };
         let msg = match xml::parse_client_auth(body) {
             Ok(m) => m,
@@ -201,7 +207,11 @@ impl Gateway {
             }
             "auth-reply" => self.auth_reply(req, msg, peer).await,
             "logout" => {
-                if let Some(s) = msg.session_token.as_deref().and_then(|t| self.sessions.by_cookie(t)) {
+                if let Some(s) = msg
+                    .session_token
+                    .as_deref()
+                    .and_then(|t| self.sessions.by_cookie(t))
+                {
                     self.end_session(s.id, "user logout");
                 }
                 Response::xml(
@@ -211,7 +221,9 @@ impl Gateway {
             other => Response::text(
                 400,
                 "Bad Request",
-                format!("config-auth type '{other}' is not supported: expected init, auth-reply or logout\n"),
+                format!(
+                    "config-auth type '{other}' is not supported: expected init, auth-reply or logout\n"
+                ),
             ),
         }
     }
@@ -261,7 +273,12 @@ impl Gateway {
         )
     }
 
-    async fn auth_reply(self: &Arc<Self>, req: &Request, msg: xml::ClientAuth, peer: SocketAddr) -> Response {
+    async fn auth_reply(
+        self: &Arc<Self>,
+        req: &Request,
+        msg: xml::ClientAuth,
+        peer: SocketAddr,
+    ) -> Response {
         let handle = msg
             .handle
             .clone()
@@ -269,14 +286,20 @@ impl Gateway {
         let ttl = Duration::from_secs(self.settings.raw.auth.timeout_secs);
         let state_group = handle.as_ref().and_then(|h| {
             let auth = self.auth.lock().unwrap();
-            auth.get(h).filter(|s| s.started.elapsed() < ttl).map(|s| s.group.clone())
+            auth.get(h)
+                .filter(|s| s.started.elapsed() < ttl)
+                .map(|s| s.group.clone())
         });
         let (handle, group) = match (handle, state_group) {
             (Some(h), Some(g)) => (h, g),
             _ => {
                 let group = self.settings.groups[0].name.clone();
                 let h = self.start_login(group.clone());
-                return self.form(&h, &group, Some("your login attempt expired; please log in again"));
+                return self.form(
+                    &h,
+                    &group,
+                    Some("your login attempt expired; please log in again"),
+                );
             }
         };
         let group = match msg.group_select.as_deref() {
@@ -315,7 +338,12 @@ impl Gateway {
                 };
                 if failures >= self.settings.raw.auth.max_failures {
                     self.auth.lock().unwrap().remove(&handle);
-                    return Response::text(401, "Authentication failed", "too many failed attempts\n").closing();
+                    return Response::text(
+                        401,
+                        "Authentication failed",
+                        "too many failed attempts\n",
+                    )
+                    .closing();
                 }
                 return self.form(&handle, &group, Some("invalid username or password"));
             }
@@ -324,9 +352,16 @@ impl Gateway {
         match self.create_session(&user, &group, group_policy) {
             Ok((session, cookie)) => {
                 tracing::info!(user, session = session.id, "login succeeded");
-                Response::xml(xml::complete(session.id, &cookie, self.settings.raw.tunnel.banner.as_deref()))
-                    .header("Set-Cookie", format!("webvpn={cookie}; Secure; HttpOnly"))
-                    .header("Set-Cookie", "webvpncontext=; Max-Age=0; Secure; HttpOnly".to_string())
+                Response::xml(xml::complete(
+                    session.id,
+                    &cookie,
+                    self.settings.raw.tunnel.banner.as_deref(),
+                ))
+                .header("Set-Cookie", format!("webvpn={cookie}; Secure; HttpOnly"))
+                .header(
+                    "Set-Cookie",
+                    "webvpncontext=; Max-Age=0; Secure; HttpOnly".to_string(),
+                )
             }
             Err(reason) => {
                 self.events.emit(Event::LoginRefused {
@@ -497,12 +532,19 @@ impl Gateway {
                 .await?;
             return Ok(());
         }
-        let Some(session) = req.cookie("webvpn").and_then(|c| self.sessions.by_cookie(c)) else {
+        let Some(session) = req
+            .cookie("webvpn")
+            .and_then(|c| self.sessions.by_cookie(c))
+        else {
             tracing::info!(%peer, "CONNECT with an unknown or expired cookie");
-            Response::text(401, "Cookie is not valid", "unknown or expired session cookie\n")
-                .closing()
-                .write_to(&mut tls)
-                .await?;
+            Response::text(
+                401,
+                "Cookie is not valid",
+                "unknown or expired session cookie\n",
+            )
+            .closing()
+            .write_to(&mut tls)
+            .await?;
             let _ = tls.shutdown().await;
             return Ok(());
         };
@@ -542,7 +584,9 @@ impl Gateway {
             resumed,
         });
 
-        let end = self.run_tunnel(tls, leftover, &session, from_gw, kick_rx).await;
+        let end = self
+            .run_tunnel(tls, leftover, &session, from_gw, kick_rx)
+            .await;
         match end {
             TunnelEnd::Logout => {
                 self.end_session(session.id, "user logout");
@@ -573,7 +617,10 @@ impl Gateway {
         let cfg = &st.raw;
         let mut h: Vec<(&str, String)> = Vec::with_capacity(32);
         h.push(("X-CSTP-Version", "1".into()));
-        h.push(("X-CSTP-Server-Name", format!("vpn-gateway {}", env!("CARGO_PKG_VERSION"))));
+        h.push((
+            "X-CSTP-Server-Name",
+            format!("vpn-gateway {}", env!("CARGO_PKG_VERSION")),
+        ));
         h.push(("X-CSTP-Address", s.lease.v4.to_string()));
         h.push(("X-CSTP-Netmask", st.pool_v4.netmask().to_string()));
         let wants_v6 = req
@@ -609,11 +656,19 @@ impl Gateway {
         for n in nets {
             match n {
                 ipnet::IpNet::V4(n) => h.push((
-                    if name == "Include" { "X-CSTP-Split-Include" } else { "X-CSTP-Split-Exclude" },
+                    if name == "Include" {
+                        "X-CSTP-Split-Include"
+                    } else {
+                        "X-CSTP-Split-Exclude"
+                    },
                     format!("{}/{}", n.network(), n.netmask()),
                 )),
                 ipnet::IpNet::V6(n) if v6 => h.push((
-                    if name == "Include" { "X-CSTP-Split-Include-IP6" } else { "X-CSTP-Split-Exclude-IP6" },
+                    if name == "Include" {
+                        "X-CSTP-Split-Include-IP6"
+                    } else {
+                        "X-CSTP-Split-Exclude-IP6"
+                    },
                     n.to_string(),
                 )),
                 ipnet::IpNet::V6(_) => {}
@@ -627,7 +682,10 @@ impl Gateway {
             h.push(("X-CSTP-Banner", percent_encode_banner(b)));
         }
         let session_secs = st.session_timeout.as_secs();
-        let remaining = st.session_timeout.saturating_sub(s.started.elapsed()).as_secs();
+        let remaining = st
+            .session_timeout
+            .saturating_sub(s.started.elapsed())
+            .as_secs();
         h.push(("X-CSTP-Session-Timeout", session_secs.to_string()));
         h.push(("X-CSTP-Session-Timeout-Remaining", remaining.to_string()));
         h.push(("X-CSTP-Lease-Duration", session_secs.to_string()));
@@ -648,7 +706,10 @@ impl Gateway {
         h.push(("X-CSTP-Rekey-Method", "none".into()));
         let client_mtu: Option<u16> = req.header("X-CSTP-MTU").and_then(|v| v.parse().ok());
         let mtu = client_mtu.map_or(cfg.tunnel.mtu, |c| c.clamp(576, cfg.tunnel.mtu));
-        if let Some(base) = req.header("X-CSTP-Base-MTU").and_then(|v| v.parse::<u16>().ok()) {
+        if let Some(base) = req
+            .header("X-CSTP-Base-MTU")
+            .and_then(|v| v.parse::<u16>().ok())
+        {
             h.push(("X-CSTP-Base-MTU", base.to_string()));
         }
         h.push(("X-CSTP-MTU", mtu.to_string()));
@@ -791,7 +852,9 @@ impl Gateway {
                 FrameType::DpdResponse | FrameType::Keepalive => {}
                 FrameType::Compressed => {
                     // Never negotiated; a client sending it is broken.
-                    return Some(TunnelEnd::Down("compressed frame without negotiation".into()));
+                    return Some(TunnelEnd::Down(
+                        "compressed frame without negotiation".into(),
+                    ));
                 }
                 FrameType::Terminate => {
                     return Some(TunnelEnd::Down("client sent terminate".into()));
@@ -852,7 +915,10 @@ impl Response {
 }
 
 /// The listener and TLS acceptor for the configured address.
-pub async fn bind(settings: &Settings, tls: Arc<rustls::ServerConfig>) -> anyhow::Result<(TcpListener, TlsAcceptor)> {
+pub async fn bind(
+    settings: &Settings,
+    tls: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<(TcpListener, TlsAcceptor)> {
     let addr = settings.raw.server.listen;
     let listener = TcpListener::bind(addr)
         .await

@@ -54,7 +54,12 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     rustls_pemfile::private_key(&mut &pem[..])
         .with_context(|| format!("parsing private key in {}", path.display()))?
-        .ok_or_else(|| anyhow!("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display()))
+        .ok_or_else(|| {
+            anyhow!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                path.display()
+            )
+        })
 }
 
 /// Loads the configured certificate or the generated one, generating it on
@@ -107,7 +112,8 @@ fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let c = params.self_signed(&kp)?;
     let dir = cert.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating state directory {}", dir.display()))?;
     let mut kf = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -122,7 +128,10 @@ fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
 }
 
 /// The rustls server configuration: TLS 1.2 always, TLS 1.3 unless disabled.
-pub fn server_config(id: &ServerIdentity, tls13: bool) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(
+    id: &ServerIdentity,
+    tls13: bool,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]

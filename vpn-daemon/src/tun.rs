@@ -46,7 +46,10 @@ impl Tun {
             _pad: [0; 22],
         };
         if name.len() >= libc::IFNAMSIZ {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "interface name too long",
+            ));
         }
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {

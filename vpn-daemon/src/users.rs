@@ -58,9 +58,7 @@ pub enum UserError {
     Exists(String),
     #[error("no user '{0}' in the database")]
     NotFound(String),
-    #[error(
-        "'{0}' is not a valid user name: use 1 to 64 letters, digits, '.', '-', '_' or '@'"
-    )]
+    #[error("'{0}' is not a valid user name: use 1 to 64 letters, digits, '.', '-', '_' or '@'")]
     BadName(String),
     #[error("the password is empty")]
     EmptyPassword,
@@ -158,7 +156,12 @@ impl UserFile {
         self.users.iter().find(|u| u.name == name)
     }
 
-    pub fn add(&mut self, name: &str, password: &str, group_policy: Option<String>) -> Result<(), UserError> {
+    pub fn add(
+        &mut self,
+        name: &str,
+        password: &str,
+        group_policy: Option<String>,
+    ) -> Result<(), UserError> {
         validate_name(name)?;
         if self.find(name).is_some() {
             return Err(UserError::Exists(name.to_owned()));
@@ -219,7 +222,9 @@ impl UserDb {
     /// The current users, re-read if the file changed. A broken file keeps
     /// the previous copy and logs why.
     fn current(&self) -> UserFile {
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         let mut c = self.cached.lock().unwrap();
         if c.0 != mtime {
             match UserFile::read(&self.path) {
@@ -278,13 +283,21 @@ mod tests {
         let path = dir.join("users.toml");
         let mut f = UserFile::default();
         f.add("alice", "pw1", Some("eng".into())).unwrap();
-        assert!(matches!(f.add("alice", "x", None), Err(UserError::Exists(_))));
-        assert!(matches!(f.add("bad name", "x", None), Err(UserError::BadName(_))));
+        assert!(matches!(
+            f.add("alice", "x", None),
+            Err(UserError::Exists(_))
+        ));
+        assert!(matches!(
+            f.add("bad name", "x", None),
+            Err(UserError::BadName(_))
+        ));
         f.write(&path).unwrap();
         let db = UserDb::open(path.clone()).unwrap();
         assert_eq!(
             db.authenticate("alice", "pw1"),
-            AuthResult::Ok { group_policy: Some("eng".into()) }
+            AuthResult::Ok {
+                group_policy: Some("eng".into())
+            }
         );
         assert_eq!(db.authenticate("alice", "pw2"), AuthResult::BadPassword);
         assert_eq!(db.authenticate("bob", "pw1"), AuthResult::UnknownUser);
@@ -295,12 +308,18 @@ mod tests {
         // Make sure the mtime differs from the first write.
         std::thread::sleep(std::time::Duration::from_millis(20));
         f.write(&path).unwrap();
-        assert!(matches!(db.authenticate("alice", "pw2"), AuthResult::Ok { .. }));
+        assert!(matches!(
+            db.authenticate("alice", "pw2"),
+            AuthResult::Ok { .. }
+        ));
 
         // A broken file keeps the last good users.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, "[[user]]\nname = \n").unwrap();
-        assert!(matches!(db.authenticate("alice", "pw2"), AuthResult::Ok { .. }));
+        assert!(matches!(
+            db.authenticate("alice", "pw2"),
+            AuthResult::Ok { .. }
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

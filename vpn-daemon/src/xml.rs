@@ -258,7 +258,10 @@ mod tests {
 
     #[test]
     fn rejects_other_documents() {
-        assert_eq!(parse_client_auth("<html></html>"), Err(XmlError::NotConfigAuth));
+        assert_eq!(
+            parse_client_auth("<html></html>"),
+            Err(XmlError::NotConfigAuth)
+        );
         assert_eq!(parse_client_auth(""), Err(XmlError::NotConfigAuth));
         assert_eq!(parse_client_auth("just text"), Err(XmlError::NotConfigAuth));
     }
@@ -276,8 +279,14 @@ mod tests {
     #[test]
     fn form_escapes_and_orders_groups() {
         let groups = [
-            GroupOption { name: "eng", label: "Engineering" },
-            GroupOption { name: "sales", label: "Sales & <Marketing>" },
+            GroupOption {
+                name: "eng",
+                label: "Engineering",
+            },
+            GroupOption {
+                name: "sales",
+                label: "Sales & <Marketing>",
+            },
         ];
         let x = login_form(&LoginForm {
             handle: "h1",
@@ -304,7 +313,10 @@ mod tests {
 
     #[test]
     fn single_group_has_no_selector() {
-        let groups = [GroupOption { name: "default", label: "default" }];
+        let groups = [GroupOption {
+            name: "default",
+            label: "default",
+        }];
         let x = login_form(&LoginForm {
             handle: "h",
             title: "t",

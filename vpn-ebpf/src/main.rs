@@ -21,8 +21,7 @@ mod prog {
 
     /// Sessions by client tunnel address; written by the daemon.
     #[btf_map]
-    static SESSIONS: HashMap<SessionKey, SessionInfo, { MAX_SESSIONS as usize }> =
-        HashMap::new();
+    static SESSIONS: HashMap<SessionKey, SessionInfo, { MAX_SESSIONS as usize }> = HashMap::new();
 
     /// Per-session traffic counters. The daemon creates the (zeroed) entry
     /// with the session and deletes it at the end; BPF only adds.

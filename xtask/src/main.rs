@@ -1,1 +1,120 @@
-fn main() {}
+//! `cargo xtask`: every build, set-up and test step of the project.
+//!
+//! - `setup`: installs what the project needs, idempotently (Debian packages,
+//!   the nightly's `rust-src`, `bpf-linker` built against the nightly's own
+//!   libLLVM). A second run only checks, in seconds.
+//! - `build`: builds the daemon (which builds the BPF object) and tools.
+//! - `run [--config FILE]`: runs vpnd; without a config, a self-contained demo
+//!   in network namespaces with the real openconnect client (`vpn-demo`).
+//!
+//! xtask itself depends on nothing that needs the BPF toolchain, so it builds
+//! on a fresh machine before `setup` has installed that toolchain.
+//! - `test`: set-up, build, then every unit and integration test.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "vpn-gateway build, set-up and test tasks")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything needed to build and test (idempotent).
+    Setup,
+    /// Build vpnd, vpnctl and the BPF programs.
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the gateway: with --config on this machine's interfaces, without it
+    /// a self-contained demo in network namespaces.
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run every test (unit and integration; the latter need root).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_owned()
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => build(release).map(|_| ()),
+        Cmd::Run { config } => {
+            setup::setup()?;
+            let bin = build(false)?;
+            match config {
+                Some(config) => {
+                    use std::os::unix::process::CommandExt;
+                    let err = Command::new(bin.join("vpnd"))
+                        .arg("--config")
+                        .arg(config)
+                        .exec();
+                    Err(err).context("starting vpnd")
+                }
+                None => run(Command::new(bin.join("vpn-demo")).env("VPN_GATEWAY_BIN_DIR", &bin)),
+            }
+        }
+        Cmd::Test { args } => {
+            setup::setup()?;
+            let bin = build(false)?;
+            let mut c = cargo();
+            c.args(["test", "--workspace", "--no-fail-fast"])
+                .env("VPN_GATEWAY_BIN_DIR", &bin)
+                .arg("--")
+                .args(args);
+            run(&mut c)
+        }
+    }
+}

@@ -25,7 +25,9 @@ struct Args {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -42,7 +44,9 @@ fn main() -> ExitCode {
         };
     }
     let Some(path) = args.config else {
-        eprintln!("vpnd: give --config FILE (or --check-config FILE); `cargo xtask run` starts a demo");
+        eprintln!(
+            "vpnd: give --config FILE (or --check-config FILE); `cargo xtask run` starts a demo"
+        );
         return ExitCode::from(2);
     };
     let settings = match Config::load(&path) {
@@ -64,7 +68,8 @@ fn main() -> ExitCode {
 
 async fn run(settings: vpn_daemon::config::Settings) -> anyhow::Result<()> {
     let raw = &settings.raw;
-    let events = EventLog::open(raw.server.event_log.as_deref()).context("opening server.event_log")?;
+    let events =
+        EventLog::open(raw.server.event_log.as_deref()).context("opening server.event_log")?;
     let users = UserDb::open(raw.auth.users_file.clone())?;
     let identity = tls::load_identity(&settings)?;
     tracing::info!(
@@ -74,9 +79,10 @@ async fn run(settings: vpn_daemon::config::Settings) -> anyhow::Result<()> {
     );
     let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
 
-    let tun = Arc::new(Tun::create(&raw.tunnel.device).with_context(|| {
-        format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
-    })?);
+    let tun =
+        Arc::new(Tun::create(&raw.tunnel.device).with_context(|| {
+            format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
+        })?);
     let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
     if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
         addrs.push((a.into(), n.prefix_len()));

@@ -6,7 +6,9 @@ use anyhow::bail;
 use vpn_daemon::control::{self, Request, Response};
 
 fn call(socket: &Path, req: Request) -> anyhow::Result<Response> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match rt.block_on(control::call(socket, &req))? {
         Response::Error { error } => bail!("{error}"),
         r => Ok(r),
@@ -23,7 +25,16 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{:<16} {:<15} {:<22} {:<20} {:<12} {:>12} {:>12} {:>9} {:>9} {}",
-        "USER", "VPN ADDRESS", "PUBLIC ADDRESS", "SINCE", "STATE", "BYTES IN", "BYTES OUT", "PKTS IN", "PKTS OUT", "PSEUDO-MAC"
+        "USER",
+        "VPN ADDRESS",
+        "PUBLIC ADDRESS",
+        "SINCE",
+        "STATE",
+        "BYTES IN",
+        "BYTES OUT",
+        "PKTS IN",
+        "PKTS OUT",
+        "PSEUDO-MAC"
     );
     for s in &sessions {
         let public = match (&s.public_address, s.public_port) {
@@ -33,7 +44,16 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
         };
         println!(
             "{:<16} {:<15} {:<22} {:<20} {:<12} {:>12} {:>12} {:>9} {:>9} {}",
-            s.user, s.vpn_address, public, s.since, s.state, s.bytes_in, s.bytes_out, s.packets_in, s.packets_out, s.pseudo_mac
+            s.user,
+            s.vpn_address,
+            public,
+            s.since,
+            s.state,
+            s.bytes_in,
+            s.bytes_out,
+            s.packets_in,
+            s.packets_out,
+            s.pseudo_mac
         );
     }
     if sessions.is_empty() {
@@ -43,7 +63,13 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn disconnect(socket: &Path, target: &str) -> anyhow::Result<()> {
-    let Response::Disconnected { disconnected } = call(socket, Request::Disconnect { target: target.into() })? else {
+    let Response::Disconnected { disconnected } = call(
+        socket,
+        Request::Disconnect {
+            target: target.into(),
+        },
+    )?
+    else {
         bail!("unexpected answer from vpnd");
     };
     println!("disconnected {disconnected} session(s) matching '{target}'");
@@ -58,8 +84,14 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(());
     }
-    println!("sessions: {} of {} allowed", stats.sessions, stats.max_sessions);
-    println!("pool: {} of {} addresses in use", stats.pool_in_use, stats.pool_capacity);
+    println!(
+        "sessions: {} of {} allowed",
+        stats.sessions, stats.max_sessions
+    );
+    println!(
+        "pool: {} of {} addresses in use",
+        stats.pool_in_use, stats.pool_capacity
+    );
     println!("packets dropped by the data path:");
     for (reason, n) in &stats.drops {
         println!("  {reason:<22} {n}");

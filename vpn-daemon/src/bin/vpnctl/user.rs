@@ -19,14 +19,21 @@ fn read_password(user: &str) -> anyhow::Result<String> {
         Ok(p1)
     } else {
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())
     }
 }
 
 pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
     match cmd {
-        UserCommand::Add { name, group_policy, file } => {
+        UserCommand::Add {
+            name,
+            group_policy,
+            file,
+        } => {
             let mut db = UserFile::read(&file.path)?;
             vpn_daemon::users::validate_name(&name)?;
             let pw = read_password(&name)?;
@@ -54,7 +61,11 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
             let db = UserFile::read(&file.path)?;
             println!("{:<24} GROUP POLICY", "USER");
             for u in &db.users {
-                println!("{:<24} {}", u.name, u.group_policy.as_deref().unwrap_or("(default)"));
+                println!(
+                    "{:<24} {}",
+                    u.name,
+                    u.group_policy.as_deref().unwrap_or("(default)")
+                );
             }
         }
     }
