@@ -48,14 +48,9 @@ pub fn unique_id() -> String {
 /// Fails unless running as root: the tests need namespaces, TUN and BPF.
 pub fn require_root() {
     assert!(
-        unsafe { libc_geteuid() } == 0,
+        unsafe { libc::geteuid() } == 0,
         "integration tests need root (network namespaces, TUN, BPF); run `cargo xtask test` as root"
     );
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// Runs a command to completion, failing with its output if it fails.
@@ -265,6 +260,15 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// Lines added to the test config: to `[server]`, to `[tunnel]`, and
+/// further sections.
+#[derive(Default, Clone, Copy)]
+pub struct ConfigParts<'a> {
+    pub server: &'a str,
+    pub tunnel: &'a str,
+    pub rest: &'a str,
+}
+
 /// A user for the gateway's local database.
 pub struct TestUser<'a> {
     pub name: &'a str,
@@ -287,9 +291,19 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// The config every test starts from; `extra` is appended (TOML).
-    pub fn base_config(dir: &Path, topo: &Topology, tunnel_extra: &str, extra: &str) -> String {
+    /// The config every test starts from, with `parts` added (TOML).
+    pub fn base_config(dir: &Path, topo: &Topology, parts: &ConfigParts<'_>) -> String {
         let id = &topo.id;
+        let ConfigParts {
+            server,
+            tunnel,
+            rest,
+        } = parts;
+        let max = if server.contains("max_sessions") {
+            ""
+        } else {
+            "max_sessions = 10"
+        };
         format!(
             r#"[server]
 listen = "{GW_OUTSIDE}:443"
@@ -297,7 +311,8 @@ state_dir = "{dir}/state"
 control_socket = "{dir}/vpnd.sock"
 event_log = "{dir}/events.jsonl"
 bpf_pin_dir = "/sys/fs/bpf/vpn-test-{id}"
-max_sessions = 10
+{max}
+{server}
 
 [auth]
 users_file = "{dir}/users.toml"
@@ -306,12 +321,21 @@ users_file = "{dir}/users.toml"
 pool_v4 = "{POOL}"
 pool_v6 = "{POOL6}"
 mtu = 1300
-{tunnel_extra}
+{tunnel}
 
-{extra}
+{rest}
 "#,
             dir = dir.display()
         )
+    }
+
+    /// Starts vpnd with [`Gateway::base_config`] plus `parts`.
+    pub fn start(
+        topo: &Topology,
+        parts: ConfigParts<'_>,
+        users: &[TestUser<'_>],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(topo, |dir| Self::base_config(dir, topo, &parts), users)
     }
 
     /// Starts vpnd in `topo`'s gateway namespace with the config `config`
@@ -337,7 +361,7 @@ mtu = 1300
             .cmd_keep_mounts(bin_dir().join("vpnd"))
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info,vpnd=debug")
+            .env("RUST_LOG", "info,vpnd=debug,vpn_daemon=debug")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -687,4 +711,116 @@ pub fn iperf3(
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow!("iperf3 failed: {v}"))
+}
+
+/// Runs `f` on a thread that has entered `ns`'s network namespace: sockets
+/// it creates live there (a namespace belongs to a thread, so the test's
+/// own thread never moves).
+pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f_ns = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        let r = unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// A TLS connection from the client namespace to the gateway, for tests
+/// that send what openconnect never would. The certificate is not checked:
+/// this talks to the gateway the test itself started.
+pub fn raw_tls(
+    topo: &Topology,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let tcp = in_netns(&topo.client, || {
+        std::net::TcpStream::connect((GW_OUTSIDE, 443))
+    })?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), "vpn-gateway".try_into()?)?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// Reads an HTTP response (head and Content-Length body) from a stream.
+pub fn read_http_response(io: &mut impl std::io::Read) -> anyhow::Result<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if io.read(&mut byte)? == 0 {
+            bail!(
+                "connection closed after {} bytes: {:?}",
+                buf.len(),
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line: {head}"))?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body)?;
+    Ok((status, format!("{head}{}", String::from_utf8_lossy(&body))))
+}
+
+#[derive(Debug)]
+struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

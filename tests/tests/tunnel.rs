@@ -15,11 +15,13 @@ fn full_config(topo: &Topology, dir: &std::path::Path) -> String {
     Gateway::base_config(
         dir,
         topo,
-        r#"dns = ["198.18.2.53", "fd00:2::53"]
+        &ConfigParts {
+            server: "",
+            tunnel: r#"dns = ["198.18.2.53", "fd00:2::53"]
 default_domain = "corp.example"
 banner = "Authorised use only.\nAll access is logged: 100% of it."
 "#,
-        r#"[client_routing]
+            rest: r#"[client_routing]
 mode = "include"
 subnets = ["198.18.2.0/24", "198.19.0.0/24", "fd00:2::/64"]
 
@@ -29,6 +31,7 @@ idle_timeout_secs = 900
 dpd_secs = 15
 keepalive_secs = 25
 "#,
+        },
     )
 }
 

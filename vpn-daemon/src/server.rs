@@ -437,6 +437,7 @@ impl Gateway {
         let Some(s) = self.sessions.remove(id) else {
             return false;
         };
+        tracing::debug!(session = id, "ending session: {reason}");
         if let Some(h) = s.tunnel.lock().unwrap().handle.take()
             && let Some(k) = h.kick
         {
@@ -747,8 +748,37 @@ impl Gateway {
         let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
         inbuf.reserve(32 * 1024);
 
+        tracing::debug!(session = session.id, "tunnel loop starts");
         let end = loop {
             tokio::select! {
+                // A kick comes first: when a session ends, its packet queue
+                // closes right after the kick is sent, and the client must
+                // get the TERMINATE frame rather than a bare close.
+                biased;
+                k = &mut kick => {
+                    match k {
+                        Ok(Kick::Terminate(reason)) => {
+                            tracing::info!(user = session.user, "terminating tunnel: {reason}");
+                            cstp::encode(&mut out, FrameType::Terminate, &[]);
+                            let _ = wr.write_all(&out).await;
+                            let _ = wr.flush().await;
+                            // Let the client read the frame and hang up first:
+                            // closing with unread input would send a RST, and a
+                            // RST discards the frame before the client reads it.
+                            let mut sink = vec![0u8; 16 * 1024];
+                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                                while let Ok(n) = rd.read(&mut sink).await {
+                                    if n == 0 {
+                                        break;
+                                    }
+                                }
+                            })
+                            .await;
+                        }
+                        Ok(Kick::Replaced) | Err(_) => {}
+                    }
+                    break TunnelEnd::Kicked;
+                }
                 r = rd.read_buf(&mut inbuf) => {
                     match r {
                         Ok(0) => break TunnelEnd::Down("connection closed by client".into()),
@@ -776,18 +806,6 @@ impl Gateway {
                     if wr.flush().await.is_err() {
                         break TunnelEnd::Down("write error".into());
                     }
-                }
-                k = &mut kick => {
-                    match k {
-                        Ok(Kick::Terminate(reason)) => {
-                            tracing::info!(user = session.user, "terminating tunnel: {reason}");
-                            cstp::encode(&mut out, FrameType::Terminate, &[]);
-                            let _ = wr.write_all(&out).await;
-                            let _ = wr.flush().await;
-                        }
-                        Ok(Kick::Replaced) | Err(_) => {}
-                    }
-                    break TunnelEnd::Kicked;
                 }
                 _ = tick.tick() => {
                     let silent = last_rx.elapsed();

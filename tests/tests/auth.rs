@@ -1,0 +1,158 @@
+//! Authentication: wrong passwords, unknown cookies, the session limit, and
+//! config validation — each observed through the real client.
+
+use std::{process::Command, time::Duration};
+
+use vpn_tests::*;
+
+const ALICE: TestUser = TestUser {
+    name: "alice",
+    password: "alice-pw",
+    group_policy: None,
+};
+const BOB: TestUser = TestUser {
+    name: "bob",
+    password: "bob-pw",
+    group_policy: None,
+};
+const CAROL: TestUser = TestUser {
+    name: "carol",
+    password: "carol-pw",
+    group_policy: None,
+};
+
+#[test]
+fn wrong_password_gets_the_form_again_and_is_logged() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let mut client = Client::start(&topo, &gw, "alice", "not-her-password", &[]).unwrap();
+    // The form comes back with our error; openconnect asks again, reads EOF
+    // from stdin and gives up on its own.
+    let status = client
+        .wait_exit(Duration::from_secs(20))
+        .expect("openconnect gave up");
+    assert!(!status.success());
+    let log = client.log();
+    assert!(log.contains("invalid username or password"), "{log}");
+    assert!(client.reasons().is_empty(), "no tunnel was set up");
+
+    let failed: Vec<_> = gw
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "authentication_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["user"], "alice");
+    assert_eq!(failed[0]["reason"], "wrong password");
+    assert!(
+        failed[0]["source_address"]
+            .as_str()
+            .unwrap()
+            .starts_with(CLIENT_OUTSIDE)
+    );
+    assert!(gw.sessions().unwrap().is_empty());
+
+    // An unknown user is logged with its own reason.
+    let mut c2 = Client::start(&topo, &gw, "mallory", "x", &[]).unwrap();
+    c2.wait_exit(Duration::from_secs(20))
+        .expect("openconnect gave up");
+    assert!(
+        gw.events()
+            .iter()
+            .any(|e| e["event"] == "authentication_failed"
+                && e["user"] == "mallory"
+                && e["reason"] == "unknown user")
+    );
+}
+
+#[test]
+fn unknown_cookie_is_refused() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let mut client = Client::start_with_cookie(&topo, &gw, &"ab".repeat(32)).unwrap();
+    let status = client
+        .wait_exit(Duration::from_secs(20))
+        .expect("openconnect gave up");
+    // openconnect exits 2 when the server rejects the cookie.
+    assert_eq!(status.code(), Some(2), "{}", client.log());
+    assert!(client.log().contains("401"), "{}", client.log());
+    assert!(gw.sessions().unwrap().is_empty());
+}
+
+#[test]
+fn session_limit_refuses_the_next_login_and_keeps_the_others() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            server: "max_sessions = 2",
+            ..Default::default()
+        },
+        &[ALICE, BOB, CAROL],
+    )
+    .unwrap();
+    let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    a.wait_connected(Duration::from_secs(20)).unwrap();
+    let cookie_b = authenticate(&topo, &gw, BOB.name, BOB.password).unwrap();
+    assert!(!cookie_b.is_empty());
+    assert_eq!(gw.sessions().unwrap().len(), 2);
+
+    // The third login is refused with a message the client shows.
+    let mut c = Client::start(&topo, &gw, CAROL.name, CAROL.password, &[]).unwrap();
+    let status = c
+        .wait_exit(Duration::from_secs(20))
+        .expect("openconnect gave up");
+    assert!(!status.success());
+    assert!(
+        c.log().contains("limit of 2 concurrent sessions"),
+        "{}",
+        c.log()
+    );
+    let refused: Vec<_> = gw
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "login_refused")
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["user"], "carol");
+
+    // The existing sessions are untouched: alice still passes traffic.
+    assert_eq!(gw.sessions().unwrap().len(), 2);
+    assert!(topo.client.ping(SERVER, 2));
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = TempDir::new("cfg").unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[tunnel]\npool_v4 = \"198.19.0.0/24\"\n[client_routing]\nmode = \"include\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin_dir().join("vpnd"))
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("client routing mode 'include' needs at least one valid subnet in CIDR form"),
+        "{err}"
+    );
+    std::fs::write(&path, "[tunnel]\npool_v4 = \"198.19.0.0/24\"\n").unwrap();
+    let out = Command::new(bin_dir().join("vpnd"))
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
