@@ -48,7 +48,8 @@ fn bad_requests_get_clear_errors_while_a_tunnel_keeps_working() {
 
     // Not XML at all.
     let mut s = raw_tls(&topo).unwrap();
-    s.write_all(post("{\"user\": \"alice\"}").as_bytes()).unwrap();
+    s.write_all(post("{\"user\": \"alice\"}").as_bytes())
+        .unwrap();
     let (status, text) = read_http_response(&mut s).unwrap();
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("not a <config-auth> document"), "{text}");

@@ -77,7 +77,7 @@ pub struct ServerConfig {
     pub max_sessions: u32,
     /// bpffs directory where the BPF maps are pinned. Default `/sys/fs/bpf/vpn`.
     pub bpf_pin_dir: PathBuf,
-    /// Name shown to clients in `X-CSTP-Server-Name`... and in the login form title.
+    /// Shown to users as the login form's title. Default `vpn-gateway`.
     pub name: String,
 }
 
@@ -579,6 +579,14 @@ mod tests {
     fn parse(extra: &str) -> Result<Settings, ConfigError> {
         let text = format!("[tunnel]\npool_v4 = \"198.19.0.0/24\"\n{extra}");
         Config::parse(&text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../../examples/gateway.toml");
+        let s = Config::parse(text, Path::new("examples/gateway.toml")).unwrap();
+        assert_eq!(s.groups.len(), 2);
+        assert!(matches!(s.routing, Routing::Include(ref n) if n.len() == 2));
     }
 
     #[test]

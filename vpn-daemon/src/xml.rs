@@ -47,10 +47,8 @@ pub fn parse_client_auth(body: &str) -> Result<ClientAuth, XmlError> {
                 }
                 path.push(String::from_utf8_lossy(e.name().as_ref()).into_owned());
             }
-            Event::Empty(e) => {
-                if path.is_empty() {
-                    read_root(&e, &mut seen_root, &mut out)?;
-                }
+            Event::Empty(e) if path.is_empty() => {
+                read_root(&e, &mut seen_root, &mut out)?;
             }
             Event::End(_) => {
                 path.pop();
@@ -304,9 +302,8 @@ mod tests {
         // The form we write is itself parseable.
         let mut r = Reader::from_str(&x);
         loop {
-            match r.read_event().unwrap() {
-                Event::Eof => break,
-                _ => {}
+            if r.read_event().unwrap() == Event::Eof {
+                break;
             }
         }
     }

@@ -87,6 +87,51 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join(if release { "release" } else { "debug" }))
 }
 
+/// Runs the test command, echoing its output, and ends with one summary
+/// line over every test binary (`N passed, N failed`), so the result is
+/// not hidden behind the last binary's own line.
+fn test(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n
+                    .trim_start_matches("ok.")
+                    .trim_start_matches("FAILED.")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Setup => setup::setup(),
@@ -114,7 +159,7 @@ fn main() -> anyhow::Result<()> {
                 .env("VPN_GATEWAY_BIN_DIR", &bin)
                 .arg("--")
                 .args(args);
-            run(&mut c)
+            test(&mut c)
         }
     }
 }

@@ -24,7 +24,7 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<15} {:<22} {:<20} {:<12} {:>12} {:>12} {:>9} {:>9} {}",
+        "{:<16} {:<15} {:<22} {:<20} {:<12} {:>12} {:>12} {:>9} {:>9} PSEUDO-MAC",
         "USER",
         "VPN ADDRESS",
         "PUBLIC ADDRESS",
@@ -34,7 +34,6 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
         "BYTES OUT",
         "PKTS IN",
         "PKTS OUT",
-        "PSEUDO-MAC"
     );
     for s in &sessions {
         let public = match (&s.public_address, s.public_port) {
