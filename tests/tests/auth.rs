@@ -156,3 +156,121 @@ fn check_config_names_the_bad_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n\n[[group]]\nname = \"sales\"\nlabel = \"Sales\"\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let users = gw.users_file.to_str().unwrap().to_owned();
+    let vpnctl = |args: &[&str], stdin: &str| {
+        let mut c = Command::new(bin_dir().join("vpnctl"))
+            .args(args)
+            .args(["--users", &users])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        // Commands that read no password may exit before we write.
+        let _ = writeln!(c.stdin.take().unwrap(), "{stdin}");
+        c.wait_with_output().unwrap()
+    };
+    let out = vpnctl(
+        &["user", "add", "dave", "--group-policy", "contractors"],
+        "dave-pw",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&gw.users_file).unwrap();
+    assert!(
+        text.contains("$argon2id$") && !text.contains("dave-pw"),
+        "only the hash is stored"
+    );
+    let list = String::from_utf8(vpnctl(&["user", "list"], "").stdout).unwrap();
+    assert!(
+        list.contains("dave") && list.contains("contractors"),
+        "{list}"
+    );
+    let dup = vpnctl(&["user", "add", "dave"], "x");
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
+
+    // The running daemon picks the new user up; openconnect picks the
+    // group by its label.
+    let mut c = Client::start(&topo, &gw, "dave", "dave-pw", &["--authgroup", "Sales"]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let s = gw.sessions().unwrap();
+    assert_eq!(s[0]["user"], "dave");
+    assert_eq!(s[0]["group"], "sales");
+    drop(c);
+
+    // A changed password takes effect; a deleted user cannot log in.
+    assert!(
+        vpnctl(&["user", "passwd", "dave"], "new-pw")
+            .status
+            .success()
+    );
+    let mut old = Client::start(
+        &topo,
+        &gw,
+        "dave",
+        "dave-pw",
+        &["--authgroup", "Engineering"],
+    )
+    .unwrap();
+    let st = old.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(!st.success(), "{}", old.log());
+    assert!(
+        old.log().contains("invalid username or password"),
+        "{}",
+        old.log()
+    );
+    assert!(vpnctl(&["user", "del", "dave"], "").status.success());
+    let mut gone = Client::start(
+        &topo,
+        &gw,
+        "dave",
+        "new-pw",
+        &["--authgroup", "Engineering"],
+    )
+    .unwrap();
+    assert!(!gone.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        gw.events()
+            .iter()
+            .any(|e| e["event"] == "authentication_failed"
+                && e["user"] == "dave"
+                && e["reason"] == "unknown user")
+    );
+}
+
+#[test]
+fn tls12_only_clients_are_served() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[tls]\ntls13 = false\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(c.log().contains("(TLS1.2)"), "{}", c.log());
+    assert!(topo.client.ping(SERVER, 2));
+}

@@ -45,3 +45,39 @@ fn forged_source_is_dropped_and_counted_by_bpf() {
     let s = &gw.sessions().unwrap()[0];
     assert!(s["packets_in"].as_u64().unwrap() < 20, "{s}");
 }
+
+#[test]
+fn a_restart_after_a_crash_starts_from_clean_maps() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let mut gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let mut client = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    client.wait_connected(Duration::from_secs(20)).unwrap();
+    let pins = gw.pin_dir.clone();
+    let dump = || {
+        let out = sh(std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pins.join("sessions")))
+        .unwrap();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    // Two entries: the client's IPv4 and IPv6 addresses.
+    assert_eq!(dump().len(), 2);
+
+    // SIGKILL: no cleanup runs, the pinned map (and its entries) survive.
+    gw.child_mut().kill().unwrap();
+    gw.child_mut().wait().unwrap();
+    assert_eq!(dump().len(), 2, "pins outlive a crash");
+    drop(client);
+
+    let gw2 = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    assert_eq!(gw2.pin_dir, gw.pin_dir);
+    assert!(
+        dump().is_empty(),
+        "stale sessions are gone after the restart"
+    );
+    let mut c2 = Client::start(&topo, &gw2, ALICE.name, ALICE.password, &[]).unwrap();
+    c2.wait_connected(Duration::from_secs(20)).unwrap();
+    assert_eq!(dump().len(), 2);
+    assert!(topo.client.ping(SERVER, 2));
+}
