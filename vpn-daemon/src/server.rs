@@ -27,11 +27,14 @@ use crate::{
     http::{self, Request, Response},
     mac::{format_mac, pseudo_mac},
     pool::Pool,
-    session::{Kick, Session, SessionTable, TunnelHandle, TunnelSlot, new_cookie},
+    session::{Kick, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot, new_cookie},
     tun::Tun,
     users::{AuthResult, UserDb},
     xml,
 };
+
+/// Logins in progress (between the first form and success) at most.
+const MAX_PENDING_LOGINS: usize = 4096;
 
 /// Packets queued towards one client before new ones are dropped.
 const CLIENT_QUEUE: usize = 512;
@@ -202,8 +205,10 @@ impl Gateway {
                     .unwrap_or(&self.settings.groups[0])
                     .name
                     .clone();
-                let handle = self.start_login(group.clone());
-                self.form(&handle, &group, None)
+                match self.start_login(group.clone()) {
+                    Some(handle) => self.form(&handle, &group, None),
+                    None => Self::busy(),
+                }
             }
             "auth-reply" => self.auth_reply(req, msg, peer).await,
             "logout" => {
@@ -228,13 +233,18 @@ impl Gateway {
         }
     }
 
-    fn start_login(&self, group: String) -> String {
+    /// Starts a login and returns its handle, or `None` when too many logins
+    /// are in progress (a flood of `init` requests must not grow memory).
+    fn start_login(&self, group: String) -> Option<String> {
         let mut h = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut h);
         let handle = hex::encode(h);
         let ttl = Duration::from_secs(self.settings.raw.auth.timeout_secs);
         let mut auth = self.auth.lock().unwrap();
         auth.retain(|_, s| s.started.elapsed() < ttl);
+        if auth.len() >= MAX_PENDING_LOGINS {
+            return None;
+        }
         auth.insert(
             handle.clone(),
             AuthState {
@@ -243,7 +253,16 @@ impl Gateway {
                 started: Instant::now(),
             },
         );
-        handle
+        Some(handle)
+    }
+
+    fn busy() -> Response {
+        Response::text(
+            503,
+            "Service Unavailable",
+            "too many logins in progress; try again shortly\n",
+        )
+        .closing()
     }
 
     fn form(&self, handle: &str, group: &str, error: Option<&str>) -> Response {
@@ -294,12 +313,14 @@ impl Gateway {
             (Some(h), Some(g)) => (h, g),
             _ => {
                 let group = self.settings.groups[0].name.clone();
-                let h = self.start_login(group.clone());
-                return self.form(
-                    &h,
-                    &group,
-                    Some("your login attempt expired; please log in again"),
-                );
+                return match self.start_login(group.clone()) {
+                    Some(h) => self.form(
+                        &h,
+                        &group,
+                        Some("your login attempt expired; please log in again"),
+                    ),
+                    None => Self::busy(),
+                };
             }
         };
         let group = match msg.group_select.as_deref() {
@@ -468,28 +489,16 @@ impl Gateway {
     pub async fn reap(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let cfg = &self.settings.raw.session;
-        let idle = Duration::from_secs(cfg.idle_timeout_secs);
-        let disconnected = Duration::from_secs(cfg.disconnected_timeout_secs);
+        let limits = Timeouts {
+            session: self.settings.session_timeout,
+            idle: Duration::from_secs(cfg.idle_timeout_secs),
+            disconnected: Duration::from_secs(cfg.disconnected_timeout_secs),
+        };
         loop {
-            tick.tick().await;
+            let now = tick.tick().await.into_std();
             for s in self.sessions.all() {
-                let reason = if s.started.elapsed() >= self.settings.session_timeout {
-                    Some("session timeout")
-                } else if !idle.is_zero() && s.idle_for() >= idle {
-                    Some("idle timeout")
-                } else if s
-                    .tunnel
-                    .lock()
-                    .unwrap()
-                    .down_since
-                    .is_some_and(|t| t.elapsed() >= disconnected)
-                {
-                    Some("disconnected timeout")
-                } else {
-                    None
-                };
-                if let Some(r) = reason {
-                    self.end_session(s.id, r);
+                if let Some(reason) = s.expiry(&limits, now) {
+                    self.end_session(s.id, reason);
                 }
             }
         }

@@ -13,7 +13,7 @@ use std::{
         Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use rand::RngCore as _;
@@ -65,15 +65,42 @@ pub struct Session {
     pub tunnel: Mutex<TunnelSlot>,
 }
 
+/// The limits [`Session::expiry`] checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Maximum session length.
+    pub session: Duration,
+    /// Without traffic for this long the session ends; zero = never.
+    pub idle: Duration,
+    /// Without a tunnel for this long the session ends.
+    pub disconnected: Duration,
+}
+
 impl Session {
+    /// Why the session must end at `now`, if it must.
+    pub fn expiry(&self, t: &Timeouts, now: Instant) -> Option<&'static str> {
+        let age = now.saturating_duration_since(self.started);
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        if age >= t.session {
+            Some("session timeout")
+        } else if !t.idle.is_zero() && age.saturating_sub(last) >= t.idle {
+            Some("idle timeout")
+        } else if self
+            .tunnel
+            .lock()
+            .unwrap()
+            .down_since
+            .is_some_and(|d| now.saturating_duration_since(d) >= t.disconnected)
+        {
+            Some("disconnected timeout")
+        } else {
+            None
+        }
+    }
+
     pub fn touch(&self) {
         self.last_activity_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub fn idle_for(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
     }
 
     /// The session's tunnel addresses.
@@ -192,6 +219,48 @@ mod tests {
             last_activity_ms: AtomicU64::new(0),
             tunnel: Mutex::new(TunnelSlot::default()),
         })
+    }
+
+    #[test]
+    fn expiry_reasons() {
+        let t = Timeouts {
+            session: Duration::from_secs(8 * 3600),
+            idle: Duration::from_secs(600),
+            disconnected: Duration::from_secs(300),
+        };
+        let s = session(1, 2);
+        let start = s.started;
+        // Fresh session without a tunnel yet: fine until the disconnected timeout.
+        s.tunnel.lock().unwrap().down_since = Some(start);
+        assert_eq!(s.expiry(&t, start + Duration::from_secs(299)), None);
+        assert_eq!(
+            s.expiry(&t, start + Duration::from_secs(300)),
+            Some("disconnected timeout")
+        );
+        // Tunnel up, traffic 100 s in: idle counts from the last packet.
+        s.tunnel.lock().unwrap().down_since = None;
+        s.last_activity_ms.store(100_000, Ordering::Relaxed);
+        assert_eq!(s.expiry(&t, start + Duration::from_secs(699)), None);
+        assert_eq!(
+            s.expiry(&t, start + Duration::from_secs(700)),
+            Some("idle timeout")
+        );
+        // The session timeout wins over everything.
+        s.last_activity_ms.store(8 * 3600 * 1000, Ordering::Relaxed);
+        assert_eq!(
+            s.expiry(&t, start + Duration::from_secs(8 * 3600)),
+            Some("session timeout")
+        );
+        // idle = 0 disables the idle timeout.
+        let never = Timeouts {
+            idle: Duration::ZERO,
+            ..t
+        };
+        s.last_activity_ms.store(0, Ordering::Relaxed);
+        assert_eq!(
+            s.expiry(&never, start + Duration::from_secs(7 * 3600)),
+            None
+        );
     }
 
     #[test]
