@@ -220,6 +220,11 @@ impl Response {
         self
     }
 
+    pub fn with_body(mut self, body: &str) -> Self {
+        self.body = body.as_bytes().to_vec();
+        self
+    }
+
     pub fn closing(mut self) -> Self {
         self.close = true;
         self

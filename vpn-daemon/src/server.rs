@@ -934,13 +934,6 @@ fn percent_encode_banner(b: &str) -> String {
     out
 }
 
-impl Response {
-    fn with_body(mut self, body: &str) -> Self {
-        self.body = body.as_bytes().to_vec();
-        self
-    }
-}
-
 /// The listener and TLS acceptor for the configured address.
 pub async fn bind(
     settings: &Settings,
