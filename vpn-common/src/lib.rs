@@ -12,8 +12,36 @@
 //! | `sessions`       | hash            | [`SessionKey`] | [`SessionInfo`]  | daemon     |
 //! | `session_stats`  | per-CPU hash    | [`SessionKey`] | [`SessionStats`] | BPF (daemon creates/deletes the entry) |
 //! | `drops`          | per-CPU array   | `u32` reason ([`DropReason`]) | `u64` packets | BPF |
+//! | `policies`       | hash            | `u32` policy id | [`PolicyInfo`] | daemon |
+//! | `policy_class`   | LPM trie        | [`ClassKey`]   | `u32` class id  | daemon |
+//! | `policy_rules`   | LPM trie        | [`PortKey`]    | [`Verdict`]     | daemon |
+//! | `split_allow`    | LPM trie        | [`ClassKey`]   | `u32` (unused)  | daemon |
+//! | `rule_hits`      | per-CPU array   | `u32` rule slot | `u64` packets  | BPF |
 //!
 //! All maps are pinned under [`DEFAULT_PIN_DIR`] (configurable for tests).
+//!
+//! # Policy classification
+//!
+//! A group policy is an ordered list of rules (first match wins, default
+//! allow) over destination CIDR, protocol and destination port. The daemon
+//! compiles it so that every packet costs two LPM lookups whatever the rule
+//! count:
+//!
+//! 1. `policy_class[(policy, family, address)]`: the rule prefixes of a
+//!    policy form a prefix tree; an address belongs to the class of its
+//!    longest matching rule prefix (every family has a root class for rules
+//!    with destination "any"). The rules that can match an address are
+//!    exactly those whose prefix contains its class prefix.
+//! 2. `policy_rules[(policy, class, protocol bucket, port prefix)]`: per class
+//!    and protocol, the port space is split into intervals, the first
+//!    matching rule of each interval is resolved at compile time, and each
+//!    interval is stored as port prefixes. The value is the verdict and the
+//!    rule's slot in `rule_hits`. A miss means no rule matched: allow.
+//!
+//! Packets to a client are classified by their source (the remote end), so a
+//! rule applies symmetrically to both directions of a flow. Protocol buckets
+//! are TCP, UDP, ICMP, ICMPv6 and [`PROTO_OTHER`] (any other protocol, and
+//! IPv4/IPv6 fragments after the first, which carry no ports).
 #![no_std]
 
 /// Where the daemon pins its maps unless configured otherwise.
@@ -28,6 +56,106 @@ pub mod map_names {
     pub const SESSIONS: &str = "SESSIONS";
     pub const SESSION_STATS: &str = "SESSION_STATS";
     pub const DROPS: &str = "DROPS";
+    pub const POLICIES: &str = "POLICIES";
+    pub const POLICY_CLASS: &str = "POLICY_CLASS";
+    pub const POLICY_RULES: &str = "POLICY_RULES";
+    pub const SPLIT_ALLOW: &str = "SPLIT_ALLOW";
+    pub const RULE_HITS: &str = "RULE_HITS";
+
+    /// Every map the daemon pins, in one place.
+    pub const ALL: [&str; 8] = [
+        SESSIONS,
+        SESSION_STATS,
+        DROPS,
+        POLICIES,
+        POLICY_CLASS,
+        POLICY_RULES,
+        SPLIT_ALLOW,
+        RULE_HITS,
+    ];
+}
+
+/// Size limits of the policy maps.
+pub const MAX_POLICIES: u32 = 4096;
+/// Entries in `policy_class` (sum over all loaded policy versions).
+pub const MAX_CLASS_ENTRIES: u32 = 262_144;
+/// Entries in `policy_rules` (sum over all loaded policy versions).
+pub const MAX_RULE_ENTRIES: u32 = 1_048_576;
+/// Entries in `split_allow`.
+pub const MAX_SPLIT_ENTRIES: u32 = 65_536;
+/// Slots in `rule_hits` (rules over all loaded policy versions).
+pub const MAX_RULE_SLOTS: u32 = 131_072;
+
+/// Address family tags used in [`ClassKey`].
+pub const FAMILY_V4: u32 = 4;
+pub const FAMILY_V6: u32 = 6;
+
+/// IP protocol numbers of the protocol buckets.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP6: u8 = 58;
+/// The bucket of every other protocol (and of non-first fragments).
+pub const PROTO_OTHER: u8 = 255;
+
+/// `PolicyInfo::flags`: clients of this policy may not reach other clients.
+pub const POLICY_ISOLATE: u32 = 1;
+/// `PolicyInfo::flags`: only destinations in `split_allow` are reachable.
+pub const POLICY_SPLIT_ENFORCE: u32 = 2;
+
+/// Bits of [`ClassKey`] before the address: policy and family.
+pub const CLASS_KEY_FIXED_BITS: u32 = 64;
+/// Bits of [`PortKey`] before the port: policy, class, protocol, zero byte.
+pub const PORT_KEY_FIXED_BITS: u32 = 80;
+
+/// Data of a `policy_class` / `split_allow` LPM key (the prefix length
+/// counts [`CLASS_KEY_FIXED_BITS`] plus the address prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ClassKey {
+    pub policy: u32,
+    pub family: u32,
+    /// IPv4 addresses use the first 4 bytes.
+    pub addr: [u8; 16],
+}
+
+/// Data of a `policy_rules` LPM key (the prefix length counts
+/// [`PORT_KEY_FIXED_BITS`] plus the port prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub policy: u32,
+    pub class: u32,
+    pub proto: u8,
+    pub zero: u8,
+    /// Big-endian port.
+    pub port: [u8; 2],
+}
+
+/// What a matching rule says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// Index into `rule_hits`.
+    pub slot: u32,
+    /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub action: u32,
+}
+
+pub const ACTION_ALLOW: u32 = 0;
+pub const ACTION_DENY: u32 = 1;
+
+/// Per-policy switches and limits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyInfo {
+    /// `POLICY_*` bits.
+    pub flags: u32,
+    pub _reserved: u32,
+    /// Bandwidth limit from clients, bits per second (0 = unlimited).
+    pub rate_up_bps: u64,
+    /// Bandwidth limit to clients, bits per second (0 = unlimited).
+    pub rate_down_bps: u64,
 }
 
 /// Program names in the BPF object.
@@ -88,6 +216,10 @@ pub struct SessionStats {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// Packets from the client denied by its policy.
+    pub rx_denied: u64,
+    /// Packets to the client denied by its policy.
+    pub tx_denied: u64,
 }
 
 impl SessionStats {
@@ -97,6 +229,8 @@ impl SessionStats {
         self.rx_bytes += other.rx_bytes;
         self.tx_packets += other.tx_packets;
         self.tx_bytes += other.tx_bytes;
+        self.rx_denied += other.rx_denied;
+        self.tx_denied += other.tx_denied;
     }
 }
 
@@ -111,10 +245,18 @@ pub enum DropReason {
     Malformed = 1,
     /// A packet routed to the tunnel whose destination belongs to no session.
     UnknownDestination = 2,
+    /// Denied by a group-policy firewall rule.
+    PolicyDeny = 3,
+    /// Client-to-client traffic where a policy isolates clients.
+    ClientIsolation = 4,
+    /// A destination outside the split-include list of an enforcing policy.
+    SplitEnforcement = 5,
+    /// Over the session's bandwidth limit.
+    RateLimit = 6,
 }
 
 /// Number of [`DropReason`] values; the size of the `drops` array.
-pub const DROP_REASONS: u32 = 3;
+pub const DROP_REASONS: u32 = 7;
 
 impl DropReason {
     /// All reasons, in index order.
@@ -122,6 +264,10 @@ impl DropReason {
         DropReason::UnknownSource,
         DropReason::Malformed,
         DropReason::UnknownDestination,
+        DropReason::PolicyDeny,
+        DropReason::ClientIsolation,
+        DropReason::SplitEnforcement,
+        DropReason::RateLimit,
     ];
 
     /// A short name for displays (`vpnctl stats`).
@@ -130,6 +276,10 @@ impl DropReason {
             DropReason::UnknownSource => "unknown-source",
             DropReason::Malformed => "malformed",
             DropReason::UnknownDestination => "unknown-destination",
+            DropReason::PolicyDeny => "policy-deny",
+            DropReason::ClientIsolation => "client-isolation",
+            DropReason::SplitEnforcement => "split-enforcement",
+            DropReason::RateLimit => "rate-limit",
         }
     }
 }
@@ -141,6 +291,10 @@ mod pod {
     unsafe impl aya::Pod for SessionKey {}
     unsafe impl aya::Pod for SessionInfo {}
     unsafe impl aya::Pod for SessionStats {}
+    unsafe impl aya::Pod for ClassKey {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for PolicyInfo {}
 }
 
 #[cfg(test)]
@@ -152,7 +306,13 @@ mod tests {
     fn no_padding() {
         assert_eq!(size_of::<SessionKey>(), 16);
         assert_eq!(size_of::<SessionInfo>(), 16);
-        assert_eq!(size_of::<SessionStats>(), 32);
+        assert_eq!(size_of::<SessionStats>(), 48);
+        assert_eq!(size_of::<ClassKey>(), 24);
+        assert_eq!(size_of::<PortKey>(), 12);
+        assert_eq!(size_of::<Verdict>(), 8);
+        assert_eq!(size_of::<PolicyInfo>(), 24);
+        assert_eq!(CLASS_KEY_FIXED_BITS, 8 * 8);
+        assert_eq!(PORT_KEY_FIXED_BITS, 8 * 10);
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! TC programs on the tunnel device.
+//! TC programs on the tunnel device: session accounting and group-policy
+//! enforcement.
 //!
 //! The tunnel device is a layer-3 TUN device, so `skb->data` starts at the
-//! IP header in both directions. Each hook is a few lines that turn the
-//! result of `try_<name>` into a verdict; the parsing lives in helpers that
-//! return `Result` so `?` works.
+//! IP header (`L2_LEN` = 0). `BPF_PROG_TEST_RUN` hands TC programs an
+//! Ethernet frame, so the differential tests load the object with
+//! `L2_LEN` = 14. Each hook is a few lines; the parsing and the decisions
+//! live in helpers returning `Result`/`Option` so `?` works.
+//!
+//! Map layout and the classification scheme are documented in `vpn-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -11,13 +15,22 @@
 mod prog {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
+        btf_maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
         macros::{btf_map, classifier},
         programs::TcContext,
     };
     use vpn_common::{
-        DROP_REASONS, DropReason, MAX_SESSIONS, SessionInfo, SessionKey, SessionStats,
+        ACTION_DENY, CLASS_KEY_FIXED_BITS, ClassKey, DROP_REASONS, DropReason, FAMILY_V4,
+        FAMILY_V6, MAX_CLASS_ENTRIES, MAX_POLICIES, MAX_RULE_ENTRIES, MAX_RULE_SLOTS, MAX_SESSIONS,
+        MAX_SPLIT_ENTRIES, POLICY_ISOLATE, POLICY_SPLIT_ENFORCE, PORT_KEY_FIXED_BITS, PROTO_ICMP,
+        PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyInfo, PortKey, SessionInfo,
+        SessionKey, SessionStats, Verdict,
     };
+
+    /// Bytes before the IP header: 0 on the TUN device, 14 under
+    /// `BPF_PROG_TEST_RUN`. Set by the loader.
+    #[unsafe(no_mangle)]
+    static L2_LEN: u32 = 0;
 
     /// Sessions by client tunnel address; written by the daemon.
     #[btf_map]
@@ -33,11 +46,135 @@ mod prog {
     #[btf_map]
     static DROPS: PerCpuArray<u64, { DROP_REASONS as usize }> = PerCpuArray::new();
 
-    enum Dir {
-        /// From the client: key on the source address.
-        FromClient,
-        /// To the client: key on the destination address.
-        ToClient,
+    /// Per-policy switches, by policy id.
+    #[btf_map]
+    static POLICIES: HashMap<u32, PolicyInfo, { MAX_POLICIES as usize }> = HashMap::new();
+
+    /// (policy, family, address) -> class id.
+    #[btf_map]
+    static POLICY_CLASS: LpmTrie<ClassKey, u32, { MAX_CLASS_ENTRIES as usize }> = LpmTrie::new();
+
+    /// (policy, class, protocol bucket, port prefix) -> verdict.
+    #[btf_map]
+    static POLICY_RULES: LpmTrie<PortKey, Verdict, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
+
+    /// Destinations an enforcing policy's clients may reach.
+    #[btf_map]
+    static SPLIT_ALLOW: LpmTrie<ClassKey, u32, { MAX_SPLIT_ENTRIES as usize }> = LpmTrie::new();
+
+    /// Packets that matched each rule slot.
+    #[btf_map]
+    static RULE_HITS: PerCpuArray<u64, { MAX_RULE_SLOTS as usize }> = PerCpuArray::new();
+
+    /// What the classifier needs from a packet.
+    struct Packet {
+        family: u32,
+        src: [u8; 16],
+        dst: [u8; 16],
+        /// Protocol bucket (`PROTO_*`).
+        proto: u8,
+        sport: u16,
+        dport: u16,
+    }
+
+    impl Packet {
+        fn key(family: u32, a: &[u8; 16]) -> SessionKey {
+            if family == FAMILY_V4 {
+                SessionKey::v4([a[0], a[1], a[2], a[3]])
+            } else {
+                SessionKey::v6(*a)
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn l2_len() -> usize {
+        // SAFETY: a plain read of a loader-set constant.
+        unsafe { core::ptr::read_volatile(&L2_LEN) as usize }
+    }
+
+    #[inline(always)]
+    fn be16(ctx: &TcContext, off: usize) -> Result<u16, ()> {
+        ctx.load::<[u8; 2]>(off)
+            .map(u16::from_be_bytes)
+            .map_err(|_| ())
+    }
+
+    /// Parses the IP header (IPv6: through up to four extension headers) and
+    /// the ports of TCP and UDP. Non-first fragments carry no L4 header and
+    /// go to the `PROTO_OTHER` bucket.
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Result<Packet, ()> {
+        let off = l2_len();
+        let b0 = ctx.load::<u8>(off).map_err(|_| ())?;
+        let mut p = Packet {
+            family: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            proto: PROTO_OTHER,
+            sport: 0,
+            dport: 0,
+        };
+        let (proto, l4, first_fragment) = match b0 >> 4 {
+            4 => {
+                let ihl = usize::from(b0 & 0x0f) * 4;
+                if ihl < 20 {
+                    return Err(());
+                }
+                p.family = FAMILY_V4;
+                let s = ctx.load::<[u8; 4]>(off + 12).map_err(|_| ())?;
+                let d = ctx.load::<[u8; 4]>(off + 16).map_err(|_| ())?;
+                p.src[..4].copy_from_slice(&s);
+                p.dst[..4].copy_from_slice(&d);
+                let frag = be16(ctx, off + 6)?;
+                let proto = ctx.load::<u8>(off + 9).map_err(|_| ())?;
+                (proto, off + ihl, frag & 0x1fff == 0)
+            }
+            6 => {
+                p.family = FAMILY_V6;
+                p.src = ctx.load::<[u8; 16]>(off + 8).map_err(|_| ())?;
+                p.dst = ctx.load::<[u8; 16]>(off + 24).map_err(|_| ())?;
+                let mut nh = ctx.load::<u8>(off + 6).map_err(|_| ())?;
+                let mut l4 = off + 40;
+                let mut first = true;
+                for _ in 0..4 {
+                    match nh {
+                        0 | 43 | 60 => {
+                            let next = ctx.load::<u8>(l4).map_err(|_| ())?;
+                            let len =
+                                (usize::from(ctx.load::<u8>(l4 + 1).map_err(|_| ())?) + 1) * 8;
+                            nh = next;
+                            l4 += len;
+                        }
+                        44 => {
+                            let next = ctx.load::<u8>(l4).map_err(|_| ())?;
+                            if be16(ctx, l4 + 2)? & 0xfff8 != 0 {
+                                first = false;
+                            }
+                            nh = next;
+                            l4 += 8;
+                        }
+                        _ => break,
+                    }
+                }
+                (nh, l4, first)
+            }
+            _ => return Err(()),
+        };
+        if !first_fragment {
+            return Ok(p);
+        }
+        match proto {
+            PROTO_TCP | PROTO_UDP => {
+                p.proto = proto;
+                p.sport = be16(ctx, l4)?;
+                p.dport = be16(ctx, l4 + 2)?;
+            }
+            PROTO_ICMP if p.family == FAMILY_V4 => p.proto = PROTO_ICMP,
+            PROTO_ICMP6 if p.family == FAMILY_V6 => p.proto = PROTO_ICMP6,
+            _ => {}
+        }
+        Ok(p)
     }
 
     #[inline(always)]
@@ -48,77 +185,151 @@ mod prog {
         }
     }
 
-    /// Reads the client address of the packet: the source for packets from
-    /// clients, the destination for packets to them.
     #[inline(always)]
-    fn client_key(ctx: &TcContext, dir: &Dir) -> Result<SessionKey, ()> {
-        let version = ctx.load::<u8>(0).map_err(|_| ())? >> 4;
-        match version {
-            4 => {
-                let off = match dir {
-                    Dir::FromClient => 12,
-                    Dir::ToClient => 16,
-                };
-                let a = ctx.load::<[u8; 4]>(off).map_err(|_| ())?;
-                Ok(SessionKey::v4(a))
-            }
-            6 => {
-                let off = match dir {
-                    Dir::FromClient => 8,
-                    Dir::ToClient => 24,
-                };
-                let a = ctx.load::<[u8; 16]>(off).map_err(|_| ())?;
-                Ok(SessionKey::v6(a))
-            }
-            _ => Err(()),
+    fn addr_bits(family: u32) -> u32 {
+        if family == FAMILY_V4 { 32 } else { 128 }
+    }
+
+    /// The first rule of `policy` matching a packet to or from `remote`,
+    /// in two LPM lookups.
+    #[inline(always)]
+    fn classify(
+        policy: u32,
+        family: u32,
+        remote: &[u8; 16],
+        proto: u8,
+        port: u16,
+    ) -> Option<Verdict> {
+        let ck = Key::new(
+            CLASS_KEY_FIXED_BITS + addr_bits(family),
+            ClassKey {
+                policy,
+                family,
+                addr: *remote,
+            },
+        );
+        let class = *POLICY_CLASS.get(&ck)?;
+        let pk = Key::new(
+            PORT_KEY_FIXED_BITS + 16,
+            PortKey {
+                policy,
+                class,
+                proto,
+                zero: 0,
+                port: port.to_be_bytes(),
+            },
+        );
+        let v = *POLICY_RULES.get(&pk)?;
+        if let Some(n) = RULE_HITS.get_ptr_mut(v.slot) {
+            unsafe { *n += 1 };
         }
+        Some(v)
+    }
+
+    /// Packets from a client: source must be its session, then the policy.
+    #[inline(always)]
+    fn from_client(ctx: &TcContext) -> Result<(), DropReason> {
+        let p = parse(ctx).map_err(|_| DropReason::Malformed)?;
+        let key = Packet::key(p.family, &p.src);
+        let info = SESSIONS.get_ptr(&key).ok_or(DropReason::UnknownSource)?;
+        let policy = unsafe { (*info).policy_id };
+        let stats = SESSION_STATS.get_ptr_mut(&key);
+        if policy != 0
+            && let Err(reason) = enforce_outbound(policy, &p)
+        {
+            if let Some(s) = stats {
+                unsafe { (*s).rx_denied += 1 };
+            }
+            return Err(reason);
+        }
+        if let Some(s) = stats {
+            unsafe {
+                (*s).rx_packets += 1;
+                (*s).rx_bytes += u64::from(ctx.len());
+            }
+        }
+        Ok(())
     }
 
     #[inline(always)]
-    fn account(ctx: &TcContext, dir: Dir) -> i32 {
-        let key = match client_key(ctx, &dir) {
-            Ok(k) => k,
-            Err(()) => {
-                count_drop(DropReason::Malformed);
-                return TC_ACT_SHOT;
+    fn enforce_outbound(policy: u32, p: &Packet) -> Result<(), DropReason> {
+        if let Some(info) = POLICIES.get_ptr(&policy) {
+            let flags = unsafe { (*info).flags };
+            if flags & POLICY_ISOLATE != 0
+                && SESSIONS.get_ptr(&Packet::key(p.family, &p.dst)).is_some()
+            {
+                return Err(DropReason::ClientIsolation);
             }
-        };
-        if SESSIONS.get_ptr(&key).is_none() {
-            count_drop(match dir {
-                Dir::FromClient => DropReason::UnknownSource,
-                Dir::ToClient => DropReason::UnknownDestination,
-            });
-            return TC_ACT_SHOT;
-        }
-        if let Some(s) = SESSION_STATS.get_ptr_mut(&key) {
-            let len = u64::from(ctx.len());
-            // Per-CPU value: plain adds are race-free.
-            unsafe {
-                match dir {
-                    Dir::FromClient => {
-                        (*s).rx_packets += 1;
-                        (*s).rx_bytes += len;
-                    }
-                    Dir::ToClient => {
-                        (*s).tx_packets += 1;
-                        (*s).tx_bytes += len;
-                    }
+            if flags & POLICY_SPLIT_ENFORCE != 0 {
+                let k = Key::new(
+                    CLASS_KEY_FIXED_BITS + addr_bits(p.family),
+                    ClassKey {
+                        policy,
+                        family: p.family,
+                        addr: p.dst,
+                    },
+                );
+                if SPLIT_ALLOW.get(&k).is_none() {
+                    return Err(DropReason::SplitEnforcement);
                 }
             }
         }
-        TC_ACT_OK
+        match classify(policy, p.family, &p.dst, p.proto, p.dport) {
+            Some(v) if v.action == ACTION_DENY => Err(DropReason::PolicyDeny),
+            _ => Ok(()),
+        }
+    }
+
+    /// Packets to a client: destination must be a session, then its policy
+    /// (matched against the remote end: the source).
+    #[inline(always)]
+    fn to_client(ctx: &TcContext) -> Result<(), DropReason> {
+        let p = parse(ctx).map_err(|_| DropReason::Malformed)?;
+        let key = Packet::key(p.family, &p.dst);
+        let info = SESSIONS
+            .get_ptr(&key)
+            .ok_or(DropReason::UnknownDestination)?;
+        let policy = unsafe { (*info).policy_id };
+        let stats = SESSION_STATS.get_ptr_mut(&key);
+        if policy != 0
+            && let Some(v) = classify(policy, p.family, &p.src, p.proto, p.sport)
+            && v.action == ACTION_DENY
+        {
+            if let Some(s) = stats {
+                unsafe { (*s).tx_denied += 1 };
+            }
+            return Err(DropReason::PolicyDeny);
+        }
+        if let Some(s) = stats {
+            unsafe {
+                (*s).tx_packets += 1;
+                (*s).tx_bytes += u64::from(ctx.len());
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn verdict(r: Result<(), DropReason>) -> i32 {
+        match r {
+            Ok(()) => TC_ACT_OK,
+            Err(reason) => {
+                count_drop(reason);
+                TC_ACT_SHOT
+            }
+        }
     }
 
     /// Packets from VPN clients (written to the TUN device by the daemon).
     #[classifier]
     pub fn tun_ingress(ctx: TcContext) -> i32 {
-        account(&ctx, Dir::FromClient)
+        verdict(from_client(&ctx))
     }
 
     /// Packets routed to VPN clients (read from the TUN device by the daemon).
     #[classifier]
     pub fn tun_egress(ctx: TcContext) -> i32 {
-        account(&ctx, Dir::ToClient)
+        verdict(to_client(&ctx))
     }
 
     #[panic_handler]

@@ -1,0 +1,764 @@
+//! Group policies: the rule model, the reference evaluator that defines
+//! what a rule set means, and the compiler to the BPF maps (two LPM lookups
+//! per packet whatever the rule count; the scheme is described in
+//! `vpn-common`).
+//!
+//! Semantics (the reference, [`evaluate`]):
+//! - rules are ordered; the first matching rule decides; no match = allow;
+//! - a rule matches when its destination (CIDR, or any) contains the remote
+//!   address (same family), its protocol matches the packet's protocol
+//!   bucket, and its port range (if any) contains the remote port;
+//! - a rule with a port range matches only TCP and UDP packets (with
+//!   protocol "any" it means "TCP or UDP to these ports");
+//! - the remote end is the destination of packets from the client and the
+//!   source of packets to it, so rules apply to both directions of a flow;
+//! - ICMP means IPv4 ICMP, ICMP6 means ICMPv6; IP fragments after the first
+//!   and protocols other than TCP, UDP, ICMP and ICMPv6 are "other", which
+//!   only rules with protocol "any" and no port match.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use vpn_common::{
+    ACTION_ALLOW, ACTION_DENY, CLASS_KEY_FIXED_BITS, ClassKey, FAMILY_V4, FAMILY_V6,
+    PORT_KEY_FIXED_BITS, PROTO_ICMP, PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortKey,
+    Verdict,
+};
+
+/// `[[group_policy]]` in the config file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupPolicyConfig {
+    /// Name users and RADIUS Filter-ID refer to.
+    pub name: String,
+    /// Layer-3 firewall rules, in order (`[[group_policy.rule]]`).
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    /// Bandwidth limit from each client in kbit/s; 0 or absent = unlimited.
+    #[serde(default)]
+    pub bandwidth_up_kbps: u64,
+    /// Bandwidth limit to each client in kbit/s; 0 or absent = unlimited.
+    #[serde(default)]
+    pub bandwidth_down_kbps: u64,
+    /// Forbid clients of this policy to reach other VPN clients.
+    #[serde(default)]
+    pub client_isolation: bool,
+    /// With client routing mode "include", drop traffic to destinations
+    /// outside the included subnets at the gateway too (clients may ignore
+    /// pushed routes). The pushed DNS servers stay reachable.
+    #[serde(default)]
+    pub split_enforcement: bool,
+}
+
+/// `[[group_policy.rule]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// `allow` or `deny`.
+    pub action: String,
+    /// `any`, `tcp`, `udp`, `icmp` or `icmp6`. Default `any`.
+    #[serde(default = "any")]
+    pub protocol: String,
+    /// Destination CIDR (IPv4 or IPv6) or `any`. Default `any`.
+    #[serde(default = "any")]
+    pub destination: String,
+    /// `any`, a port (`443`) or a range (`8000-8100`); only with tcp, udp
+    /// or any. Default `any`.
+    #[serde(default = "any")]
+    pub port: String,
+    /// Free text shown by `vpnctl policy show`.
+    pub comment: Option<String>,
+}
+
+fn any() -> String {
+    "any".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+    Icmp6,
+}
+
+/// A validated rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub action: Action,
+    pub proto: Proto,
+    /// `None` = any destination.
+    pub dst: Option<IpNet>,
+    /// Inclusive port range; `None` = any port.
+    pub ports: Option<(u16, u16)>,
+    pub comment: Option<String>,
+}
+
+impl Rule {
+    /// Parses a rule, naming the bad field and value on error.
+    pub fn parse(c: &RuleConfig) -> Result<Rule, String> {
+        let action = match c.action.as_str() {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny,
+            a => return Err(format!("action '{a}' is not valid: use 'allow' or 'deny'")),
+        };
+        let proto = match c.protocol.as_str() {
+            "any" => Proto::Any,
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            "icmp" => Proto::Icmp,
+            "icmp6" => Proto::Icmp6,
+            p => {
+                return Err(format!(
+                    "protocol '{p}' is not valid: use any, tcp, udp, icmp or icmp6"
+                ));
+            }
+        };
+        let dst = match c.destination.as_str() {
+            "any" => None,
+            d => Some(
+                d.parse::<IpNet>()
+                    .map_err(|_| format!("destination '{d}' is not 'any' or a CIDR subnet (198.18.2.0/24, fd00:2::/64)"))?
+                    .trunc(),
+            ),
+        };
+        let ports = match c.port.as_str() {
+            "any" => None,
+            p => {
+                let bad =
+                    || format!("port '{p}' is not 'any', a port (443) or a range (8000-8100)");
+                let (lo, hi) = match p.split_once('-') {
+                    Some((a, b)) => (
+                        a.trim().parse::<u16>().map_err(|_| bad())?,
+                        b.trim().parse::<u16>().map_err(|_| bad())?,
+                    ),
+                    None => {
+                        let v = p.trim().parse::<u16>().map_err(|_| bad())?;
+                        (v, v)
+                    }
+                };
+                if lo > hi {
+                    return Err(bad());
+                }
+                Some((lo, hi))
+            }
+        };
+        if ports.is_some() && matches!(proto, Proto::Icmp | Proto::Icmp6) {
+            return Err(format!(
+                "port '{}' cannot be combined with protocol '{}': ICMP has no ports",
+                c.port, c.protocol
+            ));
+        }
+        match (proto, dst) {
+            (Proto::Icmp, Some(IpNet::V6(_))) => {
+                return Err(format!(
+                    "protocol 'icmp' is IPv4 but destination '{}' is IPv6: use icmp6",
+                    c.destination
+                ));
+            }
+            (Proto::Icmp6, Some(IpNet::V4(_))) => {
+                return Err(format!(
+                    "protocol 'icmp6' is IPv6 but destination '{}' is IPv4: use icmp",
+                    c.destination
+                ));
+            }
+            _ => {}
+        }
+        Ok(Rule {
+            action,
+            proto,
+            dst,
+            ports,
+            comment: c.comment.clone(),
+        })
+    }
+
+    /// Whether this rule matches `p` (see the module docs).
+    pub fn matches(&self, p: &PacketMeta) -> bool {
+        if let Some(net) = self.dst
+            && !net.contains(&p.remote)
+        {
+            return false;
+        }
+        let proto_ok = match self.proto {
+            Proto::Any => true,
+            Proto::Tcp => p.proto == PROTO_TCP,
+            Proto::Udp => p.proto == PROTO_UDP,
+            Proto::Icmp => p.proto == PROTO_ICMP,
+            Proto::Icmp6 => p.proto == PROTO_ICMP6,
+        };
+        if !proto_ok {
+            return false;
+        }
+        match self.ports {
+            None => true,
+            Some((lo, hi)) => has_ports(p.proto) && (lo..=hi).contains(&p.port),
+        }
+    }
+
+    /// One line for displays.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} {} port {}",
+            match self.action {
+                Action::Allow => "allow",
+                Action::Deny => "deny",
+            },
+            match self.proto {
+                Proto::Any => "any",
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+                Proto::Icmp => "icmp",
+                Proto::Icmp6 => "icmp6",
+            },
+            self.dst.map_or("any".to_string(), |d| d.to_string()),
+            match self.ports {
+                None => "any".to_string(),
+                Some((a, b)) if a == b => a.to_string(),
+                Some((a, b)) => format!("{a}-{b}"),
+            }
+        )
+    }
+}
+
+fn has_ports(bucket: u8) -> bool {
+    bucket == PROTO_TCP || bucket == PROTO_UDP
+}
+
+/// What the classifier sees of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketMeta {
+    /// The remote end: destination from the client, source to it.
+    pub remote: IpAddr,
+    /// Protocol bucket: `PROTO_TCP`, `_UDP`, `_ICMP`, `_ICMP6` or `_OTHER`.
+    pub proto: u8,
+    /// The remote port (TCP/UDP), else 0.
+    pub port: u16,
+}
+
+/// The protocol bucket of an IP protocol number.
+pub fn bucket(is_v4: bool, proto: u8, first_fragment: bool) -> u8 {
+    match proto {
+        _ if !first_fragment => PROTO_OTHER,
+        PROTO_TCP | PROTO_UDP => proto,
+        PROTO_ICMP if is_v4 => PROTO_ICMP,
+        PROTO_ICMP6 if !is_v4 => PROTO_ICMP6,
+        _ => PROTO_OTHER,
+    }
+}
+
+/// The reference: index of the first rule matching `p`, if any.
+pub fn evaluate(rules: &[Rule], p: &PacketMeta) -> Option<usize> {
+    rules.iter().position(|r| r.matches(p))
+}
+
+/// A policy compiled to map entries. Prefix lengths count the fixed key
+/// bits (see `vpn-common`).
+#[derive(Debug, Default, Clone)]
+pub struct Compiled {
+    pub class_entries: Vec<(u32, ClassKey, u32)>,
+    pub rule_entries: Vec<(u32, PortKey, Verdict)>,
+    pub split_entries: Vec<(u32, ClassKey)>,
+}
+
+impl Compiled {
+    pub fn entries(&self) -> usize {
+        self.class_entries.len() + self.rule_entries.len() + self.split_entries.len()
+    }
+}
+
+fn family_of(n: &IpNet) -> u32 {
+    match n {
+        IpNet::V4(_) => FAMILY_V4,
+        IpNet::V6(_) => FAMILY_V6,
+    }
+}
+
+fn class_key(policy: u32, net: &IpNet) -> (u32, ClassKey) {
+    let mut addr = [0u8; 16];
+    match net {
+        IpNet::V4(n) => addr[..4].copy_from_slice(&n.network().octets()),
+        IpNet::V6(n) => addr.copy_from_slice(&n.network().octets()),
+    }
+    (
+        CLASS_KEY_FIXED_BITS + u32::from(net.prefix_len()),
+        ClassKey {
+            policy,
+            family: family_of(net),
+            addr,
+        },
+    )
+}
+
+/// `[lo, hi]` as the fewest aligned port prefixes `(value, prefix length)`.
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+/// Compiles `rules` for policy `id`. Rule `i` counts its hits in slot
+/// `first_slot + i`. `split` is the destinations an enforcing policy allows.
+/// Fails when the result would exceed `max_entries`.
+pub fn compile(
+    id: u32,
+    rules: &[Rule],
+    first_slot: u32,
+    split: &[IpNet],
+    max_entries: usize,
+) -> Result<Compiled, String> {
+    let mut out = Compiled::default();
+    let mut class_id = 0u32;
+    for (family, root) in [
+        (FAMILY_V4, "0.0.0.0/0".parse::<IpNet>().unwrap()),
+        (FAMILY_V6, "::/0".parse::<IpNet>().unwrap()),
+    ] {
+        // The classes of this family: the root and every distinct rule prefix.
+        let mut prefixes: BTreeSet<IpNet> = rules
+            .iter()
+            .filter_map(|r| r.dst)
+            .filter(|d| family_of(d) == family)
+            .collect();
+        prefixes.insert(root);
+        let buckets = [
+            PROTO_TCP,
+            PROTO_UDP,
+            if family == FAMILY_V4 {
+                PROTO_ICMP
+            } else {
+                PROTO_ICMP6
+            },
+            PROTO_OTHER,
+        ];
+        for class in &prefixes {
+            class_id += 1;
+            let (plen, key) = class_key(id, class);
+            out.class_entries.push((plen, key, class_id));
+            // Rules that can match an address of this class: those whose
+            // destination contains the class prefix.
+            let applicable: Vec<(usize, &Rule)> = rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| match r.dst {
+                    None => true,
+                    Some(d) => {
+                        family_of(&d) == family
+                            && d.prefix_len() <= class.prefix_len()
+                            && d.contains(&class.network())
+                    }
+                })
+                .collect();
+            let example = class.network();
+            for &b in &buckets {
+                let candidates: Vec<(usize, &Rule)> = applicable
+                    .iter()
+                    .copied()
+                    .filter(|(_, r)| {
+                        // Port aside, does the rule accept this bucket?
+                        r.matches(&PacketMeta {
+                            remote: example,
+                            proto: b,
+                            port: r.ports.map_or(0, |p| p.0),
+                        })
+                    })
+                    .collect();
+                for (lo, hi, idx) in first_match_intervals(&candidates, has_ports(b)) {
+                    let v = Verdict {
+                        slot: first_slot + idx as u32,
+                        action: match rules[idx].action {
+                            Action::Allow => ACTION_ALLOW,
+                            Action::Deny => ACTION_DENY,
+                        },
+                    };
+                    for (port, bits) in port_prefixes(lo, hi) {
+                        out.rule_entries.push((
+                            PORT_KEY_FIXED_BITS + bits,
+                            PortKey {
+                                policy: id,
+                                class: class_id,
+                                proto: b,
+                                zero: 0,
+                                port: port.to_be_bytes(),
+                            },
+                            v,
+                        ));
+                    }
+                }
+                if out.entries() > max_entries {
+                    return Err(format!(
+                        "compiles to more than {max_entries} map entries (policy.max_entries); use fewer or broader rules, or raise the limit"
+                    ));
+                }
+            }
+        }
+    }
+    for net in split {
+        let (plen, key) = class_key(id, net);
+        out.split_entries.push((plen, key));
+    }
+    Ok(out)
+}
+
+/// Splits the port space into maximal intervals with the same first
+/// matching rule among `candidates` (in rule order). Without ports, only
+/// port-less rules can match and the whole space is one interval.
+fn first_match_intervals(candidates: &[(usize, &Rule)], ports: bool) -> Vec<(u16, u16, usize)> {
+    if !ports {
+        return candidates
+            .iter()
+            .find(|(_, r)| r.ports.is_none())
+            .map(|&(i, _)| vec![(0, u16::MAX, i)])
+            .unwrap_or_default();
+    }
+    // Elementary interval starts.
+    let mut points: BTreeSet<u32> = BTreeSet::from([0]);
+    for (_, r) in candidates {
+        if let Some((lo, hi)) = r.ports {
+            points.insert(u32::from(lo));
+            if hi < u16::MAX {
+                points.insert(u32::from(hi) + 1);
+            }
+        }
+        if r.ports.is_none() {
+            // Nothing after a port-less rule can win.
+            break;
+        }
+    }
+    let starts: Vec<u32> = points.into_iter().collect();
+    let mut out: Vec<(u16, u16, usize)> = Vec::new();
+    for (k, &a) in starts.iter().enumerate() {
+        let b = starts.get(k + 1).map_or(u32::from(u16::MAX), |n| n - 1);
+        let winner = candidates.iter().find(|(_, r)| match r.ports {
+            None => true,
+            Some((lo, hi)) => u32::from(lo) <= a && a <= u32::from(hi),
+        });
+        let Some(&(idx, _)) = winner else { continue };
+        match out.last_mut() {
+            Some(last) if last.2 == idx && u32::from(last.1) + 1 == a => last.1 = b as u16,
+            _ => out.push((a as u16, b as u16, idx)),
+        }
+    }
+    out
+}
+
+/// Looks `p` up in compiled entries the way the kernel's LPM tries do; used
+/// to check the compiler against [`evaluate`] without a kernel.
+pub fn lookup(c: &Compiled, policy: u32, p: &PacketMeta) -> Option<Verdict> {
+    let (family, addr_bits, addr) = match p.remote {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (FAMILY_V4, 32, b)
+        }
+        IpAddr::V6(a) => (FAMILY_V6, 128, a.octets()),
+    };
+    let key_bits = |k: &ClassKey| -> Vec<bool> {
+        let mut bytes = Vec::with_capacity(24);
+        bytes.extend_from_slice(&k.policy.to_ne_bytes());
+        bytes.extend_from_slice(&k.family.to_ne_bytes());
+        bytes.extend_from_slice(&k.addr);
+        bytes
+            .iter()
+            .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1))
+            .collect()
+    };
+    let probe = key_bits(&ClassKey {
+        policy,
+        family,
+        addr,
+    });
+    let class = c
+        .class_entries
+        .iter()
+        .filter(|(plen, k, _)| {
+            *plen <= CLASS_KEY_FIXED_BITS + addr_bits
+                && key_bits(k)[..*plen as usize] == probe[..*plen as usize]
+        })
+        .max_by_key(|(plen, _, _)| *plen)?
+        .2;
+    c.rule_entries
+        .iter()
+        .filter(|(plen, k, _)| {
+            let bits = plen - PORT_KEY_FIXED_BITS;
+            k.policy == policy
+                && k.class == class
+                && k.proto == p.proto
+                && (bits == 0
+                    || (u16::from_be_bytes(k.port) >> (16 - bits)) == (p.port >> (16 - bits)))
+        })
+        .max_by_key(|(plen, _, _)| *plen)
+        .map(|e| e.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(action: &str, proto: &str, dst: &str, port: &str) -> Rule {
+        Rule::parse(&RuleConfig {
+            action: action.into(),
+            protocol: proto.into(),
+            destination: dst.into(),
+            port: port.into(),
+            comment: None,
+        })
+        .unwrap()
+    }
+
+    fn pkt(remote: &str, proto: u8, port: u16) -> PacketMeta {
+        PacketMeta {
+            remote: remote.parse().unwrap(),
+            proto,
+            port,
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_value() {
+        let bad = |proto: &str, dst: &str, port: &str| {
+            Rule::parse(&RuleConfig {
+                action: "deny".into(),
+                protocol: proto.into(),
+                destination: dst.into(),
+                port: port.into(),
+                comment: None,
+            })
+            .unwrap_err()
+        };
+        assert!(bad("gre", "any", "any").contains("'gre'"));
+        assert!(bad("tcp", "198.18.2.0/33", "any").contains("'198.18.2.0/33'"));
+        assert!(bad("tcp", "any", "90-80").contains("'90-80'"));
+        assert!(bad("tcp", "any", "70000").contains("'70000'"));
+        assert!(bad("icmp", "any", "80").contains("ICMP has no ports"));
+        assert!(bad("icmp", "fd00::/8", "any").contains("use icmp6"));
+    }
+
+    #[test]
+    fn reference_semantics() {
+        let rules = vec![
+            rule("allow", "tcp", "198.18.2.0/24", "443"),
+            rule("deny", "tcp", "198.18.2.0/24", "any"),
+            rule("deny", "udp", "any", "any"),
+            rule("deny", "any", "any", "8000-8100"),
+            rule("deny", "icmp", "any", "any"),
+        ];
+        assert_eq!(
+            evaluate(&rules, &pkt("198.18.2.2", PROTO_TCP, 443)),
+            Some(0)
+        );
+        assert_eq!(evaluate(&rules, &pkt("198.18.2.2", PROTO_TCP, 22)), Some(1));
+        assert_eq!(evaluate(&rules, &pkt("198.18.3.2", PROTO_TCP, 22)), None);
+        assert_eq!(evaluate(&rules, &pkt("fd00:2::2", PROTO_UDP, 53)), Some(2));
+        assert_eq!(
+            evaluate(&rules, &pkt("198.18.3.2", PROTO_TCP, 8050)),
+            Some(3)
+        );
+        assert_eq!(evaluate(&rules, &pkt("198.18.3.2", PROTO_ICMP, 0)), Some(4));
+        assert_eq!(evaluate(&rules, &pkt("fd00:2::2", PROTO_ICMP6, 0)), None);
+        assert_eq!(
+            evaluate(&rules, &pkt("198.18.3.2", PROTO_OTHER, 0)),
+            None,
+            "port rules skip port-less protocols"
+        );
+    }
+
+    #[test]
+    fn buckets() {
+        assert_eq!(bucket(true, 6, true), PROTO_TCP);
+        assert_eq!(bucket(true, 6, false), PROTO_OTHER);
+        assert_eq!(bucket(true, 58, true), PROTO_OTHER);
+        assert_eq!(bucket(false, 58, true), PROTO_ICMP6);
+        assert_eq!(bucket(false, 1, true), PROTO_OTHER);
+        assert_eq!(bucket(true, 47, true), PROTO_OTHER);
+    }
+
+    #[test]
+    fn port_prefix_decomposition_covers_exactly() {
+        let mut rng = Lcg(7);
+        for _ in 0..2000 {
+            let a = rng.next() as u16;
+            let b = rng.next() as u16;
+            let (lo, hi) = (a.min(b), a.max(b));
+            let ps = port_prefixes(lo, hi);
+            let covered: u64 = ps.iter().map(|&(_, bits)| 1u64 << (16 - bits)).sum();
+            assert_eq!(covered, u64::from(hi - lo) + 1);
+            for &(v, bits) in &ps {
+                let size = 1u32 << (16 - bits);
+                assert_eq!(u32::from(v) % size, 0, "aligned");
+                assert!(v >= lo && u32::from(v) + size - 1 <= u32::from(hi));
+            }
+        }
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(443, 443), vec![(443, 16)]);
+    }
+
+    /// Small deterministic generator so failures reproduce from the seed.
+    pub struct Lcg(pub u64);
+    impl Lcg {
+        pub fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    #[test]
+    fn compiler_agrees_with_reference_on_random_rule_sets() {
+        let mut rng = Lcg(0x5eed);
+        for round in 0..200 {
+            let rules =
+                crate::policy::testgen::rules(&mut |n| rng.next() % n, 1 + (round % 30) as usize);
+            let c = compile(7, &rules, 100, &[], 1_000_000).unwrap();
+            for _ in 0..50 {
+                let p = crate::policy::testgen::packet(&mut |n| rng.next() % n, &rules);
+                let want =
+                    evaluate(&rules, &p).map(|i| (100 + i as u32, rules[i].action == Action::Deny));
+                let got = lookup(&c, 7, &p).map(|v| (v.slot, v.action == ACTION_DENY));
+                assert_eq!(got, want, "round {round} packet {p:?} rules {rules:#?}");
+            }
+        }
+    }
+
+    #[test]
+    fn entry_limit_is_a_clear_error() {
+        let rules: Vec<Rule> = (0..100)
+            .map(|i| rule("deny", "tcp", &format!("198.18.{i}.0/24"), "1000-2000"))
+            .collect();
+        let e = compile(1, &rules, 0, &[], 50).unwrap_err();
+        assert!(e.contains("more than 50 map entries"), "{e}");
+    }
+}
+
+/// Random rule sets and packets for the differential tests (unit and BPF).
+pub mod testgen {
+    use super::*;
+
+    const NETS: [&str; 10] = [
+        "198.18.0.0/15",
+        "198.18.2.0/24",
+        "198.18.2.0/25",
+        "198.18.2.128/26",
+        "198.18.2.7/32",
+        "198.19.0.0/16",
+        "fd00::/8",
+        "fd00:2::/64",
+        "fd00:2::/96",
+        "fd00:2::7/128",
+    ];
+
+    /// A random rule set of `n` rules; `r(k)` returns a number below `k`.
+    pub fn rules(r: &mut impl FnMut(u64) -> u64, n: usize) -> Vec<Rule> {
+        (0..n)
+            .map(|_| {
+                let proto = ["any", "tcp", "udp", "icmp", "icmp6"][r(5) as usize];
+                let dst = if r(4) == 0 {
+                    "any".to_string()
+                } else {
+                    NETS[r(NETS.len() as u64) as usize].to_string()
+                };
+                let port = if matches!(proto, "icmp" | "icmp6") || r(3) == 0 {
+                    "any".to_string()
+                } else {
+                    let lo = [0u64, 22, 53, 80, 443, 1000, 8000, 65535][r(8) as usize] + r(3);
+                    let lo = lo.min(65535);
+                    let hi = (lo + [0, 0, 1, 10, 1000, 65535][r(6) as usize]).min(65535);
+                    if lo == hi {
+                        lo.to_string()
+                    } else {
+                        format!("{lo}-{hi}")
+                    }
+                };
+                let c = RuleConfig {
+                    action: if r(2) == 0 { "allow" } else { "deny" }.into(),
+                    protocol: proto.into(),
+                    destination: dst.clone(),
+                    port,
+                    comment: None,
+                };
+                Rule::parse(&c).unwrap_or_else(|_| {
+                    // icmp/icmp6 with the other family: fall back to any destination.
+                    Rule::parse(&RuleConfig {
+                        destination: "any".into(),
+                        ..c
+                    })
+                    .unwrap()
+                })
+            })
+            .collect()
+    }
+
+    /// A random packet, biased towards the rules' own addresses and ports.
+    pub fn packet(r: &mut impl FnMut(u64) -> u64, rules: &[Rule]) -> PacketMeta {
+        let v4 = r(2) == 0;
+        let remote: IpAddr = match rules
+            .get(r(rules.len() as u64 + 1) as usize)
+            .and_then(|x| x.dst)
+        {
+            Some(net) if r(3) != 0 && matches!(net, IpNet::V4(_)) == v4 => {
+                // An address inside (or at the edge of) a rule's prefix.
+                match net {
+                    IpNet::V4(n) => {
+                        let span = u64::from(!u32::from(n.netmask()));
+                        std::net::Ipv4Addr::from(u32::from(n.network()) + r(span + 1) as u32).into()
+                    }
+                    IpNet::V6(n) => {
+                        let host = r(1 << 20) as u128 & !u128::from(n.netmask());
+                        std::net::Ipv6Addr::from(u128::from(n.network()) | host).into()
+                    }
+                }
+            }
+            _ if v4 => {
+                std::net::Ipv4Addr::new(198, 18 + r(2) as u8, r(4) as u8, r(256) as u8).into()
+            }
+            _ => std::net::Ipv6Addr::new(0xfd00, r(3) as u16, 0, 0, 0, 0, 0, r(256) as u16).into(),
+        };
+        let proto = match r(5) {
+            0 => PROTO_TCP,
+            1 => PROTO_UDP,
+            2 if v4 => PROTO_ICMP,
+            2 => PROTO_ICMP6,
+            3 => PROTO_OTHER,
+            _ => [PROTO_TCP, PROTO_UDP][r(2) as usize],
+        };
+        let port = if has_ports(proto) {
+            match rules
+                .get(r(rules.len() as u64 + 1) as usize)
+                .and_then(|x| x.ports)
+            {
+                Some((lo, hi)) if r(2) == 0 => {
+                    [lo, hi, lo.saturating_sub(1), hi.saturating_add(1)][r(4) as usize]
+                }
+                _ => r(65536) as u16,
+            }
+        } else {
+            0
+        };
+        PacketMeta {
+            remote,
+            proto,
+            port,
+        }
+    }
+}
