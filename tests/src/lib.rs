@@ -23,6 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod packets;
+
 use anyhow::{Context as _, anyhow, bail};
 
 pub const GW_OUTSIDE: &str = "198.18.1.1";

@@ -15,11 +15,16 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, tc},
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc},
 };
-use vpn_common::{DropReason, SessionInfo, SessionKey, SessionStats, map_names, prog_names};
+use vpn_common::{
+    ClassKey, DropReason, PolicyInfo, PortKey, SessionInfo, SessionKey, SessionStats, Verdict,
+    map_names, prog_names,
+};
+
+use crate::policy::Compiled;
 
 /// The BPF object built from `vpn-ebpf` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vpn-ebpf"));
@@ -29,11 +34,16 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The loaded programs and the maps the daemon writes.
 pub struct Datapath {
     /// Keeps the programs (and their TCX links) alive.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     sessions: HashMap<MapData, SessionKey, SessionInfo>,
     stats: PerCpuHashMap<MapData, SessionKey, SessionStats>,
     drops: PerCpuArray<MapData, u64>,
-    pin_dir: PathBuf,
+    policies: HashMap<MapData, u32, PolicyInfo>,
+    class: LpmTrie<MapData, ClassKey, u32>,
+    rules: LpmTrie<MapData, PortKey, Verdict>,
+    split: LpmTrie<MapData, ClassKey, u32>,
+    hits: PerCpuArray<MapData, u64>,
+    pin_dir: Option<PathBuf>,
 }
 
 /// The key for a client address.
@@ -76,6 +86,24 @@ fn raise_memlock() {
     }
 }
 
+/// Loads the object with `L2_LEN` set.
+fn open(l2_len: u32) -> anyhow::Result<Ebpf> {
+    EbpfLoader::new()
+        .override_global("L2_LEN", &l2_len, true)
+        .load(OBJECT)
+        .context("loading the BPF object")
+}
+
+/// Loads (verifies) one classifier program.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+        .try_into()?;
+    p.load().with_context(|| format!("loading {name}"))?;
+    Ok(p)
+}
+
 /// Lower-case pin file name for a map symbol.
 fn pin_name(map: &str) -> String {
     map.to_ascii_lowercase()
@@ -89,13 +117,8 @@ impl Datapath {
         raise_memlock();
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the BPF object")?;
-
-        for name in [
-            map_names::SESSIONS,
-            map_names::SESSION_STATS,
-            map_names::DROPS,
-        ] {
+        let mut ebpf = open(0)?;
+        for name in map_names::ALL {
             let path = pin_dir.join(pin_name(name));
             match std::fs::remove_file(&path) {
                 Ok(()) => {
@@ -103,8 +126,7 @@ impl Datapath {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("removing stale pin {}", path.display()));
+                    return Err(e).with_context(|| format!("removing stale pin {}", path.display()));
                 }
             }
             ebpf.map(name)
@@ -121,29 +143,70 @@ impl Datapath {
             (prog_names::TUN_INGRESS, TcAttachType::Ingress),
             (prog_names::TUN_EGRESS, TcAttachType::Egress),
         ] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| anyhow!("program {prog} missing from the BPF object"))?
-                .try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
-            p.attach(iface, dir)
+            classifier(&mut ebpf, prog)?
+                .attach(iface, dir)
                 .with_context(|| format!("attaching {prog} to {iface} {dir:?}"))?;
         }
+        Self::from_ebpf(ebpf, Some(pin_dir.to_owned()))
+    }
 
-        let take = |ebpf: &mut Ebpf, name: &str| {
+    /// Loads the programs without attaching or pinning them, with the IP
+    /// header after a 14-byte Ethernet header, as `BPF_PROG_TEST_RUN` hands
+    /// packets to TC programs. For tests and benchmarks.
+    pub fn load_for_test_run() -> anyhow::Result<Self> {
+        ensure_bpffs()?;
+        raise_memlock();
+        let mut ebpf = open(14)?;
+        for prog in [prog_names::TUN_INGRESS, prog_names::TUN_EGRESS] {
+            classifier(&mut ebpf, prog)?;
+        }
+        Self::from_ebpf(ebpf, None)
+    }
+
+    fn from_ebpf(mut ebpf: Ebpf, pin_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))
-        };
-        let sessions = HashMap::try_from(take(&mut ebpf, map_names::SESSIONS)?)?;
-        let stats = PerCpuHashMap::try_from(take(&mut ebpf, map_names::SESSION_STATS)?)?;
-        let drops = PerCpuArray::try_from(take(&mut ebpf, map_names::DROPS)?)?;
+        }
         Ok(Datapath {
-            _ebpf: ebpf,
-            sessions,
-            stats,
-            drops,
-            pin_dir: pin_dir.to_owned(),
+            sessions: HashMap::try_from(take(&mut ebpf, map_names::SESSIONS)?)?,
+            stats: PerCpuHashMap::try_from(take(&mut ebpf, map_names::SESSION_STATS)?)?,
+            drops: PerCpuArray::try_from(take(&mut ebpf, map_names::DROPS)?)?,
+            policies: HashMap::try_from(take(&mut ebpf, map_names::POLICIES)?)?,
+            class: LpmTrie::try_from(take(&mut ebpf, map_names::POLICY_CLASS)?)?,
+            rules: LpmTrie::try_from(take(&mut ebpf, map_names::POLICY_RULES)?)?,
+            split: LpmTrie::try_from(take(&mut ebpf, map_names::SPLIT_ALLOW)?)?,
+            hits: PerCpuArray::try_from(take(&mut ebpf, map_names::RULE_HITS)?)?,
+            ebpf,
+            pin_dir,
         })
+    }
+
+    /// Runs a program once over `frame` (Ethernet + IP, see
+    /// [`Datapath::load_for_test_run`]); returns its TC verdict and the
+    /// kernel's time per run over `repeat` runs.
+    pub fn test_run(
+        &self,
+        ingress: bool,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), ProgramError> {
+        let name = if ingress {
+            prog_names::TUN_INGRESS
+        } else {
+            prog_names::TUN_EGRESS
+        };
+        let p: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .expect("program exists")
+            .try_into()
+            .expect("a classifier");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let r = p.test_run(opts)?;
+        Ok((r.return_value, r.duration))
     }
 
     /// Lets packets from and to `ip` through, counted for this session.
@@ -196,19 +259,77 @@ impl Datapath {
             .collect()
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+    /// Installs a compiled policy under `id`: every class and rule entry
+    /// first, the `policies` entry last, so a session pointed at `id`
+    /// afterwards never sees part of it.
+    pub fn install_policy(
+        &mut self,
+        id: u32,
+        info: PolicyInfo,
+        c: &Compiled,
+    ) -> anyhow::Result<()> {
+        let result = (|| -> anyhow::Result<()> {
+            for (plen, k, class) in &c.class_entries {
+                self.class.insert(&Key::new(*plen, *k), class, 0)?;
+            }
+            for (plen, k, v) in &c.rule_entries {
+                self.rules.insert(&Key::new(*plen, *k), v, 0)?;
+            }
+            for (plen, k) in &c.split_entries {
+                self.split.insert(&Key::new(*plen, *k), 1, 0)?;
+            }
+            self.policies.insert(id, info, 0)?;
+            Ok(())
+        })();
+        if result.is_err() {
+            self.remove_policy(id, c);
+        }
+        result.with_context(|| format!("installing policy id {id} ({} map entries)", c.entries()))
+    }
+
+    /// Removes a policy version no session points at any more.
+    pub fn remove_policy(&mut self, id: u32, c: &Compiled) {
+        let _ = self.policies.remove(&id);
+        for (plen, k, _) in &c.class_entries {
+            let _ = self.class.remove(&Key::new(*plen, *k));
+        }
+        for (plen, k, _) in &c.rule_entries {
+            let _ = self.rules.remove(&Key::new(*plen, *k));
+        }
+        for (plen, k) in &c.split_entries {
+            let _ = self.split.remove(&Key::new(*plen, *k));
+        }
+    }
+
+    /// Points an installed session at another policy: one map update, so
+    /// the switch is atomic for every packet.
+    pub fn set_session(&mut self, ip: IpAddr, info: SessionInfo) -> anyhow::Result<()> {
+        self.sessions
+            .insert(key_for(ip), info, 0)
+            .context("updating session")
+    }
+
+    /// Packets that matched a rule slot, summed over CPUs.
+    pub fn rule_hits(&self, slot: u32) -> u64 {
+        self.hits.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Zeroes a range of rule slots before a new policy version uses them.
+    pub fn reset_hits(&mut self, slots: std::ops::Range<u32>) -> anyhow::Result<()> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for s in slots {
+            self.hits
+                .set(s, PerCpuValues::try_from(vec![0u64; ncpus])?, 0)?;
+        }
+        Ok(())
     }
 
     /// Removes the pins (clean shutdown); the maps go away with the daemon.
     pub fn unpin(&self) {
-        for name in [
-            map_names::SESSIONS,
-            map_names::SESSION_STATS,
-            map_names::DROPS,
-        ] {
-            let _ = std::fs::remove_file(self.pin_dir.join(pin_name(name)));
+        let Some(dir) = &self.pin_dir else { return };
+        for name in map_names::ALL {
+            let _ = std::fs::remove_file(dir.join(pin_name(name)));
         }
-        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_dir(dir);
     }
 }
