@@ -12,6 +12,9 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
+use vpn_common::{POLICY_ISOLATE, POLICY_SPLIT_ENFORCE, PolicyInfo};
+
+use crate::policy::{self, GroupPolicyConfig, Rule};
 
 /// A configuration problem, worded for the admin who wrote the file.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +38,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -56,10 +59,45 @@ pub struct Config {
     /// "default" exists.
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
+    #[serde(default)]
+    pub policy: PolicySettings,
+    /// Group policies (`[[group_policy]]`, see `policy.rs` for the fields).
+    /// `vpnctl reload` applies changes to these and to `[policy]` live.
+    #[serde(default, rename = "group_policy")]
+    pub group_policies: Vec<GroupPolicyConfig>,
+}
+
+/// `[policy]`: which group policy applies by default, and limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySettings {
+    /// Group policy for users without one of their own. None = no policy
+    /// (everything allowed).
+    pub default: Option<String>,
+    /// Map entries one policy may compile to; a policy over it is rejected
+    /// at load with a clear error, never installed partially. Default 200000.
+    pub max_entries: usize,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            default: None,
+            max_entries: 200_000,
+        }
+    }
+}
+
+/// A group policy, validated and compiled once to check its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyDef {
+    pub name: String,
+    pub rules: Vec<Rule>,
+    pub info: PolicyInfo,
 }
 
 /// `[server]`: where the daemon listens and keeps its files.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// TLS listener, `address:port`. Default `0.0.0.0:443`.
@@ -96,7 +134,7 @@ impl Default for ServerConfig {
 }
 
 /// `[tls]`: the server certificate and protocol versions.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM file with the server certificate followed by its chain. When
@@ -114,7 +152,7 @@ pub struct TlsConfig {
 }
 
 /// `[http]`: limits on the HTTP exchange before the tunnel starts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpLimits {
     /// Largest request head (request line and headers) in bytes. Larger
@@ -143,7 +181,7 @@ impl Default for HttpLimits {
 }
 
 /// `[tunnel]`: the tunnel device and the addresses handed to clients.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelConfig {
     /// Name of the TUN device the daemon creates. Default `vpn0`.
@@ -175,7 +213,7 @@ fn default_mtu() -> u16 {
 }
 
 /// `[client_routing]`: what the client sends through the tunnel.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientRouting {
     /// `all` (full tunnel), `exclude` (everything except `subnets`) or
@@ -199,7 +237,7 @@ impl Default for ClientRouting {
 }
 
 /// `[session]`: timers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionConfig {
     /// Maximum session length: `8h`, `1d`, `7d`, or a custom `<N>h` with N
@@ -231,7 +269,7 @@ impl Default for SessionConfig {
 }
 
 /// `[auth]`: how users log in.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Local user database (managed with `vpnctl user`). Default
@@ -256,7 +294,7 @@ impl Default for AuthConfig {
 }
 
 /// `[[group]]`: a tunnel group offered at login.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Identifier sent by the client (also the group URL path `/NAME`).
@@ -282,6 +320,10 @@ pub struct Settings {
     pub routing: Routing,
     pub session_timeout: Duration,
     pub groups: Vec<GroupConfig>,
+    pub policies: Vec<PolicyDef>,
+    /// Destinations an enforcing policy's clients may reach: the included
+    /// subnets, the pushed DNS servers and the gateway's tunnel addresses.
+    pub split_allow: Vec<IpNet>,
 }
 
 impl Config {
@@ -466,6 +508,17 @@ impl Config {
                 ));
             }
         }
+        let mut split_allow: Vec<IpNet> = match &routing {
+            Routing::Include(nets) => nets.clone(),
+            _ => Vec::new(),
+        };
+        split_allow.extend(self.tunnel.dns.iter().map(|a| IpNet::from(*a)));
+        let gw4 = pool_v4.hosts().next().expect("validated pool has hosts");
+        split_allow.push(IpNet::from(IpAddr::V4(gw4)));
+        if let Some(n) = pool_v6 {
+            split_allow.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1))));
+        }
+        let policies = self.validate_policies(&routing, &split_allow)?;
         Ok(Settings {
             raw: self,
             pool_v4,
@@ -473,7 +526,79 @@ impl Config {
             routing,
             session_timeout,
             groups,
+            policies,
+            split_allow,
         })
+    }
+}
+
+impl Config {
+    fn validate_policies(&self, routing: &Routing, split: &[IpNet]) -> Result<Vec<PolicyDef>, ConfigError> {
+        let mut out: Vec<PolicyDef> = Vec::new();
+        for p in &self.group_policies {
+            if p.name.is_empty() || p.name.len() > 64 || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                return Err(invalid(
+                    "group_policy.name",
+                    format!("'{}' is not a valid policy name: 1 to 64 letters, digits, '-', '_' or '.'", p.name),
+                ));
+            }
+            if out.iter().any(|o| o.name == p.name) {
+                return Err(invalid("group_policy.name", format!("'{}' is defined twice", p.name)));
+            }
+            if p.rules.len() > 10_000 {
+                return Err(invalid(
+                    "group_policy.rule",
+                    format!("policy '{}' has {} rules; at most 10000 are supported", p.name, p.rules.len()),
+                ));
+            }
+            let mut rules = Vec::with_capacity(p.rules.len());
+            for (i, r) in p.rules.iter().enumerate() {
+                rules.push(Rule::parse(r).map_err(|m| {
+                    invalid("group_policy.rule", format!("policy '{}' rule {}: {m}", p.name, i + 1))
+                })?);
+            }
+            if p.split_enforcement && !matches!(routing, Routing::Include(_)) {
+                return Err(invalid(
+                    "group_policy.split_enforcement",
+                    format!(
+                        "policy '{}' enforces split tunnelling, which needs client_routing mode 'include' (it is '{}')",
+                        p.name, self.client_routing.mode
+                    ),
+                ));
+            }
+            policy::compile(0, &rules, 0, split, self.policy.max_entries)
+                .map_err(|m| invalid("group_policy.rule", format!("policy '{}' {m}", p.name)))?;
+            let mut flags = 0;
+            if p.client_isolation {
+                flags |= POLICY_ISOLATE;
+            }
+            if p.split_enforcement {
+                flags |= POLICY_SPLIT_ENFORCE;
+            }
+            out.push(PolicyDef {
+                name: p.name.clone(),
+                rules,
+                info: PolicyInfo {
+                    flags,
+                    _reserved: 0,
+                    rate_up_bps: p.bandwidth_up_kbps.saturating_mul(1000),
+                    rate_down_bps: p.bandwidth_down_kbps.saturating_mul(1000),
+                },
+            });
+        }
+        if let Some(d) = &self.policy.default
+            && !out.iter().any(|p| &p.name == d)
+        {
+            let names: Vec<&str> = out.iter().map(|p| p.name.as_str()).collect();
+            return Err(invalid(
+                "policy.default",
+                format!(
+                    "'{d}' names no [[group_policy]] (defined: {})",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                ),
+            ));
+        }
+        Ok(out)
     }
 }
 
@@ -565,6 +690,10 @@ impl Settings {
                     .is_some_and(|l| l.eq_ignore_ascii_case(name))
             })
         })
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&PolicyDef> {
+        self.policies.iter().find(|p| p.name == name)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -681,6 +810,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls.key_file"), "{e}");
+    }
+
+    #[test]
+    fn policies_validate_with_clear_errors() {
+        let ok = parse(
+            "[policy]\ndefault = \"staff\"\n[[group_policy]]\nname = \"staff\"\nclient_isolation = true\nbandwidth_up_kbps = 5000\n[[group_policy.rule]]\naction = \"deny\"\nprotocol = \"udp\"\ncomment = \"No UDP\"\n",
+        )
+        .unwrap();
+        let p = ok.policy("staff").unwrap();
+        assert_eq!(p.rules.len(), 1);
+        assert_eq!(p.info.flags, POLICY_ISOLATE);
+        assert_eq!(p.info.rate_up_bps, 5_000_000);
+        let e = parse("[policy]\ndefault = \"nope\"\n").unwrap_err().to_string();
+        assert!(e.contains("'nope' names no [[group_policy]]"), "{e}");
+        let e = parse("[[group_policy]]\nname = \"a\"\n[[group_policy.rule]]\naction = \"drop\"\n").unwrap_err().to_string();
+        assert!(e.contains("policy 'a' rule 1: action 'drop'"), "{e}");
+        let e = parse("[[group_policy]]\nname = \"a\"\nsplit_enforcement = true\n").unwrap_err().to_string();
+        assert!(e.contains("needs client_routing mode 'include'"), "{e}");
     }
 
     #[test]

@@ -24,6 +24,38 @@ pub enum Request {
         target: String,
     },
     Stats,
+    /// Re-read the config file (see `Gateway::reload`).
+    Reload,
+    /// Installed group policies.
+    Policies,
+    /// One policy with its rules and their hit counters.
+    Policy {
+        name: String,
+    },
+}
+
+/// One row of `vpnctl policy list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyRow {
+    pub name: String,
+    pub id: u32,
+    pub rules: usize,
+    pub sessions: usize,
+    pub default: bool,
+    pub client_isolation: bool,
+    pub split_enforcement: bool,
+    pub bandwidth_up_kbps: u64,
+    pub bandwidth_down_kbps: u64,
+    pub map_entries: usize,
+}
+
+/// One rule of `vpnctl policy show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuleRow {
+    pub index: usize,
+    pub rule: String,
+    pub comment: Option<String>,
+    pub hits: u64,
 }
 
 /// One row of `vpnctl sessions`.
@@ -41,6 +73,10 @@ pub struct SessionRow {
     /// `connected`, or `disconnected` (resumable with the cookie).
     pub state: String,
     pub transport: String,
+    /// The group policy in force, if any.
+    pub group_policy: Option<String>,
+    pub denied_in: u64,
+    pub denied_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub packets_in: u64,
@@ -64,6 +100,9 @@ pub enum Response {
     Sessions { sessions: Vec<SessionRow> },
     Disconnected { disconnected: usize },
     Stats { stats: Stats },
+    Reloaded { reloaded: String },
+    Policies { policies: Vec<PolicyRow> },
+    Policy { policy: PolicyRow, rules: Vec<RuleRow> },
     Error { error: String },
 }
 
@@ -95,6 +134,9 @@ impl Gateway {
                     }
                     .into(),
                     transport: if slot.handle.is_some() { "tls" } else { "-" }.into(),
+                    group_policy: s.policy.lock().unwrap().effective.clone(),
+                    denied_in: st.rx_denied,
+                    denied_out: st.tx_denied,
                     bytes_in: st.rx_bytes,
                     bytes_out: st.tx_bytes,
                     packets_in: st.rx_packets,
@@ -147,6 +189,27 @@ impl Gateway {
             .count())
     }
 
+    fn policy_row(&self, p: &crate::policies::Installed, default: Option<&str>) -> PolicyRow {
+        let sessions = self
+            .sessions
+            .all()
+            .iter()
+            .filter(|s| s.policy.lock().unwrap().id == p.id)
+            .count();
+        PolicyRow {
+            name: p.def.name.clone(),
+            id: p.id,
+            rules: p.def.rules.len(),
+            sessions,
+            default: default == Some(p.def.name.as_str()),
+            client_isolation: p.def.info.flags & vpn_common::POLICY_ISOLATE != 0,
+            split_enforcement: p.def.info.flags & vpn_common::POLICY_SPLIT_ENFORCE != 0,
+            bandwidth_up_kbps: p.def.info.rate_up_bps / 1000,
+            bandwidth_down_kbps: p.def.info.rate_down_bps / 1000,
+            map_entries: p.compiled.entries(),
+        }
+    }
+
     fn answer(&self, line: &str) -> Response {
         match serde_json::from_str::<Request>(line) {
             Err(e) => Response::Error {
@@ -158,6 +221,51 @@ impl Gateway {
             Ok(Request::Stats) => Response::Stats {
                 stats: self.stats(),
             },
+            Ok(Request::Reload) => match self.reload() {
+                Ok(reloaded) => Response::Reloaded { reloaded },
+                Err(error) => Response::Error { error },
+            },
+            Ok(Request::Policies) => {
+                let set = self.policies.lock().unwrap();
+                let default = set.default_name().map(str::to_owned);
+                let all = set.all();
+                drop(set);
+                Response::Policies {
+                    policies: all.iter().map(|p| self.policy_row(p, default.as_deref())).collect(),
+                }
+            }
+            Ok(Request::Policy { name }) => {
+                let set = self.policies.lock().unwrap();
+                let default = set.default_name().map(str::to_owned);
+                let found = set.get(&name);
+                let names: Vec<String> = set.all().iter().map(|p| p.def.name.clone()).collect();
+                drop(set);
+                match found {
+                    None => Response::Error {
+                        error: format!("no group policy '{name}' (installed: {})", names.join(", ")),
+                    },
+                    Some(p) => {
+                        let dp = self.datapath.lock().unwrap();
+                        let rules = p
+                            .def
+                            .rules
+                            .iter()
+                            .enumerate()
+                            .map(|(i, r)| RuleRow {
+                                index: i + 1,
+                                rule: r.describe(),
+                                comment: r.comment.clone(),
+                                hits: dp.rule_hits(p.first_slot + i as u32),
+                            })
+                            .collect();
+                        drop(dp);
+                        Response::Policy {
+                            policy: self.policy_row(&p, default.as_deref()),
+                            rules,
+                        }
+                    }
+                }
+            }
             Ok(Request::Disconnect { target }) => match self.disconnect(&target) {
                 Ok(n) => Response::Disconnected { disconnected: n },
                 Err(error) => Response::Error { error },

@@ -42,6 +42,14 @@ pub enum Event {
         user: String,
         reason: String,
     },
+    ConfigReloaded {
+        policies: usize,
+        /// Changed sections that only apply after a restart.
+        needs_restart: Vec<String>,
+    },
+    ConfigReloadFailed {
+        reason: String,
+    },
 }
 
 #[derive(Serialize)]

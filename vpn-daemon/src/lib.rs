@@ -8,6 +8,7 @@ pub mod events;
 pub mod http;
 pub mod mac;
 pub mod netlink;
+pub mod policies;
 pub mod policy;
 pub mod pool;
 pub mod server;

@@ -21,13 +21,14 @@ use vpn_common::SessionInfo;
 
 use crate::{
     bpf::Datapath,
-    config::{Routing, Settings},
+    config::{Config, Routing, Settings},
     cstp::{self, FrameType},
     events::{Event, EventLog},
     http::{self, Request, Response},
     mac::{format_mac, pseudo_mac},
+    policies::PolicySet,
     pool::Pool,
-    session::{Kick, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot, new_cookie},
+    session::{PolicyBinding, Kick, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot, new_cookie},
     tun::Tun,
     users::{AuthResult, UserDb},
     xml,
@@ -57,18 +58,23 @@ pub struct Gateway {
     pub tun: Arc<Tun>,
     auth: Mutex<HashMap<String, AuthState>>,
     pub started: SystemTime,
+    pub policies: Mutex<PolicySet>,
+    /// The file `reload` re-reads.
+    pub config_path: std::path::PathBuf,
 }
 
 impl Gateway {
+    /// The gateway with `settings`' policies installed.
     pub fn new(
         settings: Settings,
+        config_path: std::path::PathBuf,
         users: UserDb,
         datapath: Datapath,
         events: EventLog,
         tun: Arc<Tun>,
-    ) -> Arc<Self> {
+    ) -> anyhow::Result<Arc<Self>> {
         let pool = Pool::new(settings.pool_v4, settings.pool_v6);
-        Arc::new(Gateway {
+        let gw = Arc::new(Gateway {
             settings,
             users,
             sessions: SessionTable::default(),
@@ -78,7 +84,12 @@ impl Gateway {
             tun,
             auth: Mutex::new(HashMap::new()),
             started: SystemTime::now(),
-        })
+            policies: Mutex::new(PolicySet::default()),
+            config_path,
+        });
+        let settings = gw.settings.clone();
+        gw.apply_policies(&settings)?;
+        Ok(gw)
     }
 
     /// Accepts TLS connections until the listener fails.
@@ -404,7 +415,19 @@ impl Gateway {
     ) -> Result<(Arc<Session>, String), String> {
         let max = self.settings.raw.server.max_sessions as usize;
         // The pool lock also serialises the limit check with the insert.
+        // Lock order: pool, policies, datapath.
         let mut pool = self.pool.lock().unwrap();
+        let policies = self.policies.lock().unwrap();
+        let binding = match policies.resolve(group_policy.as_deref()) {
+            Ok(p) => PolicyBinding {
+                own: group_policy,
+                effective: p.as_ref().map(|p| p.def.name.clone()),
+                id: p.map_or(0, |p| p.id),
+            },
+            Err(e) => {
+                return Err(format!("{e}; the login is refused (ask your administrator to fix your account)"));
+            }
+        };
         if self.sessions.len() >= max {
             return Err(format!(
                 "the gateway has reached its limit of {max} concurrent sessions; try again later"
@@ -418,7 +441,7 @@ impl Gateway {
             id: self.sessions.next_id(),
             user: user.to_owned(),
             group: group.to_owned(),
-            group_policy,
+            policy: Mutex::new(binding.clone()),
             lease,
             mac: pseudo_mac(user),
             created: SystemTime::now(),
@@ -433,7 +456,7 @@ impl Gateway {
             let mut dp = self.datapath.lock().unwrap();
             let info = SessionInfo {
                 session_id: session.id,
-                policy_id: 0,
+                policy_id: binding.id,
                 flags: 0,
             };
             for a in session.addresses() {
@@ -447,9 +470,113 @@ impl Gateway {
                 }
             }
         }
+        drop(policies);
         let cookie = new_cookie();
         self.sessions.insert(session.clone(), &cookie);
         Ok((session, cookie))
+    }
+
+    /// Installs the policies of `settings` (at start and on reload).
+    pub fn apply_policies(&self, settings: &Settings) -> anyhow::Result<()> {
+        let mut policies = self.policies.lock().unwrap();
+        let mut dp = self.datapath.lock().unwrap();
+        let old = policies.apply(
+            &mut dp,
+            &settings.policies,
+            settings.raw.policy.default.clone(),
+            // The split list clients were given at connect time.
+            &self.settings.split_allow,
+            settings.raw.policy.max_entries,
+        )?;
+        drop(dp);
+        // Re-resolve every session against the new set (users may have
+        // new policies too), then drop the versions nobody uses.
+        for s in self.sessions.all() {
+            let own = match self.users.policy_of(&s.user) {
+                Some(own) => own,
+                None => s.policy.lock().unwrap().own.clone(),
+            };
+            match policies.resolve(own.as_deref()) {
+                Ok(p) => {
+                    let binding = PolicyBinding {
+                        own,
+                        effective: p.as_ref().map(|p| p.def.name.clone()),
+                        id: p.map_or(0, |p| p.id),
+                    };
+                    if *s.policy.lock().unwrap() != binding {
+                        let mut dp = self.datapath.lock().unwrap();
+                        for a in s.addresses() {
+                            dp.set_session(
+                                a,
+                                SessionInfo {
+                                    session_id: s.id,
+                                    policy_id: binding.id,
+                                    flags: 0,
+                                },
+                            )?;
+                        }
+                        tracing::info!(user = s.user, policy = ?binding.effective, "session policy changed");
+                        *s.policy.lock().unwrap() = binding;
+                    }
+                }
+                Err(e) => {
+                    // Fail closed: never leave a session on a policy that
+                    // is gone, nor silently widen its access.
+                    drop(policies);
+                    self.end_session(s.id, &format!("{e} any more"));
+                    policies = self.policies.lock().unwrap();
+                }
+            }
+        }
+        let mut dp = self.datapath.lock().unwrap();
+        policies.retire(&mut dp, old);
+        Ok(())
+    }
+
+    /// `vpnctl reload` / SIGHUP: re-reads the config file. A file that does
+    /// not validate is rejected and the running config stays. Group
+    /// policies and the default policy change live; other sections need a
+    /// restart and are reported as such.
+    pub fn reload(&self) -> Result<String, String> {
+        let new = Config::load(&self.config_path).map_err(|e| {
+            let msg = format!("reload rejected, the running configuration stays: {e}");
+            self.events.emit(Event::ConfigReloadFailed { reason: e.to_string() });
+            msg
+        })?;
+        self.apply_policies(&new).map_err(|e| {
+            let msg = format!("reload rejected, the running configuration stays: {e:#}");
+            self.events.emit(Event::ConfigReloadFailed { reason: format!("{e:#}") });
+            msg
+        })?;
+        let mut restart = Vec::new();
+        let (a, b) = (&self.settings.raw, &new.raw);
+        for (name, same) in [
+            ("server", a.server == b.server),
+            ("tls", a.tls == b.tls),
+            ("http", a.http == b.http),
+            ("tunnel", a.tunnel == b.tunnel),
+            ("client_routing", a.client_routing == b.client_routing),
+            ("session", a.session == b.session),
+            ("auth", a.auth == b.auth),
+            ("group", a.groups == b.groups),
+        ] {
+            if !same {
+                restart.push(name);
+            }
+        }
+        let n = new.policies.len();
+        self.events.emit(Event::ConfigReloaded {
+            policies: n,
+            needs_restart: restart.iter().map(|s| s.to_string()).collect(),
+        });
+        Ok(if restart.is_empty() {
+            format!("reloaded: {n} group policies applied")
+        } else {
+            format!(
+                "reloaded: {n} group policies applied; changes to [{}] take effect after a restart",
+                restart.join("], [")
+            )
+        })
     }
 
     /// Ends a session for good: closes its tunnel (telling the client),

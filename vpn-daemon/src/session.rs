@@ -39,6 +39,18 @@ pub struct TunnelHandle {
     pub kick: Option<oneshot::Sender<Kick>>,
 }
 
+/// Which group policy a session has and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyBinding {
+    /// The user's own policy (local user database now; RADIUS Filter-ID
+    /// and LDAP groups later); `None` = the default applies.
+    pub own: Option<String>,
+    /// The policy in force (own or default); `None` = no policy.
+    pub effective: Option<String>,
+    /// Its installed id; 0 = none.
+    pub id: u32,
+}
+
 /// The tunnel side of a session, behind one lock.
 #[derive(Default)]
 pub struct TunnelSlot {
@@ -55,7 +67,8 @@ pub struct Session {
     pub id: u64,
     pub user: String,
     pub group: String,
-    pub group_policy: Option<String>,
+    /// The group policy in force, changed by reloads.
+    pub policy: Mutex<PolicyBinding>,
     pub lease: Lease,
     pub mac: [u8; 6],
     pub created: SystemTime,
@@ -208,7 +221,7 @@ mod tests {
             id,
             user: "alice".into(),
             group: "default".into(),
-            group_policy: None,
+            policy: Mutex::new(PolicyBinding::default()),
             lease: Lease {
                 v4: Ipv4Addr::new(198, 19, 0, last),
                 v6: None,

@@ -238,6 +238,12 @@ impl UserDb {
         c.1.clone()
     }
 
+    /// A user's own group policy from the current file: `None` if the user
+    /// is not in the database (any more).
+    pub fn policy_of(&self, name: &str) -> Option<Option<String>> {
+        self.current().find(name).map(|u| u.group_policy.clone())
+    }
+
     /// Checks a user's password. Slow by design (argon2): call it from a
     /// blocking thread. Unknown users cost the same as known ones, so timing
     /// does not reveal which names exist.

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         }
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(run(settings)) {
+    match rt.block_on(run(settings, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(settings: vpn_daemon::config::Settings) -> anyhow::Result<()> {
+async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> anyhow::Result<()> {
     let raw = &settings.raw;
     let events =
         EventLog::open(raw.server.event_log.as_deref()).context("opening server.event_log")?;
@@ -95,7 +95,7 @@ async fn run(settings: vpn_daemon::config::Settings) -> anyhow::Result<()> {
     let (listener, acceptor) = server::bind(&settings, tls_config).await?;
     let control_path = raw.server.control_socket.clone();
     let control = control::bind(&control_path)?;
-    let gw = server::Gateway::new(settings.clone(), users, datapath, events, tun);
+    let gw = server::Gateway::new(settings.clone(), config_path, users, datapath, events, tun)?;
 
     tokio::spawn(gw.clone().tun_reader());
     tokio::spawn(gw.clone().reap());
@@ -103,11 +103,23 @@ async fn run(settings: vpn_daemon::config::Settings) -> anyhow::Result<()> {
     let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
     tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        r = serve => { r??; }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut serve = serve;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = hup.recv() => {
+                let gw = gw.clone();
+                match tokio::task::spawn_blocking(move || gw.reload()).await? {
+                    Ok(m) => tracing::info!("SIGHUP: {m}"),
+                    Err(m) => tracing::error!("SIGHUP: {m}"),
+                }
+            }
+            r = &mut serve => { r??; break }
+        }
     }
     for s in gw.sessions.all() {
         gw.end_session(s.id, "gateway shutting down");

@@ -34,9 +34,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read the configuration: group policies apply live to every session;
+    /// a file that does not validate is rejected and the running one stays.
+    Reload,
+    /// Inspect group policies and their rule hit counters.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Manage the local user database (no daemon needed).
     #[command(subcommand)]
     User(UserCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Installed policies: rules, sessions using them, switches.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One policy's rules with the packets each has matched.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -1,6 +1,7 @@
 //! `vpnctl`: thin dispatch; each subcommand lives in its own module.
 
 mod args;
+mod policy;
 mod sessions;
 mod user;
 
@@ -17,6 +18,8 @@ fn main() -> ExitCode {
         Command::Disconnect { target } => sessions::disconnect(&args.socket, &target),
         Command::Stats { json } => sessions::stats(&args.socket, json),
         Command::User(cmd) => user::run(cmd),
+        Command::Reload => policy::reload(&args.socket),
+        Command::Policy(cmd) => policy::run(&args.socket, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

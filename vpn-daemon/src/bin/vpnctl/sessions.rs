@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::bail;
 use vpn_daemon::control::{self, Request, Response};
 
-fn call(socket: &Path, req: Request) -> anyhow::Result<Response> {
+pub fn call(socket: &Path, req: Request) -> anyhow::Result<Response> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -1,0 +1,218 @@
+//! The group policies installed in the data path, and how they change.
+//!
+//! Every policy version has its own id and its own rule-hit slots. A change
+//! (reload) installs the new version completely under a new id, flips each
+//! session's `policy_id` (one map update per address), and only then removes
+//! the old version, so no packet ever sees half a policy. Unchanged policies
+//! keep their id and hit counters.
+
+use std::{collections::HashMap, sync::Arc};
+
+use ipnet::IpNet;
+use vpn_common::MAX_RULE_SLOTS;
+
+use crate::{
+    bpf::Datapath,
+    config::PolicyDef,
+    policy::{self, Compiled},
+};
+
+/// One installed policy version.
+#[derive(Debug)]
+pub struct Installed {
+    pub id: u32,
+    pub def: PolicyDef,
+    pub compiled: Compiled,
+    pub first_slot: u32,
+}
+
+/// First-fit allocator of contiguous rule-hit slots.
+struct Slots {
+    used: Vec<bool>,
+}
+
+impl Slots {
+    fn alloc(&mut self, n: usize) -> Option<u32> {
+        let n = n.max(1);
+        let mut run = 0;
+        for i in 0..self.used.len() {
+            run = if self.used[i] { 0 } else { run + 1 };
+            if run == n {
+                let start = i + 1 - n;
+                self.used[start..=i].iter_mut().for_each(|u| *u = true);
+                return Some(start as u32);
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, start: u32, n: usize) {
+        let s = start as usize;
+        self.used[s..s + n.max(1)].iter_mut().for_each(|u| *u = false);
+    }
+}
+
+pub struct PolicySet {
+    current: HashMap<String, Arc<Installed>>,
+    default: Option<String>,
+    next_id: u32,
+    slots: Slots,
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        PolicySet {
+            current: HashMap::new(),
+            default: None,
+            next_id: 1,
+            slots: Slots {
+                used: vec![false; MAX_RULE_SLOTS as usize],
+            },
+        }
+    }
+}
+
+/// Why a policy name could not be resolved: the login is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("group policy '{0}' does not exist")]
+pub struct MissingPolicy(pub String);
+
+impl PolicySet {
+    /// Makes `defs` the installed policies. Unchanged ones stay as they
+    /// are; new and changed ones are installed under new ids. Returns the
+    /// versions that are replaced or gone: remove them with
+    /// [`PolicySet::retire`] once no session points at them. On error
+    /// nothing changes.
+    pub fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        defs: &[PolicyDef],
+        default: Option<String>,
+        split: &[IpNet],
+        max_entries: usize,
+    ) -> anyhow::Result<Vec<Arc<Installed>>> {
+        let mut fresh: Vec<Arc<Installed>> = Vec::new();
+        let mut next = HashMap::new();
+        for def in defs {
+            if let Some(cur) = self.current.get(&def.name).filter(|c| &c.def == def) {
+                next.insert(def.name.clone(), cur.clone());
+                continue;
+            }
+            let installed = match self.install(dp, def, split, max_entries) {
+                Ok(i) => Arc::new(i),
+                Err(e) => {
+                    for f in fresh {
+                        self.remove(dp, &f);
+                    }
+                    return Err(e);
+                }
+            };
+            fresh.push(installed.clone());
+            next.insert(def.name.clone(), installed);
+        }
+        let old: Vec<Arc<Installed>> = self
+            .current
+            .values()
+            .filter(|c| !next.values().any(|n| n.id == c.id))
+            .cloned()
+            .collect();
+        self.current = next;
+        self.default = default;
+        Ok(old)
+    }
+
+    fn install(&mut self, dp: &mut Datapath, def: &PolicyDef, split: &[IpNet], max_entries: usize) -> anyhow::Result<Installed> {
+        let first_slot = self
+            .slots
+            .alloc(def.rules.len())
+            .ok_or_else(|| anyhow::anyhow!("policy '{}': no room for {} more rule counters", def.name, def.rules.len()))?;
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let built = policy::compile(id, &def.rules, first_slot, split, max_entries)
+            .map_err(|m| anyhow::anyhow!("policy '{}' {m}", def.name))
+            .and_then(|compiled| {
+                dp.reset_hits(first_slot..first_slot + def.rules.len() as u32)?;
+                dp.install_policy(id, def.info, &compiled)?;
+                Ok(compiled)
+            });
+        match built {
+            Ok(compiled) => {
+                tracing::info!(
+                    policy = def.name,
+                    id,
+                    rules = def.rules.len(),
+                    entries = compiled.entries(),
+                    "installed group policy"
+                );
+                Ok(Installed {
+                    id,
+                    def: def.clone(),
+                    compiled,
+                    first_slot,
+                })
+            }
+            Err(e) => {
+                self.slots.free(first_slot, def.rules.len());
+                Err(e)
+            }
+        }
+    }
+
+    fn remove(&mut self, dp: &mut Datapath, p: &Installed) {
+        dp.remove_policy(p.id, &p.compiled);
+        self.slots.free(p.first_slot, p.def.rules.len());
+    }
+
+    /// Removes versions returned by [`PolicySet::apply`].
+    pub fn retire(&mut self, dp: &mut Datapath, old: Vec<Arc<Installed>>) {
+        for p in old {
+            self.remove(dp, &p);
+        }
+    }
+
+    /// The policy for a user whose own policy is `own`: their own, else
+    /// the default, else none (id 0: everything allowed). A name that does
+    /// not exist is an error, never silently more access.
+    pub fn resolve(&self, own: Option<&str>) -> Result<Option<Arc<Installed>>, MissingPolicy> {
+        match own.or(self.default.as_deref()) {
+            None => Ok(None),
+            Some(name) => self
+                .current
+                .get(name)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| MissingPolicy(name.to_owned())),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Installed>> {
+        self.current.get(name).cloned()
+    }
+
+    pub fn default_name(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
+    /// Installed policies by name.
+    pub fn all(&self) -> Vec<Arc<Installed>> {
+        let mut v: Vec<_> = self.current.values().cloned().collect();
+        v.sort_by(|a, b| a.def.name.cmp(&b.def.name));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_first_fit() {
+        let mut s = Slots { used: vec![false; 10] };
+        assert_eq!(s.alloc(4), Some(0));
+        assert_eq!(s.alloc(4), Some(4));
+        assert_eq!(s.alloc(4), None);
+        s.free(0, 4);
+        assert_eq!(s.alloc(2), Some(0));
+        assert_eq!(s.alloc(0), Some(2), "an empty policy still takes one slot");
+    }
+}
