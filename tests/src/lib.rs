@@ -147,7 +147,13 @@ pub struct Topology {
     pub client: Netns,
     pub gw: Netns,
     pub server: Netns,
+    /// A second client (198.18.3.2), for client-to-client tests.
+    pub client2: Netns,
 }
+
+/// An address on the server outside the usual split-include list.
+pub const SERVER_OUTSIDE_SPLIT: &str = "198.18.4.2";
+pub const CLIENT2_OUTSIDE: &str = "198.18.3.2";
 
 impl Topology {
     pub fn new() -> anyhow::Result<Self> {
@@ -186,13 +192,37 @@ impl Topology {
             "nodad",
         ])?;
         server.ip(&["link", "set", "eth0", "up"])?;
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{SERVER_OUTSIDE_SPLIT}/24"),
+            "dev",
+            "eth0",
+        ])?;
         server.ip(&["route", "add", POOL, "via", GW_INSIDE])?;
         server.ip(&["-6", "route", "add", POOL6, "via", "fd00:2::1"])?;
+        gw.ip(&["route", "add", "198.18.4.0/24", "via", SERVER])?;
+        let client2 = Netns::new(format!("vgt-{id}-d"))?;
+        client2.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "up1", "netns", &gw.name,
+        ])?;
+        client2.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT2_OUTSIDE}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        client2.ip(&["link", "set", "eth0", "up"])?;
+        client2.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.3.1"])?;
+        gw.ip(&["addr", "add", "198.18.3.1/24", "dev", "up1"])?;
+        gw.ip(&["link", "set", "up1", "up"])?;
         Ok(Topology {
             id,
             client,
             gw,
             server,
+            client2,
         })
     }
 }
@@ -500,16 +530,27 @@ impl Client {
         password: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::start_with(topo, &gw.pin, extra, Some((user, password)), None)
+        Self::start_with(&topo.client, &gw.pin, extra, Some((user, password)), None)
+    }
+
+    /// The same from another client namespace (`topo.client2`).
+    pub fn start_in(
+        ns: &Netns,
+        gw: &Gateway,
+        user: &str,
+        password: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(ns, &gw.pin, extra, Some((user, password)), None)
     }
 
     /// Starts `openconnect` with a cookie instead of a login.
     pub fn start_with_cookie(topo: &Topology, gw: &Gateway, cookie: &str) -> anyhow::Result<Self> {
-        Self::start_with(topo, &gw.pin, &[], None, Some(cookie))
+        Self::start_with(&topo.client, &gw.pin, &[], None, Some(cookie))
     }
 
     fn start_with(
-        topo: &Topology,
+        ns: &Netns,
         pin: &str,
         extra: &[&str],
         login: Option<(&str, &str)>,
@@ -520,7 +561,7 @@ impl Client {
         std::fs::write(&script, CLIENT_SCRIPT)?;
         sh(Command::new("chmod").arg("755").arg(&script))?;
         let log = std::fs::File::create(dir.path().join("openconnect.log"))?;
-        let mut cmd = topo.client.cmd("openconnect");
+        let mut cmd = ns.cmd("openconnect");
         cmd.env("OCDIR", dir.path())
             .args([
                 "-v",
@@ -682,6 +723,42 @@ pub fn iperf3(
     reverse: bool,
 ) -> anyhow::Result<f64> {
     let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 100) as u16;
+    iperf3_with(
+        client,
+        server,
+        server_addr,
+        port,
+        secs,
+        if reverse { &["-R"] } else { &[] },
+    )
+}
+
+/// iperf3 on `port` with extra client arguments (`-u -b 10M`, `-R`);
+/// returns the bits per second the receiver got, or an error when the test
+/// could not run (no connection).
+pub fn iperf3_with(
+    client: &Netns,
+    server: &Netns,
+    server_addr: &str,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> anyhow::Result<f64> {
+    let v = iperf3_json(client, server, server_addr, port, secs, extra)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("iperf3 failed: {}", v["error"]))
+}
+
+/// iperf3's JSON report (UDP results are under `end.sum`).
+pub fn iperf3_json(
+    client: &Netns,
+    server: &Netns,
+    server_addr: &str,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> anyhow::Result<serde_json::Value> {
     let mut srv = server
         .cmd("iperf3")
         .args(["-s", "-1", "-p", &port.to_string()])
@@ -691,28 +768,25 @@ pub fn iperf3(
     std::thread::sleep(Duration::from_millis(300));
     let mut cmd = client.cmd("timeout");
     cmd.args([
-        &(secs + 15).to_string(),
+        &(secs + 8).to_string(),
         "iperf3",
         "-J",
+        "--connect-timeout",
+        "3000",
         "-c",
         server_addr,
         "-p",
         &port.to_string(),
         "-t",
         &secs.to_string(),
-    ]);
-    if reverse {
-        cmd.arg("-R");
-    }
+    ])
+    .args(extra);
     let out = cmd.output();
     let _ = srv.kill();
     let _ = srv.wait();
     let out = out?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or_else(|| anyhow!("iperf3 failed: {v}"))
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Runs `f` on a thread that has entered `ns`'s network namespace: sockets

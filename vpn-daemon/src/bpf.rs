@@ -126,7 +126,8 @@ impl Datapath {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(e).with_context(|| format!("removing stale pin {}", path.display()));
+                    return Err(e)
+                        .with_context(|| format!("removing stale pin {}", path.display()));
                 }
             }
             ebpf.map(name)

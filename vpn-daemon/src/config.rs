@@ -516,7 +516,9 @@ impl Config {
         let gw4 = pool_v4.hosts().next().expect("validated pool has hosts");
         split_allow.push(IpNet::from(IpAddr::V4(gw4)));
         if let Some(n) = pool_v6 {
-            split_allow.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1))));
+            split_allow.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(
+                u128::from(n.network()) + 1,
+            ))));
         }
         let policies = self.validate_policies(&routing, &split_allow)?;
         Ok(Settings {
@@ -533,28 +535,51 @@ impl Config {
 }
 
 impl Config {
-    fn validate_policies(&self, routing: &Routing, split: &[IpNet]) -> Result<Vec<PolicyDef>, ConfigError> {
+    fn validate_policies(
+        &self,
+        routing: &Routing,
+        split: &[IpNet],
+    ) -> Result<Vec<PolicyDef>, ConfigError> {
         let mut out: Vec<PolicyDef> = Vec::new();
         for p in &self.group_policies {
-            if p.name.is_empty() || p.name.len() > 64 || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            if p.name.is_empty()
+                || p.name.len() > 64
+                || !p
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
                 return Err(invalid(
                     "group_policy.name",
-                    format!("'{}' is not a valid policy name: 1 to 64 letters, digits, '-', '_' or '.'", p.name),
+                    format!(
+                        "'{}' is not a valid policy name: 1 to 64 letters, digits, '-', '_' or '.'",
+                        p.name
+                    ),
                 ));
             }
             if out.iter().any(|o| o.name == p.name) {
-                return Err(invalid("group_policy.name", format!("'{}' is defined twice", p.name)));
+                return Err(invalid(
+                    "group_policy.name",
+                    format!("'{}' is defined twice", p.name),
+                ));
             }
             if p.rules.len() > 10_000 {
                 return Err(invalid(
                     "group_policy.rule",
-                    format!("policy '{}' has {} rules; at most 10000 are supported", p.name, p.rules.len()),
+                    format!(
+                        "policy '{}' has {} rules; at most 10000 are supported",
+                        p.name,
+                        p.rules.len()
+                    ),
                 ));
             }
             let mut rules = Vec::with_capacity(p.rules.len());
             for (i, r) in p.rules.iter().enumerate() {
                 rules.push(Rule::parse(r).map_err(|m| {
-                    invalid("group_policy.rule", format!("policy '{}' rule {}: {m}", p.name, i + 1))
+                    invalid(
+                        "group_policy.rule",
+                        format!("policy '{}' rule {}: {m}", p.name, i + 1),
+                    )
                 })?);
             }
             if p.split_enforcement && !matches!(routing, Routing::Include(_)) {
@@ -594,7 +619,11 @@ impl Config {
                 "policy.default",
                 format!(
                     "'{d}' names no [[group_policy]] (defined: {})",
-                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
                 ),
             ));
         }
@@ -822,11 +851,17 @@ mod tests {
         assert_eq!(p.rules.len(), 1);
         assert_eq!(p.info.flags, POLICY_ISOLATE);
         assert_eq!(p.info.rate_up_bps, 5_000_000);
-        let e = parse("[policy]\ndefault = \"nope\"\n").unwrap_err().to_string();
+        let e = parse("[policy]\ndefault = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'nope' names no [[group_policy]]"), "{e}");
-        let e = parse("[[group_policy]]\nname = \"a\"\n[[group_policy.rule]]\naction = \"drop\"\n").unwrap_err().to_string();
+        let e = parse("[[group_policy]]\nname = \"a\"\n[[group_policy.rule]]\naction = \"drop\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("policy 'a' rule 1: action 'drop'"), "{e}");
-        let e = parse("[[group_policy]]\nname = \"a\"\nsplit_enforcement = true\n").unwrap_err().to_string();
+        let e = parse("[[group_policy]]\nname = \"a\"\nsplit_enforcement = true\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs client_routing mode 'include'"), "{e}");
     }
 

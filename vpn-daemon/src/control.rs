@@ -97,13 +97,28 @@ pub struct Stats {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Response {
-    Sessions { sessions: Vec<SessionRow> },
-    Disconnected { disconnected: usize },
-    Stats { stats: Stats },
-    Reloaded { reloaded: String },
-    Policies { policies: Vec<PolicyRow> },
-    Policy { policy: PolicyRow, rules: Vec<RuleRow> },
-    Error { error: String },
+    Sessions {
+        sessions: Vec<SessionRow>,
+    },
+    Disconnected {
+        disconnected: usize,
+    },
+    Stats {
+        stats: Stats,
+    },
+    Reloaded {
+        reloaded: String,
+    },
+    Policies {
+        policies: Vec<PolicyRow>,
+    },
+    Policy {
+        policy: PolicyRow,
+        rules: Vec<RuleRow>,
+    },
+    Error {
+        error: String,
+    },
 }
 
 impl Gateway {
@@ -231,7 +246,10 @@ impl Gateway {
                 let all = set.all();
                 drop(set);
                 Response::Policies {
-                    policies: all.iter().map(|p| self.policy_row(p, default.as_deref())).collect(),
+                    policies: all
+                        .iter()
+                        .map(|p| self.policy_row(p, default.as_deref()))
+                        .collect(),
                 }
             }
             Ok(Request::Policy { name }) => {
@@ -242,7 +260,10 @@ impl Gateway {
                 drop(set);
                 match found {
                     None => Response::Error {
-                        error: format!("no group policy '{name}' (installed: {})", names.join(", ")),
+                        error: format!(
+                            "no group policy '{name}' (installed: {})",
+                            names.join(", ")
+                        ),
                     },
                     Some(p) => {
                         let dp = self.datapath.lock().unwrap();

@@ -48,7 +48,9 @@ impl Slots {
 
     fn free(&mut self, start: u32, n: usize) {
         let s = start as usize;
-        self.used[s..s + n.max(1)].iter_mut().for_each(|u| *u = false);
+        self.used[s..s + n.max(1)]
+            .iter_mut()
+            .for_each(|u| *u = false);
     }
 }
 
@@ -121,11 +123,20 @@ impl PolicySet {
         Ok(old)
     }
 
-    fn install(&mut self, dp: &mut Datapath, def: &PolicyDef, split: &[IpNet], max_entries: usize) -> anyhow::Result<Installed> {
-        let first_slot = self
-            .slots
-            .alloc(def.rules.len())
-            .ok_or_else(|| anyhow::anyhow!("policy '{}': no room for {} more rule counters", def.name, def.rules.len()))?;
+    fn install(
+        &mut self,
+        dp: &mut Datapath,
+        def: &PolicyDef,
+        split: &[IpNet],
+        max_entries: usize,
+    ) -> anyhow::Result<Installed> {
+        let first_slot = self.slots.alloc(def.rules.len()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "policy '{}': no room for {} more rule counters",
+                def.name,
+                def.rules.len()
+            )
+        })?;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let built = policy::compile(id, &def.rules, first_slot, split, max_entries)
@@ -207,7 +218,9 @@ mod tests {
 
     #[test]
     fn slots_first_fit() {
-        let mut s = Slots { used: vec![false; 10] };
+        let mut s = Slots {
+            used: vec![false; 10],
+        };
         assert_eq!(s.alloc(4), Some(0));
         assert_eq!(s.alloc(4), Some(4));
         assert_eq!(s.alloc(4), None);

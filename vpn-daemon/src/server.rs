@@ -28,7 +28,9 @@ use crate::{
     mac::{format_mac, pseudo_mac},
     policies::PolicySet,
     pool::Pool,
-    session::{PolicyBinding, Kick, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot, new_cookie},
+    session::{
+        Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot, new_cookie,
+    },
     tun::Tun,
     users::{AuthResult, UserDb},
     xml,
@@ -425,7 +427,9 @@ impl Gateway {
                 id: p.map_or(0, |p| p.id),
             },
             Err(e) => {
-                return Err(format!("{e}; the login is refused (ask your administrator to fix your account)"));
+                return Err(format!(
+                    "{e}; the login is refused (ask your administrator to fix your account)"
+                ));
             }
         };
         if self.sessions.len() >= max {
@@ -540,12 +544,16 @@ impl Gateway {
     pub fn reload(&self) -> Result<String, String> {
         let new = Config::load(&self.config_path).map_err(|e| {
             let msg = format!("reload rejected, the running configuration stays: {e}");
-            self.events.emit(Event::ConfigReloadFailed { reason: e.to_string() });
+            self.events.emit(Event::ConfigReloadFailed {
+                reason: e.to_string(),
+            });
             msg
         })?;
         self.apply_policies(&new).map_err(|e| {
             let msg = format!("reload rejected, the running configuration stays: {e:#}");
-            self.events.emit(Event::ConfigReloadFailed { reason: format!("{e:#}") });
+            self.events.emit(Event::ConfigReloadFailed {
+                reason: format!("{e:#}"),
+            });
             msg
         })?;
         let mut restart = Vec::new();

@@ -37,8 +37,16 @@ pub fn run(socket: &Path, cmd: PolicyCommand) -> anyhow::Result<()> {
                     p.rules,
                     p.sessions,
                     if p.client_isolation { "yes" } else { "no" },
-                    if p.bandwidth_up_kbps == 0 { "-".to_string() } else { p.bandwidth_up_kbps.to_string() },
-                    if p.bandwidth_down_kbps == 0 { "-".to_string() } else { p.bandwidth_down_kbps.to_string() },
+                    if p.bandwidth_up_kbps == 0 {
+                        "-".to_string()
+                    } else {
+                        p.bandwidth_up_kbps.to_string()
+                    },
+                    if p.bandwidth_down_kbps == 0 {
+                        "-".to_string()
+                    } else {
+                        p.bandwidth_down_kbps.to_string()
+                    },
                     p.map_entries,
                     if p.default { "yes" } else { "" }
                 );
@@ -52,7 +60,12 @@ pub fn run(socket: &Path, cmd: PolicyCommand) -> anyhow::Result<()> {
                 bail!("unexpected answer from vpnd");
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "policy": policy, "rules": rules }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "policy": policy, "rules": rules })
+                    )?
+                );
                 return Ok(());
             }
             println!(
@@ -61,13 +74,26 @@ pub fn run(socket: &Path, cmd: PolicyCommand) -> anyhow::Result<()> {
                 policy.id,
                 policy.sessions,
                 if policy.client_isolation { "on" } else { "off" },
-                if policy.split_enforcement { "on" } else { "off" }
+                if policy.split_enforcement {
+                    "on"
+                } else {
+                    "off"
+                }
             );
             println!("{:>4}  {:<48} {:>12}  COMMENT", "#", "RULE", "HITS");
             for r in &rules {
-                println!("{:>4}  {:<48} {:>12}  {}", r.index, r.rule, r.hits, r.comment.as_deref().unwrap_or(""));
+                println!(
+                    "{:>4}  {:<48} {:>12}  {}",
+                    r.index,
+                    r.rule,
+                    r.hits,
+                    r.comment.as_deref().unwrap_or("")
+                );
             }
-            println!("{:>4}  {:<48} {:>12}", "-", "allow (default: no rule matched)", "");
+            println!(
+                "{:>4}  {:<48} {:>12}",
+                "-", "allow (default: no rule matched)", ""
+            );
         }
     }
     Ok(())
