@@ -164,7 +164,7 @@ fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
     let gw = Gateway::start(
         &topo,
         ConfigParts {
-            rest: "[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n\n[[group]]\nname = \"sales\"\nlabel = \"Sales\"\n",
+            rest: "[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n\n[[group]]\nname = \"sales\"\nlabel = \"Sales\"\n\n[[group_policy]]\nname = \"contractors\"\n",
             ..Default::default()
         },
         &[ALICE],
@@ -214,6 +214,10 @@ fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
     let s = gw.sessions().unwrap();
     assert_eq!(s[0]["user"], "dave");
     assert_eq!(s[0]["group"], "sales");
+    assert_eq!(
+        s[0]["group_policy"], "contractors",
+        "the policy given with `user add`"
+    );
     drop(c);
 
     // A changed password takes effect; a deleted user cannot log in.
