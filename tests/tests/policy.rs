@@ -318,3 +318,42 @@ fn a_missing_policy_refuses_the_login() {
         .expect("event");
     assert!(refused["reason"].as_str().unwrap().contains("'ghost'"));
 }
+
+#[test]
+fn bandwidth_limits_hold_within_ten_percent() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let alice = TestUser {
+        group_policy: Some("slow"),
+        ..ALICE
+    };
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[[group_policy]]\nname = \"slow\"\nbandwidth_up_kbps = 8000\nbandwidth_down_kbps = 4000\n",
+            ..Default::default()
+        },
+        &[alice],
+    )
+    .unwrap();
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let up = iperf3(&topo.client, &topo.server, SERVER, 5, false).unwrap();
+    let down = iperf3(&topo.client, &topo.server, SERVER, 5, true).unwrap();
+    eprintln!(
+        "limited to 8000/4000 kbit/s: measured up {:.0} kbit/s, down {:.0} kbit/s",
+        up / 1e3,
+        down / 1e3
+    );
+    assert!(
+        (7.2e6..=8.8e6).contains(&up),
+        "up {up} bit/s not within 10% of 8 Mbit/s"
+    );
+    assert!(
+        (3.6e6..=4.4e6).contains(&down),
+        "down {down} bit/s not within 10% of 4 Mbit/s"
+    );
+    // The daemon shaped both directions below the BPF policer, which is the
+    // hard bound behind it (tested on its own in policy_bpf.rs).
+    eprintln!("policer drops: {}", gw.drops("rate-limit").unwrap());
+}

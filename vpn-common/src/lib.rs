@@ -17,6 +17,7 @@
 //! | `policy_rules`   | LPM trie        | [`PortKey`]    | [`Verdict`]     | daemon |
 //! | `split_allow`    | LPM trie        | [`ClassKey`]   | `u32` (unused)  | daemon |
 //! | `rule_hits`      | per-CPU array   | `u32` rule slot | `u64` packets  | BPF |
+//! | `rate_state`     | hash            | `u64` session id | [`RateState`] | BPF (daemon deletes) |
 //!
 //! All maps are pinned under [`DEFAULT_PIN_DIR`] (configurable for tests).
 //!
@@ -61,9 +62,11 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "POLICY_RULES";
     pub const SPLIT_ALLOW: &str = "SPLIT_ALLOW";
     pub const RULE_HITS: &str = "RULE_HITS";
+    pub const RATE_STATE: &str = "RATE_STATE";
 
     /// Every map the daemon pins, in one place.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
+        RATE_STATE,
         SESSIONS,
         SESSION_STATS,
         DROPS,
@@ -144,6 +147,29 @@ pub struct Verdict {
 
 pub const ACTION_ALLOW: u32 = 0;
 pub const ACTION_DENY: u32 = 1;
+
+/// Bandwidth policing state of one session: the GCRA "theoretical arrival
+/// time" per direction, in `bpf_ktime_get_ns` nanoseconds. A packet of L
+/// bytes conforms when `tat - now <= tolerance` and then moves `tat` to
+/// `max(tat, now) + L * 8e9 / rate`; others are dropped. The daemon paces
+/// both directions below these limits (TCP in the tunnel then sees delay,
+/// not loss); the policer guarantees the limit whatever the daemon does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateState {
+    pub up_tat: u64,
+    pub down_tat: u64,
+}
+
+/// How far ahead of real time a session's upload may run: the burst it may
+/// send at line rate, as time at its configured rate.
+pub const RATE_TOLERANCE_NS: u64 = 100_000_000;
+
+/// The same for downloads. The daemon shapes downloads in its per-client
+/// queue (the kernel here has no fq qdisc for EDT pacing), which lets bursts
+/// of up to a queue's worth through at arrival; the policer is the hard
+/// bound behind it.
+pub const DOWN_RATE_TOLERANCE_NS: u64 = 2_000_000_000;
 
 /// Per-policy switches and limits.
 #[repr(C)]
@@ -295,6 +321,7 @@ mod pod {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for PolicyInfo {}
+    unsafe impl aya::Pod for RateState {}
 }
 
 #[cfg(test)]

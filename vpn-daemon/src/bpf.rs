@@ -20,8 +20,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc},
 };
 use vpn_common::{
-    ClassKey, DropReason, PolicyInfo, PortKey, SessionInfo, SessionKey, SessionStats, Verdict,
-    map_names, prog_names,
+    ClassKey, DropReason, PolicyInfo, PortKey, RateState, SessionInfo, SessionKey, SessionStats,
+    Verdict, map_names, prog_names,
 };
 
 use crate::policy::Compiled;
@@ -43,6 +43,7 @@ pub struct Datapath {
     rules: LpmTrie<MapData, PortKey, Verdict>,
     split: LpmTrie<MapData, ClassKey, u32>,
     hits: PerCpuArray<MapData, u64>,
+    rate: HashMap<MapData, u64, RateState>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -178,6 +179,7 @@ impl Datapath {
             rules: LpmTrie::try_from(take(&mut ebpf, map_names::POLICY_RULES)?)?,
             split: LpmTrie::try_from(take(&mut ebpf, map_names::SPLIT_ALLOW)?)?,
             hits: PerCpuArray::try_from(take(&mut ebpf, map_names::RULE_HITS)?)?,
+            rate: HashMap::try_from(take(&mut ebpf, map_names::RATE_STATE)?)?,
             ebpf,
             pin_dir,
         })
@@ -308,6 +310,11 @@ impl Datapath {
         self.sessions
             .insert(key_for(ip), info, 0)
             .context("updating session")
+    }
+
+    /// Forgets a session's bandwidth state (at its end).
+    pub fn forget_rate_state(&mut self, session_id: u64) {
+        let _ = self.rate.remove(&session_id);
     }
 
     /// Packets that matched a rule slot, summed over CPUs.

@@ -4,7 +4,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -29,7 +32,8 @@ use crate::{
     policies::PolicySet,
     pool::Pool,
     session::{
-        Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot, new_cookie,
+        Kick, Pacer, PolicyBinding, Session, SessionTable, Timeouts, TunnelHandle, TunnelSlot,
+        new_cookie,
     },
     tun::Tun,
     users::{AuthResult, UserDb},
@@ -420,12 +424,17 @@ impl Gateway {
         // Lock order: pool, policies, datapath.
         let mut pool = self.pool.lock().unwrap();
         let policies = self.policies.lock().unwrap();
-        let binding = match policies.resolve(group_policy.as_deref()) {
-            Ok(p) => PolicyBinding {
-                own: group_policy,
-                effective: p.as_ref().map(|p| p.def.name.clone()),
-                id: p.map_or(0, |p| p.id),
-            },
+        let (binding, (up_rate, down_rate)) = match policies.resolve(group_policy.as_deref()) {
+            Ok(p) => (
+                PolicyBinding {
+                    own: group_policy,
+                    effective: p.as_ref().map(|p| p.def.name.clone()),
+                    id: p.as_ref().map_or(0, |p| p.id),
+                },
+                p.map_or((0, 0), |p| {
+                    (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
+                }),
+            ),
             Err(e) => {
                 return Err(format!(
                     "{e}; the login is refused (ask your administrator to fix your account)"
@@ -446,6 +455,8 @@ impl Gateway {
             user: user.to_owned(),
             group: group.to_owned(),
             policy: Mutex::new(binding.clone()),
+            rate_up_bps: AtomicU64::new(up_rate),
+            rate_down_bps: AtomicU64::new(down_rate),
             lease,
             mac: pseudo_mac(user),
             created: SystemTime::now(),
@@ -502,6 +513,11 @@ impl Gateway {
             };
             match policies.resolve(own.as_deref()) {
                 Ok(p) => {
+                    let (up, down) = p.as_ref().map_or((0, 0), |p| {
+                        (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
+                    });
+                    s.rate_up_bps.store(up, Ordering::Relaxed);
+                    s.rate_down_bps.store(down, Ordering::Relaxed);
                     let binding = PolicyBinding {
                         own,
                         effective: p.as_ref().map(|p| p.def.name.clone()),
@@ -605,6 +621,7 @@ impl Gateway {
             for a in s.addresses() {
                 stats.add(&dp.remove_session(a));
             }
+            dp.forget_rate_state(s.id);
         }
         self.pool.lock().unwrap().release(s.lease.v4);
         self.events.emit(Event::ClientDisconnected {
@@ -890,6 +907,8 @@ impl Gateway {
         let mut last_dpd_sent = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
+        let mut pacer = Pacer::default();
+        let mut down_pacer = Pacer::default();
         inbuf.reserve(32 * 1024);
 
         tracing::debug!(session = session.id, "tunnel loop starts");
@@ -930,7 +949,7 @@ impl Gateway {
                         Ok(_) => {}
                     }
                     last_rx = Instant::now();
-                    if let Some(end) = self.handle_frames(&mut inbuf, session, &mut wr, &mut out).await {
+                    if let Some(end) = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer).await {
                         break end;
                     }
                 }
@@ -939,6 +958,12 @@ impl Gateway {
                     let mut next = Some(pkt);
                     // Drain what is queued, one TLS record per frame, then flush once.
                     while let Some(p) = next {
+                        let rate = session.rate_down_bps.load(Ordering::Relaxed);
+                        let wait = down_pacer.delay(p.len(), rate, Instant::now());
+                        if !wait.is_zero() {
+                            let _ = wr.flush().await;
+                            tokio::time::sleep(wait).await;
+                        }
                         if p.len() <= cstp::MAX_PAYLOAD {
                             cstp::encode(&mut out, FrameType::Data, &p);
                             if wr.write_all(&out).await.is_err() {
@@ -977,6 +1002,7 @@ impl Gateway {
         session: &Arc<Session>,
         wr: &mut W,
         out: &mut Vec<u8>,
+        pacer: &mut Pacer,
     ) -> Option<TunnelEnd> {
         loop {
             let frame = match cstp::decode(inbuf) {
@@ -990,6 +1016,11 @@ impl Gateway {
             match frame.ty {
                 FrameType::Data => {
                     session.touch();
+                    let rate = session.rate_up_bps.load(Ordering::Relaxed);
+                    let wait = pacer.delay(frame.payload.len(), rate, Instant::now());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     // Spoofed sources are the BPF program's to drop (and count).
                     if valid_ip_packet(&frame.payload)
                         && let Err(e) = self.tun.send(&frame.payload).await

@@ -20,11 +20,12 @@ mod prog {
         programs::TcContext,
     };
     use vpn_common::{
-        ACTION_DENY, CLASS_KEY_FIXED_BITS, ClassKey, DROP_REASONS, DropReason, FAMILY_V4,
-        FAMILY_V6, MAX_CLASS_ENTRIES, MAX_POLICIES, MAX_RULE_ENTRIES, MAX_RULE_SLOTS, MAX_SESSIONS,
-        MAX_SPLIT_ENTRIES, POLICY_ISOLATE, POLICY_SPLIT_ENFORCE, PORT_KEY_FIXED_BITS, PROTO_ICMP,
-        PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyInfo, PortKey, SessionInfo,
-        SessionKey, SessionStats, Verdict,
+        ACTION_DENY, CLASS_KEY_FIXED_BITS, ClassKey, DOWN_RATE_TOLERANCE_NS, DROP_REASONS,
+        DropReason, FAMILY_V4, FAMILY_V6, MAX_CLASS_ENTRIES, MAX_POLICIES, MAX_RULE_ENTRIES,
+        MAX_RULE_SLOTS, MAX_SESSIONS, MAX_SPLIT_ENTRIES, POLICY_ISOLATE, POLICY_SPLIT_ENFORCE,
+        PORT_KEY_FIXED_BITS, PROTO_ICMP, PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+        PolicyInfo, PortKey, RATE_TOLERANCE_NS, RateState, SessionInfo, SessionKey, SessionStats,
+        Verdict,
     };
 
     /// Bytes before the IP header: 0 on the TUN device, 14 under
@@ -65,6 +66,50 @@ mod prog {
     /// Packets that matched each rule slot.
     #[btf_map]
     static RULE_HITS: PerCpuArray<u64, { MAX_RULE_SLOTS as usize }> = PerCpuArray::new();
+
+    /// Bandwidth policing state by session id.
+    #[btf_map]
+    static RATE_STATE: HashMap<u64, RateState, { MAX_SESSIONS as usize }> = HashMap::new();
+
+    /// GCRA policer: whether a packet of `len` bytes at `rate_bps` conforms,
+    /// updating the session's state for the direction (`up` = from the
+    /// client).
+    /// Two CPUs updating one session at once may both pass: the limit is
+    /// exact over time, not per packet.
+    #[inline(always)]
+    fn police(session_id: u64, up: bool, len: u64, rate_bps: u64) -> bool {
+        let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+        let st = match RATE_STATE.get_ptr_mut(&session_id) {
+            Some(p) => p,
+            None => {
+                let _ = RATE_STATE.insert(&session_id, &RateState::default(), 0);
+                match RATE_STATE.get_ptr_mut(&session_id) {
+                    Some(p) => p,
+                    None => return true,
+                }
+            }
+        };
+        let (tat, tolerance) = unsafe {
+            if up {
+                ((*st).up_tat, RATE_TOLERANCE_NS)
+            } else {
+                ((*st).down_tat, DOWN_RATE_TOLERANCE_NS)
+            }
+        };
+        if tat > now && tat - now > tolerance {
+            return false;
+        }
+        let cost = len * 8 * 1_000_000_000 / rate_bps;
+        let next = if tat > now { tat } else { now } + cost;
+        unsafe {
+            if up {
+                (*st).up_tat = next;
+            } else {
+                (*st).down_tat = next;
+            }
+        }
+        true
+    }
 
     /// What the classifier needs from a packet.
     struct Packet {
@@ -232,10 +277,10 @@ mod prog {
         let p = parse(ctx).map_err(|_| DropReason::Malformed)?;
         let key = Packet::key(p.family, &p.src);
         let info = SESSIONS.get_ptr(&key).ok_or(DropReason::UnknownSource)?;
-        let policy = unsafe { (*info).policy_id };
+        let (policy, session_id) = unsafe { ((*info).policy_id, (*info).session_id) };
         let stats = SESSION_STATS.get_ptr_mut(&key);
         if policy != 0
-            && let Err(reason) = enforce_outbound(policy, &p)
+            && let Err(reason) = enforce_outbound(policy, session_id, u64::from(ctx.len()), &p)
         {
             if let Some(s) = stats {
                 unsafe { (*s).rx_denied += 1 };
@@ -252,8 +297,15 @@ mod prog {
     }
 
     #[inline(always)]
-    fn enforce_outbound(policy: u32, p: &Packet) -> Result<(), DropReason> {
+    fn enforce_outbound(
+        policy: u32,
+        session_id: u64,
+        len: u64,
+        p: &Packet,
+    ) -> Result<(), DropReason> {
+        let mut rate = 0;
         if let Some(info) = POLICIES.get_ptr(&policy) {
+            rate = unsafe { (*info).rate_up_bps };
             let flags = unsafe { (*info).flags };
             if flags & POLICY_ISOLATE != 0
                 && SESSIONS.get_ptr(&Packet::key(p.family, &p.dst)).is_some()
@@ -274,10 +326,15 @@ mod prog {
                 }
             }
         }
-        match classify(policy, p.family, &p.dst, p.proto, p.dport) {
-            Some(v) if v.action == ACTION_DENY => Err(DropReason::PolicyDeny),
-            _ => Ok(()),
+        if let Some(v) = classify(policy, p.family, &p.dst, p.proto, p.dport)
+            && v.action == ACTION_DENY
+        {
+            return Err(DropReason::PolicyDeny);
         }
+        if rate != 0 && !police(session_id, true, len, rate) {
+            return Err(DropReason::RateLimit);
+        }
+        Ok(())
     }
 
     /// Packets to a client: destination must be a session, then its policy
@@ -289,21 +346,43 @@ mod prog {
         let info = SESSIONS
             .get_ptr(&key)
             .ok_or(DropReason::UnknownDestination)?;
-        let policy = unsafe { (*info).policy_id };
+        let (policy, session_id) = unsafe { ((*info).policy_id, (*info).session_id) };
         let stats = SESSION_STATS.get_ptr_mut(&key);
         if policy != 0
-            && let Some(v) = classify(policy, p.family, &p.src, p.proto, p.sport)
-            && v.action == ACTION_DENY
+            && let Err(reason) = enforce_inbound(ctx, policy, session_id, &p)
         {
             if let Some(s) = stats {
                 unsafe { (*s).tx_denied += 1 };
             }
-            return Err(DropReason::PolicyDeny);
+            return Err(reason);
         }
         if let Some(s) = stats {
             unsafe {
                 (*s).tx_packets += 1;
                 (*s).tx_bytes += u64::from(ctx.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy on a packet to the client: the rules (against its
+    /// source), then the download limit.
+    #[inline(always)]
+    fn enforce_inbound(
+        ctx: &TcContext,
+        policy: u32,
+        session_id: u64,
+        p: &Packet,
+    ) -> Result<(), DropReason> {
+        if let Some(v) = classify(policy, p.family, &p.src, p.proto, p.sport)
+            && v.action == ACTION_DENY
+        {
+            return Err(DropReason::PolicyDeny);
+        }
+        if let Some(info) = POLICIES.get_ptr(&policy) {
+            let rate = unsafe { (*info).rate_down_bps };
+            if rate != 0 && !police(session_id, false, u64::from(ctx.len()), rate) {
+                return Err(DropReason::RateLimit);
             }
         }
         Ok(())
