@@ -22,7 +22,7 @@ const CLIENT: &str = "198.19.0.9";
 /// the rules: the worst case for the class map, the common one for ports.
 fn rule(i: usize) -> Rule {
     Rule::parse(&RuleConfig {
-        action: if i % 4 == 0 { "allow" } else { "deny" }.into(),
+        action: if i.is_multiple_of(4) { "allow" } else { "deny" }.into(),
         protocol: "tcp".into(),
         destination: format!("198.{}.{}.{}/32", 18 + i / 65536, (i / 256) % 256, i % 256),
         port: (1000 + i % 5000).to_string(),
@@ -34,7 +34,14 @@ fn rule(i: usize) -> Rule {
 fn classifier() -> anyhow::Result<String> {
     let mut dp = Datapath::load_for_test_run().context("loading the BPF programs (run as root)")?;
     let client: IpAddr = CLIENT.parse()?;
-    dp.add_session(client, SessionInfo { session_id: 1, policy_id: 0, flags: 0 })?;
+    dp.add_session(
+        client,
+        SessionInfo {
+            session_id: 1,
+            policy_id: 0,
+            flags: 0,
+        },
+    )?;
     let repeat = 200_000;
     let samples = 64;
     let mut rows = Vec::new();
@@ -42,12 +49,20 @@ fn classifier() -> anyhow::Result<String> {
         let rules: Vec<Rule> = (0..n).map(rule).collect();
         let id = k as u32 + 1;
         let t = Instant::now();
-        let compiled = policy::compile(id, &rules, 0, &[], 10_000_000).map_err(anyhow::Error::msg)?;
+        let compiled =
+            policy::compile(id, &rules, 0, &[], 10_000_000).map_err(anyhow::Error::msg)?;
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        dp.install_policy(id, PolicyInfo::default(), &compiled)?;
+        dp.install_policy(id, PolicyInfo::default(), &compiled, 0)?;
         let install_ms = t.elapsed().as_secs_f64() * 1e3;
-        dp.set_session(client, SessionInfo { session_id: 1, policy_id: id, flags: 0 })?;
+        dp.set_session(
+            client,
+            SessionInfo {
+                session_id: 1,
+                policy_id: id,
+                flags: 0,
+            },
+        )?;
         // Packets spread evenly over all rules, each matching its rule.
         let mut total_ns = 0.0;
         for s in 0..samples {
@@ -64,37 +79,74 @@ fn classifier() -> anyhow::Result<String> {
                 hop_by_hop: false,
             };
             let (ret, per_run) = dp.test_run(true, &frame(&spec), repeat)?;
-            let want = if i % 4 == 0 { 0 } else { 2 };
+            let want = if i.is_multiple_of(4) { 0 } else { 2 };
             if ret != want {
                 bail!("rule {i}: verdict {ret}, expected {want}");
             }
             total_ns += per_run.as_nanos() as f64;
         }
-        rows.push((n, compiled.entries(), compile_ms, install_ms, total_ns / samples as f64));
+        rows.push((
+            n,
+            compiled.entries(),
+            compile_ms,
+            install_ms,
+            total_ns / samples as f64,
+        ));
         dp.remove_policy(id, &compiled);
     }
     // The same packets with no policy: parsing, session lookup, counters.
-    dp.set_session(client, SessionInfo { session_id: 1, policy_id: 0, flags: 0 })?;
-    let spec = Spec { src: client, dst: "198.18.0.1".parse()?, proto: 6, sport: 40000, dport: 1001, later_fragment: false, hop_by_hop: false };
+    dp.set_session(
+        client,
+        SessionInfo {
+            session_id: 1,
+            policy_id: 0,
+            flags: 0,
+        },
+    )?;
+    let spec = Spec {
+        src: client,
+        dst: "198.18.0.1".parse()?,
+        proto: 6,
+        sport: 40000,
+        dport: 1001,
+        later_fragment: false,
+        hop_by_hop: false,
+    };
     let (_, no_policy) = dp.test_run(true, &frame(&spec), repeat)?;
     let base = rows[0].4;
     let mut out = String::new();
-    writeln!(out, "# Policy classifier: cost per packet against rule count\n")?;
     writeln!(
         out,
-        "`BPF_PROG_TEST_RUN` of the tunnel ingress program (session lookup, two LPM lookups, hit counter), {repeat} repeats for each of {samples} packets spread over the rules; the kernel reports ns per run.\n"
+        "# Policy classifier: cost per packet against rule count\n"
     )?;
-    writeln!(out, "| rules | map entries | compile ms | install ms | ns/packet | ratio to 10 rules |")?;
+    writeln!(
+        out,
+        "`BPF_PROG_TEST_RUN` of the tunnel ingress program (parse, session lookup, class hash probe per prefix length, interval search, hit counter), {repeat} repeats for each of {samples} packets spread over the rules; the kernel reports ns per run.\n"
+    )?;
+    writeln!(
+        out,
+        "| rules | map entries | compile ms | install ms | ns/packet | ratio to 10 rules |"
+    )?;
     writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
     for (n, entries, c, i, ns) in &rows {
-        writeln!(out, "| {n} | {entries} | {c:.1} | {i:.1} | {ns:.1} | {:.3} |", ns / base)?;
+        writeln!(
+            out,
+            "| {n} | {entries} | {c:.1} | {i:.1} | {ns:.1} | {:.3} |",
+            ns / base
+        )?;
     }
-    writeln!(out, "\nWithout a policy (parse, session lookup, counters): {} ns/packet.", no_policy.as_nanos())?;
+    writeln!(
+        out,
+        "\nWithout a policy (parse, session lookup, counters): {} ns/packet.",
+        no_policy.as_nanos()
+    )?;
     Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
-    let which = std::env::args().nth(1).unwrap_or_else(|| "classifier".into());
+    let which = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "classifier".into());
     let (name, table) = match which.as_str() {
         "classifier" => ("classifier", classifier()?),
         other => bail!("unknown benchmark '{other}': available: classifier"),

@@ -58,7 +58,8 @@ fn bpf_classifier_matches_the_reference() {
         let id = round + 1;
         let first_slot = 1000 * round;
         let compiled = policy::compile(id, &rules, first_slot, &[], 1_000_000).unwrap();
-        dp.install_policy(id, PolicyInfo::default(), &compiled)
+        // Each round removes its policy, so every round's intervals start at 0.
+        dp.install_policy(id, PolicyInfo::default(), &compiled, 0)
             .unwrap();
         for c in clients {
             dp.set_session(
@@ -168,7 +169,7 @@ fn policer_admits_burst_plus_rate_in_each_direction() {
         ..Default::default()
     };
     let compiled = policy::compile(9, &[], 0, &[], 1000).unwrap();
-    dp.install_policy(9, info, &compiled).unwrap();
+    dp.install_policy(9, info, &compiled, 0).unwrap();
     dp.add_session(
         client,
         SessionInfo {

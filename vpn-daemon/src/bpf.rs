@@ -16,12 +16,14 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+    },
     programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc},
 };
 use vpn_common::{
-    ClassKey, DropReason, PolicyInfo, PortKey, RateState, SessionInfo, SessionKey, SessionStats,
-    Verdict, map_names, prog_names,
+    ClassKey, DropReason, Interval, IntervalRange, PolicyInfo, PortsKey, RateState, SessionInfo,
+    SessionKey, SessionStats, SplitKey, map_names, prog_names,
 };
 
 use crate::policy::Compiled;
@@ -39,9 +41,10 @@ pub struct Datapath {
     stats: PerCpuHashMap<MapData, SessionKey, SessionStats>,
     drops: PerCpuArray<MapData, u64>,
     policies: HashMap<MapData, u32, PolicyInfo>,
-    class: LpmTrie<MapData, ClassKey, u32>,
-    rules: LpmTrie<MapData, PortKey, Verdict>,
-    split: LpmTrie<MapData, ClassKey, u32>,
+    class: HashMap<MapData, ClassKey, u32>,
+    ports: HashMap<MapData, PortsKey, IntervalRange>,
+    intervals: Array<MapData, Interval>,
+    split: LpmTrie<MapData, SplitKey, u32>,
     hits: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, u64, RateState>,
     pin_dir: Option<PathBuf>,
@@ -175,8 +178,9 @@ impl Datapath {
             stats: PerCpuHashMap::try_from(take(&mut ebpf, map_names::SESSION_STATS)?)?,
             drops: PerCpuArray::try_from(take(&mut ebpf, map_names::DROPS)?)?,
             policies: HashMap::try_from(take(&mut ebpf, map_names::POLICIES)?)?,
-            class: LpmTrie::try_from(take(&mut ebpf, map_names::POLICY_CLASS)?)?,
-            rules: LpmTrie::try_from(take(&mut ebpf, map_names::POLICY_RULES)?)?,
+            class: HashMap::try_from(take(&mut ebpf, map_names::POLICY_CLASS)?)?,
+            ports: HashMap::try_from(take(&mut ebpf, map_names::POLICY_PORTS)?)?,
+            intervals: Array::try_from(take(&mut ebpf, map_names::POLICY_INTERVALS)?)?,
             split: LpmTrie::try_from(take(&mut ebpf, map_names::SPLIT_ALLOW)?)?,
             hits: PerCpuArray::try_from(take(&mut ebpf, map_names::RULE_HITS)?)?,
             rate: HashMap::try_from(take(&mut ebpf, map_names::RATE_STATE)?)?,
@@ -262,26 +266,41 @@ impl Datapath {
             .collect()
     }
 
-    /// Installs a compiled policy under `id`: every class and rule entry
-    /// first, the `policies` entry last, so a session pointed at `id`
-    /// afterwards never sees part of it.
+    /// Installs a compiled policy under `id`, its intervals from slot
+    /// `first_interval` of `policy_intervals`: every entry first, the
+    /// `policies` entry last, so a session pointed at `id` afterwards never
+    /// sees part of it.
     pub fn install_policy(
         &mut self,
         id: u32,
         info: PolicyInfo,
         c: &Compiled,
+        first_interval: u32,
     ) -> anyhow::Result<()> {
         let result = (|| -> anyhow::Result<()> {
-            for (plen, k, class) in &c.class_entries {
-                self.class.insert(&Key::new(*plen, *k), class, 0)?;
+            let mut next = first_interval;
+            for (k, ivs) in &c.ports {
+                let start = next;
+                for iv in ivs {
+                    self.intervals.set(next, *iv, 0)?;
+                    next += 1;
+                }
+                self.ports.insert(
+                    k,
+                    IntervalRange {
+                        start,
+                        count: ivs.len() as u32,
+                    },
+                    0,
+                )?;
             }
-            for (plen, k, v) in &c.rule_entries {
-                self.rules.insert(&Key::new(*plen, *k), v, 0)?;
+            for (k, class) in &c.classes {
+                self.class.insert(k, class, 0)?;
             }
             for (plen, k) in &c.split_entries {
                 self.split.insert(&Key::new(*plen, *k), 1, 0)?;
             }
-            self.policies.insert(id, info, 0)?;
+            self.policies.insert(id, c.info(info), 0)?;
             Ok(())
         })();
         if result.is_err() {
@@ -290,14 +309,15 @@ impl Datapath {
         result.with_context(|| format!("installing policy id {id} ({} map entries)", c.entries()))
     }
 
-    /// Removes a policy version no session points at any more.
+    /// Removes a policy version no session points at any more (its
+    /// interval slots are simply reused later).
     pub fn remove_policy(&mut self, id: u32, c: &Compiled) {
         let _ = self.policies.remove(&id);
-        for (plen, k, _) in &c.class_entries {
-            let _ = self.class.remove(&Key::new(*plen, *k));
+        for (k, _) in &c.classes {
+            let _ = self.class.remove(k);
         }
-        for (plen, k, _) in &c.rule_entries {
-            let _ = self.rules.remove(&Key::new(*plen, *k));
+        for (k, _) in &c.ports {
+            let _ = self.ports.remove(k);
         }
         for (plen, k) in &c.split_entries {
             let _ = self.split.remove(&Key::new(*plen, *k));

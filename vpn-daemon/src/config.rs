@@ -605,9 +605,9 @@ impl Config {
                 rules,
                 info: PolicyInfo {
                     flags,
-                    _reserved: 0,
                     rate_up_bps: p.bandwidth_up_kbps.saturating_mul(1000),
                     rate_down_bps: p.bandwidth_down_kbps.saturating_mul(1000),
+                    ..Default::default()
                 },
             });
         }

@@ -9,7 +9,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use ipnet::IpNet;
-use vpn_common::MAX_RULE_SLOTS;
+use vpn_common::{MAX_INTERVALS, MAX_RULE_SLOTS};
 
 use crate::{
     bpf::Datapath,
@@ -24,6 +24,8 @@ pub struct Installed {
     pub def: PolicyDef,
     pub compiled: Compiled,
     pub first_slot: u32,
+    /// Where its intervals start in `policy_intervals`.
+    pub first_interval: u32,
 }
 
 /// First-fit allocator of contiguous rule-hit slots.
@@ -59,6 +61,7 @@ pub struct PolicySet {
     default: Option<String>,
     next_id: u32,
     slots: Slots,
+    intervals: Slots,
 }
 
 impl Default for PolicySet {
@@ -69,6 +72,9 @@ impl Default for PolicySet {
             next_id: 1,
             slots: Slots {
                 used: vec![false; MAX_RULE_SLOTS as usize],
+            },
+            intervals: Slots {
+                used: vec![false; MAX_INTERVALS as usize],
             },
         }
     }
@@ -139,11 +145,20 @@ impl PolicySet {
         })?;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
+        let mut first_interval = None;
         let built = policy::compile(id, &def.rules, first_slot, split, max_entries)
             .map_err(|m| anyhow::anyhow!("policy '{}' {m}", def.name))
             .and_then(|compiled| {
+                let start = self.intervals.alloc(compiled.intervals()).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "policy '{}': no room for {} more port intervals",
+                        def.name,
+                        compiled.intervals()
+                    )
+                })?;
+                first_interval = Some((start, compiled.intervals()));
                 dp.reset_hits(first_slot..first_slot + def.rules.len() as u32)?;
-                dp.install_policy(id, def.info, &compiled)?;
+                dp.install_policy(id, def.info, &compiled, start)?;
                 Ok(compiled)
             });
         match built {
@@ -158,12 +173,16 @@ impl PolicySet {
                 Ok(Installed {
                     id,
                     def: def.clone(),
+                    first_interval: first_interval.expect("set on success").0,
                     compiled,
                     first_slot,
                 })
             }
             Err(e) => {
                 self.slots.free(first_slot, def.rules.len());
+                if let Some((start, n)) = first_interval {
+                    self.intervals.free(start, n);
+                }
                 Err(e)
             }
         }
@@ -172,6 +191,8 @@ impl PolicySet {
     fn remove(&mut self, dp: &mut Datapath, p: &Installed) {
         dp.remove_policy(p.id, &p.compiled);
         self.slots.free(p.first_slot, p.def.rules.len());
+        self.intervals
+            .free(p.first_interval, p.compiled.intervals());
     }
 
     /// Removes versions returned by [`PolicySet::apply`].

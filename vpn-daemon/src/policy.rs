@@ -16,14 +16,17 @@
 //!   and protocols other than TCP, UDP, ICMP and ICMPv6 are "other", which
 //!   only rules with protocol "any" and no port match.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use vpn_common::{
-    ACTION_ALLOW, ACTION_DENY, CLASS_KEY_FIXED_BITS, ClassKey, FAMILY_V4, FAMILY_V6,
-    PORT_KEY_FIXED_BITS, PROTO_ICMP, PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortKey,
-    Verdict,
+    ACTION_ALLOW, ACTION_DENY, ClassKey, FAMILY_V4, FAMILY_V6, Interval, MAX_PREFIX_LENS,
+    PROTO_ICMP, PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyInfo, PortsKey,
+    SPLIT_KEY_FIXED_BITS, SplitKey, Verdict,
 };
 
 /// `[[group_policy]]` in the config file.
@@ -260,40 +263,69 @@ pub fn evaluate(rules: &[Rule], p: &PacketMeta) -> Option<usize> {
     rules.iter().position(|r| r.matches(p))
 }
 
-/// A policy compiled to map entries. Prefix lengths count the fixed key
-/// bits (see `vpn-common`).
+/// A policy compiled to map entries (layout in `vpn-common`).
 #[derive(Debug, Default, Clone)]
 pub struct Compiled {
-    pub class_entries: Vec<(u32, ClassKey, u32)>,
-    pub rule_entries: Vec<(u32, PortKey, Verdict)>,
-    pub split_entries: Vec<(u32, ClassKey)>,
+    /// Distinct rule prefix lengths per family, longest first, ending in 0.
+    pub v4_lens: Vec<u8>,
+    pub v6_lens: Vec<u8>,
+    pub classes: Vec<(ClassKey, u32)>,
+    /// Per (class, bucket): its intervals, sorted and disjoint. Installing
+    /// places them in `policy_intervals` and points `policy_ports` at them.
+    pub ports: Vec<(PortsKey, Vec<Interval>)>,
+    pub split_entries: Vec<(u32, SplitKey)>,
 }
 
 impl Compiled {
+    /// Map entries this policy takes, over all maps.
     pub fn entries(&self) -> usize {
-        self.class_entries.len() + self.rule_entries.len() + self.split_entries.len()
+        self.classes.len() + self.ports.len() + self.intervals() + self.split_entries.len()
+    }
+
+    /// Slots it needs in `policy_intervals`.
+    pub fn intervals(&self) -> usize {
+        self.ports.iter().map(|(_, v)| v.len()).sum()
+    }
+
+    /// `base` with the prefix-length lists filled in.
+    pub fn info(&self, base: PolicyInfo) -> PolicyInfo {
+        let mut info = base;
+        info.n_v4 = self.v4_lens.len() as u8;
+        info.n_v6 = self.v6_lens.len() as u8;
+        info.v4_lens[..self.v4_lens.len()].copy_from_slice(&self.v4_lens);
+        info.v6_lens[..self.v6_lens.len()].copy_from_slice(&self.v6_lens);
+        info
     }
 }
 
-fn family_of(n: &IpNet) -> u32 {
+fn family_of(n: &IpNet) -> u8 {
     match n {
-        IpNet::V4(_) => FAMILY_V4,
-        IpNet::V6(_) => FAMILY_V6,
+        IpNet::V4(_) => FAMILY_V4 as u8,
+        IpNet::V6(_) => FAMILY_V6 as u8,
     }
 }
 
-fn class_key(policy: u32, net: &IpNet) -> (u32, ClassKey) {
+/// The address bytes of `ip` masked to `len` bits (IPv4 in the first 4).
+pub fn masked(ip: &IpAddr, len: u8) -> [u8; 16] {
     let mut addr = [0u8; 16];
-    match net {
-        IpNet::V4(n) => addr[..4].copy_from_slice(&n.network().octets()),
-        IpNet::V6(n) => addr.copy_from_slice(&n.network().octets()),
+    match ip {
+        IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => addr.copy_from_slice(&a.octets()),
     }
+    for (j, b) in addr.iter_mut().enumerate() {
+        let bits = (usize::from(len)).saturating_sub(j * 8).min(8);
+        *b &= if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+    }
+    addr
+}
+
+fn split_key(policy: u32, net: &IpNet) -> (u32, SplitKey) {
     (
-        CLASS_KEY_FIXED_BITS + u32::from(net.prefix_len()),
-        ClassKey {
+        SPLIT_KEY_FIXED_BITS + u32::from(net.prefix_len()),
+        SplitKey {
             policy,
-            family: family_of(net),
-            addr,
+            family: u32::from(family_of(net)),
+            addr: masked(&net.network(), net.prefix_len()),
         },
     )
 }
@@ -319,7 +351,8 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 
 /// Compiles `rules` for policy `id`. Rule `i` counts its hits in slot
 /// `first_slot + i`. `split` is the destinations an enforcing policy allows.
-/// Fails when the result would exceed `max_entries`.
+/// Fails when the result would exceed `max_entries` or the policy uses more
+/// distinct prefix lengths than the data path probes.
 pub fn compile(
     id: u32,
     rules: &[Rule],
@@ -329,50 +362,83 @@ pub fn compile(
 ) -> Result<Compiled, String> {
     let mut out = Compiled::default();
     let mut class_id = 0u32;
+    let mut entries = 0usize;
     for (family, root) in [
-        (FAMILY_V4, "0.0.0.0/0".parse::<IpNet>().unwrap()),
-        (FAMILY_V6, "::/0".parse::<IpNet>().unwrap()),
+        (FAMILY_V4 as u8, "0.0.0.0/0".parse::<IpNet>().unwrap()),
+        (FAMILY_V6 as u8, "::/0".parse::<IpNet>().unwrap()),
     ] {
-        // The classes of this family: the root and every distinct rule prefix.
-        let mut prefixes: BTreeSet<IpNet> = rules
-            .iter()
-            .filter_map(|r| r.dst)
-            .filter(|d| family_of(d) == family)
+        // Rules by destination prefix (this family), and any-destination rules.
+        let mut by_prefix: HashMap<IpNet, Vec<usize>> = HashMap::new();
+        let mut any: Vec<usize> = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            match r.dst {
+                None => any.push(i),
+                Some(d) if family_of(&d) == family => by_prefix.entry(d).or_default().push(i),
+                Some(_) => {}
+            }
+        }
+        let mut lens: Vec<u8> = by_prefix
+            .keys()
+            .map(|n| n.prefix_len())
+            .chain([0])
             .collect();
-        prefixes.insert(root);
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        lens.dedup();
+        if lens.len() > MAX_PREFIX_LENS {
+            return Err(format!(
+                "uses {} distinct {} destination prefix lengths; at most {MAX_PREFIX_LENS} are supported (including 'any')",
+                lens.len(),
+                if family == FAMILY_V4 as u8 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                }
+            ));
+        }
+        let mut classes: Vec<IpNet> = by_prefix.keys().copied().collect();
+        classes.push(root);
+        classes.sort();
+        classes.dedup();
         let buckets = [
             PROTO_TCP,
             PROTO_UDP,
-            if family == FAMILY_V4 {
+            if family == FAMILY_V4 as u8 {
                 PROTO_ICMP
             } else {
                 PROTO_ICMP6
             },
             PROTO_OTHER,
         ];
-        for class in &prefixes {
+        for class in &classes {
             class_id += 1;
-            let (plen, key) = class_key(id, class);
-            out.class_entries.push((plen, key, class_id));
+            out.classes.push((
+                ClassKey {
+                    policy: id,
+                    family,
+                    prefix_len: class.prefix_len(),
+                    _pad: 0,
+                    addr: masked(&class.network(), class.prefix_len()),
+                },
+                class_id,
+            ));
             // Rules that can match an address of this class: those whose
-            // destination contains the class prefix.
-            let applicable: Vec<(usize, &Rule)> = rules
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| match r.dst {
-                    None => true,
-                    Some(d) => {
-                        family_of(&d) == family
-                            && d.prefix_len() <= class.prefix_len()
-                            && d.contains(&class.network())
-                    }
-                })
-                .collect();
+            // prefix contains the class prefix (its ancestors, found by
+            // masking it to each shorter length), plus any-destination ones.
+            let mut applicable: Vec<usize> = any.clone();
+            for &len in lens.iter().filter(|&&l| l <= class.prefix_len() && l > 0) {
+                let anc = IpNet::new(class.network(), len)
+                    .expect("valid length")
+                    .trunc();
+                if let Some(v) = by_prefix.get(&anc) {
+                    applicable.extend_from_slice(v);
+                }
+            }
+            applicable.sort_unstable();
             let example = class.network();
             for &b in &buckets {
                 let candidates: Vec<(usize, &Rule)> = applicable
                     .iter()
-                    .copied()
+                    .map(|&i| (i, &rules[i]))
                     .filter(|(_, r)| {
                         // Port aside, does the rule accept this bucket?
                         r.matches(&PacketMeta {
@@ -382,39 +448,48 @@ pub fn compile(
                         })
                     })
                     .collect();
-                for (lo, hi, idx) in first_match_intervals(&candidates, has_ports(b)) {
-                    let v = Verdict {
-                        slot: first_slot + idx as u32,
-                        action: match rules[idx].action {
-                            Action::Allow => ACTION_ALLOW,
-                            Action::Deny => ACTION_DENY,
-                        },
-                    };
-                    for (port, bits) in port_prefixes(lo, hi) {
-                        out.rule_entries.push((
-                            PORT_KEY_FIXED_BITS + bits,
-                            PortKey {
-                                policy: id,
-                                class: class_id,
-                                proto: b,
-                                zero: 0,
-                                port: port.to_be_bytes(),
+                let intervals: Vec<Interval> = first_match_intervals(&candidates, has_ports(b))
+                    .into_iter()
+                    .map(|(lo, hi, idx)| Interval {
+                        lo,
+                        hi,
+                        verdict: Verdict {
+                            slot: first_slot + idx as u32,
+                            action: match rules[idx].action {
+                                Action::Allow => ACTION_ALLOW,
+                                Action::Deny => ACTION_DENY,
                             },
-                            v,
-                        ));
-                    }
+                        },
+                    })
+                    .collect();
+                if intervals.is_empty() {
+                    continue;
                 }
-                if out.entries() > max_entries {
-                    return Err(format!(
-                        "compiles to more than {max_entries} map entries (policy.max_entries); use fewer or broader rules, or raise the limit"
-                    ));
-                }
+                entries += 1 + intervals.len();
+                out.ports.push((
+                    PortsKey {
+                        policy: id,
+                        class: class_id,
+                        proto: u32::from(b),
+                    },
+                    intervals,
+                ));
             }
+            entries += 1;
+            if entries > max_entries {
+                return Err(format!(
+                    "compiles to more than {max_entries} map entries (policy.max_entries); use fewer or broader rules, or raise the limit"
+                ));
+            }
+        }
+        if family == FAMILY_V4 as u8 {
+            out.v4_lens = lens;
+        } else {
+            out.v6_lens = lens;
         }
     }
     for net in split {
-        let (plen, key) = class_key(id, net);
-        out.split_entries.push((plen, key));
+        out.split_entries.push(split_key(id, net));
     }
     Ok(out)
 }
@@ -461,53 +536,43 @@ fn first_match_intervals(candidates: &[(usize, &Rule)], ports: bool) -> Vec<(u16
     out
 }
 
-/// Looks `p` up in compiled entries the way the kernel's LPM tries do; used
-/// to check the compiler against [`evaluate`] without a kernel.
+/// Looks `p` up in compiled entries the way the BPF program does (probe
+/// the prefix lengths longest first, then binary-search the class's
+/// intervals); checks the compiler against [`evaluate`] without a kernel.
 pub fn lookup(c: &Compiled, policy: u32, p: &PacketMeta) -> Option<Verdict> {
-    let (family, addr_bits, addr) = match p.remote {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            (FAMILY_V4, 32, b)
-        }
-        IpAddr::V6(a) => (FAMILY_V6, 128, a.octets()),
+    let (family, lens) = match p.remote {
+        IpAddr::V4(_) => (FAMILY_V4 as u8, &c.v4_lens),
+        IpAddr::V6(_) => (FAMILY_V6 as u8, &c.v6_lens),
     };
-    let key_bits = |k: &ClassKey| -> Vec<bool> {
-        let mut bytes = Vec::with_capacity(24);
-        bytes.extend_from_slice(&k.policy.to_ne_bytes());
-        bytes.extend_from_slice(&k.family.to_ne_bytes());
-        bytes.extend_from_slice(&k.addr);
-        bytes
-            .iter()
-            .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1))
-            .collect()
-    };
-    let probe = key_bits(&ClassKey {
+    let class = lens.iter().find_map(|&len| {
+        let key = ClassKey {
+            policy,
+            family,
+            prefix_len: len,
+            _pad: 0,
+            addr: masked(&p.remote, len),
+        };
+        c.classes.iter().find(|(k, _)| *k == key).map(|(_, id)| *id)
+    })?;
+    let want = PortsKey {
         policy,
-        family,
-        addr,
-    });
-    let class = c
-        .class_entries
-        .iter()
-        .filter(|(plen, k, _)| {
-            *plen <= CLASS_KEY_FIXED_BITS + addr_bits
-                && key_bits(k)[..*plen as usize] == probe[..*plen as usize]
-        })
-        .max_by_key(|(plen, _, _)| *plen)?
-        .2;
-    c.rule_entries
-        .iter()
-        .filter(|(plen, k, _)| {
-            let bits = plen - PORT_KEY_FIXED_BITS;
-            k.policy == policy
-                && k.class == class
-                && k.proto == p.proto
-                && (bits == 0
-                    || (u16::from_be_bytes(k.port) >> (16 - bits)) == (p.port >> (16 - bits)))
-        })
-        .max_by_key(|(plen, _, _)| *plen)
-        .map(|e| e.2)
+        class,
+        proto: u32::from(p.proto),
+    };
+    let (_, intervals) = c.ports.iter().find(|(k, _)| *k == want)?;
+    let (mut lo, mut hi) = (0usize, intervals.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let iv = &intervals[mid];
+        if p.port < iv.lo {
+            hi = mid;
+        } else if p.port > iv.hi {
+            lo = mid + 1;
+        } else {
+            return Some(iv.verdict);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -15,18 +15,21 @@
 mod prog {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        btf_maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+        btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
         macros::{btf_map, classifier},
         programs::TcContext,
     };
     use vpn_common::{
-        ACTION_DENY, CLASS_KEY_FIXED_BITS, ClassKey, DOWN_RATE_TOLERANCE_NS, DROP_REASONS,
-        DropReason, FAMILY_V4, FAMILY_V6, MAX_CLASS_ENTRIES, MAX_POLICIES, MAX_RULE_ENTRIES,
-        MAX_RULE_SLOTS, MAX_SESSIONS, MAX_SPLIT_ENTRIES, POLICY_ISOLATE, POLICY_SPLIT_ENFORCE,
-        PORT_KEY_FIXED_BITS, PROTO_ICMP, PROTO_ICMP6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-        PolicyInfo, PortKey, RATE_TOLERANCE_NS, RateState, SessionInfo, SessionKey, SessionStats,
-        Verdict,
+        ACTION_DENY, ClassKey, DOWN_RATE_TOLERANCE_NS, DROP_REASONS, DropReason, FAMILY_V4,
+        FAMILY_V6, Interval, IntervalRange, MAX_CLASS_ENTRIES, MAX_INTERVALS, MAX_POLICIES,
+        MAX_PORTS_ENTRIES, MAX_PREFIX_LENS, MAX_RULE_SLOTS, MAX_SEARCH_STEPS, MAX_SESSIONS,
+        MAX_SPLIT_ENTRIES, POLICY_ISOLATE, POLICY_SPLIT_ENFORCE, PROTO_ICMP, PROTO_ICMP6,
+        PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyInfo, PortsKey, RATE_TOLERANCE_NS, RateState,
+        SPLIT_KEY_FIXED_BITS, SessionInfo, SessionKey, SessionStats, SplitKey, Verdict,
     };
+
+    /// Hash maps whose entries are allocated on insert.
+    const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
 
     /// Bytes before the IP header: 0 on the TUN device, 14 under
     /// `BPF_PROG_TEST_RUN`. Set by the loader.
@@ -51,17 +54,27 @@ mod prog {
     #[btf_map]
     static POLICIES: HashMap<u32, PolicyInfo, { MAX_POLICIES as usize }> = HashMap::new();
 
-    /// (policy, family, address) -> class id.
+    /// (policy, family, prefix length, masked address) -> class id.
     #[btf_map]
-    static POLICY_CLASS: LpmTrie<ClassKey, u32, { MAX_CLASS_ENTRIES as usize }> = LpmTrie::new();
+    static POLICY_CLASS: HashMap<ClassKey, u32, { MAX_CLASS_ENTRIES as usize }, NO_PREALLOC> =
+        HashMap::new();
 
-    /// (policy, class, protocol bucket, port prefix) -> verdict.
+    /// (policy, class, protocol bucket) -> the class's intervals.
     #[btf_map]
-    static POLICY_RULES: LpmTrie<PortKey, Verdict, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
+    static POLICY_PORTS: HashMap<
+        PortsKey,
+        IntervalRange,
+        { MAX_PORTS_ENTRIES as usize },
+        NO_PREALLOC,
+    > = HashMap::new();
+
+    /// Port intervals with their verdicts, a sorted run per class.
+    #[btf_map]
+    static POLICY_INTERVALS: Array<Interval, { MAX_INTERVALS as usize }> = Array::new();
 
     /// Destinations an enforcing policy's clients may reach.
     #[btf_map]
-    static SPLIT_ALLOW: LpmTrie<ClassKey, u32, { MAX_SPLIT_ENTRIES as usize }> = LpmTrie::new();
+    static SPLIT_ALLOW: LpmTrie<SplitKey, u32, { MAX_SPLIT_ENTRIES as usize }> = LpmTrie::new();
 
     /// Packets that matched each rule slot.
     #[btf_map]
@@ -235,40 +248,93 @@ mod prog {
         if family == FAMILY_V4 { 32 } else { 128 }
     }
 
-    /// The first rule of `policy` matching a packet to or from `remote`,
-    /// in two LPM lookups.
+    /// `a` masked to `len` bits (IPv4 in the first 4 bytes).
+    #[inline(always)]
+    fn mask(a: &[u8; 16], len: u8) -> [u8; 16] {
+        let mut m = [0u8; 16];
+        let len = usize::from(len);
+        for j in 0..16 {
+            let bits = if len >= (j + 1) * 8 {
+                8
+            } else if len <= j * 8 {
+                0
+            } else {
+                len - j * 8
+            };
+            m[j] = if bits == 0 {
+                0
+            } else {
+                a[j] & (0xffu8 << (8 - bits))
+            };
+        }
+        m
+    }
+
+    /// The first rule of `policy` matching a packet to or from `remote`:
+    /// one hash lookup per distinct prefix length of the policy (longest
+    /// first) for the class, then a binary search of the class's port
+    /// intervals. The cost depends on the policy's shape, not its size.
     #[inline(always)]
     fn classify(
+        info: &PolicyInfo,
         policy: u32,
         family: u32,
         remote: &[u8; 16],
         proto: u8,
         port: u16,
     ) -> Option<Verdict> {
-        let ck = Key::new(
-            CLASS_KEY_FIXED_BITS + addr_bits(family),
-            ClassKey {
+        let (n, lens) = if family == FAMILY_V4 {
+            (info.n_v4, &info.v4_lens)
+        } else {
+            (info.n_v6, &info.v6_lens)
+        };
+        let mut class = 0u32;
+        for i in 0..MAX_PREFIX_LENS {
+            if i >= usize::from(n) {
+                break;
+            }
+            let key = ClassKey {
                 policy,
-                family,
-                addr: *remote,
-            },
-        );
-        let class = *POLICY_CLASS.get(&ck)?;
-        let pk = Key::new(
-            PORT_KEY_FIXED_BITS + 16,
-            PortKey {
+                family: family as u8,
+                prefix_len: lens[i],
+                _pad: 0,
+                addr: mask(remote, lens[i]),
+            };
+            if let Some(c) = unsafe { POLICY_CLASS.get(&key) } {
+                class = *c;
+                break;
+            }
+        }
+        if class == 0 {
+            return None;
+        }
+        let range = unsafe {
+            *POLICY_PORTS.get(&PortsKey {
                 policy,
                 class,
-                proto,
-                zero: 0,
-                port: port.to_be_bytes(),
-            },
-        );
-        let v = *POLICY_RULES.get(&pk)?;
-        if let Some(n) = RULE_HITS.get_ptr_mut(v.slot) {
-            unsafe { *n += 1 };
+                proto: u32::from(proto),
+            })?
+        };
+        let (mut lo, mut hi) = (range.start, range.start + range.count);
+        for _ in 0..MAX_SEARCH_STEPS {
+            if lo >= hi {
+                return None;
+            }
+            let mid = lo + (hi - lo) / 2;
+            let iv = POLICY_INTERVALS.get(mid)?;
+            if port < iv.lo {
+                hi = mid;
+            } else if port > iv.hi {
+                lo = mid + 1;
+            } else {
+                let v = iv.verdict;
+                if let Some(n) = RULE_HITS.get_ptr_mut(v.slot) {
+                    unsafe { *n += 1 };
+                }
+                return Some(v);
+            }
         }
-        Some(v)
+        None
     }
 
     /// Packets from a client: source must be its session, then the policy.
@@ -296,6 +362,8 @@ mod prog {
         Ok(())
     }
 
+    /// The policy on a packet from the client: isolation, split
+    /// enforcement, the rules (against its destination), the upload limit.
     #[inline(always)]
     fn enforce_outbound(
         policy: u32,
@@ -303,35 +371,35 @@ mod prog {
         len: u64,
         p: &Packet,
     ) -> Result<(), DropReason> {
-        let mut rate = 0;
-        if let Some(info) = POLICIES.get_ptr(&policy) {
-            rate = unsafe { (*info).rate_up_bps };
-            let flags = unsafe { (*info).flags };
-            if flags & POLICY_ISOLATE != 0
-                && SESSIONS.get_ptr(&Packet::key(p.family, &p.dst)).is_some()
-            {
-                return Err(DropReason::ClientIsolation);
-            }
-            if flags & POLICY_SPLIT_ENFORCE != 0 {
-                let k = Key::new(
-                    CLASS_KEY_FIXED_BITS + addr_bits(p.family),
-                    ClassKey {
-                        policy,
-                        family: p.family,
-                        addr: p.dst,
-                    },
-                );
-                if SPLIT_ALLOW.get(&k).is_none() {
-                    return Err(DropReason::SplitEnforcement);
-                }
+        // The daemon inserts a policy's entry last and removes it only
+        // after no session points at it: a miss cannot happen mid-update.
+        let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
+            return Ok(());
+        };
+        if info.flags & POLICY_ISOLATE != 0
+            && SESSIONS.get_ptr(&Packet::key(p.family, &p.dst)).is_some()
+        {
+            return Err(DropReason::ClientIsolation);
+        }
+        if info.flags & POLICY_SPLIT_ENFORCE != 0 {
+            let k = Key::new(
+                SPLIT_KEY_FIXED_BITS + addr_bits(p.family),
+                SplitKey {
+                    policy,
+                    family: p.family,
+                    addr: p.dst,
+                },
+            );
+            if SPLIT_ALLOW.get(&k).is_none() {
+                return Err(DropReason::SplitEnforcement);
             }
         }
-        if let Some(v) = classify(policy, p.family, &p.dst, p.proto, p.dport)
+        if let Some(v) = classify(info, policy, p.family, &p.dst, p.proto, p.dport)
             && v.action == ACTION_DENY
         {
             return Err(DropReason::PolicyDeny);
         }
-        if rate != 0 && !police(session_id, true, len, rate) {
+        if info.rate_up_bps != 0 && !police(session_id, true, len, info.rate_up_bps) {
             return Err(DropReason::RateLimit);
         }
         Ok(())
@@ -374,16 +442,18 @@ mod prog {
         session_id: u64,
         p: &Packet,
     ) -> Result<(), DropReason> {
-        if let Some(v) = classify(policy, p.family, &p.src, p.proto, p.sport)
+        let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
+            return Ok(());
+        };
+        if let Some(v) = classify(info, policy, p.family, &p.src, p.proto, p.sport)
             && v.action == ACTION_DENY
         {
             return Err(DropReason::PolicyDeny);
         }
-        if let Some(info) = POLICIES.get_ptr(&policy) {
-            let rate = unsafe { (*info).rate_down_bps };
-            if rate != 0 && !police(session_id, false, u64::from(ctx.len()), rate) {
-                return Err(DropReason::RateLimit);
-            }
+        if info.rate_down_bps != 0
+            && !police(session_id, false, u64::from(ctx.len()), info.rate_down_bps)
+        {
+            return Err(DropReason::RateLimit);
         }
         Ok(())
     }
