@@ -357,3 +357,47 @@ fn bandwidth_limits_hold_within_ten_percent() {
     // hard bound behind it (tested on its own in policy_bpf.rs).
     eprintln!("policer drops: {}", gw.drops("rate-limit").unwrap());
 }
+
+#[test]
+fn a_schedule_outside_its_window_applies_the_fallback() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let (today, _) = vpn_daemon::policy::local_now();
+    let names = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let other_day = names[usize::from((today + 3) % 7)];
+    let config = format!(
+        "[[group_policy]]\nname = \"office\"\n[group_policy.schedule]\ndays = [\"{other_day}\"]\nfallback = \"closed\"\n\n[[group_policy]]\nname = \"closed\"\n[[group_policy.rule]]\naction = \"deny\"\nprotocol = \"icmp\"\n"
+    );
+    let alice = TestUser {
+        group_policy: Some("office"),
+        ..ALICE
+    };
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: &config,
+            ..Default::default()
+        },
+        &[alice],
+    )
+    .unwrap();
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        gw.sessions().unwrap()[0]["group_policy"],
+        "closed",
+        "outside the window"
+    );
+    assert!(!topo.client.ping(SERVER, 2));
+
+    // Every day: the scheduled policy applies to the live session.
+    let cfg = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        cfg.replace(&format!("days = [\"{other_day}\"]"), "days = []"),
+    )
+    .unwrap();
+    gw.vpnctl(&["reload"]).unwrap();
+    assert_eq!(gw.sessions().unwrap()[0]["group_policy"], "office");
+    assert!(topo.client.ping(SERVER, 2));
+}

@@ -14,7 +14,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use vpn_common::{POLICY_ISOLATE, POLICY_SPLIT_ENFORCE, PolicyInfo};
 
-use crate::policy::{self, GroupPolicyConfig, Rule};
+use crate::policy::{self, GroupPolicyConfig, Rule, Schedule};
 
 /// A configuration problem, worded for the admin who wrote the file.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,8 @@ pub struct PolicyDef {
     pub name: String,
     pub rules: Vec<Rule>,
     pub info: PolicyInfo,
+    /// When it applies, and the fallback policy outside that window.
+    pub schedule: Option<(Schedule, String)>,
 }
 
 /// `[server]`: where the daemon listens and keeps its files.
@@ -600,8 +602,18 @@ impl Config {
             if p.split_enforcement {
                 flags |= POLICY_SPLIT_ENFORCE;
             }
+            let schedule = match &p.schedule {
+                None => None,
+                Some(c) => Some((
+                    Schedule::parse(c).map_err(|m| {
+                        invalid("group_policy.schedule", format!("policy '{}': {m}", p.name))
+                    })?,
+                    c.fallback.clone(),
+                )),
+            };
             out.push(PolicyDef {
                 name: p.name.clone(),
+                schedule,
                 rules,
                 info: PolicyInfo {
                     flags,
@@ -610,6 +622,31 @@ impl Config {
                     ..Default::default()
                 },
             });
+        }
+        for p in &out {
+            if let Some((_, fb)) = &p.schedule {
+                match out.iter().find(|o| &o.name == fb) {
+                    None => {
+                        return Err(invalid(
+                            "group_policy.schedule.fallback",
+                            format!(
+                                "policy '{}': fallback '{fb}' names no [[group_policy]]",
+                                p.name
+                            ),
+                        ));
+                    }
+                    Some(o) if o.schedule.is_some() => {
+                        return Err(invalid(
+                            "group_policy.schedule.fallback",
+                            format!(
+                                "policy '{}': fallback '{fb}' has a schedule itself; a fallback must always apply",
+                                p.name
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
         }
         if let Some(d) = &self.policy.default
             && !out.iter().any(|p| &p.name == d)

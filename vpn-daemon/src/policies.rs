@@ -203,18 +203,44 @@ impl PolicySet {
     }
 
     /// The policy for a user whose own policy is `own`: their own, else
-    /// the default, else none (id 0: everything allowed). A name that does
-    /// not exist is an error, never silently more access.
+    /// the default, else none (id 0: everything allowed); a scheduled policy
+    /// outside its window gives way to its fallback. A name that does not
+    /// exist is an error, never silently more access.
     pub fn resolve(&self, own: Option<&str>) -> Result<Option<Arc<Installed>>, MissingPolicy> {
-        match own.or(self.default.as_deref()) {
-            None => Ok(None),
-            Some(name) => self
+        self.resolve_at(own, crate::policy::local_now())
+    }
+
+    /// [`PolicySet::resolve`] at a given weekday (0 = Monday) and minute.
+    pub fn resolve_at(
+        &self,
+        own: Option<&str>,
+        (day, minute): (u8, u16),
+    ) -> Result<Option<Arc<Installed>>, MissingPolicy> {
+        let Some(name) = own.or(self.default.as_deref()) else {
+            return Ok(None);
+        };
+        let p = self
+            .current
+            .get(name)
+            .ok_or_else(|| MissingPolicy(name.to_owned()))?;
+        match &p.def.schedule {
+            Some((sched, fallback)) if !sched.active(day, minute) => self
                 .current
-                .get(name)
+                .get(fallback)
                 .cloned()
                 .map(Some)
-                .ok_or_else(|| MissingPolicy(name.to_owned())),
+                .ok_or_else(|| MissingPolicy(fallback.clone())),
+            _ => Ok(Some(p.clone())),
         }
+    }
+
+    /// Whether any installed policy's schedule is active at `now`: a
+    /// change from one minute to the next means sessions must be re-bound.
+    pub fn schedule_state(&self, now: (u8, u16)) -> Vec<bool> {
+        self.all()
+            .iter()
+            .filter_map(|p| p.def.schedule.as_ref().map(|(s, _)| s.active(now.0, now.1)))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Installed>> {

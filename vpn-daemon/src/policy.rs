@@ -52,6 +52,106 @@ pub struct GroupPolicyConfig {
     /// pushed routes). The pushed DNS servers stay reachable.
     #[serde(default)]
     pub split_enforcement: bool,
+    /// When this policy applies (`[group_policy.schedule]`); outside the
+    /// window its fallback policy applies instead. Absent = always.
+    pub schedule: Option<ScheduleConfig>,
+}
+
+/// `[group_policy.schedule]`: days and hours (the gateway's local time).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Days it applies: `mon` ... `sun`. Default every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// Start, `HH:MM`, inclusive. Default `00:00`.
+    #[serde(default = "midnight")]
+    pub from: String,
+    /// End, `HH:MM`, exclusive; `24:00` = end of day. A window that ends
+    /// before it starts runs past midnight into the next day. Default `24:00`.
+    #[serde(default = "end_of_day")]
+    pub to: String,
+    /// The policy that applies outside the window (it must exist and have
+    /// no schedule of its own).
+    pub fallback: String,
+}
+
+fn midnight() -> String {
+    "00:00".into()
+}
+fn end_of_day() -> String {
+    "24:00".into()
+}
+
+/// A validated schedule: a set of weekdays (0 = Monday) and a daily window
+/// in minutes since midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Bit d set = applies on weekday d (0 = Monday).
+    pub days: u8,
+    pub from: u16,
+    pub to: u16,
+}
+
+impl Schedule {
+    /// Parses a schedule, naming the bad field and value on error.
+    pub fn parse(c: &ScheduleConfig) -> Result<Schedule, String> {
+        const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+        let mut days = 0u8;
+        for d in &c.days {
+            let i = NAMES
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(d))
+                .ok_or_else(|| {
+                    format!("day '{d}' is not valid: use mon, tue, wed, thu, fri, sat or sun")
+                })?;
+            days |= 1 << i;
+        }
+        if c.days.is_empty() {
+            days = 0x7f;
+        }
+        let minutes = |what: &str, v: &str| -> Result<u16, String> {
+            let bad = || format!("{what} '{v}' is not a time of day HH:MM (00:00 to 24:00)");
+            let (h, m) = v.split_once(':').ok_or_else(bad)?;
+            let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if m > 59 || h > 24 || (h == 24 && m != 0) {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        let from = minutes("from", &c.from)?;
+        let to = minutes("to", &c.to)?;
+        if from == to {
+            return Err(format!(
+                "from '{}' equals to '{}': the window would be empty",
+                c.from, c.to
+            ));
+        }
+        Ok(Schedule { days, from, to })
+    }
+
+    /// Whether the schedule applies on `weekday` (0 = Monday) at `minute`
+    /// after midnight. A window past midnight belongs to the day it starts.
+    pub fn active(&self, weekday: u8, minute: u16) -> bool {
+        let on = |d: u8| self.days & (1 << (d % 7)) != 0;
+        if self.from < self.to {
+            on(weekday) && (self.from..self.to).contains(&minute)
+        } else {
+            (on(weekday) && minute >= self.from) || (on((weekday + 6) % 7) && minute < self.to)
+        }
+    }
+}
+
+/// The gateway's local weekday (0 = Monday) and minute of the day.
+pub fn local_now() -> (u8, u16) {
+    let t = unsafe { libc::time(std::ptr::null_mut()) };
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r writes into `tm`, which we own.
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    (
+        ((tm.tm_wday + 6) % 7) as u8,
+        (tm.tm_hour * 60 + tm.tm_min) as u16,
+    )
 }
 
 /// `[[group_policy.rule]]`.
@@ -645,6 +745,41 @@ mod tests {
             None,
             "port rules skip port-less protocols"
         );
+    }
+
+    #[test]
+    fn schedules() {
+        let sched = |days: &[&str], from: &str, to: &str| {
+            Schedule::parse(&ScheduleConfig {
+                days: days.iter().map(|d| d.to_string()).collect(),
+                from: from.into(),
+                to: to.into(),
+                fallback: "x".into(),
+            })
+        };
+        let office = sched(&["mon", "tue", "wed", "thu", "fri"], "08:00", "18:00").unwrap();
+        assert!(office.active(0, 8 * 60));
+        assert!(!office.active(0, 18 * 60), "the end is exclusive");
+        assert!(!office.active(5, 12 * 60), "not on Saturday");
+        let night = sched(&["fri"], "22:00", "06:00").unwrap();
+        assert!(night.active(4, 23 * 60));
+        assert!(night.active(5, 5 * 60), "Friday's night runs into Saturday");
+        assert!(!night.active(4, 5 * 60), "but not Friday early morning");
+        let all = sched(&[], "00:00", "24:00").unwrap();
+        assert!(all.active(6, 24 * 60 - 1));
+        assert!(
+            sched(&["funday"], "00:00", "24:00")
+                .unwrap_err()
+                .contains("'funday'")
+        );
+        assert!(
+            sched(&[], "25:00", "24:00")
+                .unwrap_err()
+                .contains("'25:00'")
+        );
+        assert!(sched(&[], "09:00", "09:00").unwrap_err().contains("empty"));
+        let (d, m) = local_now();
+        assert!(d < 7 && m < 24 * 60);
     }
 
     #[test]

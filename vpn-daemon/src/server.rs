@@ -506,6 +506,19 @@ impl Gateway {
         drop(dp);
         // Re-resolve every session against the new set (users may have
         // new policies too), then drop the versions nobody uses.
+        let mut policies = self.rebind_sessions(policies)?;
+        let mut dp = self.datapath.lock().unwrap();
+        policies.retire(&mut dp, old);
+        Ok(())
+    }
+
+    /// Re-resolves every session's policy (users' own policies re-read,
+    /// schedules evaluated now) and flips the sessions whose policy changed;
+    /// a session whose policy no longer exists ends (fail closed).
+    fn rebind_sessions<'a>(
+        &'a self,
+        mut policies: std::sync::MutexGuard<'a, PolicySet>,
+    ) -> anyhow::Result<std::sync::MutexGuard<'a, PolicySet>> {
         for s in self.sessions.all() {
             let own = match self.users.policy_of(&s.user) {
                 Some(own) => own,
@@ -548,9 +561,26 @@ impl Gateway {
                 }
             }
         }
-        let mut dp = self.datapath.lock().unwrap();
-        policies.retire(&mut dp, old);
-        Ok(())
+        Ok(policies)
+    }
+
+    /// Switches sessions between scheduled policies and their fallbacks
+    /// when a schedule window opens or closes (checked every 15 s).
+    pub async fn follow_schedules(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        let mut last = Vec::new();
+        loop {
+            tick.tick().await;
+            let now = crate::policy::local_now();
+            let policies = self.policies.lock().unwrap();
+            let state = policies.schedule_state(now);
+            if state != last {
+                last = state;
+                if let Err(e) = self.rebind_sessions(policies) {
+                    tracing::error!("applying policy schedules: {e:#}");
+                }
+            }
+        }
     }
 
     /// `vpnctl reload` / SIGHUP: re-reads the config file. A file that does

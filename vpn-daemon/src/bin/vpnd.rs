@@ -99,6 +99,7 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
 
     tokio::spawn(gw.clone().tun_reader());
     tokio::spawn(gw.clone().reap());
+    tokio::spawn(gw.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
     tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
