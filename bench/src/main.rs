@@ -4,6 +4,10 @@
 //! - `classifier`: per-packet cost of the policy classifier in the kernel
 //!   (`BPF_PROG_TEST_RUN`, the kernel's own ns/run over many repeats) for
 //!   policies of 10, 1,000 and 10,000 rules, packets spread over all rules.
+//! - `forwarding`: packets per second through a gateway namespace with the
+//!   classifier on the veth ingress against the same rules in nftables.
+
+mod forwarding;
 
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
 
@@ -149,7 +153,8 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "classifier".into());
     let (name, table) = match which.as_str() {
         "classifier" => ("classifier", classifier()?),
-        other => bail!("unknown benchmark '{other}': available: classifier"),
+        "forwarding" => ("forwarding", forwarding::run()?),
+        other => bail!("unknown benchmark '{other}': available: classifier, forwarding"),
     };
     print!("{table}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");

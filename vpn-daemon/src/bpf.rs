@@ -168,6 +168,22 @@ impl Datapath {
         Self::from_ebpf(ebpf, None)
     }
 
+    /// Attaches the client-side (ingress) program of an object loaded by
+    /// [`Datapath::load_for_test_run`] to an Ethernet device's TC ingress in
+    /// the calling thread's namespace: the forwarding benchmark runs the
+    /// classifier on a veth that way.
+    pub fn attach_ingress_for_bench(&mut self, iface: &str) -> anyhow::Result<()> {
+        let _ = tc::qdisc_add_clsact(iface);
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(prog_names::TUN_INGRESS)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?;
+        p.attach(iface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching to {iface}"))?;
+        Ok(())
+    }
+
     fn from_ebpf(mut ebpf: Ebpf, pin_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
             ebpf.take_map(name)

@@ -10,6 +10,7 @@
 //! xtask itself depends on nothing that needs the BPF toolchain, so it builds
 //! on a fresh machine before `setup` has installed that toolchain.
 //! - `test`: set-up, build, then every unit and integration test.
+//! - `bench [NAME]`: a benchmark from bench/, its table in bench/results/.
 
 mod setup;
 
@@ -43,6 +44,13 @@ enum Cmd {
     Run {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Run a benchmark from bench/ (release build, needs root); writes its
+    /// table to bench/results/NAME.md.
+    Bench {
+        /// classifier | forwarding
+        #[arg(default_value = "classifier")]
+        name: String,
     },
     /// Run every test (unit and integration; the latter need root).
     Test {
@@ -150,6 +158,11 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => run(Command::new(bin.join("vpn-demo")).env("VPN_GATEWAY_BIN_DIR", &bin)),
             }
+        }
+        Cmd::Bench { name } => {
+            setup::setup()?;
+            run(cargo().args(["build", "--release", "-p", "vpn-bench"]))?;
+            run(Command::new(root().join("target/release/vpn-bench")).arg(name))
         }
         Cmd::Test { args } => {
             setup::setup()?;
