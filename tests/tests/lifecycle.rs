@@ -52,6 +52,11 @@ fn admin_disconnect_ends_the_tunnel_and_a_new_login_keeps_the_address() {
     let mut c2 = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
     assert_eq!(address(&mut c2), addr);
 
+    // Disconnecting by VPN address works too.
+    let out = gw.vpnctl(&["disconnect", &addr]).unwrap();
+    assert!(out.contains("disconnected 1 session"), "{out}");
+    assert!(c2.wait_exit(Duration::from_secs(10)).is_some());
+
     // Unknown targets are an error naming the target.
     let err = gw
         .vpnctl(&["disconnect", "nobody"])

@@ -108,6 +108,11 @@ fn firewall_rules_allow_and_deny_real_traffic() {
     );
     let s = &gw.sessions().unwrap()[0];
     assert!(s["denied_in"].as_u64().unwrap() >= 4, "{s}");
+    let list: serde_json::Value =
+        serde_json::from_str(&gw.vpnctl(&["policy", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(list[0]["name"], "staff");
+    assert_eq!(list[0]["sessions"], 1);
+    assert_eq!(list[0]["default"], true);
     // The pinned maps are readable with bpftool.
     let dump = sh(std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
