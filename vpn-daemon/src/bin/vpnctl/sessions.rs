@@ -24,12 +24,13 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<15} {:<22} {:<20} {:<12} {:>12} {:>12} {:>9} {:>9} PSEUDO-MAC",
+        "{:<16} {:<15} {:<22} {:<20} {:<12} {:<14} {:>12} {:>12} {:>9} {:>9} PSEUDO-MAC",
         "USER",
         "VPN ADDRESS",
         "PUBLIC ADDRESS",
         "SINCE",
         "STATE",
+        "POLICY",
         "BYTES IN",
         "BYTES OUT",
         "PKTS IN",
@@ -42,12 +43,13 @@ pub fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
             _ => "-".into(),
         };
         println!(
-            "{:<16} {:<15} {:<22} {:<20} {:<12} {:>12} {:>12} {:>9} {:>9} {}",
+            "{:<16} {:<15} {:<22} {:<20} {:<12} {:<14} {:>12} {:>12} {:>9} {:>9} {}",
             s.user,
             s.vpn_address,
             public,
             s.since,
             s.state,
+            s.group_policy.as_deref().unwrap_or("-"),
             s.bytes_in,
             s.bytes_out,
             s.packets_in,
