@@ -47,6 +47,20 @@ banner = "Welcome to the vpn-gateway demo."
 [client_routing]
 mode = "include"
 subnets = ["198.18.2.0/24", "fd00:2::/64"]
+
+[policy]
+default = "demo"
+
+[[group_policy]]
+name = "demo"
+split_enforcement = true
+
+[[group_policy.rule]]
+action = "deny"
+protocol = "tcp"
+destination = "198.18.2.0/24"
+port = "23"
+comment = "no telnet"
 "#,
         gw = vpn_tests::GW_OUTSIDE,
         dir = dir.display()
@@ -102,7 +116,7 @@ fn main() -> anyhow::Result<()> {
     println!("\n$ vpnctl sessions");
     let _ = Command::new(bin.join("vpnctl")).arg("sessions").status();
     println!(
-        "\nTry, from another terminal:\n  {vpnctl} sessions\n  {vpnctl} stats\n  bpftool map dump pinned /sys/fs/bpf/vpn/sessions\n  ip netns exec {c} ping {SERVER}\n  ip netns exec {c} iperf3 -c {SERVER}   (after: ip netns exec {s} iperf3 -s -D)\nThe demo user is {DEMO_USER} / {DEMO_PASSWORD}. Press Ctrl-C to stop and remove everything.",
+        "\nTry, from another terminal:\n  {vpnctl} sessions\n  {vpnctl} stats\n  {vpnctl} policy show demo\n  bpftool map dump pinned /sys/fs/bpf/vpn/sessions\n  ip netns exec {c} ping {SERVER}\n  ip netns exec {c} iperf3 -c {SERVER}   (after: ip netns exec {s} iperf3 -s -D)\nThe demo user is {DEMO_USER} / {DEMO_PASSWORD}. Press Ctrl-C to stop and remove everything.",
         vpnctl = bin.join("vpnctl").display(),
         c = topo.client.name,
         s = topo.server.name,
