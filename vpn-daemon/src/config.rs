@@ -61,10 +61,23 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     #[serde(default)]
     pub policy: PolicySettings,
+    #[serde(default)]
+    pub dtls: DtlsConfig,
     /// Group policies (`[[group_policy]]`, see `policy.rs` for the fields).
     /// `vpnctl reload` applies changes to these and to `[policy]` live.
     #[serde(default, rename = "group_policy")]
     pub group_policies: Vec<GroupPolicyConfig>,
+}
+
+/// `[dtls]`: the UDP data channel (PSK-NEGOTIATE mode, for openconnect).
+/// Work in progress: off by default until the DTLS issue is complete.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DtlsConfig {
+    /// Offer DTLS to clients that can do PSK-NEGOTIATE. Default false.
+    pub enabled: bool,
+    /// UDP port; default: the TLS listener's port number.
+    pub port: Option<u16>,
 }
 
 /// `[policy]`: which group policy applies by default, and limits.

@@ -148,7 +148,14 @@ impl Gateway {
                         "disconnected"
                     }
                     .into(),
-                    transport: if slot.handle.is_some() { "tls" } else { "-" }.into(),
+                    transport: if slot.dtls.is_some() {
+                        "dtls"
+                    } else if slot.handle.is_some() {
+                        "tls"
+                    } else {
+                        "-"
+                    }
+                    .into(),
                     group_policy: s.policy.lock().unwrap().effective.clone(),
                     denied_in: st.rx_denied,
                     denied_out: st.tx_denied,

@@ -4,6 +4,7 @@ pub mod bpf;
 pub mod config;
 pub mod control;
 pub mod cstp;
+pub mod dtls;
 pub mod events;
 pub mod http;
 pub mod mac;

@@ -67,6 +67,8 @@ pub struct Gateway {
     pub policies: Mutex<PolicySet>,
     /// The file `reload` re-reads.
     pub config_path: std::path::PathBuf,
+    /// The DTLS server, when `[dtls] enabled`.
+    pub dtls: std::sync::OnceLock<Arc<crate::dtls::DtlsServer>>,
 }
 
 impl Gateway {
@@ -92,6 +94,7 @@ impl Gateway {
             started: SystemTime::now(),
             policies: Mutex::new(PolicySet::default()),
             config_path,
+            dtls: std::sync::OnceLock::new(),
         });
         let settings = gw.settings.clone();
         gw.apply_policies(&settings)?;
@@ -763,7 +766,29 @@ impl Gateway {
         };
         session.touch();
 
-        let head = self.connect_response(&req, &session);
+        // DTLS, PSK-NEGOTIATE: the key comes from this TLS connection.
+        let dtls_offer = match self.dtls.get() {
+            Some(d) if offers_psk_negotiate(&req) => {
+                let mut psk = [0u8; 32];
+                match tls
+                    .get_ref()
+                    .1
+                    .export_keying_material(&mut psk, crate::dtls::PSK_LABEL, None)
+                {
+                    Ok(_) => Some((d.clone(), d.offer(session.clone(), psk))),
+                    Err(e) => {
+                        tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let head = self.connect_response(
+            &req,
+            &session,
+            dtls_offer.as_ref().map(|(d, id)| (d.port(), id)),
+        );
         tls.write_all(head.as_bytes()).await?;
         tls.flush().await?;
         self.events.emit(Event::ClientConnected {
@@ -804,7 +829,12 @@ impl Gateway {
     /// The CONNECT response head: everything the client needs to configure
     /// its side. Header names are written in the exact case openconnect
     /// matches.
-    fn connect_response(&self, req: &Request, s: &Session) -> String {
+    fn connect_response(
+        &self,
+        req: &Request,
+        s: &Session,
+        dtls: Option<(u16, &[u8; 32])>,
+    ) -> String {
         let st = &self.settings;
         let cfg = &st.raw;
         let mut h: Vec<(&str, String)> = Vec::with_capacity(32);
@@ -909,6 +939,14 @@ impl Gateway {
         h.push(("X-CSTP-TCP-Keepalive", "true".into()));
         h.push(("X-CSTP-License", "accept".into()));
         h.push(("X-CSTP-Client-Bypass-Protocol", "false".into()));
+        if let Some((port, app_id)) = dtls {
+            h.push(("X-DTLS-Port", port.to_string()));
+            h.push(("X-DTLS-App-ID", hex::encode(app_id)));
+            h.push(("X-DTLS-CipherSuite", "PSK-NEGOTIATE".into()));
+            h.push(("X-DTLS-DPD", cfg.session.dpd_secs.to_string()));
+            h.push(("X-DTLS-Keepalive", cfg.session.keepalive_secs.to_string()));
+            h.push(("X-DTLS-Rekey-Method", "none".into()));
+        }
 
         let mut out = String::from("HTTP/1.1 200 CONNECTED\r\n");
         for (n, v) in h {
@@ -1097,6 +1135,14 @@ enum TunnelEnd {
     /// The connection failed or the peer went silent: the session stays
     /// resumable.
     Down(String),
+}
+
+/// Whether the client offers DTLS in PSK-NEGOTIATE mode.
+fn offers_psk_negotiate(req: &Request) -> bool {
+    ["X-DTLS-CipherSuite", "X-DTLS12-CipherSuite"]
+        .iter()
+        .filter_map(|h| req.header(h))
+        .any(|v| v.split(':').any(|c| c.trim() == "PSK-NEGOTIATE"))
 }
 
 /// The destination address of an IP packet.

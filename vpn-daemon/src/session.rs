@@ -61,6 +61,15 @@ pub struct TunnelSlot {
     /// When the last tunnel went away (or the session was created, before
     /// the first CONNECT). `None` while a tunnel is up.
     pub down_since: Option<Instant>,
+    /// The DTLS channel, while it is established: packets to the client
+    /// go there rather than over TLS.
+    pub dtls: Option<DtlsHandle>,
+}
+
+/// An established DTLS channel of a session.
+pub struct DtlsHandle {
+    pub peer: SocketAddr,
+    pub to_client: mpsc::Sender<Vec<u8>>,
 }
 
 pub struct Session {
@@ -129,7 +138,9 @@ impl Session {
     /// an interface queue would.
     pub fn deliver(&self, pkt: Vec<u8>) {
         let slot = self.tunnel.lock().unwrap();
-        if let Some(h) = &slot.handle {
+        if let Some(d) = &slot.dtls {
+            let _ = d.to_client.try_send(pkt);
+        } else if let Some(h) = &slot.handle {
             let _ = h.to_client.try_send(pkt);
         }
     }

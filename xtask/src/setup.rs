@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "iputils-ping", // ping through the tunnel
     "util-linux",   // nsenter
     "procps",       // sysctl
+    "libssl-dev",   // OpenSSL 3 for the DTLS server (openssl crate)
+    "pkg-config",   // how openssl-sys finds it
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -97,6 +97,14 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     let control = control::bind(&control_path)?;
     let gw = server::Gateway::new(settings.clone(), config_path, users, datapath, events, tun)?;
 
+    if raw.dtls.enabled {
+        let mut addr = raw.server.listen;
+        addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
+        let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone()).await?;
+        tokio::spawn(dtls.clone().serve());
+        let _ = gw.dtls.set(dtls);
+        tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
+    }
     tokio::spawn(gw.clone().tun_reader());
     tokio::spawn(gw.clone().reap());
     tokio::spawn(gw.clone().follow_schedules());

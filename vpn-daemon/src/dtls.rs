@@ -1,0 +1,356 @@
+//! The DTLS data channel, PSK-NEGOTIATE mode (what openconnect and ocserv
+//! use). First step of the DTLS issue: the handshake and the data path; no
+//! Cisco session-resumption mode, no batching yet.
+//!
+//! At CONNECT the gateway derives a 32-byte PSK from the TLS connection
+//! (RFC 5705 exporter, label `EXPORTER-openconnect-psk`, no context) and
+//! announces a random App-ID. The client's DTLS 1.2 ClientHello carries the
+//! App-ID as its session id: that is how a new UDP peer is matched to its
+//! session before OpenSSL sees the datagram. Records then carry one type
+//! byte (CSTP numbering) and one IP packet.
+//!
+//! OpenSSL (system OpenSSL 3 through the `openssl` crate) does the DTLS:
+//! rustls has none. Each peer is a task driving a non-blocking `SslStream`
+//! over [`DatagramIo`], which hands OpenSSL one datagram per read and sends
+//! one per write.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use openssl::ssl::{
+    ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions,
+    SslStream, SslVersion,
+};
+use tokio::{net::UdpSocket, sync::mpsc};
+
+use crate::{cstp::FrameType, session::Session};
+
+/// The exporter label openconnect uses for the DTLS PSK.
+pub const PSK_LABEL: &[u8] = b"EXPORTER-openconnect-psk";
+
+/// Per-record overhead of DTLS 1.2 with an AES-GCM PSK suite: 13-byte
+/// header, 8-byte explicit nonce, 16-byte tag, plus the type byte.
+pub const DTLS_GCM_OVERHEAD: u16 = 13 + 8 + 16 + 1;
+
+/// A session's DTLS offer: what a ClientHello with this App-ID gets.
+struct Offer {
+    session: Arc<Session>,
+    psk: [u8; 32],
+}
+
+/// The UDP side of the gateway.
+pub struct DtlsServer {
+    socket: Arc<UdpSocket>,
+    ctx: SslContext,
+    offers: Mutex<HashMap<[u8; 32], Offer>>,
+    peers: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    tun: Arc<crate::tun::Tun>,
+    port: u16,
+}
+
+fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
+    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, [u8; 32]>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index"))
+}
+
+impl DtlsServer {
+    /// Binds the UDP port next to the TLS listener.
+    pub async fn bind(addr: SocketAddr, tun: Arc<crate::tun::Tun>) -> anyhow::Result<Arc<Self>> {
+        let socket = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding DTLS on udp {addr}"))?;
+        let mut b = SslContextBuilder::new(SslMethod::dtls()).context("OpenSSL DTLS context")?;
+        b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+        b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
+        // Plain PSK suites: openconnect offers no (EC)DHE-PSK.
+        b.set_cipher_list("PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305")?;
+        b.set_options(SslOptions::NO_TICKET | SslOptions::NO_QUERY_MTU);
+        b.set_psk_server_callback(|ssl, _identity, out| {
+            // The identity is always "psk": the key comes from the session
+            // the ClientHello was matched to.
+            let psk = ssl.ex_data(psk_index()).copied().unwrap_or([0u8; 32]);
+            out[..32].copy_from_slice(&psk);
+            Ok(32)
+        });
+        Ok(Arc::new(DtlsServer {
+            port: socket.local_addr()?.port(),
+            socket: Arc::new(socket),
+            ctx: b.build(),
+            offers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            tun,
+        }))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Registers a session's offer; returns the App-ID to announce.
+    pub fn offer(&self, session: Arc<Session>, psk: [u8; 32]) -> [u8; 32] {
+        let mut app_id = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut app_id);
+        self.offers
+            .lock()
+            .unwrap()
+            .insert(app_id, Offer { session, psk });
+        app_id
+    }
+
+    /// Withdraws an offer (its TLS tunnel ended).
+    pub fn withdraw(&self, app_id: &[u8; 32]) {
+        self.offers.lock().unwrap().remove(app_id);
+    }
+
+    /// Receives datagrams forever, handing each to its peer's task or
+    /// starting a peer for a ClientHello whose session id is an App-ID.
+    pub async fn serve(self: Arc<Self>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, from) = match self.socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!("dtls recv: {e}");
+                    continue;
+                }
+            };
+            let d = buf[..n].to_vec();
+            let known = self.peers.lock().unwrap().get(&from).cloned();
+            if let Some(tx) = known
+                && !is_client_hello(&d)
+            {
+                let _ = tx.try_send(d);
+                continue;
+            }
+            let Some(app_id) = client_hello_session_id(&d) else {
+                continue;
+            };
+            let offer = {
+                let offers = self.offers.lock().unwrap();
+                offers.get(&app_id).map(|o| (o.session.clone(), o.psk))
+            };
+            let Some((session, psk)) = offer else {
+                tracing::debug!(%from, "DTLS ClientHello with an unknown App-ID");
+                continue;
+            };
+            let (tx, rx) = mpsc::channel(256);
+            let _ = tx.try_send(d);
+            self.peers.lock().unwrap().insert(from, tx);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let reason = me.run_peer(from, session.clone(), psk, rx).await;
+                tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
+                me.peers.lock().unwrap().remove(&from);
+                let mut slot = session.tunnel.lock().unwrap();
+                if slot.dtls.as_ref().is_some_and(|d| d.peer == from) {
+                    slot.dtls = None;
+                }
+            });
+        }
+    }
+
+    async fn run_peer(
+        &self,
+        from: SocketAddr,
+        session: Arc<Session>,
+        psk: [u8; 32],
+        mut inbox: mpsc::Receiver<Vec<u8>>,
+    ) -> String {
+        let mut ssl = match Ssl::new(&self.ctx) {
+            Ok(s) => s,
+            Err(e) => return format!("OpenSSL: {e}"),
+        };
+        ssl.set_ex_data(psk_index(), psk);
+        let _ = ssl.set_mtu(1400);
+        let io = DatagramIo {
+            inbox: VecDeque::new(),
+            socket: self.socket.clone(),
+            peer: from,
+        };
+        // Handshake: feed datagrams until OpenSSL is done.
+        let mut mid = match ssl.accept(io) {
+            Ok(s) => return self.run_channel(s, from, &session, &mut inbox).await,
+            Err(HandshakeError::WouldBlock(m)) => m,
+            Err(e) => return format!("handshake failed: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let d = match tokio::time::timeout_at(deadline.into(), inbox.recv()).await {
+                Ok(Some(d)) => d,
+                Ok(None) => return "replaced".into(),
+                Err(_) => return "handshake timed out".into(),
+            };
+            mid.get_mut().inbox.push_back(d);
+            match mid.handshake() {
+                Ok(s) => return self.run_channel(s, from, &session, &mut inbox).await,
+                Err(HandshakeError::WouldBlock(m)) => mid = m,
+                Err(e) => return format!("handshake failed: {e}"),
+            }
+        }
+    }
+
+    /// The established channel: records from the client into the tunnel
+    /// device, packets for the client out as records.
+    async fn run_channel(
+        &self,
+        mut s: SslStream<DatagramIo>,
+        from: SocketAddr,
+        session: &Arc<Session>,
+        inbox: &mut mpsc::Receiver<Vec<u8>>,
+    ) -> String {
+        tracing::info!(user = session.user, %from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
+        let (tx, mut out) = mpsc::channel::<Vec<u8>>(512);
+        session.tunnel.lock().unwrap().dtls = Some(crate::session::DtlsHandle {
+            peer: from,
+            to_client: tx,
+        });
+        let mut rec = vec![0u8; 16384];
+        let mut frame = Vec::with_capacity(2048);
+        let mut last_rx = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                d = inbox.recv() => {
+                    let Some(d) = d else { return "replaced".into() };
+                    last_rx = Instant::now();
+                    s.get_mut().inbox.push_back(d);
+                    loop {
+                        match s.ssl_read(&mut rec) {
+                            Ok(0) => return "closed by client".into(),
+                            Ok(n) => {
+                                if let Some(reason) = self.handle_record(&mut s, &rec[..n], session, &mut frame).await {
+                                    return reason;
+                                }
+                            }
+                            Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                            Err(e) if e.code() == ErrorCode::ZERO_RETURN => return "closed by client".into(),
+                            Err(e) => return format!("read error: {e}"),
+                        }
+                    }
+                }
+                p = out.recv() => {
+                    let Some(p) = p else { return "session ended".into() };
+                    frame.clear();
+                    frame.push(FrameType::Data as u8);
+                    frame.extend_from_slice(&p);
+                    if let Err(e) = s.ssl_write(&frame) {
+                        return format!("write error: {e}");
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_rx.elapsed() > Duration::from_secs(90) {
+                        return "silent for 90 s".into();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_record(
+        &self,
+        s: &mut SslStream<DatagramIo>,
+        rec: &[u8],
+        session: &Arc<Session>,
+        frame: &mut Vec<u8>,
+    ) -> Option<String> {
+        let (&ty, payload) = rec.split_first()?;
+        match ty {
+            t if t == FrameType::Data as u8 => {
+                session.touch();
+                if matches!(payload.first().map(|b| b >> 4), Some(4 | 6)) {
+                    let _ = self.tun.send(payload).await;
+                }
+            }
+            t if t == FrameType::DpdRequest as u8 => {
+                // Echo verbatim with the type changed: openconnect's MTU
+                // probe accepts nothing else.
+                frame.clear();
+                frame.push(FrameType::DpdResponse as u8);
+                frame.extend_from_slice(payload);
+                let _ = s.ssl_write(frame);
+            }
+            t if t == FrameType::Disconnect as u8 => return Some("client disconnect".into()),
+            _ => {}
+        }
+        None
+    }
+}
+
+/// One datagram per read, one per write.
+#[derive(Debug)]
+pub struct DatagramIo {
+    inbox: VecDeque<Vec<u8>>,
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+}
+
+impl io::Read for DatagramIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inbox.pop_front() {
+            None => Err(io::ErrorKind::WouldBlock.into()),
+            Some(d) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl io::Write for DatagramIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A full socket buffer drops the datagram, as the network would.
+        let _ = self.socket.try_send_to(buf, self.peer);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn is_client_hello(d: &[u8]) -> bool {
+    d.len() > 13 && d[0] == 22 && d[13] == 1
+}
+
+/// The 32-byte session id of a DTLS ClientHello (record header 13 bytes,
+/// handshake header 12, client_version 2, random 32, then the id).
+pub fn client_hello_session_id(d: &[u8]) -> Option<[u8; 32]> {
+    if !is_client_hello(d) {
+        return None;
+    }
+    let off = 13 + 12 + 2 + 32;
+    if *d.get(off)? != 32 {
+        return None;
+    }
+    d.get(off + 1..off + 33)?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_id_from_client_hello() {
+        let mut d = vec![22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 100];
+        d.extend_from_slice(&[1, 0, 0, 90, 0, 0, 0, 0, 0, 0, 0, 90]);
+        d.extend_from_slice(&[0xfe, 0xfd]);
+        d.extend_from_slice(&[7u8; 32]);
+        d.push(32);
+        d.extend_from_slice(&[0xaa; 32]);
+        d.push(0);
+        assert_eq!(client_hello_session_id(&d), Some([0xaa; 32]));
+        let mut short = d.clone();
+        short[13 + 12 + 2 + 32] = 16;
+        assert_eq!(client_hello_session_id(&short), None);
+        assert_eq!(client_hello_session_id(&d[..60]), None);
+        let mut app_data = d.clone();
+        app_data[0] = 23;
+        assert_eq!(client_hello_session_id(&app_data), None);
+    }
+}
