@@ -49,7 +49,11 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     assert!(topo.client.ping(SERVER, 3), "ping over DTLS\n{}", gw.log());
     let up = iperf3(&topo.client, &topo.server, SERVER, 2, false).unwrap();
     let down = iperf3(&topo.client, &topo.server, SERVER, 2, true).unwrap();
-    eprintln!("iperf3 over DTLS (debug build): up {:.0} Mbit/s, down {:.0} Mbit/s", up / 1e6, down / 1e6);
+    eprintln!(
+        "iperf3 over DTLS (debug build): up {:.0} Mbit/s, down {:.0} Mbit/s",
+        up / 1e6,
+        down / 1e6
+    );
     assert!(up > 10e6 && down > 10e6, "up {up} down {down}");
     // The MTU probe got its echoes: no reduction.
     assert!(!c.log().contains("MTU reduced"), "{}", c.log());
@@ -59,4 +63,80 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         s["bytes_in"].as_u64().unwrap() > 1_000_000,
         "BPF counters include DTLS traffic: {s}"
     );
+}
+
+#[test]
+fn blocked_udp_falls_back_to_tls_and_dtls_returns() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[dtls]\nenabled = true\n\n[session]\ndpd_secs = 2\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let mut c = Client::start(
+        &topo,
+        &gw,
+        ALICE.name,
+        ALICE.password,
+        &["--dtls-ciphers=PSK-NEGOTIATE"],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let transport = || {
+        gw.sessions().unwrap()[0]["transport"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || (transport() == "dtls")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        c.log()
+    );
+
+    // Block UDP in the client namespace (our own nft table there).
+    sh(topo.client.cmd("nft").args(["add table inet vgblock"])).unwrap();
+    sh(topo
+        .client
+        .cmd("nft")
+        .args(["add chain inet vgblock out { type filter hook output priority 0 ; }"]))
+    .unwrap();
+    sh(topo
+        .client
+        .cmd("nft")
+        .args(["add rule inet vgblock out udp dport 443 drop"]))
+    .unwrap();
+    // Traffic keeps flowing: the client notices dead DTLS (2 x DPD) and
+    // sends over TLS; the gateway follows.
+    let ok = wait_for(Duration::from_secs(30), || {
+        topo.client.ping(SERVER, 1).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "no traffic over TLS with UDP blocked\n{}",
+        c.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || (transport() == "tls")
+            .then_some(()))
+        .is_some()
+    );
+    assert!(topo.client.ping(SERVER, 3));
+
+    // Unblock: openconnect retries DTLS (about once a minute) and traffic
+    // moves back to it.
+    sh(topo.client.cmd("nft").args(["delete table inet vgblock"])).unwrap();
+    let back = wait_for(Duration::from_secs(90), || {
+        (transport() == "dtls").then_some(())
+    });
+    assert!(back.is_some(), "DTLS did not come back\n{}", c.log());
+    assert!(topo.client.ping(SERVER, 3));
+    assert!(c.log().matches("Established DTLS connection").count() >= 2);
 }

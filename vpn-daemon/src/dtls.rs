@@ -18,7 +18,10 @@ use std::{
     collections::{HashMap, VecDeque},
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -52,6 +55,8 @@ pub struct DtlsServer {
     peers: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     tun: Arc<crate::tun::Tun>,
     port: u16,
+    /// DTLS dead-peer interval: the channel closes after 3 silent ones.
+    dpd: Duration,
 }
 
 fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
@@ -61,7 +66,11 @@ fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
 
 impl DtlsServer {
     /// Binds the UDP port next to the TLS listener.
-    pub async fn bind(addr: SocketAddr, tun: Arc<crate::tun::Tun>) -> anyhow::Result<Arc<Self>> {
+    pub async fn bind(
+        addr: SocketAddr,
+        tun: Arc<crate::tun::Tun>,
+        dpd: Duration,
+    ) -> anyhow::Result<Arc<Self>> {
         let socket = UdpSocket::bind(addr)
             .await
             .with_context(|| format!("binding DTLS on udp {addr}"))?;
@@ -85,6 +94,7 @@ impl DtlsServer {
             offers: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             tun,
+            dpd,
         }))
     }
 
@@ -146,10 +156,9 @@ impl DtlsServer {
             tokio::spawn(async move {
                 let reason = me.run_peer(from, session.clone(), psk, rx).await;
                 tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
-                me.peers.lock().unwrap().remove(&from);
-                let mut slot = session.tunnel.lock().unwrap();
-                if slot.dtls.as_ref().is_some_and(|d| d.peer == from) {
-                    slot.dtls = None;
+                let mut peers = me.peers.lock().unwrap();
+                if peers.get(&from).is_some_and(|tx| tx.is_closed()) {
+                    peers.remove(&from);
                 }
             });
         }
@@ -206,25 +215,52 @@ impl DtlsServer {
     ) -> String {
         tracing::info!(user = session.user, %from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
         let (tx, mut out) = mpsc::channel::<Vec<u8>>(512);
+        let since = Instant::now();
+        let last_rx_ms = Arc::new(AtomicU64::new(0));
+        static CHANNELS: AtomicU64 = AtomicU64::new(1);
+        let channel = CHANNELS.fetch_add(1, Ordering::Relaxed);
         session.tunnel.lock().unwrap().dtls = Some(crate::session::DtlsHandle {
+            channel,
             peer: from,
             to_client: tx,
+            last_rx_ms: last_rx_ms.clone(),
+            since,
         });
+        let reason = self
+            .channel_loop(&mut s, session, inbox, &mut out, &last_rx_ms, since)
+            .await;
+        let mut slot = session.tunnel.lock().unwrap();
+        if slot.dtls.as_ref().is_some_and(|d| d.channel == channel) {
+            slot.dtls = None;
+        }
+        reason
+    }
+
+    async fn channel_loop(
+        &self,
+        s: &mut SslStream<DatagramIo>,
+        session: &Arc<Session>,
+        inbox: &mut mpsc::Receiver<Vec<u8>>,
+        out: &mut mpsc::Receiver<Vec<u8>>,
+        last_rx_ms: &AtomicU64,
+        since: Instant,
+    ) -> String {
         let mut rec = vec![0u8; 16384];
         let mut frame = Vec::with_capacity(2048);
         let mut last_rx = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 d = inbox.recv() => {
                     let Some(d) = d else { return "replaced".into() };
                     last_rx = Instant::now();
+                    last_rx_ms.store(since.elapsed().as_millis() as u64, Ordering::Relaxed);
                     s.get_mut().inbox.push_back(d);
                     loop {
                         match s.ssl_read(&mut rec) {
                             Ok(0) => return "closed by client".into(),
                             Ok(n) => {
-                                if let Some(reason) = self.handle_record(&mut s, &rec[..n], session, &mut frame).await {
+                                if let Some(reason) = self.handle_record(s, &rec[..n], session, &mut frame).await {
                                     return reason;
                                 }
                             }
@@ -244,8 +280,8 @@ impl DtlsServer {
                     }
                 }
                 _ = tick.tick() => {
-                    if last_rx.elapsed() > Duration::from_secs(90) {
-                        return "silent for 90 s".into();
+                    if last_rx.elapsed() > self.dpd * 3 {
+                        return format!("silent for {} s (3 x DTLS DPD)", (self.dpd * 3).as_secs());
                     }
                 }
             }

@@ -1084,6 +1084,7 @@ impl Gateway {
             match frame.ty {
                 FrameType::Data => {
                     session.touch();
+                    session.data_over_tls();
                     let rate = session.rate_up_bps.load(Ordering::Relaxed);
                     let wait = pacer.delay(frame.payload.len(), rate, Instant::now());
                     if !wait.is_zero() {

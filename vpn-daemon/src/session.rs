@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Mutex, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -68,8 +68,43 @@ pub struct TunnelSlot {
 
 /// An established DTLS channel of a session.
 pub struct DtlsHandle {
+    /// Tells channels apart (a client re-handshakes from the same address).
+    pub channel: u64,
     pub peer: SocketAddr,
     pub to_client: mpsc::Sender<Vec<u8>>,
+    /// Milliseconds after `since` of the last datagram from the client.
+    pub last_rx_ms: Arc<AtomicU64>,
+    pub since: Instant,
+}
+
+impl DtlsHandle {
+    pub fn silent_for(&self) -> Duration {
+        self.since.elapsed().saturating_sub(Duration::from_millis(
+            self.last_rx_ms.load(Ordering::Relaxed),
+        ))
+    }
+}
+
+/// A DATA frame over TLS while DTLS is silent this long means the client
+/// has fallen back to TLS (UDP blocked): send over TLS too.
+pub const DTLS_FALLBACK_SILENCE: Duration = Duration::from_secs(5);
+
+impl Session {
+    /// Called for each DATA frame the client sends over TLS.
+    pub fn data_over_tls(&self) {
+        let mut slot = self.tunnel.lock().unwrap();
+        if slot
+            .dtls
+            .as_ref()
+            .is_some_and(|d| d.silent_for() > DTLS_FALLBACK_SILENCE)
+        {
+            tracing::info!(
+                user = self.user,
+                "client sends over TLS and DTLS is silent: falling back to TLS"
+            );
+            slot.dtls = None;
+        }
+    }
 }
 
 pub struct Session {

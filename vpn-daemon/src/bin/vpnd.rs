@@ -100,7 +100,8 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     if raw.dtls.enabled {
         let mut addr = raw.server.listen;
         addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
-        let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone()).await?;
+        let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
+        let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone(), dpd).await?;
         tokio::spawn(dtls.clone().serve());
         let _ = gw.dtls.set(dtls);
         tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
