@@ -140,3 +140,49 @@ fn blocked_udp_falls_back_to_tls_and_dtls_returns() {
     assert!(topo.client.ping(SERVER, 3));
     assert!(c.log().matches("Established DTLS connection").count() >= 2);
 }
+
+#[test]
+fn cisco_style_session_resumption_works_with_openconnect() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[dtls]\nenabled = true\npsk_negotiate = false\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    // openconnect's Cisco-style DTLS 1.2 offer (X-DTLS12-CipherSuite).
+    let mut c = Client::start(
+        &topo,
+        &gw,
+        ALICE.name,
+        ALICE.password,
+        &["--dtls12-ciphers=AES128-GCM-SHA256:AES256-GCM-SHA384"],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let established = wait_for(Duration::from_secs(10), || {
+        c.log()
+            .contains("Established DTLS connection")
+            .then_some(())
+    });
+    assert!(established.is_some(), "{}\n{}", c.log(), gw.log());
+    assert!(
+        c.log().contains("X-DTLS12-CipherSuite: AES256-GCM-SHA384"),
+        "the strongest common suite: {}",
+        c.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            (gw.sessions().unwrap()[0]["transport"] == "dtls").then_some(())
+        })
+        .is_some()
+    );
+    assert!(topo.client.ping(SERVER, 3));
+    let up = iperf3(&topo.client, &topo.server, SERVER, 2, false).unwrap();
+    assert!(up > 10e6, "{up}");
+    assert!(!c.log().contains("MTU reduced"), "{}", c.log());
+}

@@ -69,15 +69,29 @@ pub struct Config {
     pub group_policies: Vec<GroupPolicyConfig>,
 }
 
-/// `[dtls]`: the UDP data channel (PSK-NEGOTIATE mode, for openconnect).
-/// Work in progress: off by default until the DTLS issue is complete.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+/// `[dtls]`: the UDP data channel. Work in progress: off by default until
+/// the DTLS issue is complete.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DtlsConfig {
-    /// Offer DTLS to clients that can do PSK-NEGOTIATE. Default false.
+    /// Offer DTLS. Default false.
     pub enabled: bool,
     /// UDP port; default: the TLS listener's port number.
     pub port: Option<u16>,
+    /// Use PSK-NEGOTIATE with clients that offer it (openconnect); others
+    /// (Cisco) get session resumption. Default true; false forces
+    /// resumption for everyone.
+    pub psk_negotiate: bool,
+}
+
+impl Default for DtlsConfig {
+    fn default() -> Self {
+        DtlsConfig {
+            enabled: false,
+            port: None,
+            psk_negotiate: true,
+        }
+    }
 }
 
 /// `[policy]`: which group policy applies by default, and limits.

@@ -1,6 +1,12 @@
-//! The DTLS data channel, PSK-NEGOTIATE mode (what openconnect and ocserv
-//! use). First step of the DTLS issue: the handshake and the data path; no
-//! Cisco session-resumption mode, no batching yet.
+//! The DTLS data channel, in both modes clients use:
+//! - PSK-NEGOTIATE (openconnect, ocserv): the PSK is the TLS connection's
+//!   RFC 5705 exporter;
+//! - session resumption (Cisco clients; openconnect with X-DTLS12 ciphers):
+//!   the client picks the master secret (`X-DTLS-Master-Secret`), we pick the
+//!   session id and suite, and the DTLS 1.2 handshake "resumes" a session
+//!   we place in OpenSSL's session cache beforehand.
+//!
+//! Not yet: batching, NAT rebinding, the XDP guard.
 //!
 //! At CONNECT the gateway derives a 32-byte PSK from the TLS connection
 //! (RFC 5705 exporter, label `EXPORTER-openconnect-psk`, no context) and
@@ -41,11 +47,64 @@ pub const PSK_LABEL: &[u8] = b"EXPORTER-openconnect-psk";
 /// header, 8-byte explicit nonce, 16-byte tag, plus the type byte.
 pub const DTLS_GCM_OVERHEAD: u16 = 13 + 8 + 16 + 1;
 
-/// A session's DTLS offer: what a ClientHello with this App-ID gets.
+/// A session's DTLS offer: what a ClientHello with this App-ID (PSK mode)
+/// or session id (resumption mode) gets.
 struct Offer {
     session: Arc<Session>,
+    /// PSK mode: the key. Resumption mode: unused (OpenSSL's cache holds
+    /// the session).
     psk: [u8; 32],
+    resumption: Option<openssl::ssl::SslSession>,
 }
+
+/// Cisco DTLS 1.2 suites we resume, strongest first:
+/// (`X-DTLS12-CipherSuite` name, IANA id). Only names taken from the
+/// client's own list are ever answered.
+pub const DTLS12_SUITES: [(&str, [u8; 2]); 4] = [
+    ("ECDHE-RSA-AES256-GCM-SHA384", [0xc0, 0x30]),
+    ("AES256-GCM-SHA384", [0x00, 0x9d]),
+    ("ECDHE-RSA-AES128-GCM-SHA256", [0xc0, 0x2f]),
+    ("AES128-GCM-SHA256", [0x00, 0x9c]),
+];
+
+/// The strongest suite both sides support, from an `X-DTLS12-CipherSuite`
+/// offer.
+pub fn pick_dtls12_suite(offer: &str) -> Option<(&'static str, [u8; 2])> {
+    DTLS12_SUITES
+        .iter()
+        .find(|(name, _)| offer.split(':').any(|c| c.trim() == *name))
+        .copied()
+}
+
+mod ffi {
+    use std::ffi::{c_int, c_long, c_uint};
+
+    use openssl_sys::{SSL, SSL_CIPHER, SSL_SESSION};
+
+    // Present in OpenSSL 1.1.1 and 3; openssl-sys does not declare them.
+    unsafe extern "C" {
+        pub fn SSL_SESSION_new() -> *mut SSL_SESSION;
+        pub fn SSL_SESSION_set1_master_key(
+            s: *mut SSL_SESSION,
+            key: *const u8,
+            len: usize,
+        ) -> c_int;
+        pub fn SSL_SESSION_set1_id(s: *mut SSL_SESSION, sid: *const u8, len: c_uint) -> c_int;
+        pub fn SSL_SESSION_set1_id_context(
+            s: *mut SSL_SESSION,
+            ctx: *const u8,
+            len: c_uint,
+        ) -> c_int;
+        pub fn SSL_SESSION_set_cipher(s: *mut SSL_SESSION, cipher: *const SSL_CIPHER) -> c_int;
+        pub fn SSL_SESSION_set_protocol_version(s: *mut SSL_SESSION, version: c_int) -> c_int;
+        pub fn SSL_SESSION_set_timeout(s: *mut SSL_SESSION, t: c_long) -> c_long;
+        pub fn SSL_CIPHER_find(ssl: *mut SSL, ptr: *const u8) -> *const SSL_CIPHER;
+    }
+}
+
+/// Session id context shared by our cached sessions and the context.
+const SID_CTX: &[u8] = b"vpn-gateway-dtls";
+const DTLS1_2_VERSION: i32 = 0xfefd;
 
 /// The UDP side of the gateway.
 pub struct DtlsServer {
@@ -78,7 +137,12 @@ impl DtlsServer {
         b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
         b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
         // Plain PSK suites: openconnect offers no (EC)DHE-PSK.
-        b.set_cipher_list("PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305")?;
+        // PSK suites for PSK-NEGOTIATE; the others are only ever resumed.
+        b.set_cipher_list(
+            "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305:ECDHE-RSA-AES256-GCM-SHA384:AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:AES128-GCM-SHA256",
+        )?;
+        b.set_session_id_context(SID_CTX)?;
+        b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::SERVER);
         b.set_options(SslOptions::NO_TICKET | SslOptions::NO_QUERY_MTU);
         b.set_psk_server_callback(|ssl, _identity, out| {
             // The identity is always "psk": the key comes from the session
@@ -102,20 +166,76 @@ impl DtlsServer {
         self.port
     }
 
-    /// Registers a session's offer; returns the App-ID to announce.
+    /// Registers a session's PSK-mode offer; returns the App-ID to announce.
     pub fn offer(&self, session: Arc<Session>, psk: [u8; 32]) -> [u8; 32] {
         let mut app_id = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut app_id);
-        self.offers
-            .lock()
-            .unwrap()
-            .insert(app_id, Offer { session, psk });
+        self.offers.lock().unwrap().insert(
+            app_id,
+            Offer {
+                session,
+                psk,
+                resumption: None,
+            },
+        );
         app_id
     }
 
+    /// Registers a resumption-mode offer: a DTLS 1.2 session with the
+    /// client's master secret, our session id and `suite`, placed in
+    /// OpenSSL's cache so the client's ClientHello resumes it. Returns the
+    /// session id to announce.
+    pub fn offer_resumption(
+        &self,
+        session: Arc<Session>,
+        master: &[u8; 48],
+        suite: [u8; 2],
+    ) -> anyhow::Result<[u8; 32]> {
+        use foreign_types::ForeignType;
+        let mut sid = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sid);
+        let probe = Ssl::new(&self.ctx)?;
+        // SAFETY: plain OpenSSL calls on objects we own; the SSL_SESSION is
+        // handed to SslSession, which frees it.
+        let sess = unsafe {
+            let cipher = ffi::SSL_CIPHER_find(probe.as_ptr(), suite.as_ptr());
+            anyhow::ensure!(!cipher.is_null(), "OpenSSL lacks DTLS suite {suite:02x?}");
+            let raw = ffi::SSL_SESSION_new();
+            anyhow::ensure!(!raw.is_null(), "SSL_SESSION_new failed");
+            let sess = openssl::ssl::SslSession::from_ptr(raw);
+            let ok = ffi::SSL_SESSION_set1_master_key(raw, master.as_ptr(), master.len()) == 1
+                && ffi::SSL_SESSION_set1_id(raw, sid.as_ptr(), sid.len() as u32) == 1
+                && ffi::SSL_SESSION_set1_id_context(raw, SID_CTX.as_ptr(), SID_CTX.len() as u32)
+                    == 1
+                && ffi::SSL_SESSION_set_cipher(raw, cipher) == 1
+                && ffi::SSL_SESSION_set_protocol_version(raw, DTLS1_2_VERSION) == 1;
+            anyhow::ensure!(ok, "building the DTLS session failed");
+            ffi::SSL_SESSION_set_timeout(raw, 7 * 86400);
+            anyhow::ensure!(
+                self.ctx.add_session(&sess),
+                "OpenSSL refused the DTLS session"
+            );
+            sess
+        };
+        self.offers.lock().unwrap().insert(
+            sid,
+            Offer {
+                session,
+                psk: [0; 32],
+                resumption: Some(sess),
+            },
+        );
+        Ok(sid)
+    }
+
     /// Withdraws an offer (its TLS tunnel ended).
-    pub fn withdraw(&self, app_id: &[u8; 32]) {
-        self.offers.lock().unwrap().remove(app_id);
+    pub fn withdraw(&self, id: &[u8; 32]) {
+        if let Some(o) = self.offers.lock().unwrap().remove(id)
+            && let Some(sess) = o.resumption
+        {
+            // SAFETY: the session was added to this context's cache.
+            unsafe { self.ctx.remove_session(&sess) };
+        }
     }
 
     /// Receives datagrams forever, handing each to its peer's task or

@@ -766,29 +766,11 @@ impl Gateway {
         };
         session.touch();
 
-        // DTLS, PSK-NEGOTIATE: the key comes from this TLS connection.
-        let dtls_offer = match self.dtls.get() {
-            Some(d) if offers_psk_negotiate(&req) => {
-                let mut psk = [0u8; 32];
-                match tls
-                    .get_ref()
-                    .1
-                    .export_keying_material(&mut psk, crate::dtls::PSK_LABEL, None)
-                {
-                    Ok(_) => Some((d.clone(), d.offer(session.clone(), psk))),
-                    Err(e) => {
-                        tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
-        let head = self.connect_response(
-            &req,
-            &session,
-            dtls_offer.as_ref().map(|(d, id)| (d.port(), id)),
-        );
+        let dtls_offer = self
+            .dtls
+            .get()
+            .and_then(|d| self.dtls_offer(d, &req, &tls, &session));
+        let head = self.connect_response(&req, &session, dtls_offer.as_ref().map(|(_, a)| a));
         tls.write_all(head.as_bytes()).await?;
         tls.flush().await?;
         self.events.emit(Event::ClientConnected {
@@ -829,12 +811,58 @@ impl Gateway {
     /// The CONNECT response head: everything the client needs to configure
     /// its side. Header names are written in the exact case openconnect
     /// matches.
-    fn connect_response(
+    /// Chooses the DTLS mode for this tunnel (PSK-NEGOTIATE when the client
+    /// offers it, else Cisco session resumption with the strongest
+    /// X-DTLS12 suite both know) and registers the offer.
+    fn dtls_offer(
         &self,
+        d: &Arc<crate::dtls::DtlsServer>,
         req: &Request,
-        s: &Session,
-        dtls: Option<(u16, &[u8; 32])>,
-    ) -> String {
+        tls: &TlsStream<TcpStream>,
+        session: &Arc<Session>,
+    ) -> Option<(Arc<crate::dtls::DtlsServer>, DtlsAnswer)> {
+        if offers_psk_negotiate(req) && self.settings.raw.dtls.psk_negotiate {
+            let mut psk = [0u8; 32];
+            // The PSK: this TLS connection's exporter.
+            if let Err(e) =
+                tls.get_ref()
+                    .1
+                    .export_keying_material(&mut psk, crate::dtls::PSK_LABEL, None)
+            {
+                tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
+                return None;
+            }
+            let app_id = d.offer(session.clone(), psk);
+            return Some((
+                d.clone(),
+                DtlsAnswer::Psk {
+                    port: d.port(),
+                    app_id,
+                },
+            ));
+        }
+        let master: [u8; 48] = hex::decode(req.header("X-DTLS-Master-Secret")?)
+            .ok()?
+            .try_into()
+            .ok()?;
+        let (name, suite) = crate::dtls::pick_dtls12_suite(req.header("X-DTLS12-CipherSuite")?)?;
+        match d.offer_resumption(session.clone(), &master, suite) {
+            Ok(sid) => Some((
+                d.clone(),
+                DtlsAnswer::Resume {
+                    port: d.port(),
+                    sid,
+                    suite: name,
+                },
+            )),
+            Err(e) => {
+                tracing::warn!("no DTLS for this tunnel: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn connect_response(&self, req: &Request, s: &Session, dtls: Option<&DtlsAnswer>) -> String {
         let st = &self.settings;
         let cfg = &st.raw;
         let mut h: Vec<(&str, String)> = Vec::with_capacity(32);
@@ -927,22 +955,40 @@ impl Gateway {
         // rustls cannot renegotiate: ask for a fresh tunnel instead (never).
         h.push(("X-CSTP-Rekey-Method", "none".into()));
         let client_mtu: Option<u16> = req.header("X-CSTP-MTU").and_then(|v| v.parse().ok());
-        let mtu = client_mtu.map_or(cfg.tunnel.mtu, |c| c.clamp(576, cfg.tunnel.mtu));
-        if let Some(base) = req
+        let mut mtu = client_mtu.map_or(cfg.tunnel.mtu, |c| c.clamp(576, cfg.tunnel.mtu));
+        let base = req
             .header("X-CSTP-Base-MTU")
-            .and_then(|v| v.parse::<u16>().ok())
-        {
+            .and_then(|v| v.parse::<u16>().ok());
+        if let Some(base) = base {
             h.push(("X-CSTP-Base-MTU", base.to_string()));
+            if dtls.is_some() {
+                // Full-size packets must fit one datagram: outer IP + UDP +
+                // the DTLS record overhead of the GCM suites we use.
+                mtu = mtu.min(
+                    base.saturating_sub(20 + 8 + crate::dtls::DTLS_GCM_OVERHEAD)
+                        .max(576),
+                );
+            }
         }
         h.push(("X-CSTP-MTU", mtu.to_string()));
         h.push(("X-CSTP-Keep", "true".into()));
         h.push(("X-CSTP-TCP-Keepalive", "true".into()));
         h.push(("X-CSTP-License", "accept".into()));
         h.push(("X-CSTP-Client-Bypass-Protocol", "false".into()));
-        if let Some((port, app_id)) = dtls {
-            h.push(("X-DTLS-Port", port.to_string()));
-            h.push(("X-DTLS-App-ID", hex::encode(app_id)));
-            h.push(("X-DTLS-CipherSuite", "PSK-NEGOTIATE".into()));
+        if let Some(answer) = dtls {
+            match answer {
+                DtlsAnswer::Psk { port, app_id } => {
+                    h.push(("X-DTLS-Port", port.to_string()));
+                    h.push(("X-DTLS-App-ID", hex::encode(app_id)));
+                    h.push(("X-DTLS-CipherSuite", "PSK-NEGOTIATE".into()));
+                }
+                DtlsAnswer::Resume { port, sid, suite } => {
+                    h.push(("X-DTLS-Port", port.to_string()));
+                    h.push(("X-DTLS-Session-ID", hex::encode_upper(sid)));
+                    h.push(("X-DTLS12-CipherSuite", suite.to_string()));
+                    h.push(("X-DTLS-MTU", mtu.to_string()));
+                }
+            }
             h.push(("X-DTLS-DPD", cfg.session.dpd_secs.to_string()));
             h.push(("X-DTLS-Keepalive", cfg.session.keepalive_secs.to_string()));
             h.push(("X-DTLS-Rekey-Method", "none".into()));
@@ -1136,6 +1182,29 @@ enum TunnelEnd {
     /// The connection failed or the peer went silent: the session stays
     /// resumable.
     Down(String),
+}
+
+/// The DTLS mode chosen for a tunnel, as announced in the CONNECT answer.
+enum DtlsAnswer {
+    Psk {
+        port: u16,
+        app_id: [u8; 32],
+    },
+    Resume {
+        port: u16,
+        sid: [u8; 32],
+        suite: &'static str,
+    },
+}
+
+impl DtlsAnswer {
+    /// The id a ClientHello carries in this mode.
+    fn id(&self) -> &[u8; 32] {
+        match self {
+            DtlsAnswer::Psk { app_id, .. } => app_id,
+            DtlsAnswer::Resume { sid, .. } => sid,
+        }
+    }
 }
 
 /// Whether the client offers DTLS in PSK-NEGOTIATE mode.
