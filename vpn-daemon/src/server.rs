@@ -786,6 +786,10 @@ impl Gateway {
         let end = self
             .run_tunnel(tls, leftover, &session, from_gw, kick_rx)
             .await;
+        // The DTLS offer belongs to this TLS connection (its PSK does).
+        if let Some((d, answer)) = &dtls_offer {
+            d.withdraw(answer.id());
+        }
         match end {
             TunnelEnd::Logout => {
                 self.end_session(session.id, "user logout");
