@@ -186,3 +186,61 @@ fn cisco_style_session_resumption_works_with_openconnect() {
     assert!(up > 10e6, "{up}");
     assert!(!c.log().contains("MTU reduced"), "{}", c.log());
 }
+
+#[test]
+fn garbage_udp_is_dropped_by_xdp_and_a_hello_flood_is_limited() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[dtls]\nenabled = true\nxdp_interfaces = [\"up0\", \"up1\"]\nhello_rate = 2\nhello_burst = 4\n",
+            ..Default::default()
+        },
+        &[ALICE, TestUser { name: "bob", password: "bob-pw", group_policy: None }],
+    )
+    .unwrap();
+    let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    a.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            (gw.sessions().unwrap()[0]["transport"] == "dtls").then_some(())
+        })
+        .is_some()
+    );
+
+    // Garbage and a ClientHello flood from the client's address, bounded.
+    let mut hello = vec![
+        22u8, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 72, 1, 0, 0, 60, 0, 0, 0, 0, 0, 0, 0, 60,
+        0xfe, 0xfd,
+    ];
+    hello.resize(13 + 72, 0);
+    in_netns(&topo.client, move || {
+        let s = std::net::UdpSocket::bind("198.18.1.2:0").unwrap();
+        for i in 0..200u32 {
+            let _ = s.send_to(format!("garbage {i}").as_bytes(), (GW_OUTSIDE, 443));
+            let _ = s.send_to(&[23, 0xfe], (GW_OUTSIDE, 443));
+            let _ = s.send_to(&hello, (GW_OUTSIDE, 443));
+        }
+    });
+    assert!(gw.drops("dtls-bad-content-type").unwrap() >= 200);
+    assert!(gw.drops("dtls-truncated").unwrap() >= 200);
+    assert!(gw.drops("dtls-hello-rate-limited").unwrap() >= 190);
+
+    // The existing DTLS session still works, and another client connects
+    // with DTLS from its own address.
+    assert!(topo.client.ping(SERVER, 2));
+    assert_eq!(gw.sessions().unwrap()[0]["transport"], "dtls");
+    let mut b = Client::start_in(&topo.client2, &gw, "bob", "bob-pw", &[]).unwrap();
+    b.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || b
+            .log()
+            .contains("Established DTLS connection")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        b.log()
+    );
+    assert!(topo.client2.ping(SERVER, 2));
+}

@@ -73,7 +73,10 @@ pub mod map_names {
     pub const RATE_STATE: &str = "RATE_STATE";
 
     /// Every map the daemon pins, in one place.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
+        super::guard_map_names::GUARD_CONFIG,
+        super::guard_map_names::GUARD_DROPS,
+        super::guard_map_names::HELLO_BUCKETS,
         RATE_STATE,
         POLICY_INTERVALS,
         SESSIONS,
@@ -231,8 +234,77 @@ pub struct PolicyInfo {
     pub rate_down_bps: u64,
 }
 
+/// Maps of the XDP guard in front of the DTLS port.
+pub mod guard_map_names {
+    pub const GUARD_CONFIG: &str = "GUARD_CONFIG";
+    pub const GUARD_DROPS: &str = "GUARD_DROPS";
+    pub const HELLO_BUCKETS: &str = "HELLO_BUCKETS";
+}
+
+/// Settings of the XDP guard (`guard_config[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GuardConfig {
+    /// UDP port of the DTLS server; 0 = guard off (everything passes).
+    pub port: u32,
+    /// New ClientHellos allowed per source address per second.
+    pub hello_rate: u32,
+    /// Burst of ClientHellos a source may send at once.
+    pub hello_burst: u32,
+    pub _pad: u32,
+}
+
+/// Token bucket of one source address (LRU map, key = address as in
+/// [`SessionKey`]). Tokens are scaled by 1e9 so refills are exact in ns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HelloBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// Why the XDP guard dropped a datagram to the DTLS port (index into
+/// `guard_drops`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardDrop {
+    /// Shorter than a DTLS record header, or a length that does not fit.
+    Truncated = 0,
+    /// Not a DTLS content type (20..=23).
+    BadContentType = 1,
+    /// Not a DTLS version (1.0, 1.2, or Cisco's pre-standard 0x0100).
+    BadVersion = 2,
+    /// A ClientHello over its source's rate.
+    HelloRateLimited = 3,
+}
+
+pub const GUARD_DROP_REASONS: u32 = 4;
+
+impl GuardDrop {
+    pub const ALL: [GuardDrop; GUARD_DROP_REASONS as usize] = [
+        GuardDrop::Truncated,
+        GuardDrop::BadContentType,
+        GuardDrop::BadVersion,
+        GuardDrop::HelloRateLimited,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuardDrop::Truncated => "dtls-truncated",
+            GuardDrop::BadContentType => "dtls-bad-content-type",
+            GuardDrop::BadVersion => "dtls-bad-version",
+            GuardDrop::HelloRateLimited => "dtls-hello-rate-limited",
+        }
+    }
+}
+
+/// Sources the guard tracks at once (LRU: the oldest are forgotten).
+pub const MAX_HELLO_SOURCES: u32 = 65_536;
+
 /// Program names in the BPF object.
 pub mod prog_names {
+    /// XDP on the uplinks: only well-formed DTLS reaches the DTLS port.
+    pub const DTLS_GUARD: &str = "dtls_guard";
     /// TC ingress on the tunnel device: packets coming from VPN clients.
     pub const TUN_INGRESS: &str = "tun_ingress";
     /// TC egress on the tunnel device: packets going to VPN clients.
@@ -372,6 +444,8 @@ mod pod {
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for PolicyInfo {}
     unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for GuardConfig {}
+    unsafe impl aya::Pod for HelloBucket {}
 }
 
 #[cfg(test)]

@@ -19,11 +19,14 @@ use aya::{
     maps::{
         Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
     },
-    programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode, tc,
+    },
 };
 use vpn_common::{
-    ClassKey, DropReason, Interval, IntervalRange, PolicyInfo, PortsKey, RateState, SessionInfo,
-    SessionKey, SessionStats, SplitKey, map_names, prog_names,
+    ClassKey, DropReason, GuardConfig, GuardDrop, Interval, IntervalRange, PolicyInfo, PortsKey,
+    RateState, SessionInfo, SessionKey, SessionStats, SplitKey, guard_map_names, map_names,
+    prog_names,
 };
 
 use crate::policy::Compiled;
@@ -47,6 +50,8 @@ pub struct Datapath {
     split: LpmTrie<MapData, SplitKey, u32>,
     hits: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, u64, RateState>,
+    guard_config: Array<MapData, GuardConfig>,
+    guard_drops: PerCpuArray<MapData, u64>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -108,6 +113,21 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Sche
     Ok(p)
 }
 
+/// Loads (verifies) the XDP guard program.
+fn xdp_program(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let p: &mut Xdp = ebpf
+        .program_mut(prog_names::DTLS_GUARD)
+        .ok_or_else(|| {
+            anyhow!(
+                "program {} missing from the BPF object",
+                prog_names::DTLS_GUARD
+            )
+        })?
+        .try_into()?;
+    p.load().context("loading the XDP guard")?;
+    Ok(())
+}
+
 /// Lower-case pin file name for a map symbol.
 fn pin_name(map: &str) -> String {
     map.to_ascii_lowercase()
@@ -152,6 +172,7 @@ impl Datapath {
                 .attach(iface, dir)
                 .with_context(|| format!("attaching {prog} to {iface} {dir:?}"))?;
         }
+        xdp_program(&mut ebpf)?;
         Self::from_ebpf(ebpf, Some(pin_dir.to_owned()))
     }
 
@@ -165,6 +186,7 @@ impl Datapath {
         for prog in [prog_names::TUN_INGRESS, prog_names::TUN_EGRESS] {
             classifier(&mut ebpf, prog)?;
         }
+        xdp_program(&mut ebpf)?;
         Self::from_ebpf(ebpf, None)
     }
 
@@ -200,6 +222,8 @@ impl Datapath {
             split: LpmTrie::try_from(take(&mut ebpf, map_names::SPLIT_ALLOW)?)?,
             hits: PerCpuArray::try_from(take(&mut ebpf, map_names::RULE_HITS)?)?,
             rate: HashMap::try_from(take(&mut ebpf, map_names::RATE_STATE)?)?,
+            guard_config: Array::try_from(take(&mut ebpf, guard_map_names::GUARD_CONFIG)?)?,
+            guard_drops: PerCpuArray::try_from(take(&mut ebpf, guard_map_names::GUARD_DROPS)?)?,
             ebpf,
             pin_dir,
         })
@@ -346,6 +370,54 @@ impl Datapath {
         self.sessions
             .insert(key_for(ip), info, 0)
             .context("updating session")
+    }
+
+    /// Sets the XDP guard's port and ClientHello limits (port 0 = off).
+    pub fn set_guard(&mut self, cfg: GuardConfig) -> anyhow::Result<()> {
+        self.guard_config
+            .set(0, cfg, 0)
+            .context("setting the XDP guard")
+    }
+
+    /// Attaches the XDP guard to an uplink (in the calling thread's netns).
+    pub fn attach_guard(&mut self, iface: &str) -> anyhow::Result<()> {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(prog_names::DTLS_GUARD)
+            .ok_or_else(|| anyhow!("XDP guard missing"))?
+            .try_into()?;
+        p.attach(iface, XdpMode::default())
+            .with_context(|| format!("attaching the XDP guard to {iface} (dtls.xdp_interfaces)"))?;
+        Ok(())
+    }
+
+    /// Datagrams the XDP guard dropped, per reason.
+    pub fn guard_drops(&self) -> Vec<(GuardDrop, u64)> {
+        GuardDrop::ALL
+            .iter()
+            .map(|&r| {
+                (
+                    r,
+                    self.guard_drops
+                        .get(&(r as u32), 0)
+                        .map(|v| v.iter().sum())
+                        .unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Runs the XDP guard once over an Ethernet frame; returns its action.
+    pub fn test_run_xdp(&self, frame: &[u8]) -> Result<u32, ProgramError> {
+        let p: &Xdp = self
+            .ebpf
+            .program(prog_names::DTLS_GUARD)
+            .expect("program exists")
+            .try_into()
+            .expect("an XDP program");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        Ok(p.test_run(opts)?.return_value)
     }
 
     /// Forgets a session's bandwidth state (at its end).

@@ -82,6 +82,14 @@ pub struct DtlsConfig {
     /// (Cisco) get session resumption. Default true; false forces
     /// resumption for everyone.
     pub psk_negotiate: bool,
+    /// Uplink interfaces that get the XDP guard: only well-formed DTLS
+    /// reaches the DTLS port, new handshakes are rate-limited per source.
+    /// Other traffic on them is untouched. Default none.
+    pub xdp_interfaces: Vec<String>,
+    /// ClientHellos per second each source address may send. Default 10.
+    pub hello_rate: u32,
+    /// ClientHellos a source may send in a burst. Default 20.
+    pub hello_burst: u32,
 }
 
 impl Default for DtlsConfig {
@@ -90,6 +98,9 @@ impl Default for DtlsConfig {
             enabled: false,
             port: None,
             psk_negotiate: true,
+            xdp_interfaces: Vec::new(),
+            hello_rate: 10,
+            hello_burst: 20,
         }
     }
 }
@@ -465,6 +476,16 @@ impl Config {
                 format!(
                     "{} exceeds the {hosts} client addresses in tunnel.pool_v4 {pool_v4}: enlarge the pool or lower max_sessions",
                     self.server.max_sessions
+                ),
+            ));
+        }
+        if self.dtls.hello_rate == 0 || self.dtls.hello_rate > 100_000 || self.dtls.hello_burst == 0
+        {
+            return Err(invalid(
+                "dtls.hello_rate",
+                format!(
+                    "hello_rate {} / hello_burst {} are out of range: use 1 to 100000 per second and a burst of 1 or more",
+                    self.dtls.hello_rate, self.dtls.hello_burst
                 ),
             ));
         }

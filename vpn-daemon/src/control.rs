@@ -176,14 +176,18 @@ impl Gateway {
             max_sessions: self.settings.raw.server.max_sessions,
             pool_in_use: pool.in_use(),
             pool_capacity: pool.capacity(),
-            drops: self
-                .datapath
-                .lock()
-                .unwrap()
-                .drops()
-                .into_iter()
-                .map(|(r, n)| (r.name().to_owned(), n))
-                .collect(),
+            drops: {
+                let dp = self.datapath.lock().unwrap();
+                dp.drops()
+                    .into_iter()
+                    .map(|(r, n)| (r.name().to_owned(), n))
+                    .chain(
+                        dp.guard_drops()
+                            .into_iter()
+                            .map(|(r, n)| (r.name().to_owned(), n)),
+                    )
+                    .collect()
+            },
         }
     }
 

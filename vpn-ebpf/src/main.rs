@@ -14,10 +14,12 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-        macros::{btf_map, classifier},
-        programs::TcContext,
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        btf_maps::{
+            Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+        },
+        macros::{btf_map, classifier, xdp},
+        programs::{TcContext, XdpContext},
     };
     use vpn_common::{
         ACTION_DENY, ClassKey, DOWN_RATE_TOLERANCE_NS, DROP_REASONS, DropReason, FAMILY_V4,
@@ -27,6 +29,7 @@ mod prog {
         PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyInfo, PortsKey, RATE_TOLERANCE_NS, RateState,
         SPLIT_KEY_FIXED_BITS, SessionInfo, SessionKey, SessionStats, SplitKey, Verdict,
     };
+    use vpn_common::{GUARD_DROP_REASONS, GuardConfig, GuardDrop, HelloBucket, MAX_HELLO_SOURCES};
 
     /// Hash maps whose entries are allocated on insert.
     const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -479,6 +482,168 @@ mod prog {
     #[classifier]
     pub fn tun_egress(ctx: TcContext) -> i32 {
         verdict(to_client(&ctx))
+    }
+
+    // ---- XDP guard in front of the DTLS port -------------------------
+
+    /// `[0]`: the guard's settings, written by the daemon.
+    #[btf_map]
+    static GUARD_CONFIG: Array<GuardConfig, 1> = Array::new();
+
+    /// Datagrams dropped per [`GuardDrop`] reason.
+    #[btf_map]
+    static GUARD_DROPS: PerCpuArray<u64, { GUARD_DROP_REASONS as usize }> = PerCpuArray::new();
+
+    /// ClientHello token buckets by source address.
+    #[btf_map]
+    static HELLO_BUCKETS: LruHashMap<SessionKey, HelloBucket, { MAX_HELLO_SOURCES as usize }> =
+        LruHashMap::new();
+
+    #[inline(always)]
+    fn xdp_byte(ctx: &XdpContext, off: usize) -> Result<u8, ()> {
+        let p = ctx.data() + off;
+        if p + 1 > ctx.data_end() {
+            return Err(());
+        }
+        Ok(unsafe { *(p as *const u8) })
+    }
+
+    #[inline(always)]
+    fn xdp_be16(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
+        Ok(u16::from_be_bytes([
+            xdp_byte(ctx, off)?,
+            xdp_byte(ctx, off + 1)?,
+        ]))
+    }
+
+    /// Whether a ClientHello from `src` fits its token bucket.
+    #[inline(always)]
+    fn hello_allowed(src: &SessionKey, cfg: &GuardConfig) -> bool {
+        const SCALE: u64 = 1_000_000_000;
+        let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+        let cap = u64::from(cfg.hello_burst) * SCALE;
+        let b = match HELLO_BUCKETS.get_ptr_mut(src) {
+            Some(b) => b,
+            None => {
+                let fresh = HelloBucket {
+                    tokens: cap,
+                    last_ns: now,
+                };
+                let _ = HELLO_BUCKETS.insert(src, &fresh, 0);
+                match HELLO_BUCKETS.get_ptr_mut(src) {
+                    Some(b) => b,
+                    None => return true,
+                }
+            }
+        };
+        unsafe {
+            // Capped so the product stays far below 2^64 (no 128-bit
+            // multiply in BPF): a 10 s refill already fills any bucket.
+            let elapsed = if now > (*b).last_ns {
+                now - (*b).last_ns
+            } else {
+                0
+            }
+            .min(10_000_000_000);
+            let refill = elapsed * u64::from(cfg.hello_rate.min(100_000));
+            let tokens = ((*b).tokens + refill).min(cap);
+            (*b).last_ns = now;
+            if tokens < SCALE {
+                (*b).tokens = tokens;
+                return false;
+            }
+            (*b).tokens = tokens - SCALE;
+        }
+        true
+    }
+
+    /// Ok = pass, Err = drop for that reason. Only UDP to the DTLS port is
+    /// looked at; everything else on the interface passes untouched. Every
+    /// packet offset is a constant (IPv4 with options and IPv6 with
+    /// extension headers pass to the daemon), which keeps the verifier's
+    /// bounds tracking simple.
+    #[inline(always)]
+    fn try_dtls_guard(ctx: &XdpContext) -> Result<(), Option<GuardDrop>> {
+        let Some(cfg) = GUARD_CONFIG.get(0) else {
+            return Ok(());
+        };
+        if cfg.port == 0 {
+            return Ok(());
+        }
+        let mut src = [0u8; 16];
+        match xdp_be16(ctx, 12).map_err(|_| None)? {
+            0x0800 => {
+                // Version 4, no options; not a later fragment; UDP.
+                if xdp_byte(ctx, 14).map_err(|_| None)? != 0x45
+                    || xdp_be16(ctx, 14 + 6).map_err(|_| None)? & 0x1fff != 0
+                    || xdp_byte(ctx, 14 + 9).map_err(|_| None)? != PROTO_UDP
+                {
+                    return Ok(());
+                }
+                for i in 0..4 {
+                    src[i] = xdp_byte(ctx, 14 + 12 + i).map_err(|_| None)?;
+                }
+                check_dtls::<34>(ctx, cfg, &Packet::key(FAMILY_V4, &src))
+            }
+            0x86dd => {
+                if xdp_byte(ctx, 14 + 6).map_err(|_| None)? != PROTO_UDP {
+                    return Ok(());
+                }
+                for i in 0..16 {
+                    src[i] = xdp_byte(ctx, 14 + 8 + i).map_err(|_| None)?;
+                }
+                check_dtls::<54>(ctx, cfg, &Packet::key(FAMILY_V6, &src))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The checks on a UDP datagram whose header starts at `UDP`.
+    #[inline(always)]
+    fn check_dtls<const UDP: usize>(
+        ctx: &XdpContext,
+        cfg: &GuardConfig,
+        src: &SessionKey,
+    ) -> Result<(), Option<GuardDrop>> {
+        if u32::from(xdp_be16(ctx, UDP + 2).map_err(|_| None)?) != cfg.port {
+            return Ok(());
+        }
+        let truncated = |_| Some(GuardDrop::Truncated);
+        let content = xdp_byte(ctx, UDP + 8).map_err(truncated)?;
+        if !(20..=23).contains(&content) {
+            return Err(Some(GuardDrop::BadContentType));
+        }
+        let version = xdp_be16(ctx, UDP + 9).map_err(truncated)?;
+        if !matches!(version, 0xfeff | 0xfefd | 0x0100) {
+            return Err(Some(GuardDrop::BadVersion));
+        }
+        let len = usize::from(xdp_be16(ctx, UDP + 8 + 11).map_err(truncated)?);
+        // The record must fit in the datagram.
+        if ctx.data() + UDP + 8 + 13 + len > ctx.data_end() {
+            return Err(Some(GuardDrop::Truncated));
+        }
+        if content == 22
+            && xdp_byte(ctx, UDP + 8 + 13).map_err(truncated)? == 1
+            && !hello_allowed(src, cfg)
+        {
+            return Err(Some(GuardDrop::HelloRateLimited));
+        }
+        Ok(())
+    }
+
+    /// XDP on the uplinks: only well-formed DTLS reaches the DTLS port, and
+    /// each source gets a limited rate of new handshakes.
+    #[xdp]
+    pub fn dtls_guard(ctx: XdpContext) -> u32 {
+        match try_dtls_guard(&ctx) {
+            Ok(()) | Err(None) => xdp_action::XDP_PASS,
+            Err(Some(reason)) => {
+                if let Some(n) = GUARD_DROPS.get_ptr_mut(reason as u32) {
+                    unsafe { *n += 1 };
+                }
+                xdp_action::XDP_DROP
+            }
+        }
     }
 
     #[panic_handler]

@@ -104,6 +104,18 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone(), dpd).await?;
         tokio::spawn(dtls.clone().serve());
         let _ = gw.dtls.set(dtls);
+        let mut dp = gw.datapath.lock().unwrap();
+        dp.set_guard(vpn_common::GuardConfig {
+            port: u32::from(addr.port()),
+            hello_rate: raw.dtls.hello_rate,
+            hello_burst: raw.dtls.hello_burst,
+            _pad: 0,
+        })?;
+        for iface in &raw.dtls.xdp_interfaces {
+            dp.attach_guard(iface)?;
+            tracing::info!(iface, "XDP guard attached");
+        }
+        drop(dp);
         tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
     }
     tokio::spawn(gw.clone().tun_reader());
