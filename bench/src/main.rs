@@ -6,8 +6,11 @@
 //!   policies of 10, 1,000 and 10,000 rules, packets spread over all rules.
 //! - `forwarding`: packets per second through a gateway namespace with the
 //!   classifier on the veth ingress against the same rules in nftables.
+//! - `tunnel`: iperf3 through the tunnel over DTLS and TLS, vpnd against
+//!   ocserv, throughput and gateway CPU per GB as ratios.
 
 mod forwarding;
+mod tunnel;
 
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
 
@@ -154,7 +157,8 @@ fn main() -> anyhow::Result<()> {
     let (name, table) = match which.as_str() {
         "classifier" => ("classifier", classifier()?),
         "forwarding" => ("forwarding", forwarding::run()?),
-        other => bail!("unknown benchmark '{other}': available: classifier, forwarding"),
+        "tunnel" => ("tunnel", tunnel::run()?),
+        other => bail!("unknown benchmark '{other}': available: classifier, forwarding, tunnel"),
     };
     print!("{table}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");

@@ -268,7 +268,8 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::E
     None
 }
 
-fn stop_child(child: &mut Child) {
+/// Stops a child with SIGTERM, then SIGKILL after 5 s.
+pub fn stop_child(child: &mut Child) {
     if let Ok(None) = child.try_wait() {
         signal(child, "TERM");
         if wait_exit(child, Duration::from_secs(5)).is_none() {
@@ -469,6 +470,10 @@ mtu = 1300
         self.child.as_mut().expect("vpnd running")
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Stops vpnd with SIGTERM and waits for it.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
@@ -542,6 +547,18 @@ impl Client {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         Self::start_with(ns, &gw.pin, extra, Some((user, password)), None)
+    }
+
+    /// Starts `openconnect` against any server (ocserv in the benchmarks)
+    /// pinned by `pin`.
+    pub fn start_pinned(
+        ns: &Netns,
+        pin: &str,
+        user: &str,
+        password: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(ns, pin, extra, Some((user, password)), None)
     }
 
     /// Starts `openconnect` with a cookie instead of a login.

@@ -48,7 +48,7 @@ enum Cmd {
     /// Run a benchmark from bench/ (release build, needs root); writes its
     /// table to bench/results/NAME.md.
     Bench {
-        /// classifier | forwarding
+        /// classifier | forwarding | tunnel
         #[arg(default_value = "classifier")]
         name: String,
     },
@@ -161,8 +161,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { name } => {
             setup::setup()?;
-            run(cargo().args(["build", "--release", "-p", "vpn-bench"]))?;
-            run(Command::new(root().join("target/release/vpn-bench")).arg(name))
+            let bin = build(true)?;
+            run(Command::new(bin.join("vpn-bench"))
+                .arg(name)
+                .env("VPN_GATEWAY_BIN_DIR", &bin))
         }
         Cmd::Test { args } => {
             setup::setup()?;

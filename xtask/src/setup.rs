@@ -23,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "procps",       // sysctl
     "libssl-dev",   // OpenSSL 3 for the DTLS server (openssl crate)
     "pkg-config",   // how openssl-sys finds it
+    "ocserv",       // the peer the tunnel benchmark compares against
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,277 @@
+//! Throughput and CPU through the tunnel, vpnd against ocserv 1.1.6, same
+//! namespace topology, same openconnect client, in one run: iperf3 TCP both
+//! directions over DTLS and over TLS. CPU is utime+stime of the gateway's
+//! processes (ocserv: main, sec-mod and workers) from /proc, divided by the
+//! bytes moved.
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use vpn_tests::{
+    Client, ConfigParts, Gateway, SERVER, TempDir, TestUser, Topology, iperf3_json, sh, stop_child,
+    wait_for,
+};
+
+const USER: &str = "bench";
+const PASSWORD: &str = "bench-password";
+const SECS: u32 = 5;
+
+/// Clock ticks of a process and all its descendants.
+fn cpu_ticks(root: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root];
+    let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the ")" of the command name.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid = f.get(1)?.parse().ok()?;
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((pid, ppid, ticks))
+        })
+        .collect();
+    while let Some(p) = stack.pop() {
+        for &(pid, ppid, ticks) in &procs {
+            if pid == p {
+                total += ticks;
+            }
+            if ppid == p {
+                stack.push(pid);
+            }
+        }
+    }
+    total
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// One measurement: bits/s and gateway CPU seconds per GB.
+struct Cell {
+    mbps: f64,
+    cpu_per_gb: f64,
+}
+
+fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> {
+    let t0 = cpu_ticks(gw_pid);
+    let v = iperf3_json(
+        &topo.client,
+        &topo.server,
+        SERVER,
+        5201,
+        SECS,
+        if reverse { &["-R"] } else { &[] },
+    )?;
+    let t1 = cpu_ticks(gw_pid);
+    let bytes = v["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .context("iperf3 result")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 result")?;
+    let cpu = (t1 - t0) as f64 / ticks_per_sec();
+    Ok(Cell {
+        mbps: bps / 1e6,
+        cpu_per_gb: cpu / (bytes / 1e9),
+    })
+}
+
+fn wait_dtls(c: &Client, dtls: bool) -> anyhow::Result<()> {
+    if dtls
+        && wait_for(Duration::from_secs(15), || {
+            c.log()
+                .contains("Established DTLS connection")
+                .then_some(())
+        })
+        .is_none()
+    {
+        bail!("no DTLS:\n{}", c.log());
+    }
+    Ok(())
+}
+
+/// Runs the four measurements against a running gateway.
+fn run_gateway(
+    topo: &Topology,
+    pin: &str,
+    gw_pid: u32,
+    dtls: bool,
+) -> anyhow::Result<(Cell, Cell)> {
+    let extra: &[&str] = if dtls { &[] } else { &["--no-dtls"] };
+    let mut c = Client::start_pinned(&topo.client, pin, USER, PASSWORD, extra)?;
+    c.wait_connected(Duration::from_secs(20))?;
+    wait_dtls(&c, dtls)?;
+    let up = measure(topo, gw_pid, false)?;
+    let down = measure(topo, gw_pid, true)?;
+    drop(c);
+    Ok((up, down))
+}
+
+fn vpnd(dtls: bool) -> anyhow::Result<(Cell, Cell)> {
+    let topo = Topology::new()?;
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            tunnel: "",
+            rest: "[dtls]\nenabled = true\n\n[client_routing]\nmode = \"include\"\nsubnets = [\"198.18.2.0/24\"]\n",
+            ..Default::default()
+        },
+        &[TestUser {
+            name: USER,
+            password: PASSWORD,
+            group_policy: None,
+        }],
+    )?;
+    let pid = gw.pid().context("vpnd pid")?;
+    run_gateway(&topo, &gw.pin, pid, dtls)
+}
+
+struct Ocserv {
+    child: Child,
+    _dir: TempDir,
+    pin: String,
+}
+
+impl Drop for Ocserv {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+fn start_ocserv(topo: &Topology) -> anyhow::Result<Ocserv> {
+    let dir = TempDir::new("ocserv")?;
+    let d = dir.path();
+    sh(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench",
+        ])
+        .arg("-keyout")
+        .arg(d.join("key.pem"))
+        .arg("-out")
+        .arg(d.join("cert.pem")))?;
+    let hash = sh(Command::new("openssl").args(["passwd", "-6", PASSWORD]))?;
+    std::fs::write(
+        d.join("passwd"),
+        format!("{USER}:*:{}", String::from_utf8_lossy(&hash.stdout).trim()),
+    )?;
+    let conf = format!(
+        r#"auth = "plain[passwd={d}/passwd]"
+listen-host = 198.18.1.1
+tcp-port = 443
+udp-port = 443
+run-as-user = root
+run-as-group = root
+socket-file = {d}/ocserv.sock
+pid-file = {d}/ocserv.pid
+server-cert = {d}/cert.pem
+server-key = {d}/key.pem
+isolate-workers = false
+max-clients = 16
+max-same-clients = 4
+keepalive = 32400
+dpd = 90
+mobile-dpd = 1800
+switch-to-tcp-timeout = 25
+try-mtu-discovery = false
+tls-priorities = "NORMAL:%SERVER_PRECEDENCE"
+auth-timeout = 240
+cookie-timeout = 300
+deny-roaming = false
+rekey-time = 172800
+rekey-method = ssl
+use-occtl = false
+device = vpns
+predictable-ips = true
+ipv4-network = 198.19.0.0
+ipv4-netmask = 255.255.255.0
+route = 198.18.2.0/255.255.255.0
+ping-leases = false
+"#,
+        d = d.display()
+    );
+    let conf_path = d.join("ocserv.conf");
+    std::fs::write(&conf_path, conf)?;
+    topo.gw.sysctl("net.ipv4.ip_forward", "1")?;
+    let log = std::fs::File::create(d.join("ocserv.log"))?;
+    let child = topo
+        .gw
+        .cmd("ocserv")
+        .args(["-f", "-c"])
+        .arg(&conf_path)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting ocserv (apt-get install ocserv)")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let chain = vpn_daemon::tls::read_chain(&d.join("cert.pem"))?;
+    let pin = vpn_daemon::tls::pin_sha256(&chain[0])?;
+    Ok(Ocserv {
+        child,
+        _dir: dir,
+        pin,
+    })
+}
+
+fn ocserv(dtls: bool) -> anyhow::Result<(Cell, Cell)> {
+    let topo = Topology::new()?;
+    let oc = start_ocserv(&topo)?;
+    run_gateway(&topo, &oc.pin, oc.child.id(), dtls)
+}
+
+pub fn run() -> anyhow::Result<String> {
+    if !Path::new("/usr/sbin/ocserv").exists() {
+        bail!("ocserv is not installed (apt-get install ocserv)");
+    }
+    let mut out = String::new();
+    writeln!(out, "# Tunnel throughput and CPU: vpnd against ocserv\n")?;
+    writeln!(
+        out,
+        "iperf3 TCP for {SECS} s per direction through the tunnel, openconnect 9.01 in a client namespace, the gateway in its own namespace, the iperf3 server behind it. CPU = utime+stime of the gateway's processes per GB moved. One run; a 2-core VM, so compare the ratios.\n"
+    )?;
+    writeln!(
+        out,
+        "| transport | direction | vpnd Mbit/s | ocserv Mbit/s | throughput ratio | vpnd CPU s/GB | ocserv CPU s/GB | CPU ratio |"
+    )?;
+    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+    for dtls in [true, false] {
+        let (vu, vd) = vpnd(dtls)?;
+        let (ou, od) = ocserv(dtls)?;
+        for (dir, v, o) in [("up", &vu, &ou), ("down", &vd, &od)] {
+            writeln!(
+                out,
+                "| {} | {dir} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                if dtls { "DTLS" } else { "TLS" },
+                v.mbps,
+                o.mbps,
+                v.mbps / o.mbps,
+                v.cpu_per_gb,
+                o.cpu_per_gb,
+                v.cpu_per_gb / o.cpu_per_gb
+            )?;
+        }
+    }
+    Ok(out)
+}
