@@ -40,6 +40,9 @@ use tokio::{net::UdpSocket, sync::mpsc};
 
 use crate::{cstp::FrameType, session::Session};
 
+/// Requested UDP socket buffer size (the kernel caps it at rmem_max/wmem_max).
+const SOCKET_BUFFER: usize = 8 << 20;
+
 /// The exporter label openconnect uses for the DTLS PSK.
 pub const PSK_LABEL: &[u8] = b"EXPORTER-openconnect-psk";
 
@@ -133,6 +136,11 @@ impl DtlsServer {
         let socket = UdpSocket::bind(addr)
             .await
             .with_context(|| format!("binding DTLS on udp {addr}"))?;
+        // Bursts from many clients must not overflow the default ~200 KB
+        // buffers (ocserv loses datagrams there).
+        let s = socket2::SockRef::from(&socket);
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
         let mut b = SslContextBuilder::new(SslMethod::dtls()).context("OpenSSL DTLS context")?;
         b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
         b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
