@@ -1,0 +1,571 @@
+//! CONNECT: turning a TLS connection into a CSTP tunnel (with a DTLS offer),
+//! the headers that configure the client, and the frame loop.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{mpsc, oneshot},
+};
+use tokio_rustls::server::TlsStream;
+
+use crate::{
+    config::Routing,
+    cstp::{self, FrameType},
+    events::Event,
+    http::{Request, Response},
+    mac::format_mac,
+    server::Gateway,
+    session::{Kick, Pacer, Session, TunnelHandle},
+};
+
+/// Packets queued towards one client before new ones are dropped.
+const CLIENT_QUEUE: usize = 512;
+
+impl Gateway {
+    /// `CONNECT /CSCOSSLC/tunnel`: validates the cookie, attaches a tunnel
+    /// to the session (taking it over from an older one) and runs it.
+    pub(crate) async fn connect(
+        self: Arc<Self>,
+        mut tls: TlsStream<TcpStream>,
+        leftover: BytesMut,
+        req: Request,
+        peer: SocketAddr,
+    ) -> anyhow::Result<()> {
+        if req.path != "/CSCOSSLC/tunnel" {
+            Response::text(404, "Not Found", "the tunnel path is /CSCOSSLC/tunnel\n")
+                .closing()
+                .write_to(&mut tls)
+                .await?;
+            return Ok(());
+        }
+        let Some(session) = req
+            .cookie("webvpn")
+            .and_then(|c| self.sessions.by_cookie(c))
+        else {
+            tracing::info!(%peer, "CONNECT with an unknown or expired cookie");
+            Response::text(
+                401,
+                "Cookie is not valid",
+                "unknown or expired session cookie\n",
+            )
+            .closing()
+            .write_to(&mut tls)
+            .await?;
+            let _ = tls.shutdown().await;
+            return Ok(());
+        };
+
+        let (to_client, from_gw) = mpsc::channel(CLIENT_QUEUE);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let (generation, resumed) = {
+            let mut slot = session.tunnel.lock().unwrap();
+            let resumed = slot.generation > 0;
+            if let Some(old) = slot.handle.take()
+                && let Some(k) = old.kick
+            {
+                let _ = k.send(Kick::Replaced);
+            }
+            slot.generation += 1;
+            slot.peer = Some(peer);
+            slot.down_since = None;
+            slot.handle = Some(TunnelHandle {
+                generation: slot.generation,
+                to_client,
+                kick: Some(kick_tx),
+            });
+            (slot.generation, resumed)
+        };
+        session.touch();
+
+        let dtls_offer = self
+            .dtls
+            .get()
+            .and_then(|d| self.dtls_offer(d, &req, &tls, &session));
+        let head = self.connect_response(&req, &session, dtls_offer.as_ref().map(|(_, a)| a));
+        tls.write_all(head.as_bytes()).await?;
+        tls.flush().await?;
+        self.events.emit(Event::ClientConnected {
+            session_id: session.id,
+            user: session.user.clone(),
+            group: session.group.clone(),
+            vpn_address: session.lease.v4.to_string(),
+            public_address: peer.to_string(),
+            pseudo_mac: format_mac(&session.mac),
+            resumed,
+        });
+
+        let end = self
+            .run_tunnel(tls, leftover, &session, from_gw, kick_rx)
+            .await;
+        // The DTLS offer belongs to this TLS connection (its PSK does).
+        if let Some((d, answer)) = &dtls_offer {
+            d.withdraw(answer.id());
+        }
+        match end {
+            TunnelEnd::Logout => {
+                self.end_session(session.id, "user logout");
+            }
+            TunnelEnd::Kicked => {}
+            TunnelEnd::Down(reason) => {
+                let mut slot = session.tunnel.lock().unwrap();
+                if slot.generation == generation {
+                    slot.handle = None;
+                    slot.down_since = Some(Instant::now());
+                    drop(slot);
+                    self.events.emit(Event::TunnelDown {
+                        session_id: session.id,
+                        user: session.user.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The CONNECT response head: everything the client needs to configure
+    /// its side. Header names are written in the exact case openconnect
+    /// matches.
+    /// Chooses the DTLS mode for this tunnel (PSK-NEGOTIATE when the client
+    /// offers it, else Cisco session resumption with the strongest
+    /// X-DTLS12 suite both know) and registers the offer.
+    fn dtls_offer(
+        &self,
+        d: &Arc<crate::dtls::DtlsServer>,
+        req: &Request,
+        tls: &TlsStream<TcpStream>,
+        session: &Arc<Session>,
+    ) -> Option<(Arc<crate::dtls::DtlsServer>, DtlsAnswer)> {
+        if offers_psk_negotiate(req) && self.settings.raw.dtls.psk_negotiate {
+            let mut psk = [0u8; 32];
+            // The PSK: this TLS connection's exporter.
+            if let Err(e) =
+                tls.get_ref()
+                    .1
+                    .export_keying_material(&mut psk, crate::dtls::PSK_LABEL, None)
+            {
+                tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
+                return None;
+            }
+            let app_id = d.offer(session.clone(), psk);
+            return Some((
+                d.clone(),
+                DtlsAnswer::Psk {
+                    port: d.port(),
+                    app_id,
+                },
+            ));
+        }
+        let master: [u8; 48] = hex::decode(req.header("X-DTLS-Master-Secret")?)
+            .ok()?
+            .try_into()
+            .ok()?;
+        let (name, suite) = crate::dtls::pick_dtls12_suite(req.header("X-DTLS12-CipherSuite")?)?;
+        match d.offer_resumption(session.clone(), &master, suite) {
+            Ok(sid) => Some((
+                d.clone(),
+                DtlsAnswer::Resume {
+                    port: d.port(),
+                    sid,
+                    suite: name,
+                },
+            )),
+            Err(e) => {
+                tracing::warn!("no DTLS for this tunnel: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn connect_response(&self, req: &Request, s: &Session, dtls: Option<&DtlsAnswer>) -> String {
+        let st = &self.settings;
+        let cfg = &st.raw;
+        let mut h: Vec<(&str, String)> = Vec::with_capacity(32);
+        h.push(("X-CSTP-Version", "1".into()));
+        h.push((
+            "X-CSTP-Server-Name",
+            format!("vpn-gateway {}", env!("CARGO_PKG_VERSION")),
+        ));
+        h.push(("X-CSTP-Address", s.lease.v4.to_string()));
+        h.push(("X-CSTP-Netmask", st.pool_v4.netmask().to_string()));
+        let wants_v6 = req
+            .header("X-CSTP-Address-Type")
+            .is_none_or(|t| t.split(',').any(|f| f.trim().eq_ignore_ascii_case("IPv6")));
+        let full_v6 = req
+            .header("X-CSTP-Full-IPv6-Capability")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let v6 = match (s.lease.v6, st.pool_v6) {
+            (Some(a), Some(net)) if wants_v6 && full_v6 => {
+                h.push(("X-CSTP-Address-IP6", format!("{a}/{}", net.prefix_len())));
+                true
+            }
+            _ => false,
+        };
+        for d in &cfg.tunnel.dns {
+            if d.is_ipv4() || v6 {
+                h.push(("X-CSTP-DNS", d.to_string()));
+            }
+        }
+        if let Some(d) = &cfg.tunnel.default_domain {
+            h.push(("X-CSTP-Default-Domain", d.clone()));
+        }
+        if cfg.client_routing.local_lan_access {
+            // Cisco's "local LAN access" flag; it must come first.
+            h.push(("X-CSTP-Split-Exclude", "0.0.0.0/255.255.255.255".into()));
+        }
+        let (name, nets) = match &st.routing {
+            Routing::All => ("", &[][..]),
+            Routing::Include(n) => ("Include", &n[..]),
+            Routing::Exclude(n) => ("Exclude", &n[..]),
+        };
+        for n in nets {
+            match n {
+                ipnet::IpNet::V4(n) => h.push((
+                    if name == "Include" {
+                        "X-CSTP-Split-Include"
+                    } else {
+                        "X-CSTP-Split-Exclude"
+                    },
+                    format!("{}/{}", n.network(), n.netmask()),
+                )),
+                ipnet::IpNet::V6(n) if v6 => h.push((
+                    if name == "Include" {
+                        "X-CSTP-Split-Include-IP6"
+                    } else {
+                        "X-CSTP-Split-Exclude-IP6"
+                    },
+                    n.to_string(),
+                )),
+                ipnet::IpNet::V6(_) => {}
+            }
+        }
+        h.push((
+            "X-CSTP-Tunnel-All-DNS",
+            matches!(st.routing, Routing::All).to_string(),
+        ));
+        if let Some(b) = &cfg.tunnel.banner {
+            h.push(("X-CSTP-Banner", percent_encode_banner(b)));
+        }
+        let session_secs = st.session_timeout.as_secs();
+        let remaining = st
+            .session_timeout
+            .saturating_sub(s.started.elapsed())
+            .as_secs();
+        h.push(("X-CSTP-Session-Timeout", session_secs.to_string()));
+        h.push(("X-CSTP-Session-Timeout-Remaining", remaining.to_string()));
+        h.push(("X-CSTP-Lease-Duration", session_secs.to_string()));
+        h.push((
+            "X-CSTP-Idle-Timeout",
+            match cfg.session.idle_timeout_secs {
+                0 => "none".into(),
+                n => n.to_string(),
+            },
+        ));
+        h.push((
+            "X-CSTP-Disconnected-Timeout",
+            cfg.session.disconnected_timeout_secs.to_string(),
+        ));
+        h.push(("X-CSTP-DPD", cfg.session.dpd_secs.to_string()));
+        h.push(("X-CSTP-Keepalive", cfg.session.keepalive_secs.to_string()));
+        // rustls cannot renegotiate: ask for a fresh tunnel instead (never).
+        h.push(("X-CSTP-Rekey-Method", "none".into()));
+        let client_mtu: Option<u16> = req.header("X-CSTP-MTU").and_then(|v| v.parse().ok());
+        let mut mtu = client_mtu.map_or(cfg.tunnel.mtu, |c| c.clamp(576, cfg.tunnel.mtu));
+        let base = req
+            .header("X-CSTP-Base-MTU")
+            .and_then(|v| v.parse::<u16>().ok());
+        if let Some(base) = base {
+            h.push(("X-CSTP-Base-MTU", base.to_string()));
+            if dtls.is_some() {
+                // Full-size packets must fit one datagram: outer IP + UDP +
+                // the DTLS record overhead of the GCM suites we use.
+                mtu = mtu.min(
+                    base.saturating_sub(20 + 8 + crate::dtls::DTLS_GCM_OVERHEAD)
+                        .max(576),
+                );
+            }
+        }
+        h.push(("X-CSTP-MTU", mtu.to_string()));
+        h.push(("X-CSTP-Keep", "true".into()));
+        h.push(("X-CSTP-TCP-Keepalive", "true".into()));
+        h.push(("X-CSTP-License", "accept".into()));
+        h.push(("X-CSTP-Client-Bypass-Protocol", "false".into()));
+        if let Some(answer) = dtls {
+            match answer {
+                DtlsAnswer::Psk { port, app_id } => {
+                    h.push(("X-DTLS-Port", port.to_string()));
+                    h.push(("X-DTLS-App-ID", hex::encode(app_id)));
+                    h.push(("X-DTLS-CipherSuite", "PSK-NEGOTIATE".into()));
+                }
+                DtlsAnswer::Resume { port, sid, suite } => {
+                    h.push(("X-DTLS-Port", port.to_string()));
+                    h.push(("X-DTLS-Session-ID", hex::encode_upper(sid)));
+                    h.push(("X-DTLS12-CipherSuite", suite.to_string()));
+                    h.push(("X-DTLS-MTU", mtu.to_string()));
+                }
+            }
+            h.push(("X-DTLS-DPD", cfg.session.dpd_secs.to_string()));
+            h.push(("X-DTLS-Keepalive", cfg.session.keepalive_secs.to_string()));
+            h.push(("X-DTLS-Rekey-Method", "none".into()));
+        }
+
+        let mut out = String::from("HTTP/1.1 200 CONNECTED\r\n");
+        for (n, v) in h {
+            out.push_str(n);
+            out.push_str(": ");
+            out.push_str(&v);
+            out.push_str("\r\n");
+        }
+        out.push_str("\r\n");
+        out
+    }
+
+    /// Moves packets between the TLS stream and the tunnel device until the
+    /// client leaves, dies, or the server kicks it.
+    async fn run_tunnel(
+        &self,
+        tls: TlsStream<TcpStream>,
+        mut inbuf: BytesMut,
+        session: &Arc<Session>,
+        mut from_gw: mpsc::Receiver<Vec<u8>>,
+        mut kick: oneshot::Receiver<Kick>,
+    ) -> TunnelEnd {
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let dpd = Duration::from_secs(self.settings.raw.session.dpd_secs);
+        let mut last_rx = Instant::now();
+        let mut last_dpd_sent = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
+        let mut pacer = Pacer::default();
+        let mut down_pacer = Pacer::default();
+        inbuf.reserve(32 * 1024);
+
+        tracing::debug!(session = session.id, "tunnel loop starts");
+        let end = loop {
+            tokio::select! {
+                // A kick comes first: when a session ends, its packet queue
+                // closes right after the kick is sent, and the client must
+                // get the TERMINATE frame rather than a bare close.
+                biased;
+                k = &mut kick => {
+                    match k {
+                        Ok(Kick::Terminate(reason)) => {
+                            tracing::info!(user = session.user, "terminating tunnel: {reason}");
+                            cstp::encode(&mut out, FrameType::Terminate, &[]);
+                            let _ = wr.write_all(&out).await;
+                            let _ = wr.flush().await;
+                            // Let the client read the frame and hang up first:
+                            // closing with unread input would send a RST, and a
+                            // RST discards the frame before the client reads it.
+                            let mut sink = vec![0u8; 16 * 1024];
+                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                                while let Ok(n) = rd.read(&mut sink).await {
+                                    if n == 0 {
+                                        break;
+                                    }
+                                }
+                            })
+                            .await;
+                        }
+                        Ok(Kick::Replaced) | Err(_) => {}
+                    }
+                    break TunnelEnd::Kicked;
+                }
+                r = rd.read_buf(&mut inbuf) => {
+                    match r {
+                        Ok(0) => break TunnelEnd::Down("connection closed by client".into()),
+                        Err(e) => break TunnelEnd::Down(format!("read error: {e}")),
+                        Ok(_) => {}
+                    }
+                    last_rx = Instant::now();
+                    if let Some(end) = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer).await {
+                        break end;
+                    }
+                }
+                pkt = from_gw.recv() => {
+                    let Some(pkt) = pkt else { break TunnelEnd::Kicked };
+                    let mut next = Some(pkt);
+                    // Drain what is queued, one TLS record per frame, then flush once.
+                    while let Some(p) = next {
+                        let rate = session.rate_down_bps.load(Ordering::Relaxed);
+                        let wait = down_pacer.delay(p.len(), rate, Instant::now());
+                        if !wait.is_zero() {
+                            let _ = wr.flush().await;
+                            tokio::time::sleep(wait).await;
+                        }
+                        if p.len() <= cstp::MAX_PAYLOAD {
+                            cstp::encode(&mut out, FrameType::Data, &p);
+                            if wr.write_all(&out).await.is_err() {
+                                break;
+                            }
+                        }
+                        next = from_gw.try_recv().ok();
+                    }
+                    if wr.flush().await.is_err() {
+                        break TunnelEnd::Down("write error".into());
+                    }
+                }
+                _ = tick.tick() => {
+                    let silent = last_rx.elapsed();
+                    if silent >= dpd * 3 {
+                        break TunnelEnd::Down("dead peer detected (no DPD answer)".into());
+                    }
+                    if silent >= dpd && last_dpd_sent.elapsed() >= dpd / 2 {
+                        cstp::encode(&mut out, FrameType::DpdRequest, &[]);
+                        if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                            break TunnelEnd::Down("write error".into());
+                        }
+                        last_dpd_sent = Instant::now();
+                    }
+                }
+            }
+        };
+        let _ = wr.shutdown().await;
+        end
+    }
+
+    /// Handles the complete frames in `inbuf`; `Some` ends the tunnel.
+    async fn handle_frames<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        inbuf: &mut BytesMut,
+        session: &Arc<Session>,
+        wr: &mut W,
+        out: &mut Vec<u8>,
+        pacer: &mut Pacer,
+    ) -> Option<TunnelEnd> {
+        loop {
+            let frame = match cstp::decode(inbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::info!(user = session.user, "ending tunnel: {e}");
+                    return Some(TunnelEnd::Down(e.to_string()));
+                }
+            };
+            match frame.ty {
+                FrameType::Data => {
+                    session.touch();
+                    session.data_over_tls();
+                    let rate = session.rate_up_bps.load(Ordering::Relaxed);
+                    let wait = pacer.delay(frame.payload.len(), rate, Instant::now());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    // Spoofed sources are the BPF program's to drop (and count).
+                    if valid_ip_packet(&frame.payload)
+                        && let Err(e) = self.tun.send(&frame.payload).await
+                    {
+                        tracing::debug!("tun write: {e}");
+                    }
+                }
+                FrameType::DpdRequest => {
+                    cstp::encode(out, FrameType::DpdResponse, &frame.payload);
+                    if wr.write_all(out).await.is_err() || wr.flush().await.is_err() {
+                        return Some(TunnelEnd::Down("write error".into()));
+                    }
+                }
+                FrameType::Disconnect => {
+                    if frame.payload.first() == Some(&cstp::DISCONNECT_LOGOUT) {
+                        return Some(TunnelEnd::Logout);
+                    }
+                    // Cisco clients disconnect without 0xb0 for a network
+                    // change: keep the session resumable.
+                    return Some(TunnelEnd::Down("client disconnected temporarily".into()));
+                }
+                FrameType::DpdResponse | FrameType::Keepalive => {}
+                FrameType::Compressed => {
+                    // Never negotiated; a client sending it is broken.
+                    return Some(TunnelEnd::Down(
+                        "compressed frame without negotiation".into(),
+                    ));
+                }
+                FrameType::Terminate => {
+                    return Some(TunnelEnd::Down("client sent terminate".into()));
+                }
+            }
+        }
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+enum TunnelEnd {
+    /// The client logged out (DISCONNECT 0xb0): the session ends.
+    Logout,
+    /// The server closed it (admin, timeout, takeover).
+    Kicked,
+    /// The connection failed or the peer went silent: the session stays
+    /// resumable.
+    Down(String),
+}
+
+/// The DTLS mode chosen for a tunnel, as announced in the CONNECT answer.
+enum DtlsAnswer {
+    Psk {
+        port: u16,
+        app_id: [u8; 32],
+    },
+    Resume {
+        port: u16,
+        sid: [u8; 32],
+        suite: &'static str,
+    },
+}
+
+impl DtlsAnswer {
+    /// The id a ClientHello carries in this mode.
+    fn id(&self) -> &[u8; 32] {
+        match self {
+            DtlsAnswer::Psk { app_id, .. } => app_id,
+            DtlsAnswer::Resume { sid, .. } => sid,
+        }
+    }
+}
+
+/// Whether the client offers DTLS in PSK-NEGOTIATE mode.
+fn offers_psk_negotiate(req: &Request) -> bool {
+    ["X-DTLS-CipherSuite", "X-DTLS12-CipherSuite"]
+        .iter()
+        .filter_map(|h| req.header(h))
+        .any(|v| v.split(':').any(|c| c.trim() == "PSK-NEGOTIATE"))
+}
+
+fn valid_ip_packet(p: &[u8]) -> bool {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => p.len() >= 20,
+        Some(6) => p.len() >= 40,
+        _ => false,
+    }
+}
+
+/// openconnect decodes `%XX` in the banner: escape `%`, control characters
+/// and non-ASCII bytes so multi-line and UTF-8 banners survive a header.
+fn percent_encode_banner(b: &str) -> String {
+    let mut out = String::with_capacity(b.len());
+    for byte in b.bytes() {
+        if byte == b'%' || !(0x20..0x7f).contains(&byte) {
+            out.push_str(&format!("%{byte:02X}"));
+        } else {
+            out.push(byte as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banner_encoding() {
+        assert_eq!(percent_encode_banner("50% off\nnow"), "50%25 off%0Anow");
+        assert_eq!(percent_encode_banner("Grüße"), "Gr%C3%BC%C3%9Fe");
+    }
+}
