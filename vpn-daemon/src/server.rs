@@ -308,6 +308,8 @@ impl Gateway {
         {
             let _ = k.send(Kick::Terminate(reason.to_owned()));
         }
+        // Closing its queue ends the DTLS channel too.
+        s.tunnel.lock().unwrap().dtls = None;
         let mut stats = vpn_common::SessionStats::default();
         {
             let mut dp = self.datapath.lock().unwrap();
