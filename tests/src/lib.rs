@@ -293,6 +293,18 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// The users most tests log in as.
+pub const ALICE: TestUser<'static> = TestUser {
+    name: "alice",
+    password: "alice-pw",
+    group_policy: None,
+};
+pub const BOB: TestUser<'static> = TestUser {
+    name: "bob",
+    password: "bob-pw",
+    group_policy: None,
+};
+
 /// Lines added to the test config: to `[server]`, to `[tunnel]`, and
 /// further sections.
 #[derive(Default, Clone, Copy)]
@@ -638,6 +650,16 @@ impl Client {
         // for the route it adds last.
         std::thread::sleep(Duration::from_millis(300));
         self.env("connect")
+    }
+
+    /// Waits until openconnect reports an established DTLS channel.
+    pub fn wait_dtls(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for(timeout, || {
+            self.log()
+                .contains("Established DTLS connection")
+                .then_some(())
+        })
+        .ok_or_else(|| anyhow!("no DTLS channel:\n{}", self.log()))
     }
 
     /// The environment openconnect passed to the script for `reason`.

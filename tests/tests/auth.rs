@@ -5,16 +5,6 @@ use std::{process::Command, time::Duration};
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "alice-pw",
-    group_policy: None,
-};
-const BOB: TestUser = TestUser {
-    name: "bob",
-    password: "bob-pw",
-    group_policy: None,
-};
 const CAROL: TestUser = TestUser {
     name: "carol",
     password: "carol-pw",

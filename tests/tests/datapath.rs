@@ -4,12 +4,6 @@ use std::time::Duration;
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "alice-pw",
-    group_policy: None,
-};
-
 #[test]
 fn forged_source_is_dropped_and_counted_by_bpf() {
     require_root();

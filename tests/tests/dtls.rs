@@ -4,12 +4,6 @@ use std::time::Duration;
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "alice-pw",
-    group_policy: None,
-};
-
 #[test]
 fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     require_root();
@@ -32,12 +26,7 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     )
     .unwrap();
     c.wait_connected(Duration::from_secs(20)).unwrap();
-    let established = wait_for(Duration::from_secs(10), || {
-        c.log()
-            .contains("Established DTLS connection")
-            .then_some(())
-    });
-    assert!(established.is_some(), "{}", c.log());
+    c.wait_dtls(Duration::from_secs(10)).unwrap();
     assert!(c.log().contains("(PSK)"), "{}", c.log());
     assert!(
         wait_for(Duration::from_secs(5), || {
@@ -164,12 +153,7 @@ fn cisco_style_session_resumption_works_with_openconnect() {
     )
     .unwrap();
     c.wait_connected(Duration::from_secs(20)).unwrap();
-    let established = wait_for(Duration::from_secs(10), || {
-        c.log()
-            .contains("Established DTLS connection")
-            .then_some(())
-    });
-    assert!(established.is_some(), "{}\n{}", c.log(), gw.log());
+    c.wait_dtls(Duration::from_secs(10)).unwrap();
     assert!(
         c.log().contains("X-DTLS12-CipherSuite: AES256-GCM-SHA384"),
         "the strongest common suite: {}",
@@ -197,7 +181,7 @@ fn garbage_udp_is_dropped_by_xdp_and_a_hello_flood_is_limited() {
             rest: "[dtls]\nenabled = true\nxdp_interfaces = [\"up0\", \"up1\"]\nhello_rate = 2\nhello_burst = 4\n",
             ..Default::default()
         },
-        &[ALICE, TestUser { name: "bob", password: "bob-pw", group_policy: None }],
+        &[ALICE, BOB],
     )
     .unwrap();
     let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
@@ -231,16 +215,8 @@ fn garbage_udp_is_dropped_by_xdp_and_a_hello_flood_is_limited() {
     // with DTLS from its own address.
     assert!(topo.client.ping(SERVER, 2));
     assert_eq!(gw.sessions().unwrap()[0]["transport"], "dtls");
-    let mut b = Client::start_in(&topo.client2, &gw, "bob", "bob-pw", &[]).unwrap();
+    let mut b = Client::start_in(&topo.client2, &gw, BOB.name, BOB.password, &[]).unwrap();
     b.wait_connected(Duration::from_secs(20)).unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || b
-            .log()
-            .contains("Established DTLS connection")
-            .then_some(()))
-        .is_some(),
-        "{}",
-        b.log()
-    );
+    b.wait_dtls(Duration::from_secs(10)).unwrap();
     assert!(topo.client2.ping(SERVER, 2));
 }

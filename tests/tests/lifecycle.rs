@@ -5,12 +5,6 @@ use std::time::Duration;
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "alice-pw",
-    group_policy: None,
-};
-
 fn address(c: &mut Client) -> String {
     c.wait_connected(Duration::from_secs(20)).unwrap()["INTERNAL_IP4_ADDRESS"].clone()
 }

@@ -4,17 +4,6 @@ use std::time::{Duration, Instant};
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "alice-pw",
-    group_policy: None,
-};
-const BOB: TestUser = TestUser {
-    name: "bob",
-    password: "bob-pw",
-    group_policy: None,
-};
-
 const STAFF: &str = r#"
 [policy]
 default = "staff"

@@ -8,12 +8,6 @@ use std::{
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "alice-pw",
-    group_policy: None,
-};
-
 fn post(body: &str) -> String {
     format!(
         "POST / HTTP/1.1\r\nHost: {GW_OUTSIDE}\r\nX-Aggregate-Auth: 1\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",

@@ -5,12 +5,6 @@ use std::time::Duration;
 
 use vpn_tests::*;
 
-const ALICE: TestUser = TestUser {
-    name: "alice",
-    password: "correct horse",
-    group_policy: None,
-};
-
 fn full_config(topo: &Topology, dir: &std::path::Path) -> String {
     Gateway::base_config(
         dir,
