@@ -220,3 +220,87 @@ fn garbage_udp_is_dropped_by_xdp_and_a_hello_flood_is_limited() {
     b.wait_dtls(Duration::from_secs(10)).unwrap();
     assert!(topo.client2.ping(SERVER, 2));
 }
+
+/// The client's UDP source port changes mid-session, as when a NAT drops
+/// and re-creates its mapping: the gateway follows once a record from the
+/// new port authenticates (no new handshake), and a forged record from yet
+/// another port moves nothing.
+#[test]
+fn dtls_follows_a_nat_rebinding_and_ignores_forged_records() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[dtls]\nenabled = true\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let mut c = Client::start(
+        &topo,
+        &gw,
+        ALICE.name,
+        ALICE.password,
+        &["--dtls-ciphers=PSK-NEGOTIATE"],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    c.wait_dtls(Duration::from_secs(10)).unwrap();
+    let dtls_peer = || {
+        gw.sessions().unwrap()[0]["dtls_peer"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let before = wait_for(Duration::from_secs(5), dtls_peer).expect("DTLS peer shown");
+    let port: u16 = before.rsplit(':').next().unwrap().parse().unwrap();
+    assert_ne!(port, 40000);
+
+    // A stateless NAT in the client namespace: its DTLS datagrams leave
+    // from port 40000 and the answers are mapped back.
+    let nft = |rule: &str| sh(topo.client.cmd("nft").arg(rule)).unwrap();
+    nft("add table inet vgnat");
+    nft("add chain inet vgnat out { type filter hook output priority -300 ; }");
+    nft("add chain inet vgnat pre { type filter hook prerouting priority -300 ; }");
+    nft(&format!(
+        "add rule inet vgnat out udp dport 443 udp sport {port} udp sport set 40000"
+    ));
+    nft(&format!(
+        "add rule inet vgnat pre udp sport 443 udp dport 40000 udp dport set {port}"
+    ));
+
+    assert!(
+        topo.client.ping(SERVER, 3),
+        "ping after the rebinding\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        dtls_peer().as_deref(),
+        Some("198.18.1.2:40000"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.sessions().unwrap()[0]["transport"], "dtls");
+    assert_eq!(
+        c.log().matches("Established DTLS connection").count(),
+        1,
+        "no new handshake was needed\n{}",
+        c.log()
+    );
+    assert!(gw.log().contains("NAT rebinding"), "{}", gw.log());
+
+    // A forged application-data record (right epoch, a sequence number
+    // ahead of the window, junk ciphertext) from another port.
+    let mut forged = vec![23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 1, 0, 0];
+    forged.extend_from_slice(&(8 + 100 + 16u16).to_be_bytes());
+    forged.extend_from_slice(&[0x42; 8 + 100 + 16]);
+    in_netns(&topo.client, move || {
+        let s = std::net::UdpSocket::bind("198.18.1.2:40001").unwrap();
+        for _ in 0..50 {
+            s.send_to(&forged, "198.18.1.1:443").unwrap();
+        }
+    });
+    assert!(topo.client.ping(SERVER, 3));
+    assert_eq!(dtls_peer().as_deref(), Some("198.18.1.2:40000"));
+}

@@ -68,6 +68,10 @@ pub struct SessionRow {
     pub vpn_address6: Option<String>,
     pub public_address: Option<String>,
     pub public_port: Option<u16>,
+    /// The client's UDP address and port while DTLS is up (it can differ
+    /// from the TLS one behind NAT, and moves on NAT rebinding).
+    #[serde(default)]
+    pub dtls_peer: Option<String>,
     /// RFC 3339 time of login.
     pub since: String,
     /// `connected`, or `disconnected` (resumable with the cookie).
@@ -141,6 +145,7 @@ impl Gateway {
                     vpn_address6: s.lease.v6.map(|a| a.to_string()),
                     public_address: slot.peer.map(|p| p.ip().to_string()),
                     public_port: slot.peer.map(|p| p.port()),
+                    dtls_peer: slot.dtls.as_ref().map(|d| d.link.addr().to_string()),
                     since: humantime::format_rfc3339_seconds(s.created).to_string(),
                     state: if slot.handle.is_some() {
                         "connected"

@@ -309,7 +309,9 @@ impl Gateway {
             let _ = k.send(Kick::Terminate(reason.to_owned()));
         }
         // Closing its queue ends the DTLS channel too.
-        s.tunnel.lock().unwrap().dtls = None;
+        if let Some(d) = s.tunnel.lock().unwrap().dtls.take() {
+            d.link.close();
+        }
         let mut stats = vpn_common::SessionStats::default();
         {
             let mut dp = self.datapath.lock().unwrap();
@@ -353,22 +355,49 @@ impl Gateway {
 
     /// Reads packets routed to the tunnel device and hands each to the
     /// session owning its destination address.
-    pub async fn tun_reader(self: Arc<Self>) {
-        let mut buf = vec![0u8; 65536];
+    /// Reads packets routed to clients from TUN queue `q`, in batches:
+    /// each is read straight into a send slot, and for a client on DTLS
+    /// sealed there and sent with the others in one `sendmmsg`; for a
+    /// client on TLS it goes to the tunnel's queue.
+    pub async fn tun_reader(self: Arc<Self>, q: usize) {
+        use crate::dtls::{PACKET_MAX, PACKET_OFFSET, batch::SendBatch};
+        let dtls = self.dtls.get().cloned();
+        let mut out = SendBatch::default();
         loop {
-            let n = match self.tun.recv(&mut buf).await {
-                Ok(n) => n,
+            let mut guard = match self.tun.queue(q).readable().await {
+                Ok(g) => g,
                 Err(e) => {
                     tracing::error!("reading {}: {e}", self.tun.name());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let pkt = &buf[..n];
-            let Some(dst) = packet_dst(pkt) else { continue };
-            if let Some(s) = self.sessions.by_addr(&dst) {
+            loop {
+                let slot = &mut out.slot()[PACKET_OFFSET..PACKET_OFFSET + PACKET_MAX];
+                let n = match guard.try_io(|f| std::io::Read::read(&mut f.get_ref(), slot)) {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => {
+                        tracing::debug!("reading {}: {e}", self.tun.name());
+                        break;
+                    }
+                    // Drained; readiness re-armed.
+                    Err(_would_block) => break,
+                };
+                let pkt = &slot[..n];
+                let Some(dst) = packet_dst(pkt) else { continue };
+                let Some(s) = self.sessions.by_addr(&dst) else {
+                    continue;
+                };
                 s.touch();
-                s.deliver(pkt.to_vec());
+                match (&dtls, s.dtls_link()) {
+                    (Some(d), Some(link)) => d.seal_into(&link, &mut out, n),
+                    _ => s.deliver(pkt.to_vec()),
+                }
+            }
+            if let Some(d) = &dtls
+                && !out.is_empty()
+            {
+                d.flush(&mut out);
             }
         }
     }

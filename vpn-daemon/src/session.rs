@@ -68,20 +68,12 @@ pub struct TunnelSlot {
 
 /// An established DTLS channel of a session.
 pub struct DtlsHandle {
-    /// Tells channels apart (a client re-handshakes from the same address).
-    pub channel: u64,
-    pub peer: SocketAddr,
-    pub to_client: mpsc::Sender<Vec<u8>>,
-    /// Milliseconds after `since` of the last datagram from the client.
-    pub last_rx_ms: Arc<AtomicU64>,
-    pub since: Instant,
+    pub link: Arc<crate::dtls::Link>,
 }
 
 impl DtlsHandle {
     pub fn silent_for(&self) -> Duration {
-        self.since.elapsed().saturating_sub(Duration::from_millis(
-            self.last_rx_ms.load(Ordering::Relaxed),
-        ))
+        self.link.silent_for()
     }
 }
 
@@ -102,7 +94,9 @@ impl Session {
                 user = self.user,
                 "client sends over TLS and DTLS is silent: falling back to TLS"
             );
-            slot.dtls = None;
+            if let Some(d) = slot.dtls.take() {
+                d.link.close();
+            }
         }
     }
 }
@@ -169,13 +163,21 @@ impl Session {
         std::iter::once(IpAddr::V4(self.lease.v4)).chain(self.lease.v6.map(IpAddr::V6))
     }
 
-    /// Sends a packet to the client if a tunnel is up. Full queues drop, as
-    /// an interface queue would.
+    /// The DTLS channel packets to the client go to, if one is up.
+    pub fn dtls_link(&self) -> Option<Arc<crate::dtls::Link>> {
+        self.tunnel
+            .lock()
+            .unwrap()
+            .dtls
+            .as_ref()
+            .map(|d| d.link.clone())
+    }
+
+    /// Sends a packet to the client over TLS if a tunnel is up. Full queues
+    /// drop, as an interface queue would.
     pub fn deliver(&self, pkt: Vec<u8>) {
         let slot = self.tunnel.lock().unwrap();
-        if let Some(d) = &slot.dtls {
-            let _ = d.to_client.try_send(pkt);
-        } else if let Some(h) = &slot.handle {
+        if let Some(h) = &slot.handle {
             let _ = h.to_client.try_send(pkt);
         }
     }

@@ -1,5 +1,9 @@
 //! The TUN device: one layer-3 device for all sessions. The daemon writes
 //! packets from clients into it and reads packets routed to clients from it.
+//!
+//! The device is multi-queue: the kernel spreads packets for clients over
+//! the queues by flow, and each queue has its own reader, so downloads use
+//! every core. Writes (client to network) go to any queue.
 
 use std::{
     fs::File,
@@ -12,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 
 #[repr(C)]
 struct IfReq {
@@ -20,46 +25,28 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// An open TUN device (non-blocking, registered with tokio).
+/// An open TUN device (non-blocking queues, registered with tokio).
 pub struct Tun {
-    fd: AsyncFd<File>,
+    queues: Vec<AsyncFd<File>>,
     name: String,
 }
 
 impl Tun {
-    /// Creates (or attaches to) the TUN device `name`. It disappears when the
-    /// daemon exits, taking its addresses, routes and TC programs with it.
-    pub fn create(name: &str) -> io::Result<Self> {
-        let raw = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TUN | IFF_NO_PI,
-            _pad: [0; 22],
-        };
+    /// Creates (or attaches to) the TUN device `name` with `queues` queues
+    /// (at least one). It disappears when the daemon exits, taking its
+    /// addresses, routes and TC programs with it.
+    pub fn create(name: &str, queues: usize) -> io::Result<Self> {
         if name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "interface name too long",
             ));
         }
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: we own the descriptor and it stays open as long as the
-        // AsyncFd (it is closed only when `Tun` drops).
-        let fd = unsafe { AsyncFd::register(File::from(fd)) }.map_err(|e| e.into_parts().1)?;
+        let queues = (0..queues.max(1))
+            .map(|_| open_queue(name))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Tun {
-            fd,
+            queues,
             name: name.to_owned(),
         })
     }
@@ -68,10 +55,14 @@ impl Tun {
         &self.name
     }
 
-    /// Reads one packet.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Reads one packet from queue 0.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let mut guard = self.fd.readable().await?;
+            let mut guard = self.queues[0].readable().await?;
             match guard.try_io(|f| f.get_ref().read(buf)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
@@ -79,14 +70,52 @@ impl Tun {
         }
     }
 
+    /// Queue `q`, for batched non-blocking reads: wait with
+    /// `readable()`, then read through `try_io` until it reports
+    /// WouldBlock (which re-arms the readiness).
+    pub fn queue(&self, q: usize) -> &AsyncFd<File> {
+        &self.queues[q]
+    }
+
+    /// Writes one packet without waiting; a full queue drops it (as an
+    /// interface queue would). A TUN write is atomic.
+    pub fn try_send(&self, pkt: &[u8]) -> io::Result<()> {
+        self.queues[0].get_ref().write(pkt).map(|_| ())
+    }
+
     /// Writes one packet. A TUN write is atomic: the whole packet or nothing.
     pub async fn send(&self, pkt: &[u8]) -> io::Result<()> {
         loop {
-            let mut guard = self.fd.writable().await?;
+            let mut guard = self.queues[0].writable().await?;
             match guard.try_io(|f| f.get_ref().write(pkt)) {
                 Ok(r) => return r.map(|_| ()),
                 Err(_would_block) => continue,
             }
         }
     }
+}
+
+fn open_queue(name: &str) -> io::Result<AsyncFd<File>> {
+    let raw = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the descriptor and it stays open as long as the
+    // AsyncFd (it is closed only when `Tun` drops).
+    unsafe { AsyncFd::register(File::from(fd)) }.map_err(|e| e.into_parts().1)
 }

@@ -79,8 +79,10 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     );
     let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
 
+    // One TUN queue, and one reader, per core.
+    let queues = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let tun =
-        Arc::new(Tun::create(&raw.tunnel.device).with_context(|| {
+        Arc::new(Tun::create(&raw.tunnel.device, queues).with_context(|| {
             format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
         })?);
     let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
@@ -118,7 +120,9 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         drop(dp);
         tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
     }
-    tokio::spawn(gw.clone().tun_reader());
+    for q in 0..gw.tun.queues() {
+        tokio::spawn(gw.clone().tun_reader(q));
+    }
     tokio::spawn(gw.clone().reap());
     tokio::spawn(gw.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));
