@@ -330,23 +330,38 @@ fn bandwidth_limits_hold_within_ten_percent() {
         &[alice],
     )
     .unwrap();
-    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
-    let up = iperf3(&topo.client, &topo.server, SERVER, 5, false).unwrap();
-    let down = iperf3(&topo.client, &topo.server, SERVER, 5, true).unwrap();
-    eprintln!(
-        "limited to 8000/4000 kbit/s: measured up {:.0} kbit/s, down {:.0} kbit/s",
-        up / 1e3,
-        down / 1e3
-    );
-    assert!(
-        (7.2e6..=8.8e6).contains(&up),
-        "up {up} bit/s not within 10% of 8 Mbit/s"
-    );
-    assert!(
-        (3.6e6..=4.4e6).contains(&down),
-        "down {down} bit/s not within 10% of 4 Mbit/s"
-    );
+    // Both transports: TLS paces by backpressure, DTLS through the
+    // tunnel's paced queues.
+    for (transport, flags) in [("dtls", &[][..]), ("tls", &["--no-dtls"][..])] {
+        let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, flags).unwrap();
+        c.wait_connected(Duration::from_secs(20)).unwrap();
+        if transport == "dtls" {
+            c.wait_dtls(Duration::from_secs(10)).unwrap();
+        }
+        let up = iperf3(&topo.client, &topo.server, SERVER, 5, false).unwrap();
+        let down = iperf3(&topo.client, &topo.server, SERVER, 5, true).unwrap();
+        eprintln!(
+            "{transport}: limited to 8000/4000 kbit/s: measured up {:.0} kbit/s, down {:.0} kbit/s",
+            up / 1e3,
+            down / 1e3
+        );
+        let sessions = gw.sessions().unwrap();
+        let live: Vec<_> = sessions
+            .iter()
+            .filter(|s| s["state"] == "connected")
+            .collect();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0]["transport"], transport);
+        assert!(
+            (7.2e6..=8.8e6).contains(&up),
+            "{transport}: up {up} bit/s not within 10% of 8 Mbit/s"
+        );
+        assert!(
+            (3.6e6..=4.4e6).contains(&down),
+            "{transport}: down {down} bit/s not within 10% of 4 Mbit/s"
+        );
+        drop(c);
+    }
     // The daemon shaped both directions below the BPF policer, which is the
     // hard bound behind it (tested on its own in policy_bpf.rs).
     eprintln!("policer drops: {}", gw.drops("rate-limit").unwrap());

@@ -69,12 +69,12 @@ pub struct Config {
     pub group_policies: Vec<GroupPolicyConfig>,
 }
 
-/// `[dtls]`: the UDP data channel. Work in progress: off by default until
-/// the DTLS issue is complete.
+/// `[dtls]`: the UDP data channel. Clients carry data over DTLS when UDP
+/// gets through and fall back to the TLS connection when it does not.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DtlsConfig {
-    /// Offer DTLS. Default false.
+    /// Offer DTLS. Default true.
     pub enabled: bool,
     /// UDP port; default: the TLS listener's port number.
     pub port: Option<u16>,
@@ -95,7 +95,7 @@ pub struct DtlsConfig {
 impl Default for DtlsConfig {
     fn default() -> Self {
         DtlsConfig {
-            enabled: false,
+            enabled: true,
             port: None,
             psk_negotiate: true,
             xdp_interfaces: Vec::new(),

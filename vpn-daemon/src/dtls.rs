@@ -372,9 +372,12 @@ impl DtlsServer {
         match ty {
             t if t == FrameType::Data as u8 => {
                 link.session.touch();
-                if valid_ip_packet(payload)
-                    && let Err(e) = self.tun.try_send(payload)
-                {
+                if !valid_ip_packet(payload) {
+                    return;
+                }
+                if link.session.rate_up_bps.load(Ordering::Relaxed) != 0 {
+                    link.session.paced_upload(payload);
+                } else if let Err(e) = self.tun.try_send(payload) {
                     tracing::trace!("tun write: {e}");
                 }
             }
@@ -592,6 +595,18 @@ impl DtlsServer {
         if out.is_full() {
             out.flush(self.socket.as_raw_fd());
         }
+    }
+
+    /// Seals and sends one packet (the paced path of rate-limited clients).
+    pub fn send_one(&self, link: &Link, pkt: &[u8]) {
+        let mut buf = [0u8; 2048];
+        if pkt.len() + 1 + record::OVERHEAD > buf.len() {
+            return;
+        }
+        buf[PACKET_OFFSET..PACKET_OFFSET + pkt.len()].copy_from_slice(pkt);
+        buf[record::PREFIX_LEN] = FrameType::Data as u8;
+        let n = link.channel.seal(&mut buf, pkt.len() + 1);
+        let _ = self.socket.try_send_to(&buf[..n], link.addr());
     }
 
     /// Sends what the tunnel readers sealed.

@@ -389,8 +389,10 @@ impl Gateway {
                     continue;
                 };
                 s.touch();
+                // Rate-limited clients go through their tunnel's pacer.
+                let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
                 match (&dtls, s.dtls_link()) {
-                    (Some(d), Some(link)) => d.seal_into(&link, &mut out, n),
+                    (Some(d), Some(link)) if !limited => d.seal_into(&link, &mut out, n),
                     _ => s.deliver(pkt.to_vec()),
                 }
             }

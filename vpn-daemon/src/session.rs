@@ -36,6 +36,9 @@ pub struct TunnelHandle {
     pub generation: u64,
     /// Packets routed to this client.
     pub to_client: mpsc::Sender<Vec<u8>>,
+    /// Packets from a rate-limited client that arrived over DTLS, for the
+    /// tunnel's upload pacer.
+    pub paced_up: mpsc::Sender<Vec<u8>>,
     pub kick: Option<oneshot::Sender<Kick>>,
 }
 
@@ -173,8 +176,17 @@ impl Session {
             .map(|d| d.link.clone())
     }
 
-    /// Sends a packet to the client over TLS if a tunnel is up. Full queues
-    /// drop, as an interface queue would.
+    /// Queues a packet for the client in the tunnel's paced queue (TLS, or
+    /// DTLS for a rate-limited client). Full queues drop, as an interface
+    /// queue would.
+    /// Queues an upload of a rate-limited client for its pacer.
+    pub fn paced_upload(&self, pkt: &[u8]) {
+        let slot = self.tunnel.lock().unwrap();
+        if let Some(h) = &slot.handle {
+            let _ = h.paced_up.try_send(pkt.to_vec());
+        }
+    }
+
     pub fn deliver(&self, pkt: Vec<u8>) {
         let slot = self.tunnel.lock().unwrap();
         if let Some(h) = &slot.handle {

@@ -63,6 +63,7 @@ impl Gateway {
         };
 
         let (to_client, from_gw) = mpsc::channel(CLIENT_QUEUE);
+        let (paced_up, paced_up_rx) = mpsc::channel(CLIENT_QUEUE);
         let (kick_tx, kick_rx) = oneshot::channel();
         let (generation, resumed) = {
             let mut slot = session.tunnel.lock().unwrap();
@@ -78,6 +79,7 @@ impl Gateway {
             slot.handle = Some(TunnelHandle {
                 generation: slot.generation,
                 to_client,
+                paced_up,
                 kick: Some(kick_tx),
             });
             (slot.generation, resumed)
@@ -102,7 +104,7 @@ impl Gateway {
         });
 
         let end = self
-            .run_tunnel(tls, leftover, &session, from_gw, kick_rx)
+            .run_tunnel(tls, leftover, &session, from_gw, paced_up_rx, kick_rx)
             .await;
         // The DTLS offer belongs to this TLS connection (its PSK does).
         if let Some((d, answer)) = &dtls_offer {
@@ -335,6 +337,7 @@ impl Gateway {
         mut inbuf: BytesMut,
         session: &Arc<Session>,
         mut from_gw: mpsc::Receiver<Vec<u8>>,
+        mut paced_up: mpsc::Receiver<Vec<u8>>,
         mut kick: oneshot::Receiver<Kick>,
     ) -> TunnelEnd {
         let (mut rd, mut wr) = tokio::io::split(tls);
@@ -400,7 +403,13 @@ impl Gateway {
                             let _ = wr.flush().await;
                             tokio::time::sleep(wait).await;
                         }
-                        if p.len() <= cstp::MAX_PAYLOAD {
+                        // A rate-limited client on DTLS gets its paced
+                        // packets there.
+                        if let Some(link) = session.dtls_link()
+                            && let Some(d) = self.dtls.get()
+                        {
+                            d.send_one(&link, &p);
+                        } else if p.len() <= cstp::MAX_PAYLOAD {
                             cstp::encode(&mut out, FrameType::Data, &p);
                             if wr.write_all(&out).await.is_err() {
                                 break;
@@ -411,6 +420,16 @@ impl Gateway {
                     if wr.flush().await.is_err() {
                         break TunnelEnd::Down("write error".into());
                     }
+                }
+                // Uploads over DTLS of a rate-limited client, paced here
+                // like the TLS ones (UDP has no backpressure to apply).
+                Some(p) = paced_up.recv() => {
+                    let rate = session.rate_up_bps.load(Ordering::Relaxed);
+                    let wait = pacer.delay(p.len(), rate, Instant::now());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    let _ = self.tun.send(&p).await;
                 }
                 _ = tick.tick() => {
                     let silent = last_rx.elapsed();
