@@ -523,6 +523,14 @@ case "$reason" in
     ip addr add "$INTERNAL_IP4_ADDRESS/32" dev "$TUNDEV"
     ip route add 198.18.2.0/24 dev "$TUNDEV"
     ip route add 198.19.0.0/24 dev "$TUNDEV"
+    # Clients started with start_at also route the split-include list.
+    i=0
+    while [ -n "$VG_SPLIT_ROUTES" ] && [ "$i" -lt "${CISCO_SPLIT_INC:-0}" ]; do
+      eval a=\$CISCO_SPLIT_INC_${i}_ADDR
+      eval m=\$CISCO_SPLIT_INC_${i}_MASKLEN
+      ip route replace "$a/$m" dev "$TUNDEV"
+      i=$((i+1))
+    done
     if [ -n "$INTERNAL_IP6_NETMASK" ]; then
       ip -6 addr add "$INTERNAL_IP6_NETMASK" dev "$TUNDEV" nodad
       ip -6 route add fd00:2::/64 dev "$TUNDEV"
@@ -578,9 +586,47 @@ impl Client {
         Self::start_with(&topo.client, &gw.pin, &[], None, Some(cookie))
     }
 
+    /// A client in `ns` logging in to the gateway at `host`.
+    pub fn start_at(
+        ns: &Netns,
+        pin: &str,
+        host: &str,
+        user: &str,
+        password: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_to(ns, pin, host, extra, Some((user, password)), None)
+    }
+
+    /// Whether the connect script routes the pushed split-include list.
+    fn routes_split(host: &str) -> bool {
+        host != GW_OUTSIDE
+    }
+
+    /// A client in `ns` resuming a session with its cookie at `host`.
+    pub fn start_with_cookie_at(
+        ns: &Netns,
+        pin: &str,
+        host: &str,
+        cookie: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_to(ns, pin, host, &[], None, Some(cookie))
+    }
+
     fn start_with(
         ns: &Netns,
         pin: &str,
+        extra: &[&str],
+        login: Option<(&str, &str)>,
+        cookie: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        Self::start_to(ns, pin, GW_OUTSIDE, extra, login, cookie)
+    }
+
+    fn start_to(
+        ns: &Netns,
+        pin: &str,
+        host: &str,
         extra: &[&str],
         login: Option<(&str, &str)>,
         cookie: Option<&str>,
@@ -591,6 +637,9 @@ impl Client {
         sh(Command::new("chmod").arg("755").arg(&script))?;
         let log = std::fs::File::create(dir.path().join("openconnect.log"))?;
         let mut cmd = ns.cmd("openconnect");
+        if Self::routes_split(host) {
+            cmd.env("VG_SPLIT_ROUTES", "1");
+        }
         cmd.env("OCDIR", dir.path())
             .args([
                 "-v",
@@ -611,7 +660,7 @@ impl Client {
             }
             _ => {}
         }
-        cmd.arg(format!("https://{GW_OUTSIDE}/"));
+        cmd.arg(format!("https://{host}/"));
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
@@ -720,19 +769,29 @@ pub fn authenticate(
     user: &str,
     password: &str,
 ) -> anyhow::Result<String> {
-    let mut child = topo
-        .client
+    authenticate_at(&topo.client, &gw.pin, GW_OUTSIDE, user, password)
+}
+
+/// [`authenticate`] from namespace `ns` against the gateway at `host`.
+pub fn authenticate_at(
+    ns: &Netns,
+    pin: &str,
+    host: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let mut child = ns
         .cmd("openconnect")
         .args([
             "--authenticate",
             "--protocol=anyconnect",
             "--servercert",
-            &gw.pin,
+            pin,
             "-u",
             user,
             "--passwd-on-stdin",
         ])
-        .arg(format!("https://{GW_OUTSIDE}/"))
+        .arg(format!("https://{host}/"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

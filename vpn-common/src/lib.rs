@@ -19,6 +19,17 @@
 //! | `split_allow`    | LPM trie        | [`SplitKey`]   | `u32` (unused)  | daemon |
 //! | `rule_hits`      | per-CPU array   | `u32` rule slot | `u64` packets  | BPF |
 //! | `rate_state`     | hash            | `u64` session id | [`RateState`] | BPF (daemon deletes) |
+//! | `uplink_active`  | array[1]        | `0`            | `u32` uplink number (0 = no uplinks managed) | daemon |
+//! | `nat_exempt`     | LPM trie        | [`ExemptKey`]  | `u32` (unused)  | daemon |
+//!
+//! # Uplink marks
+//!
+//! With uplinks configured, `tun_ingress` marks every packet it passes from
+//! a client: [`MARK_BASE`] | the active uplink's number (1-based, low byte)
+//! | [`MARK_EXEMPT`] when the destination is in that uplink's NAT-exemption
+//! prefixes (`nat_exempt`). The daemon's `ip rule`s route marked packets by
+//! the uplink's table (after the main table's specific routes), and its nft
+//! table masquerades marked, non-exempt packets leaving that uplink.
 //!
 //! All maps are pinned under [`DEFAULT_PIN_DIR`] (configurable for tests).
 //!
@@ -71,9 +82,13 @@ pub mod map_names {
     pub const SPLIT_ALLOW: &str = "SPLIT_ALLOW";
     pub const RULE_HITS: &str = "RULE_HITS";
     pub const RATE_STATE: &str = "RATE_STATE";
+    pub const UPLINK_ACTIVE: &str = "UPLINK_ACTIVE";
+    pub const NAT_EXEMPT: &str = "NAT_EXEMPT";
 
     /// Every map the daemon pins, in one place.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
+        UPLINK_ACTIVE,
+        NAT_EXEMPT,
         super::guard_map_names::GUARD_CONFIG,
         super::guard_map_names::GUARD_DROPS,
         super::guard_map_names::HELLO_BUCKETS,
@@ -89,6 +104,32 @@ pub mod map_names {
         RULE_HITS,
     ];
 }
+
+/// Marks `tun_ingress` sets on packets from clients (see the module docs).
+pub const MARK_BASE: u32 = 0x5650_0000;
+/// The bits that say "ours".
+pub const MARK_MASK: u32 = 0xffff_0000;
+/// The uplink number (1-based).
+pub const MARK_UPLINK: u32 = 0x0000_00ff;
+/// The destination is NAT-exempt on that uplink.
+pub const MARK_EXEMPT: u32 = 0x0000_0100;
+/// Uplinks the daemon manages at most.
+pub const MAX_UPLINKS: u32 = 16;
+/// Entries in `nat_exempt` (all uplinks).
+pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
+
+/// Key of `nat_exempt` (LPM trie): the first [`EXEMPT_KEY_FIXED_BITS`] bits
+/// (uplink number and family) always match exactly, then the prefix.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExemptKey {
+    pub uplink: u32,
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of [`ExemptKey`] before the address.
+pub const EXEMPT_KEY_FIXED_BITS: u32 = 64;
 
 /// Size limits of the policy maps.
 pub const MAX_POLICIES: u32 = 4096;
@@ -438,6 +479,7 @@ mod pod {
     unsafe impl aya::Pod for SessionStats {}
     unsafe impl aya::Pod for ClassKey {}
     unsafe impl aya::Pod for SplitKey {}
+    unsafe impl aya::Pod for ExemptKey {}
     unsafe impl aya::Pod for PortsKey {}
     unsafe impl aya::Pod for IntervalRange {}
     unsafe impl aya::Pod for Interval {}

@@ -24,9 +24,9 @@ use aya::{
     },
 };
 use vpn_common::{
-    ClassKey, DropReason, GuardConfig, GuardDrop, Interval, IntervalRange, PolicyInfo, PortsKey,
-    RateState, SessionInfo, SessionKey, SessionStats, SplitKey, guard_map_names, map_names,
-    prog_names,
+    ClassKey, DropReason, ExemptKey, GuardConfig, GuardDrop, Interval, IntervalRange, PolicyInfo,
+    PortsKey, RateState, SessionInfo, SessionKey, SessionStats, SplitKey, guard_map_names,
+    map_names, prog_names,
 };
 
 use crate::policy::Compiled;
@@ -52,6 +52,10 @@ pub struct Datapath {
     rate: HashMap<MapData, u64, RateState>,
     guard_config: Array<MapData, GuardConfig>,
     guard_drops: PerCpuArray<MapData, u64>,
+    uplink_active: Array<MapData, u32>,
+    exempt: LpmTrie<MapData, ExemptKey, u32>,
+    /// What `set_exempt` installed, to replace it.
+    exempt_installed: Vec<(u32, ExemptKey)>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -224,6 +228,9 @@ impl Datapath {
             rate: HashMap::try_from(take(&mut ebpf, map_names::RATE_STATE)?)?,
             guard_config: Array::try_from(take(&mut ebpf, guard_map_names::GUARD_CONFIG)?)?,
             guard_drops: PerCpuArray::try_from(take(&mut ebpf, guard_map_names::GUARD_DROPS)?)?,
+            uplink_active: Array::try_from(take(&mut ebpf, map_names::UPLINK_ACTIVE)?)?,
+            exempt: LpmTrie::try_from(take(&mut ebpf, map_names::NAT_EXEMPT)?)?,
+            exempt_installed: Vec::new(),
             ebpf,
             pin_dir,
         })
@@ -370,6 +377,44 @@ impl Datapath {
         self.sessions
             .insert(key_for(ip), info, 0)
             .context("updating session")
+    }
+
+    /// Sets the uplink client packets are marked for (1-based; 0 = none,
+    /// packets unmarked). One map write: the switch is atomic.
+    pub fn set_active_uplink(&mut self, number: u32) -> anyhow::Result<()> {
+        self.uplink_active
+            .set(0, number, 0)
+            .context("setting the active uplink")
+    }
+
+    /// Replaces the NAT-exemption prefixes: `(uplink number, prefix)`.
+    pub fn set_exempt(&mut self, entries: &[(u32, ipnet::IpNet)]) -> anyhow::Result<()> {
+        for (plen, k) in std::mem::take(&mut self.exempt_installed) {
+            let _ = self.exempt.remove(&Key::new(plen, k));
+        }
+        for (uplink, net) in entries {
+            let (family, addr, bits) = match net {
+                ipnet::IpNet::V4(n) => {
+                    let mut a = [0u8; 16];
+                    a[..4].copy_from_slice(&n.network().octets());
+                    (vpn_common::FAMILY_V4, a, n.prefix_len())
+                }
+                ipnet::IpNet::V6(n) => {
+                    (vpn_common::FAMILY_V6, n.network().octets(), n.prefix_len())
+                }
+            };
+            let k = ExemptKey {
+                uplink: *uplink,
+                family,
+                addr,
+            };
+            let plen = vpn_common::EXEMPT_KEY_FIXED_BITS + u32::from(bits);
+            self.exempt
+                .insert(&Key::new(plen, k), 1, 0)
+                .with_context(|| format!("adding NAT exemption {net}"))?;
+            self.exempt_installed.push((plen, k));
+        }
+        Ok(())
     }
 
     /// Sets the XDP guard's port and ClientHello limits (port 0 = off).

@@ -63,6 +63,12 @@ pub struct Config {
     pub policy: PolicySettings,
     #[serde(default)]
     pub dtls: DtlsConfig,
+    /// WAN uplinks VPN traffic leaves through (`[[uplink]]`). None = the
+    /// daemon leaves routing and NAT of client traffic to the host.
+    #[serde(default, rename = "uplink")]
+    pub uplinks: Vec<UplinkConfig>,
+    #[serde(default)]
+    pub failover: FailoverConfig,
     /// Group policies (`[[group_policy]]`, see `policy.rs` for the fields).
     /// `vpnctl reload` applies changes to these and to `[policy]` live.
     #[serde(default, rename = "group_policy")]
@@ -101,6 +107,91 @@ impl Default for DtlsConfig {
             xdp_interfaces: Vec::new(),
             hello_rate: 10,
             hello_burst: 20,
+        }
+    }
+}
+
+/// `[[uplink]]`: a WAN uplink. Client traffic to destinations the main
+/// routing table has no specific route for leaves through the active uplink
+/// (the best healthy one by priority), masqueraded to its address unless
+/// the destination is in its `nat_exempt` prefixes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Name in `vpnctl uplinks` and events, e.g. "isp1".
+    pub name: String,
+    /// Its interface, e.g. "wan1".
+    pub interface: String,
+    /// The next hop on it (IPv4).
+    pub gateway: std::net::Ipv4Addr,
+    /// Lower is preferred. Default 100.
+    #[serde(default = "default_uplink_priority")]
+    pub priority: u32,
+    /// Masquerade VPN traffic leaving here to the interface's address.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+    /// Destinations (internal, site-to-site) that must see the client's
+    /// own VPN address when reached through this uplink. Default none.
+    #[serde(default)]
+    pub nat_exempt: Vec<IpNet>,
+    #[serde(default)]
+    pub probe: ProbeConfig,
+}
+
+fn default_uplink_priority() -> u32 {
+    100
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[uplink.probe]`: the active health check of an uplink (ICMP echo out
+/// of its interface). Carrier loss counts at once.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Address to ping through the uplink; default: its gateway.
+    pub target: Option<std::net::Ipv4Addr>,
+    /// Milliseconds between probes, 100 to 10000. Default 500.
+    pub interval_ms: u64,
+    /// Consecutive lost probes that make the uplink down, 1 to 20.
+    /// Default 3.
+    pub failures: u32,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            target: None,
+            interval_ms: 500,
+            failures: 3,
+        }
+    }
+}
+
+/// `[failover]`: how uplinks take over from each other.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// A preferred uplink that came back must stay healthy this long before
+    /// traffic fails back to it. Default 30.
+    pub hold_secs: u64,
+    /// Routing table of the first uplink; the others follow (one each).
+    /// Default 7100.
+    pub table_base: u32,
+    /// `ip rule` priority of the daemon's first rule; it uses up to
+    /// 2 + 2 x uplinks priorities from there. Default 7100.
+    pub rule_priority: u32,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            hold_secs: 30,
+            table_base: 7100,
+            rule_priority: 7100,
         }
     }
 }
@@ -386,6 +477,76 @@ impl Config {
     }
 
     /// Checks every value and derives [`Settings`].
+    fn validate_uplinks(&self) -> Result<(), ConfigError> {
+        let max = vpn_common::MAX_UPLINKS as usize;
+        if self.uplinks.len() > max {
+            return Err(invalid(
+                "uplink",
+                format!("{} uplinks configured: at most {max}", self.uplinks.len()),
+            ));
+        }
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let before = &self.uplinks[..i];
+            if u.name.is_empty() || before.iter().any(|o| o.name == u.name) {
+                return Err(invalid(
+                    "uplink.name",
+                    format!(
+                        "'{}' is empty or used twice: every uplink needs its own name",
+                        u.name
+                    ),
+                ));
+            }
+            if u.interface.is_empty()
+                || u.interface.len() >= 16
+                || before.iter().any(|o| o.interface == u.interface)
+            {
+                return Err(invalid(
+                    "uplink.interface",
+                    format!(
+                        "uplink '{}': interface '{}' is empty, longer than 15 bytes or used twice",
+                        u.name, u.interface
+                    ),
+                ));
+            }
+            if !(100..=10_000).contains(&u.probe.interval_ms)
+                || !(1..=20).contains(&u.probe.failures)
+            {
+                return Err(invalid(
+                    "uplink.probe",
+                    format!(
+                        "uplink '{}': interval_ms {} / failures {} out of range: use 100 to 10000 ms and 1 to 20 failures",
+                        u.name, u.probe.interval_ms, u.probe.failures
+                    ),
+                ));
+            }
+        }
+        let n = self.uplinks.len() as u32;
+        let f = &self.failover;
+        let tables = f.table_base..f.table_base.saturating_add(n);
+        if f.table_base == 0
+            || (253..=255).any(|t| tables.contains(&t))
+            || f.table_base > u32::MAX - 64
+        {
+            return Err(invalid(
+                "failover.table_base",
+                format!(
+                    "{}: the uplinks' tables {}..{} must avoid 0 and the kernel's tables 253-255",
+                    f.table_base, tables.start, tables.end
+                ),
+            ));
+        }
+        if f.rule_priority == 0 || f.rule_priority > 32_000 {
+            return Err(invalid(
+                "failover.rule_priority",
+                format!(
+                    "{}: use 1 to 32000 (below the main table's 32766)",
+                    f.rule_priority
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let pool_v4: Ipv4Net = self.tunnel.pool_v4.parse().map_err(|_| {
             invalid(
@@ -489,6 +650,7 @@ impl Config {
                 ),
             ));
         }
+        self.validate_uplinks()?;
         if self.session.dpd_secs == 0 {
             return Err(invalid(
                 "session.dpd_secs",
@@ -830,6 +992,49 @@ mod tests {
         let s = Config::parse(text, Path::new("examples/gateway.toml")).unwrap();
         assert_eq!(s.groups.len(), 2);
         assert!(matches!(s.routing, Routing::Include(ref n) if n.len() == 2));
+    }
+
+    #[test]
+    fn the_documented_uplinks_are_valid_and_mistakes_are_named() {
+        // The example's commented uplink block, uncommented.
+        let text = include_str!("../../examples/gateway.toml");
+        let block = text.split("# [failover]").nth(1).unwrap();
+        let uplinks: String = std::iter::once("[failover]")
+            .chain(block.lines().skip(1))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let s = parse(&uplinks).unwrap();
+        assert_eq!(s.raw.uplinks.len(), 2);
+        assert_eq!(s.raw.uplinks[0].probe.interval_ms, 500);
+        assert_eq!(s.raw.uplinks[1].priority, 20);
+        assert!(s.raw.uplinks[1].masquerade);
+
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[uplink]]\nname = \"{a}\"\ninterface = \"wan1\"\ngateway = \"198.18.10.2\"\n\n[[uplink]]\nname = \"{b}\"\ninterface = \"wan2\"\ngateway = \"198.18.11.2\"\n"
+            )
+        };
+        let e = parse(&two("isp", "isp")).unwrap_err().to_string();
+        assert!(e.contains("uplink.name") && e.contains("'isp'"), "{e}");
+        let e = parse(&format!(
+            "{}\n[failover]\ntable_base = 254\n",
+            two("a", "b")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("failover.table_base") && e.contains("253-255"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{}[uplink.probe]\ninterval_ms = 50\n",
+            two("a", "b")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("interval_ms 50"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Request {
     Policy {
         name: String,
     },
+    /// The uplinks: health, role, traffic.
+    Uplinks,
 }
 
 /// One row of `vpnctl policy list`.
@@ -119,6 +121,9 @@ pub enum Response {
     Policy {
         policy: PolicyRow,
         rules: Vec<RuleRow>,
+    },
+    Uplinks {
+        uplinks: Vec<crate::uplinks::UplinkRow>,
     },
     Error {
         error: String,
@@ -248,6 +253,9 @@ impl Gateway {
             },
             Ok(Request::Sessions) => Response::Sessions {
                 sessions: self.session_rows(),
+            },
+            Ok(Request::Uplinks) => Response::Uplinks {
+                uplinks: self.uplinks.get().map(|u| u.rows()).unwrap_or_default(),
             },
             Ok(Request::Stats) => Response::Stats {
                 stats: self.stats(),

@@ -30,7 +30,7 @@ pub mod record;
 use std::{
     collections::{HashMap, VecDeque},
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex, OnceLock,
@@ -163,6 +163,7 @@ impl DtlsServer {
         let s = socket2::SockRef::from(&socket);
         let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+        batch::enable_pktinfo(socket.as_raw_fd());
         Ok(Arc::new(DtlsServer {
             port: socket.local_addr()?.port(),
             socket: Arc::new(socket),
@@ -278,8 +279,8 @@ impl DtlsServer {
                     }
                 }
                 for i in 0..batch.len() {
-                    if let Some((from, d)) = batch.get_mut(i) {
-                        self.datagram(from, d, &mut replies, &mut scratch);
+                    if let Some((from, local, d)) = batch.get_mut(i) {
+                        self.datagram(from, local, d, &mut replies, &mut scratch);
                     }
                 }
                 if !replies.is_empty() {
@@ -293,6 +294,7 @@ impl DtlsServer {
     fn datagram(
         self: &Arc<Self>,
         from: SocketAddr,
+        local: Option<IpAddr>,
         d: &mut [u8],
         replies: &mut batch::SendBatch,
         scratch: &mut [u8],
@@ -306,17 +308,18 @@ impl DtlsServer {
             Some((Some(link), _)) if !hello && d[0] == record::CONTENT_APPLICATION_DATA => {
                 self.open_records(&link, d, replies);
             }
-            Some((_, slow)) if !hello => {
-                // Handshake, alerts, retransmissions: OpenSSL's business.
+            // Handshake, alerts, retransmissions (a ClientHello again while
+            // the handshake runs, too): OpenSSL's business.
+            Some((link, slow)) if !hello || link.is_none() => {
                 let _ = slow.try_send(d.to_vec());
             }
-            _ if hello => self.client_hello(from, d),
-            _ => self.try_rebind(from, d, replies, scratch),
+            _ if hello => self.client_hello(from, local, d),
+            _ => self.try_rebind(from, local, d, replies, scratch),
         }
     }
 
     /// A ClientHello: start a peer if its session id is one we offered.
-    fn client_hello(self: &Arc<Self>, from: SocketAddr, d: &[u8]) {
+    fn client_hello(self: &Arc<Self>, from: SocketAddr, local: Option<IpAddr>, d: &[u8]) {
         let Some(app_id) = client_hello_session_id(d) else {
             return;
         };
@@ -339,7 +342,7 @@ impl DtlsServer {
         );
         let me = self.clone();
         tokio::spawn(async move {
-            let reason = me.run_peer(from, session.clone(), psk, rx).await;
+            let reason = me.run_peer(from, local, session.clone(), psk, rx).await;
             tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
             let mut peers = me.peers.lock().unwrap();
             if peers.get(&from).is_some_and(|p| p.slow.is_closed()) {
@@ -390,7 +393,8 @@ impl DtlsServer {
                     slot[record::PREFIX_LEN] = FrameType::DpdResponse as u8;
                     slot[record::PREFIX_LEN + 1..record::PREFIX_LEN + len].copy_from_slice(payload);
                     let n = link.channel.seal(slot, len);
-                    replies.commit(n, link.addr());
+                    let (to, src) = link.path();
+                    replies.commit(n, to, src);
                     if replies.is_full() {
                         replies.flush(self.socket.as_raw_fd());
                     }
@@ -411,6 +415,7 @@ impl DtlsServer {
     fn try_rebind(
         &self,
         from: SocketAddr,
+        local: Option<IpAddr>,
         d: &mut [u8],
         replies: &mut batch::SendBatch,
         scratch: &mut [u8],
@@ -447,7 +452,7 @@ impl DtlsServer {
                     peers.insert(from, p);
                 }
             }
-            *link.addr.lock().unwrap() = from;
+            *link.addr.lock().unwrap() = (from, local);
             tracing::info!(user = link.session.user, %old, new = %from, "DTLS peer moved (NAT rebinding)");
             self.plaintext(&link, plain, replies);
             // The rest of the datagram, if it carried more records.
@@ -461,6 +466,7 @@ impl DtlsServer {
     async fn run_peer(
         &self,
         from: SocketAddr,
+        local: Option<IpAddr>,
         session: Arc<Session>,
         psk: [u8; 32],
         mut inbox: mpsc::Receiver<Vec<u8>>,
@@ -475,6 +481,7 @@ impl DtlsServer {
             inbox: VecDeque::new(),
             socket: self.socket.clone(),
             peer: from,
+            local,
             last_epoch1_seq: None,
         };
         // Handshake: feed datagrams until OpenSSL is done, letting its
@@ -591,7 +598,8 @@ impl DtlsServer {
         let slot = out.slot();
         slot[record::PREFIX_LEN] = FrameType::Data as u8;
         let n = link.channel.seal(slot, len + 1);
-        out.commit(n, link.addr());
+        let (to, src) = link.path();
+        out.commit(n, to, src);
         if out.is_full() {
             out.flush(self.socket.as_raw_fd());
         }
@@ -606,7 +614,8 @@ impl DtlsServer {
         buf[PACKET_OFFSET..PACKET_OFFSET + pkt.len()].copy_from_slice(pkt);
         buf[record::PREFIX_LEN] = FrameType::Data as u8;
         let n = link.channel.seal(&mut buf, pkt.len() + 1);
-        let _ = self.socket.try_send_to(&buf[..n], link.addr());
+        let (to, src) = link.path();
+        batch::send_one(self.socket.as_raw_fd(), &buf[..n], to, src);
     }
 
     /// Sends what the tunnel readers sealed.
@@ -638,8 +647,9 @@ pub struct Link {
     pub id: u64,
     pub session: Arc<Session>,
     channel: record::Channel,
-    /// The client's current address (moves on NAT rebinding).
-    addr: Mutex<SocketAddr>,
+    /// The client's current address (moves on NAT rebinding), and our
+    /// local address it sends to (answers leave from there).
+    addr: Mutex<(SocketAddr, Option<IpAddr>)>,
     since: Instant,
     /// Milliseconds after `since` of the last authenticated record.
     last_rx_ms: AtomicU64,
@@ -660,7 +670,7 @@ impl Link {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             session: session.clone(),
             channel,
-            addr: Mutex::new(from),
+            addr: Mutex::new((from, s.get_ref().local)),
             since: Instant::now(),
             last_rx_ms: AtomicU64::new(0),
             is_closed: AtomicBool::new(false),
@@ -669,6 +679,11 @@ impl Link {
     }
 
     pub fn addr(&self) -> SocketAddr {
+        self.addr.lock().unwrap().0
+    }
+
+    /// Where records go: the client's address and our source address.
+    pub fn path(&self) -> (SocketAddr, Option<IpAddr>) {
         *self.addr.lock().unwrap()
     }
 
@@ -729,6 +744,7 @@ pub struct DatagramIo {
     inbox: VecDeque<Vec<u8>>,
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
+    local: Option<IpAddr>,
     /// The last sequence number OpenSSL used in epoch 1 (its Finished):
     /// our record layer continues from there.
     last_epoch1_seq: Option<u64>,
@@ -753,7 +769,7 @@ impl io::Write for DatagramIo {
             self.last_epoch1_seq = self.last_epoch1_seq.max(Some(q));
         }
         // A full socket buffer drops the datagram, as the network would.
-        let _ = self.socket.try_send_to(buf, self.peer);
+        batch::send_one(self.socket.as_raw_fd(), buf, self.peer, self.local);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

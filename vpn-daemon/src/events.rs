@@ -50,6 +50,18 @@ pub enum Event {
     ConfigReloadFailed {
         reason: String,
     },
+    /// Client traffic now leaves through another uplink.
+    UplinkFailover {
+        from: Option<String>,
+        to: String,
+        reason: String,
+    },
+    /// An uplink's health changed.
+    UplinkState {
+        uplink: String,
+        state: String,
+        reason: String,
+    },
 }
 
 #[derive(Serialize)]

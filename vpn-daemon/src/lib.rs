@@ -18,5 +18,6 @@ pub mod session;
 pub mod tls;
 pub mod tun;
 pub mod tunnel;
+pub mod uplinks;
 pub mod users;
 pub mod xml;

@@ -47,6 +47,8 @@ pub struct Gateway {
     pub config_path: std::path::PathBuf,
     /// The DTLS server, when `[dtls] enabled`.
     pub dtls: std::sync::OnceLock<Arc<crate::dtls::DtlsServer>>,
+    /// The uplinks, when `[[uplink]]`s are configured.
+    pub uplinks: std::sync::OnceLock<Arc<crate::uplinks::Uplinks>>,
 }
 
 impl Gateway {
@@ -73,6 +75,7 @@ impl Gateway {
             policies: Mutex::new(PolicySet::default()),
             config_path,
             dtls: std::sync::OnceLock::new(),
+            uplinks: std::sync::OnceLock::new(),
         });
         let settings = gw.settings.clone();
         gw.apply_policies(&settings)?;

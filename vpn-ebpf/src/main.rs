@@ -29,6 +29,9 @@ mod prog {
         PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyInfo, PortsKey, RATE_TOLERANCE_NS, RateState,
         SPLIT_KEY_FIXED_BITS, SessionInfo, SessionKey, SessionStats, SplitKey, Verdict,
     };
+    use vpn_common::{
+        EXEMPT_KEY_FIXED_BITS, ExemptKey, MARK_BASE, MARK_EXEMPT, MAX_EXEMPT_ENTRIES,
+    };
     use vpn_common::{GUARD_DROP_REASONS, GuardConfig, GuardDrop, HelloBucket, MAX_HELLO_SOURCES};
 
     /// Hash maps whose entries are allocated on insert.
@@ -74,6 +77,15 @@ mod prog {
     /// Port intervals with their verdicts, a sorted run per class.
     #[btf_map]
     static POLICY_INTERVALS: Array<Interval, { MAX_INTERVALS as usize }> = Array::new();
+
+    /// `[0]`: the active uplink's number; 0 = the daemon manages no uplinks
+    /// (packets are not marked).
+    #[btf_map]
+    static UPLINK_ACTIVE: Array<u32, 1> = Array::new();
+
+    /// Per uplink, the destinations that keep the client's own address.
+    #[btf_map]
+    static NAT_EXEMPT: LpmTrie<ExemptKey, u32, { MAX_EXEMPT_ENTRIES as usize }> = LpmTrie::new();
 
     /// Destinations an enforcing policy's clients may reach.
     #[btf_map]
@@ -347,6 +359,9 @@ mod prog {
         let key = Packet::key(p.family, &p.src);
         let info = SESSIONS.get_ptr(&key).ok_or(DropReason::UnknownSource)?;
         let (policy, session_id) = unsafe { ((*info).policy_id, (*info).session_id) };
+        // Before the policy's branches: marking there multiplies the
+        // verifier's states past its limit (a dropped packet's mark is moot).
+        mark_uplink(ctx, &p);
         let stats = SESSION_STATS.get_ptr_mut(&key);
         if policy != 0
             && let Err(reason) = enforce_outbound(policy, session_id, u64::from(ctx.len()), &p)
@@ -363,6 +378,33 @@ mod prog {
             }
         }
         Ok(())
+    }
+
+    /// Marks a client's packet with the active uplink and, if its
+    /// destination is NAT-exempt there, the exemption bit: routing and
+    /// masquerade follow the mark.
+    #[inline(always)]
+    fn mark_uplink(ctx: &TcContext, p: &Packet) {
+        let Some(&active) = UPLINK_ACTIVE.get(0) else {
+            return;
+        };
+        if active == 0 {
+            return;
+        }
+        let k = Key::new(
+            EXEMPT_KEY_FIXED_BITS + addr_bits(p.family),
+            ExemptKey {
+                uplink: active,
+                family: p.family,
+                addr: p.dst,
+            },
+        );
+        let exempt = if NAT_EXEMPT.get(&k).is_some() {
+            MARK_EXEMPT
+        } else {
+            0
+        };
+        ctx.set_mark(MARK_BASE | active | exempt);
     }
 
     /// The policy on a packet from the client: isolation, split

@@ -120,6 +120,17 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         drop(dp);
         tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
     }
+    // Uplinks: routing tables, rules, the nft table and health checks.
+    // Whatever a crashed run left is removed first, configured or not.
+    vpn_daemon::uplinks::cleanup(&raw.failover)
+        .await
+        .context("removing stale uplink state")?;
+    if !raw.uplinks.is_empty() {
+        let u =
+            vpn_daemon::uplinks::Uplinks::start(&raw.uplinks, &raw.failover, gw.clone()).await?;
+        let _ = gw.uplinks.set(u);
+        tracing::info!(uplinks = raw.uplinks.len(), "uplinks managed");
+    }
     for q in 0..gw.tun.queues() {
         tokio::spawn(gw.clone().tun_reader(q));
     }
@@ -153,6 +164,9 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     // Give tunnels a moment to send their TERMINATE frames.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     gw.datapath.lock().unwrap().unpin();
+    if let Err(e) = vpn_daemon::uplinks::cleanup(&raw.failover).await {
+        tracing::error!("removing uplink state: {e:#}");
+    }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
 }

@@ -34,6 +34,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Uplinks: state (carrier and probe), active or standby, probe RTT and
+    /// losses, interface bytes.
+    Uplinks {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read the configuration: group policies apply live to every session;
     /// a file that does not validate is rejected and the running one stays.
     Reload,

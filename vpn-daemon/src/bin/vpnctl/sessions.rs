@@ -99,3 +99,46 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub fn uplinks(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let Response::Uplinks { uplinks } = call(socket, Request::Uplinks)? else {
+        bail!("unexpected answer from vpnd");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&uplinks)?);
+        return Ok(());
+    }
+    if uplinks.is_empty() {
+        println!("no uplinks configured ([[uplink]] in the config)");
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<10} {:>4} {:<8} {:<5} {:<16} {:>8} {:>11} {:>14} {:>14}",
+        "NAME",
+        "INTERFACE",
+        "PRIO",
+        "ROLE",
+        "STATE",
+        "PROBE",
+        "RTT ms",
+        "LOST/SENT",
+        "RX BYTES",
+        "TX BYTES"
+    );
+    for u in uplinks {
+        println!(
+            "{:<10} {:<10} {:>4} {:<8} {:<5} {:<16} {:>8} {:>11} {:>14} {:>14}",
+            u.name,
+            u.interface,
+            u.priority,
+            u.role,
+            u.state,
+            u.probe_target,
+            u.last_rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
+            format!("{}/{}", u.probes_lost, u.probes_sent),
+            u.rx_bytes,
+            u.tx_bytes
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! Two WAN uplinks: per-uplink masquerade, NAT exemption, failover and
+//! failback, cookie resume through the other uplink, and cleanup.
+//!
+//! ```text
+//!            .40 ─ isp1 ─ .10 (wan1) ┐            ┌ .20 ─┐
+//! client ─┤                          gateway ─ lan0 ─ internal
+//!            .41 ─ isp2 ─ .11 (wan2) ┘   isp1 ─ .20 ─ internet (198.18.30.30,
+//!                                        isp2 ─ .21 ─┘  partner 198.18.31.31)
+//! ```
+//! Addresses are 198.18.X.0/24 with X as drawn; the gateway has no default
+//! route of its own: client traffic to the internet leaves only through
+//! the uplinks' tables.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use vpn_tests::*;
+
+const WAN1: &str = "198.18.10.1";
+const WAN2: &str = "198.18.11.1";
+const INTERNET: &str = "198.18.30.30";
+const PARTNER: &str = "198.18.31.31";
+
+struct Net {
+    topo: Topology,
+    isp1: Netns,
+    isp2: Netns,
+}
+
+impl Net {
+    /// `topo.client` is the client, `topo.gw` the gateway, `topo.server` the
+    /// internal host and `topo.client2` the internet host.
+    fn new() -> Net {
+        let id = unique_id();
+        let ns = |t: &str| Netns::new(format!("vgu-{id}-{t}")).unwrap();
+        let (client, gw, internal, internet) = (ns("c"), ns("g"), ns("n"), ns("x"));
+        let (isp1, isp2) = (ns("i1"), ns("i2"));
+        let veth = |a: &Netns, an: &str, aaddr: &str, b: &Netns, bn: &str, baddr: &str| {
+            a.ip(&[
+                "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
+            ])
+            .unwrap();
+            a.ip(&["addr", "add", aaddr, "dev", an]).unwrap();
+            b.ip(&["addr", "add", baddr, "dev", bn]).unwrap();
+            a.ip(&["link", "set", an, "up"]).unwrap();
+            b.ip(&["link", "set", bn, "up"]).unwrap();
+        };
+        veth(
+            &client,
+            "eth1",
+            "198.18.40.2/24",
+            &isp1,
+            "tocl",
+            "198.18.40.1/24",
+        );
+        veth(
+            &client,
+            "eth2",
+            "198.18.41.2/24",
+            &isp2,
+            "tocl",
+            "198.18.41.1/24",
+        );
+        veth(
+            &isp1,
+            "togw",
+            "198.18.10.2/24",
+            &gw,
+            "wan1",
+            "198.18.10.1/24",
+        );
+        veth(
+            &isp2,
+            "togw",
+            "198.18.11.2/24",
+            &gw,
+            "wan2",
+            "198.18.11.1/24",
+        );
+        veth(
+            &isp1,
+            "ext",
+            "198.18.20.1/24",
+            &internet,
+            "e1",
+            "198.18.20.2/24",
+        );
+        veth(
+            &isp2,
+            "ext",
+            "198.18.21.1/24",
+            &internet,
+            "e2",
+            "198.18.21.2/24",
+        );
+        veth(
+            &gw,
+            "lan0",
+            "198.18.2.1/24",
+            &internal,
+            "eth0",
+            "198.18.2.2/24",
+        );
+        for a in [INTERNET, PARTNER] {
+            internet
+                .ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])
+                .unwrap();
+        }
+        let route = |n: &Netns, dst: &str, via: &str| {
+            n.ip(&["route", "add", dst, "via", via]).unwrap();
+        };
+        route(&client, "198.18.10.0/24", "198.18.40.1");
+        route(&client, "198.18.11.0/24", "198.18.41.1");
+        route(&isp1, "198.18.30.0/23", "198.18.20.2");
+        route(&isp2, "198.18.30.0/23", "198.18.21.2");
+        // Exempt traffic keeps the pool address; its answers come back
+        // through isp1.
+        route(&isp1, POOL, "198.18.10.1");
+        route(&internet, "198.18.10.0/24", "198.18.20.1");
+        route(&internet, "198.18.11.0/24", "198.18.21.1");
+        route(&internet, POOL, "198.18.20.1");
+        route(&internal, POOL, "198.18.2.1");
+        for n in [&isp1, &isp2] {
+            sh(n.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"])).unwrap();
+        }
+        Net {
+            topo: Topology {
+                id,
+                client,
+                gw,
+                server: internal,
+                client2: internet,
+            },
+            isp1,
+            isp2,
+        }
+    }
+
+    fn config(&self, dir: &std::path::Path) -> String {
+        let id = &self.topo.id;
+        format!(
+            r#"[server]
+listen = "0.0.0.0:443"
+state_dir = "{dir}/state"
+control_socket = "{dir}/vpnd.sock"
+event_log = "{dir}/events.jsonl"
+bpf_pin_dir = "/sys/fs/bpf/vpn-test-{id}"
+max_sessions = 10
+
+[auth]
+users_file = "{dir}/users.toml"
+
+[tunnel]
+pool_v4 = "{POOL}"
+mtu = 1300
+
+[client_routing]
+mode = "include"
+subnets = ["198.18.2.0/24", "198.18.30.0/23"]
+
+[failover]
+hold_secs = 3
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "198.18.10.2"
+priority = 10
+nat_exempt = ["198.18.31.0/24"]
+[uplink.probe]
+target = "198.18.20.2"
+interval_ms = 300
+failures = 3
+
+[[uplink]]
+name = "isp2"
+interface = "wan2"
+gateway = "198.18.11.2"
+priority = 20
+[uplink.probe]
+target = "198.18.21.2"
+interval_ms = 300
+failures = 3
+"#,
+            dir = dir.display()
+        )
+    }
+
+    fn gateway(&self) -> Gateway {
+        Gateway::start_with(&self.topo, |d| self.config(d), &[ALICE]).unwrap()
+    }
+
+    /// Opens a TCP connection from the client through the tunnel to
+    /// `dst:port` on the internet host; returns the source address the
+    /// internet host saw.
+    fn source_seen(&self, dst: &str, port: u16) -> Option<String> {
+        let addr: SocketAddr = format!("{dst}:{port}").parse().unwrap();
+        let listener = in_netns(&self.topo.client2, move || TcpListener::bind(addr)).ok()?;
+        listener.set_nonblocking(true).ok()?;
+        let connected = in_netns(&self.topo.client, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
+        });
+        connected?;
+        wait_for(Duration::from_secs(1), || {
+            listener
+                .accept()
+                .ok()
+                .map(|(_, peer)| peer.ip().to_string())
+        })
+    }
+
+    fn uplinks(&self, gw: &Gateway) -> serde_json::Value {
+        let out = gw.vpnctl(&["uplinks", "--json"]).unwrap();
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn active(&self, gw: &Gateway) -> String {
+        self.uplinks(gw)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["role"] == "active")
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Waits until new connections to the internet host come from `want`;
+/// returns how long that took.
+fn wait_source(net: &Net, want: &str, timeout: Duration, port: &mut u16) -> Option<Duration> {
+    let t0 = Instant::now();
+    wait_for(timeout, || {
+        *port += 1;
+        (net.source_seen(INTERNET, *port).as_deref() == Some(want)).then(|| t0.elapsed())
+    })
+}
+
+#[test]
+fn masquerade_exemption_failover_and_failback() {
+    require_root();
+    let net = Net::new();
+    let gw = net.gateway();
+    // The client reaches the gateway through isp2, so its tunnel survives
+    // isp1's failures.
+    let mut c = Client::start_at(
+        &net.topo.client,
+        &gw.pin,
+        WAN2,
+        ALICE.name,
+        ALICE.password,
+        &[],
+    )
+    .unwrap();
+    let env = c.wait_connected(Duration::from_secs(20)).unwrap();
+    let vpn_addr = env["INTERNAL_IP4_ADDRESS"].clone();
+    let mut port = 9000;
+
+    // Internet traffic leaves via isp1 (priority 10), masqueraded to wan1.
+    assert_eq!(net.active(&gw), "isp1");
+    assert_eq!(
+        net.source_seen(INTERNET, port).as_deref(),
+        Some(WAN1),
+        "{}",
+        gw.log()
+    );
+    // The partner prefix is NAT-exempt on isp1: it sees the VPN address.
+    assert_eq!(
+        net.source_seen(PARTNER, 9500).as_deref(),
+        Some(vpn_addr.as_str())
+    );
+
+    // isp1's carrier goes away: within 3 s new connections use isp2.
+    net.isp1.ip(&["link", "set", "togw", "down"]).unwrap();
+    let took = wait_source(&net, WAN2, Duration::from_secs(6), &mut port)
+        .unwrap_or_else(|| panic!("no failover to isp2\n{}", gw.log()));
+    eprintln!("carrier loss: failover in {took:?}");
+    assert!(took < Duration::from_secs(3), "failover took {took:?}");
+    assert_eq!(net.active(&gw), "isp2");
+    let ev = gw.events();
+    let fo = ev
+        .iter()
+        .find(|e| e["event"] == "uplink_failover" && e["to"] == "isp2")
+        .expect("uplink_failover event");
+    assert_eq!(fo["from"], "isp1");
+
+    // isp1 returns: after the hold time (3 s) traffic fails back.
+    let back = Instant::now();
+    net.isp1.ip(&["link", "set", "togw", "up"]).unwrap();
+    let took = wait_source(&net, WAN1, Duration::from_secs(10), &mut port)
+        .unwrap_or_else(|| panic!("no failback to isp1\n{}", gw.log()));
+    eprintln!("failback after {:?}", back.elapsed());
+    assert!(
+        took >= Duration::from_secs(3),
+        "failback before the hold time"
+    );
+    assert_eq!(net.active(&gw), "isp1");
+
+    // The probe target behind isp1 stops answering (carrier stays up).
+    net.topo.client2.ip(&["link", "set", "e1", "down"]).unwrap();
+    let took = wait_source(&net, WAN2, Duration::from_secs(6), &mut port)
+        .unwrap_or_else(|| panic!("no failover on probe loss\n{}", gw.log()));
+    eprintln!("probe loss: failover in {took:?}");
+    assert!(took < Duration::from_secs(3), "failover took {took:?}");
+    let rows = net.uplinks(&gw);
+    let isp1 = &rows[0];
+    assert_eq!(isp1["state"], "down");
+    assert_eq!(isp1["carrier"], true);
+    assert!(isp1["probes_lost"].as_u64().unwrap() >= 3);
+    assert!(rows[1]["tx_bytes"].as_u64().unwrap() > 0);
+    drop(c);
+}
+
+#[test]
+fn a_session_moves_to_the_other_uplink_with_its_cookie_and_cleanup_is_exact() {
+    require_root();
+    let net = Net::new();
+    let mut gw = net.gateway();
+    let cookie =
+        authenticate_at(&net.topo.client, &gw.pin, WAN1, ALICE.name, ALICE.password).unwrap();
+    let mut c = Client::start_with_cookie_at(&net.topo.client, &gw.pin, WAN1, &cookie).unwrap();
+    let env = c.wait_connected(Duration::from_secs(20)).unwrap();
+    let addr = env["INTERNAL_IP4_ADDRESS"].clone();
+    assert!(net.topo.client.ping("198.18.2.2", 2));
+    // isp1 dies under the client; it comes back through isp2 with the
+    // cookie and keeps its address, without a new login.
+    c.child_mut().kill().unwrap();
+    let _ = c.child_mut().wait();
+    drop(c);
+    net.isp1.ip(&["link", "set", "togw", "down"]).unwrap();
+    let mut c2 = Client::start_with_cookie_at(&net.topo.client, &gw.pin, WAN2, &cookie).unwrap();
+    let env2 = c2.wait_connected(Duration::from_secs(20)).unwrap();
+    assert_eq!(env2["INTERNAL_IP4_ADDRESS"], addr);
+    assert!(net.topo.client.ping("198.18.2.2", 2), "{}", gw.log());
+    let sessions = gw.sessions().unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["public_address"], "198.18.41.2");
+    drop(c2);
+
+    // What the daemon installed, counted in the gateway namespace.
+    let g = &net.topo.gw;
+    let rules = || {
+        let out = String::from_utf8(g.ip(&["rule", "show"]).unwrap().stdout).unwrap();
+        out.lines()
+            .filter(|l| {
+                l.split(':')
+                    .next()
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+                    .is_some_and(|p| (7100..=7133).contains(&p))
+            })
+            .count()
+    };
+    let routes = || {
+        (7100..7102)
+            .map(|t| {
+                String::from_utf8(
+                    g.ip(&["route", "show", "table", &t.to_string()])
+                        .unwrap()
+                        .stdout,
+                )
+                .unwrap()
+                .lines()
+                .count()
+            })
+            .sum::<usize>()
+    };
+    let masquerades = || {
+        let out = sh(g.cmd("nft").args(["list", "ruleset"])).unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        (
+            text.matches("table inet vpn_gateway").count(),
+            text.matches("masquerade").count(),
+        )
+    };
+    // 1 main-table rule + per uplink a mark rule and a source rule.
+    assert_eq!(rules(), 5);
+    assert_eq!(routes(), 2);
+    assert_eq!(masquerades(), (1, 2));
+
+    // SIGKILL leaves it all; a new start replaces it with exactly one set.
+    gw.child_mut().kill().unwrap();
+    let _ = gw.child_mut().wait();
+    assert_eq!(rules(), 5);
+    let mut gw2 = net.gateway();
+    assert_eq!(rules(), 5);
+    assert_eq!(routes(), 2);
+    assert_eq!(masquerades(), (1, 2));
+
+    // A clean stop removes everything.
+    gw2.stop();
+    assert_eq!(rules(), 0);
+    assert_eq!(routes(), 0);
+    assert_eq!(masquerades(), (0, 0));
+    let _ = &net.isp2;
+}
