@@ -139,6 +139,10 @@ impl Net {
     }
 
     fn config(&self, dir: &std::path::Path) -> String {
+        self.config_with(dir, "")
+    }
+
+    fn config_with(&self, dir: &std::path::Path, extra: &str) -> String {
         let id = &self.topo.id;
         format!(
             r#"[server]
@@ -183,6 +187,8 @@ priority = 20
 target = "198.18.21.2"
 interval_ms = 300
 failures = 3
+
+{extra}
 "#,
             dir = dir.display()
         )
@@ -200,7 +206,7 @@ failures = 3
         let listener = in_netns(&self.topo.client2, move || TcpListener::bind(addr)).ok()?;
         listener.set_nonblocking(true).ok()?;
         let connected = in_netns(&self.topo.client, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
+            TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()
         });
         connected?;
         wait_for(Duration::from_secs(1), || {
@@ -392,5 +398,54 @@ fn a_session_moves_to_the_other_uplink_with_its_cookie_and_cleanup_is_exact() {
     assert_eq!(rules(), 0);
     assert_eq!(routes(), 0);
     assert_eq!(masquerades(), (0, 0));
-    let _ = &net.isp2;
+}
+
+/// A group policy pinned to isp2: its client leaves through isp2 while isp1
+/// is active, and through the active uplink while isp2 is down.
+#[test]
+fn a_policy_pins_its_clients_to_an_uplink_while_it_is_healthy() {
+    require_root();
+    let net = Net::new();
+    let alice = TestUser {
+        group_policy: Some("via-isp2"),
+        ..ALICE
+    };
+    let gw = Gateway::start_with(
+        &net.topo,
+        |d| {
+            net.config_with(
+                d,
+                "[[group_policy]]\nname = \"via-isp2\"\nuplink = \"isp2\"\n",
+            )
+        },
+        &[alice],
+    )
+    .unwrap();
+    let mut c = Client::start_at(
+        &net.topo.client,
+        &gw.pin,
+        WAN1,
+        ALICE.name,
+        ALICE.password,
+        &[],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert_eq!(net.active(&gw), "isp1");
+    let mut port = 9100;
+    assert_eq!(
+        net.source_seen(INTERNET, port).as_deref(),
+        Some(WAN2),
+        "pinned to isp2\n{}",
+        gw.log()
+    );
+    net.isp2.ip(&["link", "set", "togw", "down"]).unwrap();
+    let took = wait_source(&net, WAN1, Duration::from_secs(6), &mut port).unwrap_or_else(|| {
+        panic!(
+            "pinned uplink down: no move to the active one\n{}",
+            gw.log()
+        )
+    });
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    drop(c);
 }

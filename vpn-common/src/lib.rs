@@ -19,13 +19,14 @@
 //! | `split_allow`    | LPM trie        | [`SplitKey`]   | `u32` (unused)  | daemon |
 //! | `rule_hits`      | per-CPU array   | `u32` rule slot | `u64` packets  | BPF |
 //! | `rate_state`     | hash            | `u64` session id | [`RateState`] | BPF (daemon deletes) |
-//! | `uplink_active`  | array[1]        | `0`            | `u32` uplink number (0 = no uplinks managed) | daemon |
+//! | `uplink_active`  | array[2]        | `0`, `1`       | `[0]` active uplink number (0 = no uplinks managed), `[1]` bitmask of healthy uplinks | daemon |
 //! | `nat_exempt`     | LPM trie        | [`ExemptKey`]  | `u32` (unused)  | daemon |
 //!
 //! # Uplink marks
 //!
 //! With uplinks configured, `tun_ingress` marks every packet it passes from
-//! a client: [`MARK_BASE`] | the active uplink's number (1-based, low byte)
+//! a client: [`MARK_BASE`] | the uplink's number (1-based, low byte: the
+//! client's policy's pinned uplink while it is healthy, else the active one)
 //! | [`MARK_EXEMPT`] when the destination is in that uplink's NAT-exemption
 //! prefixes (`nat_exempt`). The daemon's `ip rule`s route marked packets by
 //! the uplink's table (after the main table's specific routes), and its nft
@@ -264,7 +265,9 @@ pub struct PolicyInfo {
     /// How many entries of `v4_lens` / `v6_lens` are used.
     pub n_v4: u8,
     pub n_v6: u8,
-    pub _pad: u16,
+    /// The uplink this policy's clients leave through while it is healthy
+    /// (1-based; 0 = the active uplink).
+    pub uplink: u16,
     /// The distinct IPv4 / IPv6 rule prefix lengths, longest first, always
     /// ending with 0 (the root class).
     pub v4_lens: [u8; MAX_PREFIX_LENS],

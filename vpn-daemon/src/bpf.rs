@@ -387,6 +387,14 @@ impl Datapath {
             .context("setting the active uplink")
     }
 
+    /// Tells the data path which uplinks are healthy (bit n-1 = uplink n),
+    /// for policies pinned to an uplink.
+    pub fn set_healthy_uplinks(&mut self, mask: u32) -> anyhow::Result<()> {
+        self.uplink_active
+            .set(1, mask, 0)
+            .context("setting healthy uplinks")
+    }
+
     /// Replaces the NAT-exemption prefixes: `(uplink number, prefix)`.
     pub fn set_exempt(&mut self, entries: &[(u32, ipnet::IpNet)]) -> anyhow::Result<()> {
         for (plen, k) in std::mem::take(&mut self.exempt_installed) {

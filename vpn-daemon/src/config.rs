@@ -821,12 +821,35 @@ impl Config {
                     c.fallback.clone(),
                 )),
             };
+            let uplink = match &p.uplink {
+                None => 0,
+                Some(name) => match self.uplinks.iter().position(|u| &u.name == name) {
+                    Some(i) => i as u16 + 1,
+                    None => {
+                        let known: Vec<&str> =
+                            self.uplinks.iter().map(|u| u.name.as_str()).collect();
+                        return Err(invalid(
+                            "group_policy.uplink",
+                            format!(
+                                "policy '{}': uplink '{name}' is not configured (uplinks: {})",
+                                p.name,
+                                if known.is_empty() {
+                                    "none".into()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        ));
+                    }
+                },
+            };
             out.push(PolicyDef {
                 name: p.name.clone(),
                 schedule,
                 rules,
                 info: PolicyInfo {
                     flags,
+                    uplink,
                     rate_up_bps: p.bandwidth_up_kbps.saturating_mul(1000),
                     rate_down_bps: p.bandwidth_down_kbps.saturating_mul(1000),
                     ..Default::default()
@@ -1035,6 +1058,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("interval_ms 50"), "{e}");
+        let e = parse(&format!(
+            "{}\n[[group_policy]]\nname = \"p\"\nuplink = \"isp9\"\n",
+            two("a", "b")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("group_policy.uplink") && e.contains("'isp9'") && e.contains("a, b"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub struct GroupPolicyConfig {
     /// When this policy applies (`[group_policy.schedule]`); outside the
     /// window its fallback policy applies instead. Absent = always.
     pub schedule: Option<ScheduleConfig>,
+    /// Name of the `[[uplink]]` this policy's clients leave through while
+    /// it is healthy (otherwise the active one). Absent = the active one.
+    #[serde(default)]
+    pub uplink: Option<String>,
 }
 
 /// `[group_policy.schedule]`: days and hours (the gateway's local time).

@@ -251,6 +251,10 @@ impl Uplinks {
         let healthy: Vec<usize> = (0..self.cfg.len())
             .filter(|&i| self.healthy(links, i))
             .collect();
+        let mask = healthy.iter().fold(0u32, |m, &i| m | (1 << i));
+        if let Err(e) = gw.datapath.lock().unwrap().set_healthy_uplinks(mask) {
+            tracing::error!("updating uplink health: {e:#}");
+        }
         let best = |require_hold: bool| {
             healthy
                 .iter()

@@ -79,9 +79,9 @@ mod prog {
     static POLICY_INTERVALS: Array<Interval, { MAX_INTERVALS as usize }> = Array::new();
 
     /// `[0]`: the active uplink's number; 0 = the daemon manages no uplinks
-    /// (packets are not marked).
+    /// (packets are not marked). `[1]`: bit n-1 set = uplink n is healthy.
     #[btf_map]
-    static UPLINK_ACTIVE: Array<u32, 1> = Array::new();
+    static UPLINK_ACTIVE: Array<u32, 2> = Array::new();
 
     /// Per uplink, the destinations that keep the client's own address.
     #[btf_map]
@@ -361,7 +361,7 @@ mod prog {
         let (policy, session_id) = unsafe { ((*info).policy_id, (*info).session_id) };
         // Before the policy's branches: marking there multiplies the
         // verifier's states past its limit (a dropped packet's mark is moot).
-        mark_uplink(ctx, &p);
+        mark_uplink(ctx, &p, policy);
         let stats = SESSION_STATS.get_ptr_mut(&key);
         if policy != 0
             && let Err(reason) = enforce_outbound(policy, session_id, u64::from(ctx.len()), &p)
@@ -384,12 +384,25 @@ mod prog {
     /// destination is NAT-exempt there, the exemption bit: routing and
     /// masquerade follow the mark.
     #[inline(always)]
-    fn mark_uplink(ctx: &TcContext, p: &Packet) {
-        let Some(&active) = UPLINK_ACTIVE.get(0) else {
+    fn mark_uplink(ctx: &TcContext, p: &Packet, policy: u32) {
+        let Some(&mut_active) = UPLINK_ACTIVE.get(0) else {
             return;
         };
-        if active == 0 {
+        if mut_active == 0 {
             return;
+        }
+        let mut active = mut_active;
+        // A policy's pinned uplink, while it is healthy.
+        if policy != 0
+            && let Some(info) = unsafe { POLICIES.get(&policy) }
+        {
+            let pinned = u32::from(info.uplink);
+            if (1..=16).contains(&pinned)
+                && let Some(&healthy) = UPLINK_ACTIVE.get(1)
+                && healthy & (1u32 << (pinned - 1)) != 0
+            {
+                active = pinned;
+            }
         }
         let k = Key::new(
             EXEMPT_KEY_FIXED_BITS + addr_bits(p.family),
