@@ -279,6 +279,9 @@ impl Gateway {
             ("session", a.session == b.session),
             ("auth", a.auth == b.auth),
             ("group", a.groups == b.groups),
+            ("dtls", a.dtls == b.dtls),
+            ("uplink", a.uplinks == b.uplinks),
+            ("failover", a.failover == b.failover),
         ] {
             if !same {
                 restart.push(name);
