@@ -75,26 +75,49 @@ fn local_addr(h: &libc::msghdr) -> Option<std::net::IpAddr> {
     None
 }
 
-/// Writes a source-address control message for `from` into `ctrl`;
-/// returns its length (0 = none).
-fn source_cmsg(ctrl: &mut [u8; CTRL], from: Option<std::net::IpAddr>, h: &mut libc::msghdr) {
-    let Some(from) = from else {
+/// Fills `h`'s control data in `ctrl`: the source address `from` (if
+/// given) and a UDP segment size `gso` (if given: the message's payload is
+/// sent as datagrams of that size, the last one possibly shorter).
+fn control(
+    ctrl: &mut [u8; CTRL],
+    from: Option<std::net::IpAddr>,
+    gso: Option<u16>,
+    h: &mut libc::msghdr,
+) {
+    let pi_len = match from {
+        None => 0,
+        Some(std::net::IpAddr::V4(_)) => size_of::<libc::in_pktinfo>(),
+        Some(std::net::IpAddr::V6(_)) => size_of::<libc::in6_pktinfo>(),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe {
+        (if from.is_some() {
+            libc::CMSG_SPACE(pi_len as u32)
+        } else {
+            0
+        }) + (if gso.is_some() {
+            libc::CMSG_SPACE(2)
+        } else {
+            0
+        })
+    } as usize;
+    if space == 0 {
         h.msg_control = std::ptr::null_mut();
         h.msg_controllen = 0;
         return;
-    };
+    }
     *ctrl = [0; CTRL];
     h.msg_control = ctrl.as_mut_ptr().cast();
-    // SAFETY: CTRL bytes hold one cmsg of either pktinfo size; the macros
-    // compute offsets within it.
+    h.msg_controllen = space as _;
+    // SAFETY: `space` <= CTRL bytes (checked by the sizes above: at most
+    // 40 + 16); the macros walk within msg_controllen.
     unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
         match from {
-            std::net::IpAddr::V4(a) => {
-                h.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(h);
+            Some(std::net::IpAddr::V4(a)) => {
                 (*c).cmsg_level = libc::IPPROTO_IP;
                 (*c).cmsg_type = libc::IP_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                (*c).cmsg_len = libc::CMSG_LEN(pi_len as u32) as _;
                 let pi = libc::in_pktinfo {
                     ipi_ifindex: 0,
                     ipi_spec_dst: libc::in_addr {
@@ -103,13 +126,12 @@ fn source_cmsg(ctrl: &mut [u8; CTRL], from: Option<std::net::IpAddr>, h: &mut li
                     ipi_addr: libc::in_addr { s_addr: 0 },
                 };
                 std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, pi);
+                c = libc::CMSG_NXTHDR(h, c);
             }
-            std::net::IpAddr::V6(a) => {
-                h.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(h);
+            Some(std::net::IpAddr::V6(a)) => {
                 (*c).cmsg_level = libc::IPPROTO_IPV6;
                 (*c).cmsg_type = libc::IPV6_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+                (*c).cmsg_len = libc::CMSG_LEN(pi_len as u32) as _;
                 let pi = libc::in6_pktinfo {
                     ipi6_addr: libc::in6_addr {
                         s6_addr: a.octets(),
@@ -117,7 +139,15 @@ fn source_cmsg(ctrl: &mut [u8; CTRL], from: Option<std::net::IpAddr>, h: &mut li
                     ipi6_ifindex: 0,
                 };
                 std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, pi);
+                c = libc::CMSG_NXTHDR(h, c);
             }
+            None => {}
+        }
+        if let Some(size) = gso {
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, size);
         }
     }
 }
@@ -137,7 +167,7 @@ pub fn send_one(fd: RawFd, buf: &[u8], to: SocketAddr, from: Option<std::net::Ip
         h.msg_namelen = alen;
         h.msg_iov = &mut iov;
         h.msg_iovlen = 1;
-        source_cmsg(&mut ctrl, from, &mut h);
+        control(&mut ctrl, from, None, &mut h);
         libc::sendmsg(fd, &h, libc::MSG_DONTWAIT);
     }
 }
@@ -236,6 +266,8 @@ impl RecvBatch {
 
 /// Send side: records built in place in [`BATCH`] slots, then sent at once.
 pub struct SendBatch {
+    /// Use UDP segmentation offload for runs of equal-size records.
+    gso: bool,
     buf: Vec<u8>,
     ctrl: Vec<[u8; CTRL]>,
     sources: Vec<Option<std::net::IpAddr>>,
@@ -247,6 +279,7 @@ pub struct SendBatch {
 impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
+            gso: true,
             buf: vec![0; BATCH * SLOT],
             ctrl: vec![[0; CTRL]; BATCH],
             sources: vec![None; BATCH],
@@ -281,33 +314,77 @@ impl SendBatch {
         self.n += 1;
     }
 
-    /// Sends everything committed on the non-blocking socket `fd`. What the
-    /// socket buffer cannot take is dropped, as the network would. Returns
-    /// the number of datagrams sent.
+    /// Sends everything committed on the non-blocking socket `fd`. Runs of
+    /// equal-size records to the same peer go out as one message with UDP
+    /// segmentation offload (one trip through the stack for the run, cut
+    /// into datagrams late); what the socket buffer cannot take is dropped,
+    /// as the network would. Returns the number of datagrams handed over.
     pub fn flush(&mut self, fd: RawFd) -> usize {
-        let mut sent = 0;
-        while sent < self.n {
-            let mut iov: [libc::iovec; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
-            let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
-            let count = self.n - sent;
-            for j in 0..count {
-                let i = sent + j;
-                iov[j] = libc::iovec {
-                    iov_base: self.buf[i * SLOT..].as_mut_ptr().cast(),
-                    iov_len: self.lens[i],
-                };
-                hdrs[j].msg_hdr.msg_name =
-                    (&mut self.addrs[i].0 as *mut libc::sockaddr_storage).cast();
-                hdrs[j].msg_hdr.msg_namelen = self.addrs[i].1;
-                hdrs[j].msg_hdr.msg_iov = &mut iov[j];
-                hdrs[j].msg_hdr.msg_iovlen = 1;
-                source_cmsg(&mut self.ctrl[i], self.sources[i], &mut hdrs[j].msg_hdr);
+        let mut iov: [libc::iovec; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
+        // Message k covers datagrams starts[k]..starts[k + 1].
+        let mut starts = [0usize; BATCH + 1];
+        let mut msgs = 0;
+        let mut i = 0;
+        while i < self.n {
+            let mut j = i + 1;
+            let mut bytes = self.lens[i];
+            if self.gso {
+                while j < self.n
+                    && self.lens[j - 1] == self.lens[i]
+                    && self.lens[j] <= self.lens[i]
+                    && self.sources[j] == self.sources[i]
+                    && same_addr(&self.addrs[j], &self.addrs[i])
+                    && bytes + self.lens[j] <= GSO_MAX_BYTES
+                {
+                    bytes += self.lens[j];
+                    j += 1;
+                }
             }
+            for (d, slot) in (i..j).enumerate() {
+                iov[i + d] = libc::iovec {
+                    iov_base: self.buf[slot * SLOT..].as_mut_ptr().cast(),
+                    iov_len: self.lens[slot],
+                };
+            }
+            let h = &mut hdrs[msgs].msg_hdr;
+            h.msg_name = (&mut self.addrs[i].0 as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = self.addrs[i].1;
+            h.msg_iov = &mut iov[i];
+            h.msg_iovlen = j - i;
+            let gso = (j - i > 1).then_some(self.lens[i] as u16);
+            control(&mut self.ctrl[msgs], self.sources[i], gso, h);
+            starts[msgs] = i;
+            msgs += 1;
+            i = j;
+        }
+        starts[msgs] = self.n;
+        let mut sent = 0;
+        while sent < msgs {
             // SAFETY: as in `RecvBatch::recv`.
-            let r =
-                unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), count as u32, libc::MSG_DONTWAIT) };
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    hdrs[sent..].as_mut_ptr(),
+                    (msgs - sent) as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if r <= 0 {
-                // Full buffer or an error for the first datagram: skip it.
+                let e = io::Error::last_os_error();
+                // A path without segmentation offload: send one by one from
+                // here on.
+                if self.gso
+                    && starts[sent + 1] - starts[sent] > 1
+                    && e.raw_os_error() == Some(libc::EIO)
+                {
+                    self.gso = false;
+                    let from = starts[sent];
+                    let rest = self.n;
+                    self.compact(from, rest);
+                    return from + self.flush(fd);
+                }
+                // Full buffer or an error for this message: skip it.
                 sent += 1;
                 continue;
             }
@@ -317,6 +394,28 @@ impl SendBatch {
         self.n = 0;
         done
     }
+
+    /// Keeps datagrams `from..to` only (moved to the front).
+    fn compact(&mut self, from: usize, to: usize) {
+        for (d, i) in (from..to).enumerate() {
+            self.buf
+                .copy_within(i * SLOT..i * SLOT + self.lens[i], d * SLOT);
+            self.addrs[d] = self.addrs[i];
+            self.lens[d] = self.lens[i];
+            self.sources[d] = self.sources[i];
+        }
+        self.n = to - from;
+    }
+}
+
+/// A run sent with segmentation offload stays under the 64 KiB UDP limit.
+const GSO_MAX_BYTES: usize = 65_000;
+
+fn same_addr(
+    a: &(libc::sockaddr_storage, libc::socklen_t),
+    b: &(libc::sockaddr_storage, libc::socklen_t),
+) -> bool {
+    a.1 == b.1 && to_socket_addr(&a.0) == to_socket_addr(&b.0)
 }
 
 fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
@@ -363,9 +462,11 @@ mod tests {
         enable_pktinfo(b.as_raw_fd());
         let to = b.local_addr().unwrap();
         let mut out = SendBatch::default();
+        // Equal sizes (one segmented run), then a shorter last one.
         for i in 0..5u8 {
-            out.slot()[..3].copy_from_slice(&[i, i, i]);
-            out.commit(3, to, Some("127.0.0.1".parse().unwrap()));
+            let n = if i == 4 { 2 } else { 3 };
+            out.slot()[..n].copy_from_slice(&[i, i, i][..n]);
+            out.commit(n, to, Some("127.0.0.1".parse().unwrap()));
         }
         assert_eq!(out.flush(a.as_raw_fd()), 5);
         assert!(out.is_empty());
@@ -376,7 +477,8 @@ mod tests {
             let (from, local, d) = inb.get_mut(i).unwrap();
             assert_eq!(from, a.local_addr().unwrap());
             assert_eq!(local, Some("127.0.0.1".parse().unwrap()));
-            assert_eq!(d, &[i as u8; 3]);
+            let n = if i == 4 { 2 } else { 3 };
+            assert_eq!(d, &[i as u8; 3][..n], "datagram {i} kept its bounds");
         }
         assert_eq!(
             inb.recv(b.as_raw_fd()).unwrap_err().kind(),
