@@ -258,8 +258,12 @@ impl DtlsServer {
     pub async fn serve(self: Arc<Self>) {
         let fd = self.socket.as_raw_fd();
         let mut batch = batch::RecvBatch::default();
-        let mut replies = batch::SendBatch::default();
-        let mut scratch = vec![0u8; batch::SLOT];
+        let mut w = Work {
+            replies: batch::SendBatch::default(),
+            scratch: vec![0u8; batch::SLOT],
+            gro: crate::gro::Coalescer::default(),
+            gro_out: Vec::new(),
+        };
         loop {
             if let Err(e) = self.socket.readable().await {
                 tracing::warn!("dtls socket: {e}");
@@ -280,11 +284,16 @@ impl DtlsServer {
                 }
                 for i in 0..batch.len() {
                     if let Some((from, local, d)) = batch.get_mut(i) {
-                        self.datagram(from, local, d, &mut replies, &mut scratch);
+                        self.datagram(from, local, d, &mut w);
                     }
                 }
-                if !replies.is_empty() {
-                    replies.flush(fd);
+                // What the batch merged goes to the kernel now.
+                w.gro.finish(&mut w.gro_out);
+                if !w.gro_out.is_empty() {
+                    let _ = self.tun.try_send_with_header(&w.gro_out);
+                }
+                if !w.replies.is_empty() {
+                    w.replies.flush(fd);
                 }
             }
         }
@@ -296,8 +305,7 @@ impl DtlsServer {
         from: SocketAddr,
         local: Option<IpAddr>,
         d: &mut [u8],
-        replies: &mut batch::SendBatch,
-        scratch: &mut [u8],
+        w: &mut Work,
     ) {
         let known = {
             let peers = self.peers.lock().unwrap();
@@ -306,7 +314,7 @@ impl DtlsServer {
         let hello = is_client_hello(d);
         match known {
             Some((Some(link), _)) if !hello && d[0] == record::CONTENT_APPLICATION_DATA => {
-                self.open_records(&link, d, replies);
+                self.open_records(&link, d, w);
             }
             // Handshake, alerts, retransmissions (a ClientHello again while
             // the handshake runs, too): OpenSSL's business.
@@ -314,7 +322,7 @@ impl DtlsServer {
                 let _ = slow.try_send(d.to_vec());
             }
             _ if hello => self.client_hello(from, local, d),
-            _ => self.try_rebind(from, local, d, replies, scratch),
+            _ => self.try_rebind(from, local, d, w),
         }
     }
 
@@ -352,13 +360,13 @@ impl DtlsServer {
     }
 
     /// Opens the records of a datagram from an established peer.
-    fn open_records(&self, link: &Arc<Link>, d: &mut [u8], replies: &mut batch::SendBatch) {
+    fn open_records(&self, link: &Arc<Link>, d: &mut [u8], w: &mut Work) {
         let mut rest = d;
         while let Some(n) = record::Channel::record_len(rest) {
             let (rec, tail) = rest.split_at_mut(n);
             rest = tail;
             match link.channel.open(rec) {
-                Ok(plain) => self.plaintext(link, plain, replies),
+                Ok(plain) => self.plaintext(link, plain, w),
                 Err(e) => {
                     tracing::trace!(user = link.session.user, "DTLS record dropped: {e:?}");
                 }
@@ -367,7 +375,8 @@ impl DtlsServer {
     }
 
     /// An authenticated record's content: one CSTP-typed packet.
-    fn plaintext(&self, link: &Arc<Link>, plain: &[u8], replies: &mut batch::SendBatch) {
+    fn plaintext(&self, link: &Arc<Link>, plain: &[u8], w: &mut Work) {
+        let replies = &mut w.replies;
         link.touch();
         let Some((&ty, payload)) = plain.split_first() else {
             return;
@@ -380,7 +389,17 @@ impl DtlsServer {
                 }
                 if link.session.rate_up_bps.load(Ordering::Relaxed) != 0 {
                     link.session.paced_upload(payload);
-                } else if let Err(e) = self.tun.try_send(payload) {
+                    return;
+                }
+                // TCP segments of one flow are merged across the batch.
+                use crate::gro::Push;
+                let push = w.gro.push(payload, &mut w.gro_out);
+                if matches!(push, Push::FlushedThenHeld | Push::FlushedThenAlone) {
+                    let _ = self.tun.try_send_with_header(&w.gro_out);
+                }
+                if matches!(push, Push::Alone | Push::FlushedThenAlone)
+                    && let Err(e) = self.tun.try_send(payload)
+                {
                     tracing::trace!("tun write: {e}");
                 }
             }
@@ -412,14 +431,7 @@ impl DtlsServer {
     /// replay window would take the record's sequence number are tried, at
     /// most [`REBIND_CANDIDATES`], and at most [`REBIND_TRIALS_PER_SEC`]
     /// trials a second overall, so a flood of junk costs little.
-    fn try_rebind(
-        &self,
-        from: SocketAddr,
-        local: Option<IpAddr>,
-        d: &mut [u8],
-        replies: &mut batch::SendBatch,
-        scratch: &mut [u8],
-    ) {
+    fn try_rebind(&self, from: SocketAddr, local: Option<IpAddr>, d: &mut [u8], w: &mut Work) {
         let Some(n) = record::Channel::record_len(d) else {
             return;
         };
@@ -440,7 +452,7 @@ impl DtlsServer {
             if !self.rebind_budget.take() {
                 return;
             }
-            let trial = &mut scratch[..n];
+            let trial = &mut w.scratch[..n];
             trial.copy_from_slice(rec);
             let Ok(plain) = link.channel.open(trial) else {
                 continue;
@@ -454,10 +466,11 @@ impl DtlsServer {
             }
             *link.addr.lock().unwrap() = (from, local);
             tracing::info!(user = link.session.user, %old, new = %from, "DTLS peer moved (NAT rebinding)");
-            self.plaintext(&link, plain, replies);
+            let plain = plain.to_vec();
+            self.plaintext(&link, &plain, w);
             // The rest of the datagram, if it carried more records.
             if n < d.len() {
-                self.open_records(&link, &mut d[n..], replies);
+                self.open_records(&link, &mut d[n..], w);
             }
             return;
         }
@@ -633,6 +646,17 @@ pub const PACKET_MAX: usize = batch::SLOT - PACKET_OFFSET - record::TAG_LEN;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REBIND_CANDIDATES: usize = 64;
 const REBIND_TRIALS_PER_SEC: u32 = 2000;
+
+/// The dispatcher's reusable buffers.
+struct Work {
+    /// DPD answers, sent at the end of each batch.
+    replies: batch::SendBatch,
+    /// Trial decryptions (NAT rebinding).
+    scratch: Vec<u8>,
+    /// TCP segments merged across a batch, and the merged packet to write.
+    gro: crate::gro::Coalescer,
+    gro_out: Vec<u8>,
+}
 
 /// A peer of the UDP socket.
 struct Peer {

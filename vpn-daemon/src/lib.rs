@@ -6,6 +6,7 @@ pub mod control;
 pub mod cstp;
 pub mod dtls;
 pub mod events;
+pub mod gro;
 pub mod http;
 pub mod login;
 pub mod mac;

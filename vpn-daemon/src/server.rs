@@ -366,7 +366,10 @@ impl Gateway {
     /// sealed there and sent with the others in one `sendmmsg`; for a
     /// client on TLS it goes to the tunnel's queue.
     pub async fn tun_reader(self: Arc<Self>, q: usize) {
-        use crate::dtls::{PACKET_MAX, PACKET_OFFSET, batch::SendBatch};
+        use crate::{
+            dtls::{PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
+            gro::VNET_HDR_LEN,
+        };
         let dtls = self.dtls.get().cloned();
         let mut out = SendBatch::default();
         loop {
@@ -379,9 +382,13 @@ impl Gateway {
                 }
             };
             loop {
-                let slot = &mut out.slot()[PACKET_OFFSET..PACKET_OFFSET + PACKET_MAX];
+                // The virtio-net header lands in front of the packet, over
+                // the record prefix the seal writes later.
+                let slot =
+                    &mut out.slot()[PACKET_OFFSET - VNET_HDR_LEN..PACKET_OFFSET + PACKET_MAX];
                 let n = match guard.try_io(|f| std::io::Read::read(&mut f.get_ref(), slot)) {
-                    Ok(Ok(n)) => n,
+                    Ok(Ok(n)) if n > VNET_HDR_LEN => n - VNET_HDR_LEN,
+                    Ok(Ok(_)) => continue,
                     Ok(Err(e)) => {
                         tracing::debug!("reading {}: {e}", self.tun.name());
                         break;
@@ -389,7 +396,7 @@ impl Gateway {
                     // Drained; readiness re-armed.
                     Err(_would_block) => break,
                 };
-                let pkt = &slot[..n];
+                let pkt = &slot[VNET_HDR_LEN..VNET_HDR_LEN + n];
                 let Some(dst) = packet_dst(pkt) else { continue };
                 let Some(s) = self.sessions.by_addr(&dst) else {
                     continue;

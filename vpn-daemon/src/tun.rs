@@ -4,10 +4,15 @@
 //! The device is multi-queue: the kernel spreads packets for clients over
 //! the queues by flow, and each queue has its own reader, so downloads use
 //! every core. Writes (client to network) go to any queue.
+//!
+//! Every packet read or written starts with a virtio-net header
+//! ([`crate::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
+//! TCP segments are handed to the kernel for segmentation. Reads carry an
+//! all-zero header (no offloads are enabled for reads).
 
 use std::{
     fs::File,
-    io::{self, Read, Write},
+    io::{self, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -17,6 +22,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 #[repr(C)]
 struct IfReq {
@@ -59,17 +65,6 @@ impl Tun {
         self.queues.len()
     }
 
-    /// Reads one packet from queue 0.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.queues[0].readable().await?;
-            match guard.try_io(|f| f.get_ref().read(buf)) {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     /// Queue `q`, for batched non-blocking reads: wait with
     /// `readable()`, then read through `try_io` until it reports
     /// WouldBlock (which re-arms the readiness).
@@ -80,18 +75,45 @@ impl Tun {
     /// Writes one packet without waiting; a full queue drops it (as an
     /// interface queue would). A TUN write is atomic.
     pub fn try_send(&self, pkt: &[u8]) -> io::Result<()> {
-        self.queues[0].get_ref().write(pkt).map(|_| ())
+        write_with_header(self.queues[0].get_ref(), pkt)
+    }
+
+    /// Writes a packet that already starts with its virtio-net header.
+    pub fn try_send_with_header(&self, buf: &[u8]) -> io::Result<()> {
+        self.queues[0].get_ref().write(buf).map(|_| ())
     }
 
     /// Writes one packet. A TUN write is atomic: the whole packet or nothing.
     pub async fn send(&self, pkt: &[u8]) -> io::Result<()> {
         loop {
             let mut guard = self.queues[0].writable().await?;
-            match guard.try_io(|f| f.get_ref().write(pkt)) {
-                Ok(r) => return r.map(|_| ()),
+            match guard.try_io(|f| write_with_header(f.get_ref(), pkt)) {
+                Ok(r) => return r,
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+/// One write of an all-zero virtio-net header and `pkt` (no copy).
+fn write_with_header(f: &File, pkt: &[u8]) -> io::Result<()> {
+    let hdr = [0u8; crate::gro::VNET_HDR_LEN];
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut _,
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: pkt.as_ptr() as *mut _,
+            iov_len: pkt.len(),
+        },
+    ];
+    // SAFETY: both buffers outlive the call; the fd is open.
+    let r = unsafe { libc::writev(f.as_raw_fd(), iov.as_ptr(), 2) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -108,7 +130,7 @@ fn open_queue(name: &str) -> io::Result<AsyncFd<File>> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE,
+        flags: IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
