@@ -348,6 +348,8 @@ impl Gateway {
         let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
         let mut pacer = Pacer::default();
         let mut down_pacer = Pacer::default();
+        // TCP segments merged across one read (see gro.rs).
+        let mut gro = (crate::gro::Coalescer::default(), Vec::new());
         inbuf.reserve(32 * 1024);
 
         tracing::debug!(session = session.id, "tunnel loop starts");
@@ -388,7 +390,13 @@ impl Gateway {
                         Ok(_) => {}
                     }
                     last_rx = Instant::now();
-                    if let Some(end) = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer).await {
+                    let end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
+                    // What this read merged goes to the kernel now.
+                    gro.0.finish(&mut gro.1);
+                    if !gro.1.is_empty() {
+                        let _ = self.tun.try_send_with_header(&gro.1);
+                    }
+                    if let Some(end) = end {
                         break end;
                     }
                 }
@@ -458,6 +466,7 @@ impl Gateway {
         wr: &mut W,
         out: &mut Vec<u8>,
         pacer: &mut Pacer,
+        gro: &mut (crate::gro::Coalescer, Vec<u8>),
     ) -> Option<TunnelEnd> {
         loop {
             let frame = match cstp::decode(inbuf) {
@@ -472,15 +481,29 @@ impl Gateway {
                 FrameType::Data => {
                     session.touch();
                     session.data_over_tls();
+                    // Spoofed sources are the BPF program's to drop (and count).
+                    if !valid_ip_packet(&frame.payload) {
+                        continue;
+                    }
                     let rate = session.rate_up_bps.load(Ordering::Relaxed);
+                    if rate == 0 {
+                        use crate::gro::Push;
+                        let push = gro.0.push(&frame.payload, &mut gro.1);
+                        if matches!(push, Push::FlushedThenHeld | Push::FlushedThenAlone) {
+                            let _ = self.tun.try_send_with_header(&gro.1);
+                        }
+                        if matches!(push, Push::Alone | Push::FlushedThenAlone)
+                            && let Err(e) = self.tun.send(&frame.payload).await
+                        {
+                            tracing::debug!("tun write: {e}");
+                        }
+                        continue;
+                    }
                     let wait = pacer.delay(frame.payload.len(), rate, Instant::now());
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    // Spoofed sources are the BPF program's to drop (and count).
-                    if valid_ip_packet(&frame.payload)
-                        && let Err(e) = self.tun.send(&frame.payload).await
-                    {
+                    if let Err(e) = self.tun.send(&frame.payload).await {
                         tracing::debug!("tun write: {e}");
                     }
                 }
