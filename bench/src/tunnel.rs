@@ -112,7 +112,7 @@ fn vpnd(dtls: bool) -> anyhow::Result<(Cell, Cell)> {
         &topo,
         ConfigParts {
             tunnel: "",
-            rest: "[dtls]\nenabled = true\n\n[client_routing]\nmode = \"include\"\nsubnets = [\"198.18.2.0/24\"]\n",
+            rest: "[client_routing]\nmode = \"include\"\nsubnets = [\"198.18.2.0/24\"]\n",
             ..Default::default()
         },
         &[TestUser {

@@ -4,19 +4,11 @@ use std::time::Duration;
 
 use vpn_tests::*;
 
-#[test]
-fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
-    require_root();
+/// A gateway (DTLS is on by default) and openconnect connected to it with
+/// DTLS established in PSK-NEGOTIATE mode.
+fn connected_over_dtls() -> (Topology, Gateway, Client) {
     let topo = Topology::new().unwrap();
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: "[dtls]\nenabled = true\n",
-            ..Default::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
     let mut c = Client::start(
         &topo,
         &gw,
@@ -27,6 +19,13 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     .unwrap();
     c.wait_connected(Duration::from_secs(20)).unwrap();
     c.wait_dtls(Duration::from_secs(10)).unwrap();
+    (topo, gw, c)
+}
+
+#[test]
+fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
+    require_root();
+    let (topo, gw, c) = connected_over_dtls();
     assert!(c.log().contains("(PSK)"), "{}", c.log());
     assert!(
         wait_for(Duration::from_secs(5), || {
@@ -61,7 +60,7 @@ fn blocked_udp_falls_back_to_tls_and_dtls_returns() {
     let gw = Gateway::start(
         &topo,
         ConfigParts {
-            rest: "[dtls]\nenabled = true\n\n[session]\ndpd_secs = 2\n",
+            rest: "[session]\ndpd_secs = 2\n",
             ..Default::default()
         },
         &[ALICE],
@@ -137,7 +136,7 @@ fn cisco_style_session_resumption_works_with_openconnect() {
     let gw = Gateway::start(
         &topo,
         ConfigParts {
-            rest: "[dtls]\nenabled = true\npsk_negotiate = false\n",
+            rest: "[dtls]\npsk_negotiate = false\n",
             ..Default::default()
         },
         &[ALICE],
@@ -178,7 +177,7 @@ fn garbage_udp_is_dropped_by_xdp_and_a_hello_flood_is_limited() {
     let gw = Gateway::start(
         &topo,
         ConfigParts {
-            rest: "[dtls]\nenabled = true\nxdp_interfaces = [\"up0\", \"up1\"]\nhello_rate = 2\nhello_burst = 4\n",
+            rest: "[dtls]\nxdp_interfaces = [\"up0\", \"up1\"]\nhello_rate = 2\nhello_burst = 4\n",
             ..Default::default()
         },
         &[ALICE, BOB],
@@ -228,26 +227,7 @@ fn garbage_udp_is_dropped_by_xdp_and_a_hello_flood_is_limited() {
 #[test]
 fn dtls_follows_a_nat_rebinding_and_ignores_forged_records() {
     require_root();
-    let topo = Topology::new().unwrap();
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: "[dtls]\nenabled = true\n",
-            ..Default::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
-    let mut c = Client::start(
-        &topo,
-        &gw,
-        ALICE.name,
-        ALICE.password,
-        &["--dtls-ciphers=PSK-NEGOTIATE"],
-    )
-    .unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
-    c.wait_dtls(Duration::from_secs(10)).unwrap();
+    let (topo, gw, c) = connected_over_dtls();
     let dtls_peer = || {
         gw.sessions().unwrap()[0]["dtls_peer"]
             .as_str()

@@ -150,7 +150,7 @@ impl Gateway {
                     vpn_address6: s.lease.v6.map(|a| a.to_string()),
                     public_address: slot.peer.map(|p| p.ip().to_string()),
                     public_port: slot.peer.map(|p| p.port()),
-                    dtls_peer: slot.dtls.as_ref().map(|d| d.link.addr().to_string()),
+                    dtls_peer: slot.dtls.as_ref().map(|l| l.addr().to_string()),
                     since: humantime::format_rfc3339_seconds(s.created).to_string(),
                     state: if slot.handle.is_some() {
                         "connected"

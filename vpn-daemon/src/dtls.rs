@@ -307,22 +307,26 @@ impl DtlsServer {
         d: &mut [u8],
         w: &mut Work,
     ) {
-        let known = {
-            let peers = self.peers.lock().unwrap();
-            peers.get(&from).map(|p| (p.link.clone(), p.slow.clone()))
-        };
         let hello = is_client_hello(d);
-        match known {
-            Some((Some(link), _)) if !hello && d[0] == record::CONTENT_APPLICATION_DATA => {
-                self.open_records(&link, d, w);
+        let fast = {
+            let peers = self.peers.lock().unwrap();
+            match peers.get(&from) {
+                Some(Peer {
+                    link: Some(link), ..
+                }) if !hello && d[0] == record::CONTENT_APPLICATION_DATA => Some(link.clone()),
+                // Handshake, alerts, retransmissions (a ClientHello again
+                // while the handshake runs, too): OpenSSL's business.
+                Some(p) if !hello || p.link.is_none() => {
+                    let _ = p.slow.try_send(d.to_vec());
+                    return;
+                }
+                _ => None,
             }
-            // Handshake, alerts, retransmissions (a ClientHello again while
-            // the handshake runs, too): OpenSSL's business.
-            Some((link, slow)) if !hello || link.is_none() => {
-                let _ = slow.try_send(d.to_vec());
-            }
-            _ if hello => self.client_hello(from, local, d),
-            _ => self.try_rebind(from, local, d, w),
+        };
+        match fast {
+            Some(link) => self.open_records(&link, d, w),
+            None if hello => self.client_hello(from, local, d),
+            None => self.try_rebind(from, local, d, w),
         }
     }
 
@@ -384,7 +388,7 @@ impl DtlsServer {
         match ty {
             t if t == FrameType::Data as u8 => {
                 link.session.touch();
-                if !valid_ip_packet(payload) {
+                if !crate::server::valid_ip_packet(payload) {
                     return;
                 }
                 if link.session.rate_up_bps.load(Ordering::Relaxed) != 0 {
@@ -403,21 +407,12 @@ impl DtlsServer {
                     tracing::trace!("tun write: {e}");
                 }
             }
-            t if t == FrameType::DpdRequest as u8 => {
-                // Echo verbatim with the type changed: openconnect's MTU
-                // probe accepts nothing else.
-                let slot = replies.slot();
-                let len = payload.len() + 1;
-                if record::OVERHEAD + len <= slot.len() {
-                    slot[record::PREFIX_LEN] = FrameType::DpdResponse as u8;
-                    slot[record::PREFIX_LEN + 1..record::PREFIX_LEN + len].copy_from_slice(payload);
-                    let n = link.channel.seal(slot, len);
-                    let (to, src) = link.path();
-                    replies.commit(n, to, src);
-                    if replies.is_full() {
-                        replies.flush(self.socket.as_raw_fd());
-                    }
-                }
+            // Echo DPD verbatim with the type changed: openconnect's MTU
+            // probe accepts nothing else.
+            t if t == FrameType::DpdRequest as u8 && payload.len() <= PACKET_MAX => {
+                replies.slot()[PACKET_OFFSET..PACKET_OFFSET + payload.len()]
+                    .copy_from_slice(payload);
+                self.commit_frame(link, replies, FrameType::DpdResponse, payload.len());
             }
             t if t == FrameType::Disconnect as u8 => link.close(),
             _ => {}
@@ -548,18 +543,15 @@ impl DtlsServer {
         }
         {
             let mut slot = session.tunnel.lock().unwrap();
-            if let Some(old) = slot
-                .dtls
-                .replace(crate::session::DtlsHandle { link: link.clone() })
-            {
-                old.link.close();
+            if let Some(old) = slot.dtls.replace(link.clone()) {
+                old.close();
             }
         }
         let reason = self.channel_loop(&mut s, &link, inbox).await;
         link.close();
         {
             let mut slot = session.tunnel.lock().unwrap();
-            if slot.dtls.as_ref().is_some_and(|d| d.link.id == link.id) {
+            if slot.dtls.as_ref().is_some_and(|l| l.id == link.id) {
                 slot.dtls = None;
             }
         }
@@ -608,9 +600,14 @@ impl DtlsServer {
     /// Seals a packet for `link` into `out`'s next slot, where the caller
     /// read it at [`PACKET_OFFSET`], and commits it. Flushes a full batch.
     pub fn seal_into(&self, link: &Link, out: &mut batch::SendBatch, len: usize) {
-        let slot = out.slot();
-        slot[record::PREFIX_LEN] = FrameType::Data as u8;
-        let n = link.channel.seal(slot, len + 1);
+        self.commit_frame(link, out, FrameType::Data, len);
+    }
+
+    /// Seals the `len`-byte payload at [`PACKET_OFFSET`] of `out`'s next
+    /// slot as a frame of type `ty` for `link`, commits it, flushes a full
+    /// batch.
+    fn commit_frame(&self, link: &Link, out: &mut batch::SendBatch, ty: FrameType, len: usize) {
+        let n = link.seal_frame(out.slot(), ty, len);
         let (to, src) = link.path();
         out.commit(n, to, src);
         if out.is_full() {
@@ -625,8 +622,7 @@ impl DtlsServer {
             return;
         }
         buf[PACKET_OFFSET..PACKET_OFFSET + pkt.len()].copy_from_slice(pkt);
-        buf[record::PREFIX_LEN] = FrameType::Data as u8;
-        let n = link.channel.seal(&mut buf, pkt.len() + 1);
+        let n = link.seal_frame(&mut buf, FrameType::Data, pkt.len());
         let (to, src) = link.path();
         batch::send_one(self.socket.as_raw_fd(), &buf[..n], to, src);
     }
@@ -704,6 +700,13 @@ impl Link {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr.lock().unwrap().0
+    }
+
+    /// Seals the `len` payload bytes at [`PACKET_OFFSET`] of `buf` as one
+    /// record holding a frame of type `ty`; returns the record's length.
+    fn seal_frame(&self, buf: &mut [u8], ty: FrameType, len: usize) -> usize {
+        buf[record::PREFIX_LEN] = ty as u8;
+        self.channel.seal(buf, len + 1)
     }
 
     /// Where records go: the client's address and our source address.
@@ -798,14 +801,6 @@ impl io::Write for DatagramIo {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-fn valid_ip_packet(p: &[u8]) -> bool {
-    match p.first().map(|b| b >> 4) {
-        Some(4) => p.len() >= 20,
-        Some(6) => p.len() >= 40,
-        _ => false,
     }
 }
 

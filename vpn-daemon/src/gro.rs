@@ -215,8 +215,9 @@ pub enum Push {
     FlushedThenAlone,
 }
 
-/// One's-complement sum, folded (not inverted).
-fn checksum(d: &[u8], init: u32) -> u16 {
+/// One's-complement sum, folded (not inverted): the Internet checksum is
+/// its complement.
+pub fn checksum(d: &[u8], init: u32) -> u16 {
     let mut sum = init;
     for c in d.chunks(2) {
         sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));

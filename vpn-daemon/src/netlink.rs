@@ -6,22 +6,29 @@ use std::net::IpAddr;
 use anyhow::{Context as _, anyhow};
 use futures::TryStreamExt as _;
 
+/// The link called `name`.
+pub async fn get_link(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> anyhow::Result<netlink_packet_route::link::LinkMessage> {
+    handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("looking up link {name}"))?
+        .ok_or_else(|| anyhow!("link {name} not found"))
+}
+
 /// Sets the MTU, adds the gateway's addresses (with the pool's prefix, so the
 /// kernel routes the whole pool to the device) and brings `name` up.
 pub async fn configure_tunnel(name: &str, mtu: u16, addrs: &[(IpAddr, u8)]) -> anyhow::Result<u32> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
     let task = tokio::spawn(conn);
     let result = async {
-        let link = handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute()
-            .try_next()
-            .await
-            .with_context(|| format!("looking up link {name}"))?
-            .ok_or_else(|| anyhow!("link {name} not found"))?;
-        let index = link.header.index;
+        let index = get_link(&handle, name).await?.header.index;
         handle
             .link()
             .set(index)

@@ -315,8 +315,8 @@ impl Gateway {
             let _ = k.send(Kick::Terminate(reason.to_owned()));
         }
         // Closing its queue ends the DTLS channel too.
-        if let Some(d) = s.tunnel.lock().unwrap().dtls.take() {
-            d.link.close();
+        if let Some(link) = s.tunnel.lock().unwrap().dtls.take() {
+            link.close();
         }
         let mut stats = vpn_common::SessionStats::default();
         {
@@ -415,6 +415,16 @@ impl Gateway {
                 d.flush(&mut out);
             }
         }
+    }
+}
+
+/// Whether a client's packet is long enough to be the IPv4 or IPv6 packet
+/// its version says (the BPF program checks the rest).
+pub fn valid_ip_packet(p: &[u8]) -> bool {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => p.len() >= 20,
+        Some(6) => p.len() >= 40,
+        _ => false,
     }
 }
 

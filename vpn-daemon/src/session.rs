@@ -66,18 +66,7 @@ pub struct TunnelSlot {
     pub down_since: Option<Instant>,
     /// The DTLS channel, while it is established: packets to the client
     /// go there rather than over TLS.
-    pub dtls: Option<DtlsHandle>,
-}
-
-/// An established DTLS channel of a session.
-pub struct DtlsHandle {
-    pub link: Arc<crate::dtls::Link>,
-}
-
-impl DtlsHandle {
-    pub fn silent_for(&self) -> Duration {
-        self.link.silent_for()
-    }
+    pub dtls: Option<Arc<crate::dtls::Link>>,
 }
 
 /// A DATA frame over TLS while DTLS is silent this long means the client
@@ -97,8 +86,8 @@ impl Session {
                 user = self.user,
                 "client sends over TLS and DTLS is silent: falling back to TLS"
             );
-            if let Some(d) = slot.dtls.take() {
-                d.link.close();
+            if let Some(link) = slot.dtls.take() {
+                link.close();
             }
         }
     }
@@ -168,12 +157,7 @@ impl Session {
 
     /// The DTLS channel packets to the client go to, if one is up.
     pub fn dtls_link(&self) -> Option<Arc<crate::dtls::Link>> {
-        self.tunnel
-            .lock()
-            .unwrap()
-            .dtls
-            .as_ref()
-            .map(|d| d.link.clone())
+        self.tunnel.lock().unwrap().dtls.clone()
     }
 
     /// Queues a packet for the client in the tunnel's paced queue (TLS, or

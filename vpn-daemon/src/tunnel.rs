@@ -482,7 +482,7 @@ impl Gateway {
                     session.touch();
                     session.data_over_tls();
                     // Spoofed sources are the BPF program's to drop (and count).
-                    if !valid_ip_packet(&frame.payload) {
+                    if !crate::server::valid_ip_packet(&frame.payload) {
                         continue;
                     }
                     let rate = session.rate_up_bps.load(Ordering::Relaxed);
@@ -577,14 +577,6 @@ fn offers_psk_negotiate(req: &Request) -> bool {
         .iter()
         .filter_map(|h| req.header(h))
         .any(|v| v.split(':').any(|c| c.trim() == "PSK-NEGOTIATE"))
-}
-
-fn valid_ip_packet(p: &[u8]) -> bool {
-    match p.first().map(|b| b >> 4) {
-        Some(4) => p.len() >= 20,
-        Some(6) => p.len() >= 40,
-        _ => false,
-    }
 }
 
 /// openconnect decodes `%XX` in the banner: escape `%`, control characters

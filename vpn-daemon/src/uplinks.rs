@@ -24,7 +24,10 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -43,6 +46,7 @@ use vpn_common::{MARK_BASE, MARK_EXEMPT, MARK_MASK, MARK_UPLINK, MAX_UPLINKS};
 use crate::{
     config::{FailoverConfig, UplinkConfig},
     events::Event,
+    netlink::get_link,
     server::Gateway,
 };
 
@@ -98,6 +102,9 @@ pub struct Uplinks {
     cfg: Vec<UplinkConfig>,
     failover: FailoverConfig,
     state: Mutex<(Vec<LinkState>, Option<usize>)>,
+    /// The healthy set last written to the data path (`u32::MAX` = none
+    /// yet), so each probe does not rewrite it.
+    healthy_mask: AtomicU32,
 }
 
 impl Uplinks {
@@ -134,6 +141,7 @@ impl Uplinks {
             cfg: cfg.to_vec(),
             failover: failover.clone(),
             state: Mutex::new((links, None)),
+            healthy_mask: AtomicU32::new(u32::MAX),
         });
         me.install(&handle).await?;
         {
@@ -252,7 +260,9 @@ impl Uplinks {
             .filter(|&i| self.healthy(links, i))
             .collect();
         let mask = healthy.iter().fold(0u32, |m, &i| m | (1 << i));
-        if let Err(e) = gw.datapath.lock().unwrap().set_healthy_uplinks(mask) {
+        if self.healthy_mask.swap(mask, Ordering::Relaxed) != mask
+            && let Err(e) = gw.datapath.lock().unwrap().set_healthy_uplinks(mask)
+        {
             tracing::error!("updating uplink health: {e:#}");
         }
         let best = |require_hold: bool| {
@@ -597,18 +607,6 @@ fn apply_nft(cfg: &[UplinkConfig]) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("applying nft table {NFT_TABLE}: {e}"))
 }
 
-async fn get_link(handle: &rtnetlink::Handle, name: &str) -> anyhow::Result<LinkMessage> {
-    handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("looking up link {name}"))?
-        .ok_or_else(|| anyhow!("link {name} not found"))
-}
-
 async fn first_v4(handle: &rtnetlink::Handle, index: u32) -> anyhow::Result<Option<Ipv4Addr>> {
     let mut addrs = handle
         .address()
@@ -655,7 +653,7 @@ async fn echo(
     pkt[4..6].copy_from_slice(&id.to_be_bytes());
     pkt[6..8].copy_from_slice(&seq.to_be_bytes());
     pkt[8..24].copy_from_slice(b"vpn-gateway-prob");
-    let c = checksum(&pkt);
+    let c = !crate::gro::checksum(&pkt, 0);
     pkt[2..4].copy_from_slice(&c.to_be_bytes());
     let to = socket2::SockAddr::from(SocketAddr::new(IpAddr::V4(target), 0));
     if socket.get_ref().send_to(&pkt, &to).is_err() {
@@ -700,17 +698,6 @@ async fn echo(
     tokio::time::timeout(timeout, wait).await.unwrap_or(false)
 }
 
-fn checksum(d: &[u8]) -> u16 {
-    let mut sum: u32 = d
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,9 +707,9 @@ mod tests {
         // An echo request whose checksum field holds the right value sums
         // to zero.
         let mut p = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
-        let c = checksum(&p);
+        let c = !crate::gro::checksum(&p, 0);
         p[2..4].copy_from_slice(&c.to_be_bytes());
-        assert_eq!(checksum(&p), 0);
+        assert_eq!(crate::gro::checksum(&p, 0), 0xffff);
     }
 
     #[test]
