@@ -161,6 +161,10 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unknown benchmark '{other}': available: classifier, forwarding, tunnel"),
     };
     print!("{table}");
+    if std::env::var_os("VPN_BENCH_ONLY").is_some() {
+        // A partial run (profiling) does not replace the recorded table.
+        return Ok(());
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join(format!("{name}.md")), &table)?;

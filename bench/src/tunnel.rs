@@ -63,6 +63,13 @@ struct Cell {
     cpu_per_gb: f64,
 }
 
+impl Cell {
+    const ZERO: Cell = Cell {
+        mbps: 0.0,
+        cpu_per_gb: 0.0,
+    };
+}
+
 fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> {
     let t0 = cpu_ticks(gw_pid);
     let v = iperf3_json(
@@ -243,9 +250,28 @@ pub fn run() -> anyhow::Result<String> {
         "| transport | direction | vpnd Mbit/s | ocserv Mbit/s | throughput ratio | vpnd CPU s/GB | ocserv CPU s/GB | CPU ratio |"
     )?;
     writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+    // VPN_BENCH_ONLY=vpnd-dtls (or ocserv-tls, ...) runs one gateway and
+    // transport, for profiling; the table then has zeros for the rest.
+    let only = std::env::var("VPN_BENCH_ONLY").ok();
+    let wanted = |gw: &str, dtls: bool| {
+        only.as_deref()
+            .is_none_or(|o| o == format!("{gw}-{}", if dtls { "dtls" } else { "tls" }))
+    };
+    let skipped = || -> anyhow::Result<(Cell, Cell)> { Ok((Cell::ZERO, Cell::ZERO)) };
     for dtls in [true, false] {
-        let (vu, vd) = vpnd(dtls)?;
-        let (ou, od) = ocserv(dtls)?;
+        if only.is_some() && !wanted("vpnd", dtls) && !wanted("ocserv", dtls) {
+            continue;
+        }
+        let (vu, vd) = if wanted("vpnd", dtls) {
+            vpnd(dtls)?
+        } else {
+            skipped()?
+        };
+        let (ou, od) = if wanted("ocserv", dtls) {
+            ocserv(dtls)?
+        } else {
+            skipped()?
+        };
         for (dir, v, o) in [("up", &vu, &ou), ("down", &vd, &od)] {
             writeln!(
                 out,

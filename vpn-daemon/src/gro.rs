@@ -11,6 +11,8 @@
 //! segment), sequence numbers contiguous, every segment but the last of the
 //! first's size, 64 KiB at most. Anything else is written as it came.
 
+use crate::csum::checksum;
+
 /// `struct virtio_net_hdr` (no mergeable buffers), native endian as TUN
 /// uses by default on little-endian hosts.
 pub const VNET_HDR_LEN: usize = 10;
@@ -213,19 +215,6 @@ pub enum Push {
     /// The previous packet is in `out` (write it first), then write this
     /// one alone.
     FlushedThenAlone,
-}
-
-/// One's-complement sum, folded (not inverted): the Internet checksum is
-/// its complement.
-pub fn checksum(d: &[u8], init: u32) -> u16 {
-    let mut sum = init;
-    for c in d.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 #[cfg(test)]

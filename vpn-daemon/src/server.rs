@@ -31,6 +31,16 @@ use crate::{
     users::UserDb,
 };
 
+/// A client's TLS connection. Its TLS bytes collect in a buffer and reach
+/// the socket on `flush` (or when 64 KiB are waiting): every CSTP frame is
+/// its own TLS record (openconnect reads one frame per record), and without
+/// the buffer every record would be a `write` and a TCP segment of its own.
+/// Every write path flushes when it is done.
+pub type ClientTls = tokio_rustls::server::TlsStream<tokio::io::BufWriter<TcpStream>>;
+
+/// Bytes of TLS output gathered before they are written to the socket.
+const TLS_WRITE_BUFFER: usize = 64 * 1024;
+
 /// Everything the daemon shares between connections.
 pub struct Gateway {
     pub settings: Settings,
@@ -116,6 +126,7 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let timeout = self.settings.request_timeout();
+        let tcp = tokio::io::BufWriter::with_capacity(TLS_WRITE_BUFFER, tcp);
         let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
             .await
             .context("TLS handshake timed out")?
@@ -359,19 +370,21 @@ impl Gateway {
         }
     }
 
-    /// Reads packets routed to the tunnel device and hands each to the
-    /// session owning its destination address.
-    /// Reads packets routed to clients from TUN queue `q`, in batches:
-    /// each is read straight into a send slot, and for a client on DTLS
-    /// sealed there and sent with the others in one `sendmmsg`; for a
-    /// client on TLS it goes to the tunnel's queue.
+    /// Reads packets routed to clients from TUN queue `q`, in batches. A
+    /// read may be one large TCP packet (TSO); it is cut into the packets
+    /// the client gets (`gso.rs`). For a client on DTLS each is written
+    /// straight into a send slot, sealed there and sent with the others in
+    /// one `sendmmsg`; for a client on TLS it goes to the tunnel's queue.
     pub async fn tun_reader(self: Arc<Self>, q: usize) {
         use crate::{
             dtls::{PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
             gro::VNET_HDR_LEN,
+            gso::Packets,
+            tun::READ_MAX,
         };
         let dtls = self.dtls.get().cloned();
         let mut out = SendBatch::default();
+        let mut buf = vec![0u8; READ_MAX];
         loop {
             let mut guard = match self.tun.queue(q).readable().await {
                 Ok(g) => g,
@@ -382,12 +395,8 @@ impl Gateway {
                 }
             };
             loop {
-                // The virtio-net header lands in front of the packet, over
-                // the record prefix the seal writes later.
-                let slot =
-                    &mut out.slot()[PACKET_OFFSET - VNET_HDR_LEN..PACKET_OFFSET + PACKET_MAX];
-                let n = match guard.try_io(|f| std::io::Read::read(&mut f.get_ref(), slot)) {
-                    Ok(Ok(n)) if n > VNET_HDR_LEN => n - VNET_HDR_LEN,
+                let n = match guard.try_io(|f| std::io::Read::read(&mut f.get_ref(), &mut buf)) {
+                    Ok(Ok(n)) if n > VNET_HDR_LEN => n,
                     Ok(Ok(_)) => continue,
                     Ok(Err(e)) => {
                         tracing::debug!("reading {}: {e}", self.tun.name());
@@ -396,8 +405,18 @@ impl Gateway {
                     // Drained; readiness re-armed.
                     Err(_would_block) => break,
                 };
-                let pkt = &slot[VNET_HDR_LEN..VNET_HDR_LEN + n];
-                let Some(dst) = packet_dst(pkt) else { continue };
+                let (vnet, pkt) = buf[..n].split_at(VNET_HDR_LEN);
+                let pkts = match Packets::parse(vnet, pkt) {
+                    Ok(p) if p.max_len() <= PACKET_MAX => p,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::debug!("packet from {}: {}", self.tun.name(), e.0);
+                        continue;
+                    }
+                };
+                let Some(dst) = packet_dst(pkts.packet()) else {
+                    continue;
+                };
                 let Some(s) = self.sessions.by_addr(&dst) else {
                     continue;
                 };
@@ -405,8 +424,20 @@ impl Gateway {
                 // Rate-limited clients go through their tunnel's pacer.
                 let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
                 match (&dtls, s.dtls_link()) {
-                    (Some(d), Some(link)) if !limited => d.seal_into(&link, &mut out, n),
-                    _ => s.deliver(pkt.to_vec()),
+                    (Some(d), Some(link)) if !limited => {
+                        for i in 0..pkts.count() {
+                            let len = pkts.write(i, &mut out.slot()[PACKET_OFFSET..]);
+                            d.seal_into(&link, &mut out, len);
+                        }
+                    }
+                    _ => {
+                        for i in 0..pkts.count() {
+                            let mut p = vec![0u8; pkts.max_len()];
+                            let len = pkts.write(i, &mut p);
+                            p.truncate(len);
+                            s.deliver(p);
+                        }
+                    }
                 }
             }
             if let Some(d) = &dtls

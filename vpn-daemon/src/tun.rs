@@ -7,8 +7,10 @@
 //!
 //! Every packet read or written starts with a virtio-net header
 //! ([`crate::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
-//! TCP segments are handed to the kernel for segmentation. Reads carry an
-//! all-zero header (no offloads are enabled for reads).
+//! TCP segments are handed to the kernel for segmentation (`gro.rs`), and
+//! how the kernel hands us large TCP packets to segment (`gso.rs`): the
+//! device offers TSO and checksum offload, so a read can return up to
+//! 64 KiB ([`READ_MAX`]).
 
 use std::{
     fs::File,
@@ -23,6 +25,14 @@ const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+
+/// The largest read: a virtio-net header and a 64 KiB packet.
+pub const READ_MAX: usize = crate::gro::VNET_HDR_LEN + 65_536;
 
 #[repr(C)]
 struct IfReq {
@@ -135,6 +145,11 @@ fn open_queue(name: &str) -> io::Result<AsyncFd<File>> {
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Large TCP packets and partial checksums: `gso.rs` finishes them.
+    let offload = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offload) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: we own the descriptor and it stays open as long as the

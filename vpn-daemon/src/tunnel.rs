@@ -10,10 +10,8 @@ use std::{
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     sync::{mpsc, oneshot},
 };
-use tokio_rustls::server::TlsStream;
 
 use crate::{
     config::Routing,
@@ -21,7 +19,7 @@ use crate::{
     events::Event,
     http::{Request, Response},
     mac::format_mac,
-    server::Gateway,
+    server::{ClientTls, Gateway},
     session::{Kick, Pacer, Session, TunnelHandle},
 };
 
@@ -33,7 +31,7 @@ impl Gateway {
     /// to the session (taking it over from an older one) and runs it.
     pub(crate) async fn connect(
         self: Arc<Self>,
-        mut tls: TlsStream<TcpStream>,
+        mut tls: ClientTls,
         leftover: BytesMut,
         req: Request,
         peer: SocketAddr,
@@ -142,7 +140,7 @@ impl Gateway {
         &self,
         d: &Arc<crate::dtls::DtlsServer>,
         req: &Request,
-        tls: &TlsStream<TcpStream>,
+        tls: &ClientTls,
         session: &Arc<Session>,
     ) -> Option<(Arc<crate::dtls::DtlsServer>, DtlsAnswer)> {
         if offers_psk_negotiate(req) && self.settings.raw.dtls.psk_negotiate {
@@ -333,7 +331,7 @@ impl Gateway {
     /// client leaves, dies, or the server kicks it.
     async fn run_tunnel(
         &self,
-        tls: TlsStream<TcpStream>,
+        tls: ClientTls,
         mut inbuf: BytesMut,
         session: &Arc<Session>,
         mut from_gw: mpsc::Receiver<Vec<u8>>,
