@@ -113,6 +113,27 @@ impl Netns {
         c
     }
 
+    /// Runs `f` on a thread that has entered this namespace's network
+    /// stack: sockets made there stay in this namespace wherever they are
+    /// used afterwards.
+    pub fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.name))?;
+        std::thread::spawn(move || {
+            // SAFETY: setns on an open namespace file; it changes only this
+            // thread, which ends after `f`.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("thread in the namespace panicked"))?
+    }
+
     /// Pings `addr` `count` times (0.2 s apart); true if all answered.
     pub fn ping(&self, addr: &str, count: u32) -> bool {
         self.cmd("ping")
@@ -846,6 +867,52 @@ pub fn iperf3_with(
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow!("iperf3 failed: {}", v["error"]))
+}
+
+/// A fixed pseudo-random byte stream (xorshift64), the same for a seed on
+/// both ends of a transfer.
+pub fn test_stream(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` over TCP from `from` to a listener at `to_addr:port` in
+/// `to` and returns what the listener received, byte for byte (30 s at
+/// most): the check that segmentation and merging lose and corrupt nothing.
+pub fn tcp_transfer(
+    from: &Netns,
+    to: &Netns,
+    to_addr: &str,
+    port: u16,
+    data: Vec<u8>,
+) -> anyhow::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = std::net::SocketAddr::new(to_addr.parse()?, port);
+    let listener = to.within(move || std::net::TcpListener::bind(addr))??;
+    listener.set_nonblocking(true)?;
+    let receiver = std::thread::spawn(move || -> anyhow::Result<Vec<u8>> {
+        // Bounded: a sender that never connects ends this in 15 s.
+        let (mut s, _) = wait_for(Duration::from_secs(15), || listener.accept().ok())
+            .context("nobody connected to the transfer listener")?;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    let mut s =
+        from.within(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)))??;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(&data)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    receiver.join().map_err(|_| anyhow!("receiver panicked"))?
 }
 
 /// iperf3's JSON report (UDP results are under `end.sum`).
