@@ -44,7 +44,9 @@ use openssl::ssl::{
     ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions,
     SslStream, SslVersion,
 };
-use tokio::{net::UdpSocket, sync::mpsc};
+use std::net::UdpSocket;
+
+use tokio::sync::mpsc;
 
 use crate::{cstp::FrameType, session::Session};
 
@@ -155,9 +157,10 @@ impl DtlsServer {
         tun: Arc<crate::tun::Tun>,
         dpd: Duration,
     ) -> anyhow::Result<Arc<Self>> {
-        let socket = UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("binding DTLS on udp {addr}"))?;
+        // A blocking socket: the receive thread sleeps in `recvmmsg`; every
+        // send passes MSG_DONTWAIT (a full buffer drops, as a network does).
+        let socket =
+            UdpSocket::bind(addr).with_context(|| format!("binding DTLS on udp {addr}"))?;
         // Bursts from many clients must not overflow the default ~200 KB
         // buffers (ocserv loses datagrams there).
         let s = socket2::SockRef::from(&socket);
@@ -252,49 +255,52 @@ impl DtlsServer {
         }
     }
 
-    /// Receives datagrams forever in batches. Records of established
-    /// channels are opened right here and their packets written to the
-    /// tunnel device; handshakes go to a task per peer running OpenSSL.
-    pub async fn serve(self: Arc<Self>) {
+    /// Starts the receive thread: datagrams forever, in batches. Records
+    /// of established channels are opened right there and their packets
+    /// written to the tunnel device; handshakes go to a task per peer
+    /// (on `rt`) running OpenSSL.
+    ///
+    /// A thread of its own, blocking in `recvmmsg` (MSG_WAITFORONE: it
+    /// wakes for the first datagram and takes what else is queued, up to a
+    /// batch), costs one system call per batch; on the async runtime each
+    /// batch also paid an `epoll_wait`, a read that found the queue empty,
+    /// and the scheduler's wake-ups.
+    pub fn start(self: Arc<Self>, rt: tokio::runtime::Handle) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("vpnd-dtls-rx".into())
+            .spawn(move || {
+                let _rt = rt.enter();
+                self.receive_forever();
+            })
+            .map(|_| ())
+    }
+
+    fn receive_forever(self: Arc<Self>) {
         let fd = self.socket.as_raw_fd();
         let mut batch = batch::RecvBatch::default();
         let mut w = Work {
             replies: batch::SendBatch::default(),
             scratch: vec![0u8; batch::SLOT],
             gro: crate::gro::Coalescer::default(),
-            gro_out: Vec::new(),
         };
+        let tun = &mut crate::tun::TunSink(&self.tun);
         loop {
-            if let Err(e) = self.socket.readable().await {
-                tracing::warn!("dtls socket: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(e) = batch.recv_wait(fd) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!("dtls recv: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 continue;
             }
-            loop {
-                match self
-                    .socket
-                    .try_io(tokio::io::Interest::READABLE, || batch.recv(fd))
-                {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::debug!("dtls recv: {e}");
-                        break;
-                    }
+            for i in 0..batch.len() {
+                if let Some((from, local, d)) = batch.get_mut(i) {
+                    self.datagram(from, local, d, &mut w);
                 }
-                for i in 0..batch.len() {
-                    if let Some((from, local, d)) = batch.get_mut(i) {
-                        self.datagram(from, local, d, &mut w);
-                    }
-                }
-                // What the batch merged goes to the kernel now.
-                w.gro.finish(&mut w.gro_out);
-                if !w.gro_out.is_empty() {
-                    let _ = self.tun.try_send_with_header(&w.gro_out);
-                }
-                if !w.replies.is_empty() {
-                    w.replies.flush(fd);
-                }
+            }
+            // What the batch merged or held goes to the kernel now.
+            w.gro.finish(tun);
+            if !w.replies.is_empty() {
+                w.replies.flush(fd);
             }
         }
     }
@@ -395,17 +401,9 @@ impl DtlsServer {
                     link.session.paced_upload(payload);
                     return;
                 }
-                // TCP segments of one flow are merged across the batch.
-                use crate::gro::Push;
-                let push = w.gro.push(payload, &mut w.gro_out);
-                if matches!(push, Push::FlushedThenHeld | Push::FlushedThenAlone) {
-                    let _ = self.tun.try_send_with_header(&w.gro_out);
-                }
-                if matches!(push, Push::Alone | Push::FlushedThenAlone)
-                    && let Err(e) = self.tun.try_send(payload)
-                {
-                    tracing::trace!("tun write: {e}");
-                }
+                // TCP segments of one flow are merged across the batch,
+                // redundant ACKs dropped.
+                w.gro.push(payload, &mut crate::tun::TunSink(&self.tun));
             }
             // Echo DPD verbatim with the type changed: openconnect's MTU
             // probe accepts nothing else.
@@ -649,9 +647,8 @@ struct Work {
     replies: batch::SendBatch,
     /// Trial decryptions (NAT rebinding).
     scratch: Vec<u8>,
-    /// TCP segments merged across a batch, and the merged packet to write.
+    /// TCP segments merged and ACKs thinned across a batch.
     gro: crate::gro::Coalescer,
-    gro_out: Vec<u8>,
 }
 
 /// A peer of the UDP socket.

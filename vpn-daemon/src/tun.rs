@@ -14,7 +14,7 @@
 
 use std::{
     fs::File,
-    io::{self, Write},
+    io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -88,9 +88,9 @@ impl Tun {
         write_with_header(self.queues[0].get_ref(), pkt)
     }
 
-    /// Writes a packet that already starts with its virtio-net header.
-    pub fn try_send_with_header(&self, buf: &[u8]) -> io::Result<()> {
-        self.queues[0].get_ref().write(buf).map(|_| ())
+    /// Writes a packet with its virtio-net header (one `writev`).
+    pub fn try_send_parts(&self, vnet: &[u8], pkt: &[u8]) -> io::Result<()> {
+        writev(self.queues[0].get_ref(), vnet, pkt)
     }
 
     /// Writes one packet. A TUN write is atomic: the whole packet or nothing.
@@ -105,9 +105,25 @@ impl Tun {
     }
 }
 
+/// Writes what a [`crate::gro::Coalescer`] releases to the TUN device. A
+/// full device queue drops the packet, as an interface queue would.
+pub struct TunSink<'a>(pub &'a Tun);
+
+impl crate::gro::Sink for TunSink<'_> {
+    fn write(&mut self, vnet: &[u8], pkt: &[u8]) {
+        if let Err(e) = self.0.try_send_parts(vnet, pkt) {
+            tracing::trace!("tun write: {e}");
+        }
+    }
+}
+
 /// One write of an all-zero virtio-net header and `pkt` (no copy).
 fn write_with_header(f: &File, pkt: &[u8]) -> io::Result<()> {
-    let hdr = [0u8; crate::gro::VNET_HDR_LEN];
+    writev(f, &[0u8; crate::gro::VNET_HDR_LEN], pkt)
+}
+
+/// One write of a virtio-net header and a packet (no copy).
+fn writev(f: &File, hdr: &[u8], pkt: &[u8]) -> io::Result<()> {
     let iov = [
         libc::iovec {
             iov_base: hdr.as_ptr() as *mut _,

@@ -21,6 +21,7 @@ use crate::{
     mac::format_mac,
     server::{ClientTls, Gateway},
     session::{Kick, Pacer, Session, TunnelHandle},
+    tun::TunSink,
 };
 
 /// Packets queued towards one client before new ones are dropped.
@@ -346,8 +347,8 @@ impl Gateway {
         let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
         let mut pacer = Pacer::default();
         let mut down_pacer = Pacer::default();
-        // TCP segments merged across one read (see gro.rs).
-        let mut gro = (crate::gro::Coalescer::default(), Vec::new());
+        // TCP segments merged, ACKs thinned across one read (see gro.rs).
+        let mut gro = crate::gro::Coalescer::default();
         inbuf.reserve(32 * 1024);
 
         tracing::debug!(session = session.id, "tunnel loop starts");
@@ -389,11 +390,8 @@ impl Gateway {
                     }
                     last_rx = Instant::now();
                     let end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
-                    // What this read merged goes to the kernel now.
-                    gro.0.finish(&mut gro.1);
-                    if !gro.1.is_empty() {
-                        let _ = self.tun.try_send_with_header(&gro.1);
-                    }
+                    // What this read merged or held goes to the kernel now.
+                    gro.finish(&mut TunSink(&self.tun));
                     if let Some(end) = end {
                         break end;
                     }
@@ -464,7 +462,7 @@ impl Gateway {
         wr: &mut W,
         out: &mut Vec<u8>,
         pacer: &mut Pacer,
-        gro: &mut (crate::gro::Coalescer, Vec<u8>),
+        gro: &mut crate::gro::Coalescer,
     ) -> Option<TunnelEnd> {
         loop {
             let frame = match cstp::decode(inbuf) {
@@ -485,16 +483,7 @@ impl Gateway {
                     }
                     let rate = session.rate_up_bps.load(Ordering::Relaxed);
                     if rate == 0 {
-                        use crate::gro::Push;
-                        let push = gro.0.push(&frame.payload, &mut gro.1);
-                        if matches!(push, Push::FlushedThenHeld | Push::FlushedThenAlone) {
-                            let _ = self.tun.try_send_with_header(&gro.1);
-                        }
-                        if matches!(push, Push::Alone | Push::FlushedThenAlone)
-                            && let Err(e) = self.tun.send(&frame.payload).await
-                        {
-                            tracing::debug!("tun write: {e}");
-                        }
+                        gro.push(&frame.payload, &mut TunSink(&self.tun));
                         continue;
                     }
                     let wait = pacer.delay(frame.payload.len(), rate, Instant::now());

@@ -104,7 +104,9 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
         let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
         let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone(), dpd).await?;
-        tokio::spawn(dtls.clone().serve());
+        dtls.clone()
+            .start(tokio::runtime::Handle::current())
+            .context("starting the DTLS receive thread")?;
         let _ = gw.dtls.set(dtls);
         let mut dp = gw.datapath.lock().unwrap();
         dp.set_guard(vpn_common::GuardConfig {

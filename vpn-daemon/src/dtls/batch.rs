@@ -199,9 +199,19 @@ impl Default for RecvBatch {
 }
 
 impl RecvBatch {
-    /// Receives what is queued on the non-blocking socket `fd` (at least
-    /// one datagram, or `WouldBlock`).
+    /// Receives what is queued on `fd` (at least one datagram, or
+    /// `WouldBlock`).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Waits for a datagram on the blocking socket `fd`, then takes what
+    /// else is queued without waiting (up to a batch).
+    pub fn recv_wait(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_WAITFORONE)
+    }
+
+    fn recv_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         let mut iov: [libc::iovec; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         for i in 0..BATCH {
@@ -223,7 +233,7 @@ impl RecvBatch {
                 fd,
                 hdrs.as_mut_ptr(),
                 BATCH as u32,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
