@@ -31,15 +31,18 @@ use crate::{
     users::UserDb,
 };
 
-/// A client's TLS connection. Its TLS bytes collect in a buffer and reach
-/// the socket on `flush` (or when 64 KiB are waiting): every CSTP frame is
-/// its own TLS record (openconnect reads one frame per record), and without
-/// the buffer every record would be a `write` and a TCP segment of its own.
-/// Every write path flushes when it is done.
-pub type ClientTls = tokio_rustls::server::TlsStream<tokio::io::BufWriter<TcpStream>>;
+/// A client's TLS connection, buffered both ways under TLS:
+/// - Output collects in a buffer and reaches the socket on `flush` (or when
+///   64 KiB are waiting): every CSTP frame is its own TLS record
+///   (openconnect reads one frame per record), and without the buffer every
+///   record would be a `write` and a TCP segment of its own. Every write
+///   path flushes when it is done.
+/// - rustls reads at most 4 KiB per call; the read buffer takes up to
+///   64 KiB from the socket per system call instead.
+pub type ClientTls = tokio_rustls::server::TlsStream<tokio::io::BufStream<TcpStream>>;
 
-/// Bytes of TLS output gathered before they are written to the socket.
-const TLS_WRITE_BUFFER: usize = 64 * 1024;
+/// Bytes of TLS input read, and of output gathered, per system call.
+const TLS_IO_BUFFER: usize = 64 * 1024;
 
 /// Everything the daemon shares between connections.
 pub struct Gateway {
@@ -126,7 +129,7 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let timeout = self.settings.request_timeout();
-        let tcp = tokio::io::BufWriter::with_capacity(TLS_WRITE_BUFFER, tcp);
+        let tcp = tokio::io::BufStream::with_capacity(TLS_IO_BUFFER, TLS_IO_BUFFER, tcp);
         let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
             .await
             .context("TLS handshake timed out")?
