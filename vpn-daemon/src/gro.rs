@@ -268,7 +268,7 @@ impl Coalescer {
         if let Some(i) = held {
             self.release_ack(i, out);
         }
-        if s.ihl == 20 && s.flags & !PSH == ACK && self.segs > 0 && self.continues(p, &s) {
+        if s.flags & !PSH == ACK && self.segs > 0 && self.continues(p, &s) {
             self.buf.extend_from_slice(&p[s.hdr_len..]);
             self.segs += 1;
             self.next_seq = s.seq.wrapping_add(s.payload as u32);

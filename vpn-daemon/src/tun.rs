@@ -82,12 +82,6 @@ impl Tun {
         &self.queues[q]
     }
 
-    /// Writes one packet without waiting; a full queue drops it (as an
-    /// interface queue would). A TUN write is atomic.
-    pub fn try_send(&self, pkt: &[u8]) -> io::Result<()> {
-        write_with_header(self.queues[0].get_ref(), pkt)
-    }
-
     /// Writes a packet with its virtio-net header (one `writev`).
     pub fn try_send_parts(&self, vnet: &[u8], pkt: &[u8]) -> io::Result<()> {
         writev(self.queues[0].get_ref(), vnet, pkt)

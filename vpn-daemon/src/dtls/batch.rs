@@ -199,19 +199,10 @@ impl Default for RecvBatch {
 }
 
 impl RecvBatch {
-    /// Receives what is queued on `fd` (at least one datagram, or
-    /// `WouldBlock`).
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.recv_flags(fd, libc::MSG_DONTWAIT)
-    }
-
-    /// Waits for a datagram on the blocking socket `fd`, then takes what
-    /// else is queued without waiting (up to a batch).
+    /// Waits for a datagram on `fd`, then takes what else is queued
+    /// without waiting (up to a batch). On a non-blocking socket an empty
+    /// queue is `WouldBlock`.
     pub fn recv_wait(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.recv_flags(fd, libc::MSG_WAITFORONE)
-    }
-
-    fn recv_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         let mut iov: [libc::iovec; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         for i in 0..BATCH {
@@ -233,7 +224,7 @@ impl RecvBatch {
                 fd,
                 hdrs.as_mut_ptr(),
                 BATCH as u32,
-                flags,
+                libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )
         };
@@ -470,6 +461,7 @@ mod tests {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         enable_pktinfo(b.as_raw_fd());
+        b.set_nonblocking(true).unwrap();
         let to = b.local_addr().unwrap();
         let mut out = SendBatch::default();
         // Equal sizes (one segmented run), then a shorter last one.
@@ -482,7 +474,7 @@ mod tests {
         assert!(out.is_empty());
         std::thread::sleep(std::time::Duration::from_millis(50));
         let mut inb = RecvBatch::default();
-        assert_eq!(inb.recv(b.as_raw_fd()).unwrap(), 5);
+        assert_eq!(inb.recv_wait(b.as_raw_fd()).unwrap(), 5);
         for i in 0..5 {
             let (from, local, d) = inb.get_mut(i).unwrap();
             assert_eq!(from, a.local_addr().unwrap());
@@ -491,7 +483,7 @@ mod tests {
             assert_eq!(d, &[i as u8; 3][..n], "datagram {i} kept its bounds");
         }
         assert_eq!(
-            inb.recv(b.as_raw_fd()).unwrap_err().kind(),
+            inb.recv_wait(b.as_raw_fd()).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
     }
