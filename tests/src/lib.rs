@@ -370,6 +370,11 @@ impl Gateway {
         } else {
             "max_sessions = 10"
         };
+        let mtu = if tunnel.contains("mtu") {
+            ""
+        } else {
+            "mtu = 1300"
+        };
         format!(
             r#"[server]
 listen = "{GW_OUTSIDE}:443"
@@ -386,7 +391,7 @@ users_file = "{dir}/users.toml"
 [tunnel]
 pool_v4 = "{POOL}"
 pool_v6 = "{POOL6}"
-mtu = 1300
+{mtu}
 {tunnel}
 
 {rest}

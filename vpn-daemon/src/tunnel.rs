@@ -89,7 +89,12 @@ impl Gateway {
             .dtls
             .get()
             .and_then(|d| self.dtls_offer(d, &req, &tls, &session));
-        let head = self.connect_response(&req, &session, dtls_offer.as_ref().map(|(_, a)| a));
+        let head = self.connect_response(
+            &req,
+            &session,
+            peer.ip().to_canonical().is_ipv6(),
+            dtls_offer.as_ref().map(|(_, a)| a),
+        );
         tls.write_all(head.as_bytes()).await?;
         tls.flush().await?;
         self.events.emit(Event::ClientConnected {
@@ -185,7 +190,13 @@ impl Gateway {
         }
     }
 
-    fn connect_response(&self, req: &Request, s: &Session, dtls: Option<&DtlsAnswer>) -> String {
+    fn connect_response(
+        &self,
+        req: &Request,
+        s: &Session,
+        peer_v6: bool,
+        dtls: Option<&DtlsAnswer>,
+    ) -> String {
         let st = &self.settings;
         let cfg = &st.raw;
         let mut h: Vec<(&str, String)> = Vec::with_capacity(32);
@@ -277,22 +288,13 @@ impl Gateway {
         h.push(("X-CSTP-Keepalive", cfg.session.keepalive_secs.to_string()));
         // rustls cannot renegotiate: ask for a fresh tunnel instead (never).
         h.push(("X-CSTP-Rekey-Method", "none".into()));
-        let client_mtu: Option<u16> = req.header("X-CSTP-MTU").and_then(|v| v.parse().ok());
-        let mut mtu = client_mtu.map_or(cfg.tunnel.mtu, |c| c.clamp(576, cfg.tunnel.mtu));
         let base = req
             .header("X-CSTP-Base-MTU")
             .and_then(|v| v.parse::<u16>().ok());
         if let Some(base) = base {
             h.push(("X-CSTP-Base-MTU", base.to_string()));
-            if dtls.is_some() {
-                // Full-size packets must fit one datagram: outer IP + UDP +
-                // the DTLS record overhead of the GCM suites we use.
-                mtu = mtu.min(
-                    base.saturating_sub(20 + 8 + crate::dtls::DTLS_GCM_OVERHEAD)
-                        .max(576),
-                );
-            }
         }
+        let mtu = tunnel_mtu(cfg.tunnel.mtu, base, dtls.is_some(), peer_v6);
         h.push(("X-CSTP-MTU", mtu.to_string()));
         h.push(("X-CSTP-Keep", "true".into()));
         h.push(("X-CSTP-TCP-Keepalive", "true".into()));
@@ -580,6 +582,28 @@ fn percent_encode_banner(b: &str) -> String {
     out
 }
 
+/// The tunnel MTU for a client: the configured one, and with DTLS no more
+/// than fits one datagram on the client's path (its `X-CSTP-Base-MTU`
+/// less the outer IP and UDP headers and the record overhead of the GCM
+/// suites we use), so full-size packets are never fragmented.
+///
+/// The client's own `X-CSTP-MTU` is not used (ocserv ignores it too):
+/// openconnect sends an estimate with room for any suite, 1390 on a
+/// 1500-byte path where our AES-GCM records fit 1434, and takes what the
+/// server answers.
+fn tunnel_mtu(configured: u16, base: Option<u16>, dtls: bool, peer_v6: bool) -> u16 {
+    match base {
+        Some(base) if dtls => {
+            let outer = if peer_v6 { 40 + 8 } else { 20 + 8 };
+            configured.min(
+                base.saturating_sub(outer + crate::dtls::DTLS_GCM_OVERHEAD)
+                    .max(576),
+            )
+        }
+        _ => configured,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,5 +612,19 @@ mod tests {
     fn banner_encoding() {
         assert_eq!(percent_encode_banner("50% off\nnow"), "50%25 off%0Anow");
         assert_eq!(percent_encode_banner("Grüße"), "Gr%C3%BC%C3%9Fe");
+    }
+
+    #[test]
+    fn dtls_mtu_fills_the_path_exactly() {
+        // 1500 - 20 (IPv4) - 8 (UDP) - 13 (record header) - 8 (nonce)
+        // - 16 (tag) - 1 (CSTP type byte).
+        assert_eq!(tunnel_mtu(1500, Some(1500), true, false), 1434);
+        assert_eq!(tunnel_mtu(1500, Some(1500), true, true), 1414);
+        // The configured MTU stays the ceiling; TLS alone has no datagram
+        // to fit; a tiny path still gets the minimum.
+        assert_eq!(tunnel_mtu(1300, Some(1500), true, false), 1300);
+        assert_eq!(tunnel_mtu(1399, Some(1500), false, false), 1399);
+        assert_eq!(tunnel_mtu(1399, None, true, false), 1399);
+        assert_eq!(tunnel_mtu(1399, Some(300), true, false), 576);
     }
 }
