@@ -167,6 +167,7 @@ impl DtlsServer {
         let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = s.set_send_buffer_size(SOCKET_BUFFER);
         batch::enable_pktinfo(socket.as_raw_fd());
+        batch::enable_gro(socket.as_raw_fd());
         Ok(Arc::new(DtlsServer {
             port: socket.local_addr()?.port(),
             socket: Arc::new(socket),
@@ -293,8 +294,12 @@ impl DtlsServer {
                 continue;
             }
             for i in 0..batch.len() {
-                if let Some((from, local, d)) = batch.get_mut(i) {
-                    self.datagram(from, local, d, &mut w);
+                if let Some((from, local, d, seg)) = batch.get_mut(i) {
+                    // Each datagram of a merged message on its own; an
+                    // empty datagram has none and is ignored.
+                    for d in d.chunks_mut(seg) {
+                        self.datagram(from, local, d, &mut w);
+                    }
                 }
             }
             // What the batch merged or held goes to the kernel now.
