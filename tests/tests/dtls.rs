@@ -283,6 +283,27 @@ fn dtls_follows_a_nat_rebinding_and_ignores_forged_records() {
     });
     assert!(topo.client.ping(SERVER, 3));
     assert_eq!(dtls_peer().as_deref(), Some("198.18.1.2:40000"));
+
+    // Empty and one-byte datagrams from the peer's own address (anyone
+    // can forge its source): ignored, the channel keeps carrying traffic.
+    in_netns(&topo.client, || {
+        let s = std::net::UdpSocket::bind("198.18.1.2:40000").unwrap();
+        s.send_to(&[], "198.18.1.1:443").unwrap();
+        s.send_to(&[23], "198.18.1.1:443").unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let out = sh(topo
+        .client
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "1", SERVER]))
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    assert!(
+        out.as_ref().is_ok_and(|o| o.contains(" 0% packet loss")),
+        "{out:?}\n{}",
+        gw.log()
+    );
+    assert_eq!(gw.sessions().unwrap()[0]["transport"], "dtls");
+    assert_eq!(dtls_peer().as_deref(), Some("198.18.1.2:40000"));
 }
 
 /// IP reassemblies the namespace's stack has done (`nstat` counter).
