@@ -103,7 +103,8 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         let mut addr = raw.server.listen;
         addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
         let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
-        let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone(), dpd).await?;
+        let coalesce = std::time::Duration::from_micros(raw.dtls.rx_coalesce_usecs.into());
+        let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone(), dpd, coalesce).await?;
         dtls.clone()
             .start(tokio::runtime::Handle::current())
             .context("starting the DTLS receive thread")?;

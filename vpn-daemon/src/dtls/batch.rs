@@ -281,6 +281,11 @@ impl RecvBatch {
         self.n == 0
     }
 
+    /// Bytes received in this batch.
+    pub fn bytes(&self) -> usize {
+        self.lens[..self.n].iter().sum()
+    }
+
     /// Message `i`: its source, the local address it was sent to, its
     /// bytes, and the size of the datagrams in it (all but the last of a
     /// merged message have that size). `None` if truncated or from an
