@@ -150,6 +150,13 @@ pub struct DtlsServer {
     coalesce: Duration,
 }
 
+/// Locks `m`, also once a panic elsewhere poisoned it: each critical
+/// section here leaves its map consistent at every step, and a receive
+/// thread that restarts after a panic must still reach the peers.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
     static INDEX: OnceLock<openssl::ex_data::Index<Ssl, [u8; 32]>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index"))
@@ -195,7 +202,7 @@ impl DtlsServer {
     pub fn offer(&self, session: Arc<Session>, psk: [u8; 32]) -> [u8; 32] {
         let mut app_id = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut app_id);
-        self.offers.lock().unwrap().insert(
+        lock(&self.offers).insert(
             app_id,
             Offer {
                 session,
@@ -242,7 +249,7 @@ impl DtlsServer {
             );
             sess
         };
-        self.offers.lock().unwrap().insert(
+        lock(&self.offers).insert(
             sid,
             Offer {
                 session,
@@ -255,7 +262,7 @@ impl DtlsServer {
 
     /// Withdraws an offer (its TLS tunnel ended).
     pub fn withdraw(&self, id: &[u8; 32]) {
-        if let Some(o) = self.offers.lock().unwrap().remove(id)
+        if let Some(o) = lock(&self.offers).remove(id)
             && let Some(sess) = o.resumption
         {
             // SAFETY: the session was added to this context's cache.
@@ -278,7 +285,17 @@ impl DtlsServer {
             .name("vpnd-dtls-rx".into())
             .spawn(move || {
                 let _rt = rt.enter();
-                self.receive_forever();
+                // A bug that panics on some datagram must not end DTLS for
+                // every client: log it and take up the socket again (the
+                // panic hook has printed where it happened).
+                loop {
+                    let me = self.clone();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                        me.receive_forever()
+                    }));
+                    tracing::error!("DTLS receive loop panicked ({r:?}); restarting it");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             })
             .map(|_| ())
     }
@@ -344,7 +361,7 @@ impl DtlsServer {
     ) {
         let hello = is_client_hello(d);
         let fast = {
-            let peers = self.peers.lock().unwrap();
+            let peers = lock(&self.peers);
             match peers.get(&from) {
                 Some(Peer {
                     link: Some(link), ..
@@ -371,7 +388,7 @@ impl DtlsServer {
             return;
         };
         let offer = {
-            let offers = self.offers.lock().unwrap();
+            let offers = lock(&self.offers);
             offers.get(&app_id).map(|o| (o.session.clone(), o.psk))
         };
         let Some((session, psk)) = offer else {
@@ -380,7 +397,7 @@ impl DtlsServer {
         };
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(d.to_vec());
-        self.peers.lock().unwrap().insert(
+        lock(&self.peers).insert(
             from,
             Peer {
                 slow: tx,
@@ -391,7 +408,7 @@ impl DtlsServer {
         tokio::spawn(async move {
             let reason = me.run_peer(from, local, session.clone(), psk, rx).await;
             tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
-            let mut peers = me.peers.lock().unwrap();
+            let mut peers = lock(&me.peers);
             if peers.get(&from).is_some_and(|p| p.slow.is_closed()) {
                 peers.remove(&from);
             }
@@ -462,7 +479,7 @@ impl DtlsServer {
             return;
         }
         let candidates: Vec<Arc<Link>> = {
-            let peers = self.peers.lock().unwrap();
+            let peers = lock(&self.peers);
             peers
                 .values()
                 .filter_map(|p| p.link.clone())
@@ -481,12 +498,12 @@ impl DtlsServer {
             };
             let old = link.addr();
             {
-                let mut peers = self.peers.lock().unwrap();
+                let mut peers = lock(&self.peers);
                 if let Some(p) = peers.remove(&old) {
                     peers.insert(from, p);
                 }
             }
-            *link.addr.lock().unwrap() = (from, local);
+            *lock(&link.addr) = (from, local);
             tracing::info!(user = link.session.user, %old, new = %from, "DTLS peer moved (NAT rebinding)");
             let plain = plain.to_vec();
             self.plaintext(&link, &plain, w);
@@ -565,7 +582,7 @@ impl DtlsServer {
             Err(e) => return format!("unusable DTLS channel: {e}"),
         };
         tracing::info!(user = session.user, %from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
-        if let Some(p) = self.peers.lock().unwrap().get_mut(&from) {
+        if let Some(p) = lock(&self.peers).get_mut(&from) {
             p.link = Some(link.clone());
         }
         {
@@ -582,7 +599,7 @@ impl DtlsServer {
                 slot.dtls = None;
             }
         }
-        let mut peers = self.peers.lock().unwrap();
+        let mut peers = lock(&self.peers);
         peers.retain(|addr, p| *addr == from || p.link.as_ref().is_none_or(|l| l.id != link.id));
         reason
     }
@@ -725,7 +742,7 @@ impl Link {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr.lock().unwrap().0
+        lock(&self.addr).0
     }
 
     /// Seals the `len` payload bytes at [`PACKET_OFFSET`] of `buf` as one
@@ -737,7 +754,7 @@ impl Link {
 
     /// Where records go: the client's address and our source address.
     pub fn path(&self) -> (SocketAddr, Option<IpAddr>) {
-        *self.addr.lock().unwrap()
+        *lock(&self.addr)
     }
 
     fn touch(&self) {
@@ -778,7 +795,7 @@ impl Budget {
     }
 
     fn take(&self) -> bool {
-        let mut s = self.state.lock().unwrap();
+        let mut s = lock(&self.state);
         if s.0.elapsed() >= Duration::from_secs(1) {
             *s = (Instant::now(), self.per_sec);
         }
