@@ -238,21 +238,57 @@ fn ocserv(dtls: bool) -> anyhow::Result<(Cell, Cell)> {
     run_gateway(&topo, &oc.pin, oc.child.id(), dtls)
 }
 
+/// Rounds per transport (`VPN_BENCH_ROUNDS`, 1 to 9; default 3): vpnd and
+/// ocserv alternate, and the table shows medians, so one slow run of
+/// either side does not decide a ratio.
+fn rounds() -> anyhow::Result<usize> {
+    match std::env::var("VPN_BENCH_ROUNDS") {
+        Err(_) => Ok(3),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n @ 1..=9) => Ok(n),
+            _ => bail!("VPN_BENCH_ROUNDS={v:?}: use a number from 1 to 9"),
+        },
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Per-round values of one ratio, for the spread column.
+fn per_round(a: &[Cell], b: &[Cell], f: impl Fn(&Cell) -> f64) -> String {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| format!("{:.2}", f(x) / f(y)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn run() -> anyhow::Result<String> {
     if !Path::new("/usr/sbin/ocserv").exists() {
         bail!("ocserv is not installed (apt-get install ocserv)");
     }
+    let rounds = rounds()?;
     let mut out = String::new();
     writeln!(out, "# Tunnel throughput and CPU: vpnd against ocserv\n")?;
     writeln!(
         out,
-        "iperf3 TCP for {SECS} s per direction through the tunnel, openconnect 9.01 in a client namespace, the gateway in its own namespace, the iperf3 server behind it. Both gateways give the client the same tunnel MTU (1434 over DTLS, 1472 over TLS). CPU = utime+stime of the gateway's processes per GB moved. One run; a 2-core VM where the same build varies by 15-20% from run to run, so compare the ratios.\n"
+        "iperf3 TCP for {SECS} s per direction through the tunnel, openconnect 9.01 in a client namespace, the gateway in its own namespace, the iperf3 server behind it. Both gateways give the client the same tunnel MTU (1434 over DTLS, 1472 over TLS). CPU = utime+stime of the gateway's processes per GB moved. {rounds} rounds per transport, vpnd and ocserv alternating; medians, and each round's ratio to show the spread (a 2-core VM where the same build varies by 15-20% from run to run).\n"
     )?;
     writeln!(
         out,
-        "| transport | direction | vpnd Mbit/s | ocserv Mbit/s | throughput ratio | vpnd CPU s/GB | ocserv CPU s/GB | CPU ratio |"
+        "| transport | direction | vpnd Mbit/s | ocserv Mbit/s | throughput ratio | vpnd CPU s/GB | ocserv CPU s/GB | CPU ratio | throughput ratio per round | CPU ratio per round |"
     )?;
-    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---|---|")?;
     // VPN_BENCH_ONLY=vpnd-dtls (or ocserv-tls, ...) runs one gateway and
     // transport, for profiling; the table then has zeros for the rest.
     let only = std::env::var("VPN_BENCH_ONLY").ok();
@@ -264,27 +300,38 @@ pub fn run() -> anyhow::Result<String> {
         if !wanted("vpnd", dtls) && !wanted("ocserv", dtls) {
             continue;
         }
-        let (vu, vd) = if wanted("vpnd", dtls) {
-            vpnd(dtls)?
-        } else {
-            (Cell::ZERO, Cell::ZERO)
-        };
-        let (ou, od) = if wanted("ocserv", dtls) {
-            ocserv(dtls)?
-        } else {
-            (Cell::ZERO, Cell::ZERO)
-        };
-        for (dir, v, o) in [("up", &vu, &ou), ("down", &vd, &od)] {
+        // [up, down] cells per round.
+        let (mut v, mut o): ([Vec<Cell>; 2], [Vec<Cell>; 2]) = Default::default();
+        for _ in 0..rounds {
+            let (vu, vd) = if wanted("vpnd", dtls) {
+                vpnd(dtls)?
+            } else {
+                (Cell::ZERO, Cell::ZERO)
+            };
+            let (ou, od) = if wanted("ocserv", dtls) {
+                ocserv(dtls)?
+            } else {
+                (Cell::ZERO, Cell::ZERO)
+            };
+            v[0].push(vu);
+            v[1].push(vd);
+            o[0].push(ou);
+            o[1].push(od);
+        }
+        for (k, dir) in ["up", "down"].into_iter().enumerate() {
+            let (vs, os) = (&v[k], &o[k]);
+            let vm = median(vs.iter().map(|c| c.mbps).collect());
+            let om = median(os.iter().map(|c| c.mbps).collect());
+            let vc = median(vs.iter().map(|c| c.cpu_per_gb).collect());
+            let oc = median(os.iter().map(|c| c.cpu_per_gb).collect());
             writeln!(
                 out,
-                "| {} | {dir} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {dir} | {vm:.0} | {om:.0} | {:.2} | {vc:.2} | {oc:.2} | {:.2} | {} | {} |",
                 if dtls { "DTLS" } else { "TLS" },
-                v.mbps,
-                o.mbps,
-                v.mbps / o.mbps,
-                v.cpu_per_gb,
-                o.cpu_per_gb,
-                v.cpu_per_gb / o.cpu_per_gb
+                vm / om,
+                vc / oc,
+                per_round(vs, os, |c| c.mbps),
+                per_round(vs, os, |c| c.cpu_per_gb),
             )?;
         }
     }
