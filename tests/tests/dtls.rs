@@ -51,6 +51,24 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         s["bytes_in"].as_u64().unwrap() > 1_000_000,
         "BPF counters include DTLS traffic: {s}"
     );
+    // The receive thread's counters: the upload came in batches.
+    let stats: serde_json::Value =
+        serde_json::from_str(&gw.vpnctl(&["stats", "--json"]).unwrap()).unwrap();
+    let rx = &stats["dtls_rx"];
+    let (datagrams, batches) = (
+        rx["datagrams"].as_u64().unwrap(),
+        rx["batches"].as_u64().unwrap(),
+    );
+    assert!(
+        datagrams > 1000 && batches > 0 && datagrams >= batches,
+        "{stats}"
+    );
+    let text = gw.vpnctl(&["stats"]).unwrap();
+    eprintln!("{text}");
+    assert!(
+        text.contains("DTLS receive: ") && text.contains(" per batch)"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -98,6 +98,9 @@ pub struct Stats {
     pub pool_capacity: u32,
     /// Packets dropped by the BPF programs, per reason.
     pub drops: Vec<(String, u64)>,
+    /// The DTLS receive thread's counters (absent with DTLS off).
+    #[serde(default)]
+    pub dtls_rx: Option<crate::dtls::RxStats>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -198,6 +201,7 @@ impl Gateway {
                     )
                     .collect()
             },
+            dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
         }
     }
 

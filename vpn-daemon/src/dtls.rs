@@ -148,6 +148,31 @@ pub struct DtlsServer {
     rebind_budget: Budget,
     /// Receive coalescing wait after a bulk batch (`dtls.rx_coalesce_usecs`).
     coalesce: Duration,
+    /// Receive-path counters for `vpnctl stats`.
+    counters: RxCounters,
+}
+
+/// What the receive thread did, for `vpnctl stats`: datagrams per batch
+/// and how often coalescing waited show whether batching works.
+#[derive(Default)]
+struct RxCounters {
+    batches: AtomicU64,
+    datagrams: AtomicU64,
+    coalesce_waits: AtomicU64,
+    acks_thinned: AtomicU64,
+}
+
+/// A snapshot of the DTLS receive counters.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RxStats {
+    /// `recvmmsg` calls that returned datagrams.
+    pub batches: u64,
+    /// Datagrams received (each one of a GRO-merged message counts).
+    pub datagrams: u64,
+    /// Waits of `rx_coalesce_usecs` after a bulk batch.
+    pub coalesce_waits: u64,
+    /// Pure ACKs from clients dropped as redundant (gro.rs).
+    pub acks_thinned: u64,
 }
 
 /// Locks `m`, also once a panic elsewhere poisoned it: each critical
@@ -191,7 +216,19 @@ impl DtlsServer {
             dpd,
             rebind_budget: Budget::new(REBIND_TRIALS_PER_SEC),
             coalesce,
+            counters: RxCounters::default(),
         }))
+    }
+
+    /// The receive counters so far.
+    pub fn rx_stats(&self) -> RxStats {
+        let c = &self.counters;
+        RxStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            datagrams: c.datagrams.load(Ordering::Relaxed),
+            coalesce_waits: c.coalesce_waits.load(Ordering::Relaxed),
+            acks_thinned: c.acks_thinned.load(Ordering::Relaxed),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -321,17 +358,24 @@ impl DtlsServer {
                 }
                 continue;
             }
+            let mut datagrams = 0;
             for i in 0..batch.len() {
                 if let Some((from, local, d, seg)) = batch.get_mut(i) {
                     // Each datagram of a merged message on its own; an
                     // empty datagram has none and is ignored.
                     for d in d.chunks_mut(seg) {
+                        datagrams += 1;
                         self.datagram(from, local, d, &mut w);
                     }
                 }
             }
             // What the batch merged or held goes to the kernel now.
             w.gro.finish(tun);
+            let c = &self.counters;
+            c.batches.fetch_add(1, Ordering::Relaxed);
+            c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+            c.acks_thinned
+                .fetch_add(std::mem::take(&mut w.gro.acks_thinned), Ordering::Relaxed);
             if !w.replies.is_empty() {
                 w.replies.flush(fd);
             }
@@ -346,6 +390,7 @@ impl DtlsServer {
                 && batch.len() < batch::BATCH
                 && batch.bytes() >= BULK_BATCH_BYTES
             {
+                c.coalesce_waits.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(self.coalesce);
             }
         }

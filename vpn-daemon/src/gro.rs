@@ -64,7 +64,8 @@ pub struct Coalescer {
     /// buffers; `acks_held` of them are live).
     acks: Vec<Vec<u8>>,
     acks_held: usize,
-    /// Pure ACKs dropped as redundant, for the curious.
+    /// Pure ACKs dropped as redundant since the owner last took the count
+    /// (`vpnctl stats` shows the DTLS receive thread's).
     pub acks_thinned: u64,
 }
 

@@ -97,6 +97,16 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     for (reason, n) in &stats.drops {
         println!("  {reason:<22} {n}");
     }
+    if let Some(rx) = &stats.dtls_rx {
+        println!(
+            "DTLS receive: {} datagrams in {} batches ({:.1} per batch), {} coalescing waits, {} redundant client ACKs dropped",
+            rx.datagrams,
+            rx.batches,
+            rx.datagrams as f64 / rx.batches.max(1) as f64,
+            rx.coalesce_waits,
+            rx.acks_thinned
+        );
+    }
     Ok(())
 }
 
