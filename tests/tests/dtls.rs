@@ -1,14 +1,23 @@
 //! DTLS (PSK-NEGOTIATE) with the real openconnect client.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use vpn_tests::*;
 
 /// A gateway (DTLS is on by default) and openconnect connected to it with
 /// DTLS established in PSK-NEGOTIATE mode.
 fn connected_over_dtls() -> (Topology, Gateway, Client) {
+    let (topo, gw, c, _) = connected_over_dtls_with(ConfigParts::default());
+    (topo, gw, c)
+}
+
+/// [`connected_over_dtls`] with `parts` in the gateway's config; also
+/// returns the environment openconnect gave its script.
+fn connected_over_dtls_with(
+    parts: ConfigParts<'_>,
+) -> (Topology, Gateway, Client, HashMap<String, String>) {
     let topo = Topology::new().unwrap();
-    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let gw = Gateway::start(&topo, parts, &[ALICE]).unwrap();
     let mut c = Client::start(
         &topo,
         &gw,
@@ -17,9 +26,9 @@ fn connected_over_dtls() -> (Topology, Gateway, Client) {
         &["--dtls-ciphers=PSK-NEGOTIATE"],
     )
     .unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let env = c.wait_connected(Duration::from_secs(20)).unwrap();
     c.wait_dtls(Duration::from_secs(10)).unwrap();
-    (topo, gw, c)
+    (topo, gw, c, env)
 }
 
 #[test]
@@ -74,25 +83,10 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
 #[test]
 fn blocked_udp_falls_back_to_tls_and_dtls_returns() {
     require_root();
-    let topo = Topology::new().unwrap();
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: "[session]\ndpd_secs = 2\n",
-            ..Default::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
-    let mut c = Client::start(
-        &topo,
-        &gw,
-        ALICE.name,
-        ALICE.password,
-        &["--dtls-ciphers=PSK-NEGOTIATE"],
-    )
-    .unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let (topo, gw, c, _) = connected_over_dtls_with(ConfigParts {
+        rest: "[session]\ndpd_secs = 2\n",
+        ..Default::default()
+    });
     let transport = || {
         gw.sessions().unwrap()[0]["transport"]
             .as_str()
@@ -343,26 +337,10 @@ fn reassemblies(ns: &Netns) -> u64 {
 #[test]
 fn dtls_mtu_fills_the_path_and_full_size_packets_never_fragment() {
     require_root();
-    let topo = Topology::new().unwrap();
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            tunnel: "mtu = 1500",
-            ..Default::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
-    let mut c = Client::start(
-        &topo,
-        &gw,
-        ALICE.name,
-        ALICE.password,
-        &["--dtls-ciphers=PSK-NEGOTIATE"],
-    )
-    .unwrap();
-    let env = c.wait_connected(Duration::from_secs(20)).unwrap();
-    c.wait_dtls(Duration::from_secs(10)).unwrap();
+    let (topo, gw, c, env) = connected_over_dtls_with(ConfigParts {
+        tunnel: "mtu = 1500",
+        ..Default::default()
+    });
     // 1500-byte veths: 1500 - 20 (IP) - 8 (UDP) - 38 (DTLS record with
     // AES-GCM and the CSTP type byte). openconnect itself asked for 1390.
     let mtu: usize = env["INTERNAL_IP4_MTU"].parse().unwrap();

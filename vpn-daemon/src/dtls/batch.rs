@@ -496,13 +496,20 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
-    #[test]
-    fn batch_round_trip_over_loopback() {
+    /// A sender and a non-blocking receiver (set up by `option`) on
+    /// loopback, and the receiver's address.
+    fn loopback_pair(option: fn(RawFd)) -> (std::net::UdpSocket, std::net::UdpSocket, SocketAddr) {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        enable_pktinfo(b.as_raw_fd());
+        option(b.as_raw_fd());
         b.set_nonblocking(true).unwrap();
         let to = b.local_addr().unwrap();
+        (a, b, to)
+    }
+
+    #[test]
+    fn batch_round_trip_over_loopback() {
+        let (a, b, to) = loopback_pair(enable_pktinfo);
         let mut out = SendBatch::default();
         // Equal sizes (one segmented run), then a shorter last one.
         for i in 0..5u8 {
@@ -533,11 +540,7 @@ mod tests {
     fn merged_datagrams_come_with_their_size() {
         // A segmented send reaches a GRO socket as one message (as NIC GRO
         // would merge a burst); the datagram size comes with it.
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        enable_gro(b.as_raw_fd());
-        b.set_nonblocking(true).unwrap();
-        let to = b.local_addr().unwrap();
+        let (a, b, to) = loopback_pair(enable_gro);
         let mut out = SendBatch::default();
         for i in 0..4u8 {
             let n = if i == 3 { 40 } else { 100 };
