@@ -501,7 +501,13 @@ impl DtlsServer {
             t if t == FrameType::DpdRequest as u8 && payload.len() <= PACKET_MAX => {
                 replies.slot()[PACKET_OFFSET..PACKET_OFFSET + payload.len()]
                     .copy_from_slice(payload);
-                self.commit_frame(link, replies, FrameType::DpdResponse, payload.len());
+                self.commit_frame(
+                    link,
+                    link.path(),
+                    replies,
+                    FrameType::DpdResponse,
+                    payload.len(),
+                );
             }
             t if t == FrameType::Disconnect as u8 => link.close(),
             _ => {}
@@ -687,17 +693,31 @@ impl DtlsServer {
     }
 
     /// Seals a packet for `link` into `out`'s next slot, where the caller
-    /// read it at [`PACKET_OFFSET`], and commits it. Flushes a full batch.
-    pub fn seal_into(&self, link: &Link, out: &mut batch::SendBatch, len: usize) {
-        self.commit_frame(link, out, FrameType::Data, len);
+    /// read it at [`PACKET_OFFSET`], and commits it for `path` (the link's
+    /// [`Link::path`], looked up once for all segments of a read). Flushes
+    /// a full batch.
+    pub fn seal_into(
+        &self,
+        link: &Link,
+        path: (SocketAddr, Option<IpAddr>),
+        out: &mut batch::SendBatch,
+        len: usize,
+    ) {
+        self.commit_frame(link, path, out, FrameType::Data, len);
     }
 
     /// Seals the `len`-byte payload at [`PACKET_OFFSET`] of `out`'s next
-    /// slot as a frame of type `ty` for `link`, commits it, flushes a full
-    /// batch.
-    fn commit_frame(&self, link: &Link, out: &mut batch::SendBatch, ty: FrameType, len: usize) {
+    /// slot as a frame of type `ty` for `link`, commits it for `path`,
+    /// flushes a full batch.
+    fn commit_frame(
+        &self,
+        link: &Link,
+        (to, src): (SocketAddr, Option<IpAddr>),
+        out: &mut batch::SendBatch,
+        ty: FrameType,
+        len: usize,
+    ) {
         let n = link.seal_frame(out.slot(), ty, len);
-        let (to, src) = link.path();
         out.commit(n, to, src);
         if out.is_full() {
             out.flush(self.socket.as_raw_fd());

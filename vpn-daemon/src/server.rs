@@ -428,9 +428,10 @@ impl Gateway {
                 let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
                 match (&dtls, s.dtls_link()) {
                     (Some(d), Some(link)) if !limited => {
+                        let path = link.path();
                         for i in 0..pkts.count() {
                             let len = pkts.write(i, &mut out.slot()[PACKET_OFFSET..]);
-                            d.seal_into(&link, &mut out, len);
+                            d.seal_into(&link, path, &mut out, len);
                         }
                     }
                     _ => {
