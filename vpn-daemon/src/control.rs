@@ -101,6 +101,9 @@ pub struct Stats {
     /// The DTLS receive thread's counters (absent with DTLS off).
     #[serde(default)]
     pub dtls_rx: Option<crate::dtls::RxStats>,
+    /// Download flow control towards DTLS clients (absent with DTLS off).
+    #[serde(default)]
+    pub dtls_flow_control: Option<crate::dtls::FlowControlStats>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -202,6 +205,7 @@ impl Gateway {
                     .collect()
             },
             dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
+            dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod cstp;
 pub mod csum;
 pub mod dtls;
 pub mod events;
+pub mod flow_control;
 pub mod gro;
 pub mod gso;
 pub mod http;

@@ -428,6 +428,12 @@ impl Gateway {
                 let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
                 match (&dtls, s.dtls_link()) {
                     (Some(d), Some(link)) if !limited => {
+                        // TCP data waits while the client's window is full.
+                        if let Some((flow, seq, data)) =
+                            crate::flow_control::tcp_data(pkts.packet())
+                        {
+                            d.wait_for_window(&link, flow, seq, seq.wrapping_add(data), &mut out);
+                        }
                         let path = link.path();
                         for i in 0..pkts.count() {
                             let len = pkts.write(i, &mut out.slot()[PACKET_OFFSET..]);

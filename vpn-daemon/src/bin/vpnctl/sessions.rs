@@ -107,6 +107,13 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             rx.acks_thinned
         );
     }
+    if let Some(p) = &stats.dtls_flow_control {
+        println!(
+            "DTLS download flow control: {} waits for client ACKs ({} ms in all)",
+            p.waits,
+            p.wait_us / 1000
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,512 @@
+//! Download flow control towards DTLS clients: no more unacknowledged TCP
+//! data in flight to a client than the path holds plus what the client's
+//! UDP socket can queue.
+//!
+//! A read from the TUN device can be one 64 KiB TCP packet (TSO), which
+//! becomes some 45 datagrams sent within microseconds, and the server's TCP
+//! sends several such packets back to back. A client takes datagrams off
+//! its UDP socket one at a time (openconnect: 5 to 10 us each), and that
+//! socket holds about 90 of them (Linux's default 208 KiB of buffer); if
+//! the client is off the CPU for half a millisecond at 2 Gbit/s, what we
+//! send meanwhile is lost there. On the bench, unpaced DTLS downloads lost
+//! 16% of their datagrams at the client; the server's TCP retransmitted
+//! each, we sealed and sent them again, and the losses kept its window
+//! small. ocserv escapes this only by being slower than the client.
+//!
+//! The client's own TCP says what it has taken: its ACKs (and SACK blocks,
+//! which say what arrived after a loss). Each [`LinkWindow`] tracks, per
+//! TCP flow to the client, the highest sequence number sent and the highest
+//! the client has, and a tunnel reader about to send new data beyond the
+//! client's window waits for ACKs first (at most [`MAX_WAIT`]). The server's
+//! TCP then meets queueing in the TUN device instead of losses at the
+//! client. Retransmissions never wait: they fill the hole the client's ACKs
+//! are stuck at.
+//!
+//! The window is what a TCP sender's would be, for the path between us and
+//! the client's TCP: its bandwidth-delay product (the highest delivery rate
+//! seen lately times the lowest round-trip time, both measured on the
+//! client's ACKs, as BBR does) plus [`QUEUE_BYTES`] for the client's socket
+//! to absorb. On a LAN the product is small and the allowance decides; on a
+//! long path the product grows with the rate, by up to [`QUEUE_BYTES`] per
+//! round trip, so a client far away is not held back.
+//!
+//! Flows not heard from for [`STALE`] stop counting (a flow that ended, or
+//! a client that went quiet: the next send is a probe).
+
+use std::{
+    sync::{
+        Condvar, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// The longest a tunnel reader waits for one client's ACKs.
+pub const MAX_WAIT: Duration = Duration::from_millis(1);
+/// A flow without sends or ACKs for this long stops counting.
+pub const STALE: Duration = Duration::from_millis(20);
+/// In flight beyond the bandwidth-delay product: TCP payload that 90
+/// full-size datagrams carry, what a Linux client's default UDP receive
+/// buffer holds. Measured on the bench: 96 KiB held throughput back,
+/// 160 KiB let losses at the client come back.
+pub const QUEUE_BYTES: u64 = 128 * 1024;
+/// How long the lowest round-trip time stays valid without being seen
+/// again (BBR's 10 s).
+const MIN_RTT_LIFETIME: Duration = Duration::from_secs(10);
+/// Rate samples the delivery rate is the highest of.
+const RATE_SAMPLES: usize = 8;
+/// TCP flows per client whose sequence numbers are tracked.
+const FLOWS: usize = 16;
+
+#[derive(Clone, Copy)]
+struct Flow {
+    hash: u64,
+    /// Sequence number after the highest byte sent.
+    snd_max: u32,
+    /// Highest sequence number the client has (ACK or SACK).
+    ack: u32,
+    last: Instant,
+}
+
+/// A send being timed: done when `flow` is acknowledged past `seq`.
+#[derive(Clone, Copy)]
+struct Probe {
+    flow: u64,
+    seq: u32,
+    sent: Instant,
+    /// `State::delivered` when it was sent.
+    delivered: u64,
+}
+
+struct State {
+    flows: Vec<Flow>,
+    /// Bytes the client has acknowledged over all flows.
+    delivered: u64,
+    probe: Option<Probe>,
+    min_rtt: Option<(Duration, Instant)>,
+    /// Delivery rates (bytes per second) of the last probes.
+    rates: [u64; RATE_SAMPLES],
+    next_rate: usize,
+}
+
+/// The flight state of one DTLS channel's TCP flows.
+pub struct LinkWindow {
+    state: Mutex<State>,
+    acked: Condvar,
+    waiters: AtomicUsize,
+}
+
+impl Default for LinkWindow {
+    fn default() -> Self {
+        LinkWindow {
+            state: Mutex::new(State {
+                flows: Vec::with_capacity(FLOWS),
+                delivered: 0,
+                probe: None,
+                min_rtt: None,
+                rates: [0; RATE_SAMPLES],
+                next_rate: 0,
+            }),
+            acked: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// `a` after `b` in sequence space.
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+impl State {
+    /// Bytes in flight on flows heard from lately.
+    fn in_flight(&self, now: Instant) -> u64 {
+        self.flows
+            .iter()
+            .filter(|f| now.saturating_duration_since(f.last) < STALE)
+            .map(|f| u64::from(f.snd_max.wrapping_sub(f.ack)).min(1 << 30))
+            .sum()
+    }
+
+    /// The client's window: bandwidth-delay product plus the allowance.
+    fn window(&self) -> u64 {
+        let rate = self.rates.iter().copied().max().unwrap_or(0);
+        let bdp = self.min_rtt.map_or(0, |(rtt, _)| {
+            (u128::from(rate) * rtt.as_nanos() / 1_000_000_000) as u64
+        });
+        bdp + QUEUE_BYTES
+    }
+}
+
+impl LinkWindow {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A TCP packet from the client on `flow` saying it has everything
+    /// before `high` ([`tcp_ack`]).
+    pub fn on_ack(&self, flow: u64, high: u32, now: Instant) {
+        let mut s = self.lock();
+        let s = &mut *s;
+        match s.flows.iter_mut().find(|f| f.hash == flow) {
+            Some(f) => {
+                if after(high, f.ack) {
+                    s.delivered += u64::from(high.wrapping_sub(f.ack));
+                    f.ack = high;
+                    if after(high, f.snd_max) {
+                        f.snd_max = high;
+                    }
+                }
+                f.last = now;
+            }
+            None => {
+                let f = Flow {
+                    hash: flow,
+                    snd_max: high,
+                    ack: high,
+                    last: now,
+                };
+                if s.flows.len() < FLOWS {
+                    s.flows.push(f);
+                } else if let Some(old) = s.flows.iter_mut().min_by_key(|f| f.last) {
+                    *old = f;
+                }
+            }
+        }
+        if let Some(p) = s.probe
+            && p.flow == flow
+            && !after(p.seq, high)
+        {
+            s.probe = None;
+            let rtt = now
+                .saturating_duration_since(p.sent)
+                .max(Duration::from_micros(1));
+            if s.min_rtt.is_none_or(|(min, at)| {
+                rtt <= min || now.saturating_duration_since(at) > MIN_RTT_LIFETIME
+            }) {
+                s.min_rtt = Some((rtt, now));
+            }
+            let bytes = s.delivered - p.delivered;
+            s.rates[s.next_rate] = (u128::from(bytes) * 1_000_000_000 / rtt.as_nanos()) as u64;
+            s.next_rate = (s.next_rate + 1) % RATE_SAMPLES;
+        }
+        if self.waiters.load(Ordering::Relaxed) != 0 {
+            self.acked.notify_all();
+        }
+    }
+
+    /// Before sending `flow`'s data from `start` to `end`: waits until it
+    /// fits in the client's window, at most [`MAX_WAIT`]; `before_wait`
+    /// runs once, before the first wait. Returns how long it waited.
+    pub fn send(&self, flow: u64, start: u32, end: u32, before_wait: impl FnOnce()) -> Duration {
+        let mut before_wait = Some(before_wait);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut s = self.lock();
+        // Only flows the client has acknowledged are tracked, and only new
+        // data waits.
+        match s.flows.iter().find(|f| f.hash == flow) {
+            Some(f) if after(end, f.snd_max) => {}
+            _ => return Duration::ZERO,
+        }
+        let bytes = u64::from(end.wrapping_sub(start));
+        loop {
+            let flight = s.in_flight(now);
+            if flight == 0 || flight + bytes <= s.window() {
+                break;
+            }
+            let left = MAX_WAIT.saturating_sub(now - t0);
+            if left.is_zero() {
+                break;
+            }
+            if let Some(f) = before_wait.take() {
+                drop(s);
+                f();
+                s = self.lock();
+                now = Instant::now();
+                continue;
+            }
+            self.waiters.fetch_add(1, Ordering::Relaxed);
+            s = self
+                .acked
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
+            now = Instant::now();
+        }
+        let delivered = s.delivered;
+        if let Some(f) = s.flows.iter_mut().find(|f| f.hash == flow) {
+            if after(end, f.snd_max) {
+                f.snd_max = end;
+            }
+            f.last = now;
+        }
+        // Timed to the ACK of its first byte: the round trip without the
+        // time the client takes for the rest of the burst.
+        if s.probe.is_none() {
+            s.probe = Some(Probe {
+                flow,
+                seq: start.wrapping_add(1),
+                sent: now,
+                delivered,
+            });
+        }
+        now - t0
+    }
+}
+
+/// FNV-1a over a flow's client address and port, then the other end's.
+fn flow_hash(client: &[u8], client_port: &[u8], other: &[u8], other_port: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in client
+        .iter()
+        .chain(client_port)
+        .chain(other)
+        .chain(other_port)
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// IP header length, source and destination address of a TCP packet with
+/// at least a whole TCP header.
+fn tcp_parts(p: &[u8]) -> Option<(usize, &[u8], &[u8])> {
+    let (ihl, src, dst) = match p.first()? >> 4 {
+        4 if p.len() >= 40 && p[9] == 6 => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            (ihl, &p[12..16], &p[16..20])
+        }
+        6 if p.len() >= 60 && p[6] == 6 => (40, &p[8..24], &p[24..40]),
+        _ => return None,
+    };
+    p.get(ihl..ihl + 20)?;
+    Some((ihl, src, dst))
+}
+
+/// The flow of a TCP packet from a client (ACK flag set) and the highest
+/// sequence number it says the client has: its ACK number, or the right
+/// edge of a SACK block beyond it (what arrived after a loss).
+pub fn tcp_ack(p: &[u8]) -> Option<(u64, u32)> {
+    let (ihl, src, dst) = tcp_parts(p)?;
+    let tcp = &p[ihl..];
+    if tcp[13] & 0x10 == 0 {
+        return None;
+    }
+    let flow = flow_hash(src, &tcp[0..2], dst, &tcp[2..4]);
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let mut high = be32(&tcp[8..12]);
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    let mut opts = tcp.get(20..doff).unwrap_or(&[]);
+    while let Some((&kind, rest)) = opts.split_first() {
+        match kind {
+            0 => break,
+            1 => opts = rest,
+            _ => {
+                let len = usize::from(rest.first().copied().unwrap_or(0));
+                if len < 2 || len > opts.len() {
+                    break;
+                }
+                if kind == 5 {
+                    for block in opts[2..len].chunks_exact(8) {
+                        let right = be32(&block[4..]);
+                        if after(right, high) {
+                            high = right;
+                        }
+                    }
+                }
+                opts = &opts[len..];
+            }
+        }
+    }
+    Some((flow, high))
+}
+
+/// The flow, first sequence number and data length of a TCP packet to a
+/// client (a whole TSO packet: all its segments' data); `None` without
+/// data.
+pub fn tcp_data(p: &[u8]) -> Option<(u64, u32, u32)> {
+    let (ihl, src, dst) = tcp_parts(p)?;
+    let tcp = &p[ihl..];
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    let data = p.len().checked_sub(ihl + doff).filter(|&d| d > 0)?;
+    let flow = flow_hash(dst, &tcp[2..4], src, &tcp[0..2]);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    Some((flow, seq, data as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: [u8; 4] = [198, 19, 0, 2];
+    const SERVER: [u8; 4] = [198, 18, 2, 1];
+
+    /// An IPv4 TCP packet; `to_client` decides the direction. `opts` are
+    /// TCP options (a multiple of 4 bytes).
+    fn tcp(to_client: bool, port: u16, seq: u32, ack: u32, opts: &[u8], data: usize) -> Vec<u8> {
+        let hl = 20 + opts.len();
+        let mut p = vec![0u8; 20 + hl + data];
+        let total = p.len() as u16;
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[9] = 6;
+        let (src, dst, sport, dport) = if to_client {
+            (SERVER, CLIENT, 5201, port)
+        } else {
+            (CLIENT, SERVER, port, 5201)
+        };
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&ack.to_be_bytes());
+        p[32] = ((hl / 4) as u8) << 4;
+        p[33] = 0x10;
+        p[40..40 + opts.len()].copy_from_slice(opts);
+        p
+    }
+
+    fn ack(w: &LinkWindow, port: u16, n: u32, now: Instant) {
+        let (f, h) = tcp_ack(&tcp(false, port, 1, n, &[], 0)).unwrap();
+        w.on_ack(f, h, now);
+    }
+
+    /// Sends `len` bytes at `seq` on `port`; how long it waited.
+    fn send(w: &LinkWindow, port: u16, seq: u32, len: usize) -> Duration {
+        let (f, s, d) = tcp_data(&tcp(true, port, seq, 1, &[], len)).unwrap();
+        w.send(f, s, s.wrapping_add(d), || {})
+    }
+
+    #[test]
+    fn parses_both_directions_of_a_flow_and_sack_blocks() {
+        let (f_ack, high) = tcp_ack(&tcp(false, 40000, 1, 5000, &[], 0)).unwrap();
+        assert_eq!(high, 5000);
+        let (f_data, seq, len) = tcp_data(&tcp(true, 40000, 7000, 1, &[], 1300)).unwrap();
+        assert_eq!(
+            (f_data, seq, len),
+            (f_ack, 7000, 1300),
+            "same flow both ways"
+        );
+        let (other, _) = tcp_ack(&tcp(false, 40001, 1, 5000, &[], 0)).unwrap();
+        assert_ne!(other, f_ack);
+        // NOP NOP SACK(10) with one block 6000..9000: the client has up to 9000.
+        let mut sack = vec![1, 1, 5, 10];
+        sack.extend_from_slice(&6000u32.to_be_bytes());
+        sack.extend_from_slice(&9000u32.to_be_bytes());
+        sack.extend_from_slice(&[1, 1]);
+        assert_eq!(
+            tcp_ack(&tcp(false, 40000, 1, 5000, &sack, 0)).unwrap().1,
+            9000
+        );
+        // A bad option length ends parsing, keeping what was read.
+        let bad = [5u8, 40, 0, 0];
+        assert_eq!(
+            tcp_ack(&tcp(false, 40000, 1, 5000, &bad, 0)).unwrap().1,
+            5000
+        );
+        // Pure ACKs carry no data to pace; no ACK flag, nothing to learn.
+        assert_eq!(tcp_data(&tcp(true, 40000, 7000, 1, &[], 0)), None);
+        let mut syn = tcp(false, 40000, 1, 0, &[], 0);
+        syn[33] = 0x02;
+        assert_eq!(tcp_ack(&syn), None);
+        let mut udp = tcp(false, 40000, 1, 0, &[], 0);
+        udp[9] = 17;
+        assert_eq!(tcp_ack(&udp), None);
+    }
+
+    #[test]
+    fn new_data_beyond_the_window_waits_for_acks() {
+        let w = LinkWindow::default();
+        let t = Instant::now();
+        ack(&w, 40000, 1000, t);
+        // 128 KiB in flight: the allowance, no wait.
+        assert!(send(&w, 40000, 1000, 65536).is_zero());
+        assert!(send(&w, 40000, 66536, 65536).is_zero());
+        // One byte more waits the full MAX_WAIT with no ACK coming.
+        let waited = send(&w, 40000, 132072, 1400);
+        assert!(waited >= MAX_WAIT, "{waited:?}");
+        // A retransmission never waits.
+        assert!(send(&w, 40000, 1000, 1400).is_zero());
+        // An untracked flow (no ACK seen yet) is not held.
+        assert!(send(&w, 40001, 1, 65536).is_zero());
+    }
+
+    #[test]
+    fn an_ack_wakes_a_waiting_sender() {
+        let w = std::sync::Arc::new(LinkWindow::default());
+        ack(&w, 40000, 0, Instant::now());
+        assert!(send(&w, 40000, 0, 131072).is_zero());
+        let w2 = w.clone();
+        // ACKs as soon as the sender waits.
+        let acker = std::thread::spawn(move || {
+            let t = Instant::now();
+            while w2.waiters.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(1) {
+                std::thread::yield_now();
+            }
+            ack(&w2, 40000, 65536, Instant::now());
+        });
+        let waited = send(&w, 40000, 131072, 1400);
+        acker.join().unwrap();
+        assert!(
+            !waited.is_zero() && waited < MAX_WAIT,
+            "woken by the ACK, not the timeout: {waited:?}"
+        );
+    }
+
+    #[test]
+    fn sacked_data_is_not_in_flight() {
+        let w = LinkWindow::default();
+        let t = Instant::now();
+        ack(&w, 40000, 0, t);
+        assert!(send(&w, 40000, 0, 131072).is_zero());
+        // The first segment was lost; the client has everything after it.
+        let mut sack = vec![1, 1, 5, 10];
+        sack.extend_from_slice(&1400u32.to_be_bytes());
+        sack.extend_from_slice(&131072u32.to_be_bytes());
+        sack.extend_from_slice(&[1, 1]);
+        let (f, h) = tcp_ack(&tcp(false, 40000, 1, 0, &sack, 0)).unwrap();
+        w.on_ack(f, h, Instant::now());
+        assert!(send(&w, 40000, 131072, 65536).is_zero());
+    }
+
+    #[test]
+    fn stale_flows_stop_counting() {
+        let w = LinkWindow::default();
+        let t = Instant::now() - STALE * 2;
+        ack(&w, 40000, 0, t);
+        {
+            let mut s = w.lock();
+            s.flows[0].snd_max = 200_000;
+            s.flows[0].last = t;
+        }
+        ack(&w, 40001, 0, Instant::now());
+        assert!(send(&w, 40001, 0, 65536).is_zero());
+    }
+
+    #[test]
+    fn the_window_grows_with_the_path() {
+        let w = LinkWindow::default();
+        let t0 = Instant::now();
+        ack(&w, 40000, 0, t0);
+        assert!(send(&w, 40000, 0, 1400).is_zero());
+        // A 20 ms path delivering 12.5 MB/s (100 Mbit/s): the probe sent
+        // above comes back with 250 KB delivered.
+        let t1 = t0 + Duration::from_millis(20);
+        {
+            let mut s = w.lock();
+            s.probe.as_mut().unwrap().sent = t0;
+        }
+        ack(&w, 40000, 250_000, t1);
+        let s = w.lock();
+        let rtt = s.min_rtt.unwrap().0;
+        assert!(rtt >= Duration::from_millis(19), "{rtt:?}");
+        let window = s.window();
+        assert!(
+            (240_000 + QUEUE_BYTES..=260_000 + QUEUE_BYTES).contains(&window),
+            "bandwidth-delay product plus the allowance: {window}"
+        );
+    }
+}
