@@ -57,21 +57,49 @@ fn ticks_per_sec() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
-/// One measurement: bits/s and gateway CPU seconds per GB.
+/// One measurement: bits/s, gateway CPU seconds per GB, and the share of
+/// datagrams the client's UDP socket dropped (buffer full).
 struct Cell {
     mbps: f64,
     cpu_per_gb: f64,
+    client_udp_drop_pct: f64,
 }
 
 impl Cell {
     const ZERO: Cell = Cell {
         mbps: 0.0,
         cpu_per_gb: 0.0,
+        client_udp_drop_pct: 0.0,
     };
+}
+
+/// The client namespace's UDP datagrams received and dropped for a full
+/// socket buffer (`/proc/net/snmp` there).
+fn client_udp(topo: &Topology) -> anyhow::Result<(u64, u64)> {
+    let out = sh(topo.client.cmd("cat").arg("/proc/net/snmp"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (rows.next(), rows.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no Udp rows in /proc/net/snmp");
+    };
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .with_context(|| format!("no {name} in /proc/net/snmp"))?;
+        Ok(values
+            .split_whitespace()
+            .nth(i)
+            .context("short Udp row")?
+            .parse()?)
+    };
+    Ok((field("InDatagrams")?, field("RcvbufErrors")?))
 }
 
 fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> {
     let t0 = cpu_ticks(gw_pid);
+    let (in0, drop0) = client_udp(topo)?;
     let v = iperf3_json(
         &topo.client,
         &topo.server,
@@ -81,6 +109,8 @@ fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> 
         if reverse { &["-R"] } else { &[] },
     )?;
     let t1 = cpu_ticks(gw_pid);
+    let (in1, drop1) = client_udp(topo)?;
+    let (got, dropped) = ((in1 - in0) as f64, (drop1 - drop0) as f64);
     let bytes = v["end"]["sum_received"]["bytes"]
         .as_f64()
         .context("iperf3 result")?;
@@ -91,6 +121,7 @@ fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> 
     Ok(Cell {
         mbps: bps / 1e6,
         cpu_per_gb: cpu / (bytes / 1e9),
+        client_udp_drop_pct: 100.0 * dropped / (got + dropped).max(1.0),
     })
 }
 
@@ -282,13 +313,16 @@ pub fn run() -> anyhow::Result<String> {
     writeln!(out, "# Tunnel throughput and CPU: vpnd against ocserv\n")?;
     writeln!(
         out,
-        "iperf3 TCP for {SECS} s per direction through the tunnel, openconnect 9.01 in a client namespace, the gateway in its own namespace, the iperf3 server behind it. Both gateways give the client the same tunnel MTU (1434 over DTLS, 1472 over TLS). CPU = utime+stime of the gateway's processes per GB moved. {rounds} rounds per transport, vpnd and ocserv alternating; medians, and each round's ratio to show the spread (a 2-core VM where the same build varies by 15-20% from run to run).\n"
+        "iperf3 TCP for {SECS} s per direction through the tunnel, openconnect 9.01 in a client namespace, the gateway in its own namespace, the iperf3 server behind it. Both gateways give the client the same tunnel MTU (1434 over DTLS, 1472 over TLS). CPU = utime+stime of the gateway's processes per GB moved. Client UDP drops = datagrams the client's socket dropped for a full buffer, as a share of all that reached it (the DTLS download's weak point: openconnect's socket holds about 90 datagrams). {rounds} rounds per transport, vpnd and ocserv alternating; medians, and each round's ratio to show the spread (a 2-core VM where the same build varies by 15-20% from run to run).\n"
     )?;
     writeln!(
         out,
-        "| transport | direction | vpnd Mbit/s | ocserv Mbit/s | throughput ratio | vpnd CPU s/GB | ocserv CPU s/GB | CPU ratio | throughput ratio per round | CPU ratio per round |"
+        "| transport | direction | vpnd Mbit/s | ocserv Mbit/s | throughput ratio | vpnd CPU s/GB | ocserv CPU s/GB | CPU ratio | throughput ratio per round | CPU ratio per round | client UDP drops vpnd | client UDP drops ocserv |"
     )?;
-    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---|---|")?;
+    writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"
+    )?;
     // VPN_BENCH_ONLY=vpnd-dtls (or ocserv-tls, ...) runs one gateway and
     // transport, for profiling; the table then has zeros for the rest.
     let only = std::env::var("VPN_BENCH_ONLY").ok();
@@ -324,9 +358,11 @@ pub fn run() -> anyhow::Result<String> {
             let om = median(os.iter().map(|c| c.mbps).collect());
             let vc = median(vs.iter().map(|c| c.cpu_per_gb).collect());
             let oc = median(os.iter().map(|c| c.cpu_per_gb).collect());
+            let vd = median(vs.iter().map(|c| c.client_udp_drop_pct).collect());
+            let od = median(os.iter().map(|c| c.client_udp_drop_pct).collect());
             writeln!(
                 out,
-                "| {} | {dir} | {vm:.0} | {om:.0} | {:.2} | {vc:.2} | {oc:.2} | {:.2} | {} | {} |",
+                "| {} | {dir} | {vm:.0} | {om:.0} | {:.2} | {vc:.2} | {oc:.2} | {:.2} | {} | {} | {vd:.1}% | {od:.1}% |",
                 if dtls { "DTLS" } else { "TLS" },
                 vm / om,
                 vc / oc,
