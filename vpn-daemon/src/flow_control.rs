@@ -30,8 +30,10 @@
 //! long path the product grows with the rate, by up to [`QUEUE_BYTES`] per
 //! round trip, so a client far away is not held back.
 //!
-//! Flows not heard from for [`STALE`] stop counting (a flow that ended, or
-//! a client that went quiet: the next send is a probe).
+//! A flow the client has not acknowledged anything on for [`STALE`] stops
+//! counting: a flow that ended, a client that went quiet (the next send is
+//! a probe), or one that withholds its ACKs, which thus cannot hold a
+//! tunnel reader, and the other clients it serves, for more than that.
 
 use std::{
     sync::{
@@ -43,7 +45,7 @@ use std::{
 
 /// The longest a tunnel reader waits for one client's ACKs.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);
-/// A flow without sends or ACKs for this long stops counting.
+/// A flow without ACKs for this long stops counting.
 pub const STALE: Duration = Duration::from_millis(20);
 /// In flight beyond the bandwidth-delay product: TCP payload that 90
 /// full-size datagrams carry, what a Linux client's default UDP receive
@@ -65,6 +67,7 @@ struct Flow {
     snd_max: u32,
     /// Highest sequence number the client has (ACK or SACK).
     ack: u32,
+    /// When the client last acknowledged on the flow.
     last: Instant,
 }
 
@@ -236,11 +239,10 @@ impl LinkWindow {
             now = Instant::now();
         }
         let delivered = s.delivered;
-        if let Some(f) = s.flows.iter_mut().find(|f| f.hash == flow) {
-            if after(end, f.snd_max) {
-                f.snd_max = end;
-            }
-            f.last = now;
+        if let Some(f) = s.flows.iter_mut().find(|f| f.hash == flow)
+            && after(end, f.snd_max)
+        {
+            f.snd_max = end;
         }
         // Timed to the ACK of its first byte: the round trip without the
         // time the client takes for the rest of the burst.
@@ -473,15 +475,16 @@ mod tests {
     }
 
     #[test]
-    fn stale_flows_stop_counting() {
+    fn a_flow_without_acks_stops_counting() {
         let w = LinkWindow::default();
-        let t = Instant::now() - STALE * 2;
-        ack(&w, 40000, 0, t);
-        {
-            let mut s = w.lock();
-            s.flows[0].snd_max = 200_000;
-            s.flows[0].last = t;
-        }
+        ack(&w, 40000, 0, Instant::now());
+        assert!(send(&w, 40000, 0, 131072).is_zero());
+        assert!(!send(&w, 40000, 131072, 1400).is_zero(), "window full");
+        // Sending does not keep a flow alive: once its last ACK is STALE
+        // old, a client withholding ACKs holds nobody.
+        w.lock().flows[0].last = Instant::now() - STALE * 2;
+        assert!(send(&w, 40000, 132472, 65536).is_zero());
+        // Nor does it count against the client's other flows.
         ack(&w, 40001, 0, Instant::now());
         assert!(send(&w, 40001, 0, 65536).is_zero());
     }
