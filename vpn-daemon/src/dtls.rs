@@ -195,7 +195,7 @@ pub struct RxStats {
 /// Locks `m`, also once a panic elsewhere poisoned it: each critical
 /// section here leaves its map consistent at every step, and a receive
 /// thread that restarts after a panic must still reach the peers.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -544,9 +544,14 @@ impl DtlsServer {
                 if !crate::server::valid_ip_packet(payload) {
                     return;
                 }
-                // The client's TCP ACKs open its download window.
-                if let Some((flow, ack)) = crate::flow_control::tcp_ack(payload) {
-                    link.window.on_ack(flow, ack, w.now);
+                // Parsed once: the client's TCP ACKs open its download
+                // window, then segments are merged.
+                let seg = crate::gro::parse(payload);
+                if let Some((flow, high)) = seg
+                    .as_ref()
+                    .and_then(|s| crate::flow_control::client_ack(payload, s))
+                {
+                    link.window.on_ack(flow, high, w.now);
                 }
                 if link.session.rate_up_bps.load(Ordering::Relaxed) != 0 {
                     link.session.paced_upload(payload);
@@ -554,7 +559,8 @@ impl DtlsServer {
                 }
                 // TCP segments of one flow are merged across the batch,
                 // redundant ACKs dropped.
-                w.gro.push(payload, &mut crate::tun::TunSink(&self.tun));
+                w.gro
+                    .push_parsed(payload, seg, &mut crate::tun::TunSink(&self.tun));
             }
             // Echo DPD verbatim with the type changed: openconnect's MTU
             // probe accepts nothing else.

@@ -35,6 +35,7 @@
 //! a probe), or one that withholds its ACKs, which thus cannot hold a
 //! tunnel reader, and the other clients it serves, for more than that.
 
+use crate::gro::{self, Seg, after};
 use std::{
     sync::{
         Condvar, Mutex, MutexGuard,
@@ -116,11 +117,6 @@ impl Default for LinkWindow {
     }
 }
 
-/// `a` after `b` in sequence space.
-fn after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
-}
-
 impl State {
     /// Bytes in flight on flows heard from lately.
     fn in_flight(&self, now: Instant) -> u64 {
@@ -143,7 +139,7 @@ impl State {
 
 impl LinkWindow {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::dtls::lock(&self.state)
     }
 
     /// A TCP packet from the client on `flow` saying it has everything
@@ -258,49 +254,35 @@ impl LinkWindow {
     }
 }
 
-/// FNV-1a over a flow's client address and port, then the other end's.
-fn flow_hash(client: &[u8], client_port: &[u8], other: &[u8], other_port: &[u8]) -> u64 {
+/// A hash naming a TCP flow the same both ways: FNV-1a over the client's
+/// address and port, then the other end's.
+fn flow_hash(p: &[u8], s: &Seg, from_client: bool) -> u64 {
+    let (addrs, ports) = gro::flow(p, s);
+    let (src, dst) = addrs.split_at(addrs.len() / 2);
+    let (sport, dport) = ports.split_at(2);
+    let [a, b, c, d] = if from_client {
+        [src, sport, dst, dport]
+    } else {
+        [dst, dport, src, sport]
+    };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in client
-        .iter()
-        .chain(client_port)
-        .chain(other)
-        .chain(other_port)
-    {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    for &x in a.iter().chain(b).chain(c).chain(d) {
+        h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
 }
 
-/// IP header length, source and destination address of a TCP packet with
-/// at least a whole TCP header.
-fn tcp_parts(p: &[u8]) -> Option<(usize, &[u8], &[u8])> {
-    let (ihl, src, dst) = match p.first()? >> 4 {
-        4 if p.len() >= 40 && p[9] == 6 => {
-            let ihl = usize::from(p[0] & 0x0f) * 4;
-            (ihl, &p[12..16], &p[16..20])
-        }
-        6 if p.len() >= 60 && p[6] == 6 => (40, &p[8..24], &p[24..40]),
-        _ => return None,
-    };
-    p.get(ihl..ihl + 20)?;
-    Some((ihl, src, dst))
-}
-
-/// The flow of a TCP packet from a client (ACK flag set) and the highest
-/// sequence number it says the client has: its ACK number, or the right
-/// edge of a SACK block beyond it (what arrived after a loss).
-pub fn tcp_ack(p: &[u8]) -> Option<(u64, u32)> {
-    let (ihl, src, dst) = tcp_parts(p)?;
-    let tcp = &p[ihl..];
-    if tcp[13] & 0x10 == 0 {
+/// The flow of a TCP segment `p` (parsed as `s`) from a client, if it
+/// carries an ACK, and the highest sequence number it says the client has:
+/// its ACK number, or the right edge of a SACK block beyond it (what
+/// arrived after a loss).
+pub(crate) fn client_ack(p: &[u8], s: &Seg) -> Option<(u64, u32)> {
+    if s.flags & gro::ACK == 0 {
         return None;
     }
-    let flow = flow_hash(src, &tcp[0..2], dst, &tcp[2..4]);
     let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let mut high = be32(&tcp[8..12]);
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    let mut opts = tcp.get(20..doff).unwrap_or(&[]);
+    let mut high = s.ack;
+    let mut opts = &p[s.ihl + 20..s.hdr_len];
     while let Some((&kind, rest)) = opts.split_first() {
         match kind {
             0 => break,
@@ -322,20 +304,15 @@ pub fn tcp_ack(p: &[u8]) -> Option<(u64, u32)> {
             }
         }
     }
-    Some((flow, high))
+    Some((flow_hash(p, s, true), high))
 }
 
 /// The flow, first sequence number and data length of a TCP packet to a
 /// client (a whole TSO packet: all its segments' data); `None` without
-/// data.
+/// data or if it is not TCP.
 pub fn tcp_data(p: &[u8]) -> Option<(u64, u32, u32)> {
-    let (ihl, src, dst) = tcp_parts(p)?;
-    let tcp = &p[ihl..];
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    let data = p.len().checked_sub(ihl + doff).filter(|&d| d > 0)?;
-    let flow = flow_hash(dst, &tcp[2..4], src, &tcp[0..2]);
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    Some((flow, seq, data as u32))
+    let s = gro::parse(p).filter(|s| s.payload > 0)?;
+    Some((flow_hash(p, &s, false), s.seq, s.payload as u32))
 }
 
 #[cfg(test)]
@@ -371,15 +348,38 @@ mod tests {
         p
     }
 
+    /// [`client_ack`] of a packet from the client.
+    fn tcp_ack(p: &[u8]) -> Option<(u64, u32)> {
+        client_ack(p, &gro::parse(p)?)
+    }
+
+    /// TCP options NOP NOP SACK with one block, NOP NOP.
+    fn sack(left: u32, right: u32) -> Vec<u8> {
+        let mut o = vec![1, 1, 5, 10];
+        o.extend_from_slice(&left.to_be_bytes());
+        o.extend_from_slice(&right.to_be_bytes());
+        o.extend_from_slice(&[1, 1]);
+        o
+    }
+
     fn ack(w: &LinkWindow, port: u16, n: u32, now: Instant) {
         let (f, h) = tcp_ack(&tcp(false, port, 1, n, &[], 0)).unwrap();
         w.on_ack(f, h, now);
     }
 
-    /// Sends `len` bytes at `seq` on `port`; how long it waited.
+    /// Sends `len` bytes at `seq` on `port`, in TSO packets of at most
+    /// 64000 bytes; how long it waited.
     fn send(w: &LinkWindow, port: u16, seq: u32, len: usize) -> Duration {
-        let (f, s, d) = tcp_data(&tcp(true, port, seq, 1, &[], len)).unwrap();
-        w.send(f, s, s.wrapping_add(d), || {})
+        let mut waited = Duration::ZERO;
+        let mut sent = 0;
+        while sent < len {
+            let n = (len - sent).min(64_000);
+            let p = tcp(true, port, seq.wrapping_add(sent as u32), 1, &[], n);
+            let (f, s, d) = tcp_data(&p).unwrap();
+            waited += w.send(f, s, s.wrapping_add(d), || {});
+            sent += n;
+        }
+        waited
     }
 
     #[test]
@@ -465,11 +465,8 @@ mod tests {
         ack(&w, 40000, 0, t);
         assert!(send(&w, 40000, 0, 131072).is_zero());
         // The first segment was lost; the client has everything after it.
-        let mut sack = vec![1, 1, 5, 10];
-        sack.extend_from_slice(&1400u32.to_be_bytes());
-        sack.extend_from_slice(&131072u32.to_be_bytes());
-        sack.extend_from_slice(&[1, 1]);
-        let (f, h) = tcp_ack(&tcp(false, 40000, 1, 0, &sack, 0)).unwrap();
+        let opts = sack(1400, 131072);
+        let (f, h) = tcp_ack(&tcp(false, 40000, 1, 0, &opts, 0)).unwrap();
         w.on_ack(f, h, Instant::now());
         assert!(send(&w, 40000, 131072, 65536).is_zero());
     }

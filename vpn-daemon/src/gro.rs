@@ -87,23 +87,24 @@ impl Default for Coalescer {
     }
 }
 
-/// A TCP segment's fields that decide merging and thinning.
-struct Seg {
+/// A TCP segment's fields that decide merging and thinning (and download
+/// flow control, `flow_control.rs`).
+pub(crate) struct Seg {
     /// IP header length (20 for IPv4, 40 for IPv6).
-    ihl: usize,
-    hdr_len: usize,
-    seq: u32,
-    ack: u32,
-    flags: u8,
-    payload: usize,
+    pub(crate) ihl: usize,
+    pub(crate) hdr_len: usize,
+    pub(crate) seq: u32,
+    pub(crate) ack: u32,
+    pub(crate) flags: u8,
+    pub(crate) payload: usize,
 }
 
-const ACK: u8 = 0x10;
+pub(crate) const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 
 /// A TCP segment of IPv4 (no options, not a fragment) or IPv6 (no
-/// extension headers).
-fn parse(p: &[u8]) -> Option<Seg> {
+/// extension headers); a TSO packet read from the TUN device is one too.
+pub(crate) fn parse(p: &[u8]) -> Option<Seg> {
     let ihl = match p.first()? {
         0x45 if p.len() >= 40 && p[9] == 6 => {
             let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
@@ -137,7 +138,7 @@ fn parse(p: &[u8]) -> Option<Seg> {
 }
 
 /// The bytes that name a TCP flow in one direction: addresses and ports.
-fn flow<'a>(p: &'a [u8], s: &Seg) -> (&'a [u8], &'a [u8]) {
+pub(crate) fn flow<'a>(p: &'a [u8], s: &Seg) -> (&'a [u8], &'a [u8]) {
     let addrs = if s.ihl == 20 { &p[12..20] } else { &p[8..40] };
     (addrs, &p[s.ihl..s.ihl + 4])
 }
@@ -152,7 +153,7 @@ fn thinnable(p: &[u8], s: &Seg) -> bool {
 }
 
 /// `a` after `b` in sequence space.
-fn after(a: u32, b: u32) -> bool {
+pub(crate) fn after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
@@ -235,7 +236,12 @@ impl Coalescer {
     /// Takes a packet from a client: held (merged, or the latest ACK of its
     /// flow) or written to `out`, along with whatever it makes ready.
     pub fn push(&mut self, p: &[u8], out: &mut impl Sink) {
-        let Some(s) = parse(p) else {
+        self.push_parsed(p, parse(p), out);
+    }
+
+    /// [`Self::push`] of a packet the caller has already [`parse`]d.
+    pub(crate) fn push_parsed(&mut self, p: &[u8], seg: Option<Seg>, out: &mut impl Sink) {
+        let Some(s) = seg else {
             // Not TCP (or not a shape we handle): written now. Other
             // protocols are separate flows; nothing held must go first.
             out.write(&NO_OFFLOAD, p);
