@@ -74,27 +74,12 @@ impl Cell {
 }
 
 /// The client namespace's UDP datagrams received and dropped for a full
-/// socket buffer (`/proc/net/snmp` there).
+/// socket buffer.
 fn client_udp(topo: &Topology) -> anyhow::Result<(u64, u64)> {
-    let out = sh(topo.client.cmd("cat").arg("/proc/net/snmp"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (rows.next(), rows.next());
-    let (Some(names), Some(values)) = (names, values) else {
-        bail!("no Udp rows in /proc/net/snmp");
-    };
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let i = names
-            .split_whitespace()
-            .position(|n| n == name)
-            .with_context(|| format!("no {name} in /proc/net/snmp"))?;
-        Ok(values
-            .split_whitespace()
-            .nth(i)
-            .context("short Udp row")?
-            .parse()?)
-    };
-    Ok((field("InDatagrams")?, field("RcvbufErrors")?))
+    Ok((
+        topo.client.nstat("UdpInDatagrams")?,
+        topo.client.nstat("UdpRcvbufErrors")?,
+    ))
 }
 
 fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> {

@@ -102,6 +102,19 @@ impl Netns {
         c
     }
 
+    /// A counter of the namespace's network stack (`nstat`, absolute
+    /// values, without touching its history file).
+    pub fn nstat(&self, counter: &str) -> anyhow::Result<u64> {
+        let out = sh(self.cmd("nstat").args(["-asz", counter]))?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(counter)).then(|| f.next()?.parse().ok())?
+            })
+            .with_context(|| format!("nstat has no counter {counter}"))
+    }
+
     /// A command run in the namespace's network stack but the host's mount
     /// namespace (`nsenter --net`), unlike `ip netns exec`, which mounts a
     /// private /sys and would hide the daemon's bpffs pins from the host.

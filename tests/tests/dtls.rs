@@ -45,18 +45,16 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
 
     assert!(topo.client.ping(SERVER, 3), "ping over DTLS\n{}", gw.log());
     let up = iperf3(&topo.client, &topo.server, SERVER, 2, false).unwrap();
-    let (in0, lost0) = (
-        nstat(&topo.client, "UdpInDatagrams"),
-        nstat(&topo.client, "UdpRcvbufErrors"),
-    );
+    let udp = |counter| topo.client.nstat(counter).unwrap();
+    let (in0, lost0) = (udp("UdpInDatagrams"), udp("UdpRcvbufErrors"));
     let down = iperf3(&topo.client, &topo.server, SERVER, 2, true).unwrap();
     // Flow control from the client's ACKs (flow_control.rs): the download
     // does not overflow the client's UDP socket. Without it a release
     // build lost 16% there on the bench; this debug build, slower, lost
     // 0.4-0.9% (0.03-0.2% with it), so the bound here catches gross
     // breakage and the bench measures the rest.
-    let received = nstat(&topo.client, "UdpInDatagrams") - in0;
-    let lost = nstat(&topo.client, "UdpRcvbufErrors") - lost0;
+    let received = udp("UdpInDatagrams") - in0;
+    let lost = udp("UdpRcvbufErrors") - lost0;
     eprintln!("download: client socket took {received} datagrams, dropped {lost}");
     assert!(
         received > 1000 && lost * 100 < received,
@@ -336,21 +334,9 @@ fn dtls_follows_a_nat_rebinding_and_ignores_forged_records() {
     assert_eq!(dtls_peer().as_deref(), Some("198.18.1.2:40000"));
 }
 
-/// A counter of the namespace's network stack (`nstat -az`).
-fn nstat(ns: &Netns, counter: &str) -> u64 {
-    let out = ns.cmd("nstat").args(["-az", counter]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(counter)).then(|| f.next()?.parse().ok())?
-        })
-        .unwrap_or(0)
-}
-
 /// IP reassemblies the namespace's stack has done.
 fn reassemblies(ns: &Netns) -> u64 {
-    nstat(ns, "IpReasmReqds")
+    ns.nstat("IpReasmReqds").unwrap()
 }
 
 #[test]
