@@ -161,8 +161,11 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unknown benchmark '{other}': available: classifier, forwarding, tunnel"),
     };
     print!("{table}");
-    if std::env::var_os("VPN_BENCH_ONLY").is_some() {
-        // A partial run (profiling) does not replace the recorded table.
+    if std::env::var_os("VPN_BENCH_ONLY").is_some()
+        || std::env::var_os("VPN_BENCH_IPERF3_ARGS").is_some()
+    {
+        // A partial or modified run (profiling, a window-limited flow) does
+        // not replace the recorded table.
         return Ok(());
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");

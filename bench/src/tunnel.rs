@@ -85,14 +85,14 @@ fn client_udp(topo: &Topology) -> anyhow::Result<(u64, u64)> {
 fn measure(topo: &Topology, gw_pid: u32, reverse: bool) -> anyhow::Result<Cell> {
     let t0 = cpu_ticks(gw_pid);
     let (in0, drop0) = client_udp(topo)?;
-    let v = iperf3_json(
-        &topo.client,
-        &topo.server,
-        SERVER,
-        5201,
-        SECS,
-        if reverse { &["-R"] } else { &[] },
-    )?;
+    // VPN_BENCH_IPERF3_ARGS adds client options, e.g. "-w 32K" for a
+    // window-limited flow.
+    let extra = std::env::var("VPN_BENCH_IPERF3_ARGS").unwrap_or_default();
+    let mut args: Vec<&str> = extra.split_whitespace().collect();
+    if reverse {
+        args.push("-R");
+    }
+    let v = iperf3_json(&topo.client, &topo.server, SERVER, 5201, SECS, &args)?;
     let t1 = cpu_ticks(gw_pid);
     let (in1, drop1) = client_udp(topo)?;
     let (got, dropped) = ((in1 - in0) as f64, (drop1 - drop0) as f64);

@@ -70,3 +70,45 @@ fn bulk_transfers_arrive_intact_on_both_transports() {
         drop(c);
     }
 }
+
+/// A fast upload over TLS is read in large batches (read_batch.rs): the
+/// socket's low-water mark makes each wake-up take tens of KB. Right
+/// after it, a lone ping still gets through: the tail timer drops the
+/// mark, so the last packets of a burst are never stranded below it.
+#[test]
+fn a_fast_tls_upload_is_read_in_batches_and_strands_nothing() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &["--no-dtls"]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let reads = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&gw.vpnctl(&["stats", "--json"]).unwrap()).unwrap();
+        v["tls_reads"].clone()
+    };
+    let before = reads();
+    let up = iperf3(&topo.client, &topo.server, SERVER, 3, false).unwrap();
+    assert!(
+        topo.client.ping(SERVER, 3),
+        "a ping after the upload got no answer: {}",
+        reads()
+    );
+    let after = reads();
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let per_wakeup = delta("bytes") / delta("wakeups").max(1);
+    eprintln!("TLS upload at {:.0} Mbit/s: {after}", up / 1e6);
+    assert!(
+        delta("bytes") > (up / 8.0 * 3.0 * 0.9) as u64,
+        "the upload's bytes were not counted: {after}"
+    );
+    // A debug gateway is slow enough that its reads are large with or
+    // without the mark; that the mark was set shows it is in use (the
+    // bench measures what it saves).
+    assert!(delta("batching_started") >= 1, "{after}");
+    assert!(
+        per_wakeup > 16_000,
+        "{per_wakeup} bytes per wake-up: {after}"
+    );
+    assert_eq!(gw.sessions().unwrap()[0]["transport"], "tls");
+}

@@ -104,6 +104,9 @@ pub struct Stats {
     /// Download flow control towards DTLS clients (absent with DTLS off).
     #[serde(default)]
     pub dtls_flow_control: Option<crate::dtls::FlowControlStats>,
+    /// Reads of TLS tunnels (read_batch.rs).
+    #[serde(default)]
+    pub tls_reads: crate::read_batch::ReadStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -206,6 +209,7 @@ impl Gateway {
             },
             dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
+            tls_reads: self.tls_reads.snapshot(),
         }
     }
 

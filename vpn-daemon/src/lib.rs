@@ -17,6 +17,7 @@ pub mod netlink;
 pub mod policies;
 pub mod policy;
 pub mod pool;
+pub mod read_batch;
 pub mod server;
 pub mod session;
 pub mod tls;

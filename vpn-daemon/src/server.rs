@@ -62,6 +62,8 @@ pub struct Gateway {
     pub dtls: std::sync::OnceLock<Arc<crate::dtls::DtlsServer>>,
     /// The uplinks, when `[[uplink]]`s are configured.
     pub uplinks: std::sync::OnceLock<Arc<crate::uplinks::Uplinks>>,
+    /// How TLS tunnels' reads were batched.
+    pub tls_reads: crate::read_batch::Counters,
 }
 
 impl Gateway {
@@ -89,6 +91,7 @@ impl Gateway {
             config_path,
             dtls: std::sync::OnceLock::new(),
             uplinks: std::sync::OnceLock::new(),
+            tls_reads: Default::default(),
         });
         let settings = gw.settings.clone();
         gw.apply_policies(&settings)?;

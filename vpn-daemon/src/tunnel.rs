@@ -8,6 +8,7 @@ use std::{
 };
 
 use bytes::BytesMut;
+use futures::FutureExt as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::{mpsc, oneshot},
@@ -26,6 +27,10 @@ use crate::{
 
 /// Packets queued towards one client before new ones are dropped.
 const CLIENT_QUEUE: usize = 512;
+
+/// Plaintext bytes one wake-up of a tunnel takes from its TLS connection
+/// before it writes to the tunnel device and lets other tasks run.
+const READ_BURST: usize = 256 * 1024;
 
 impl Gateway {
     /// `CONNECT /CSCOSSLC/tunnel`: validates the cookie, attaches a tunnel
@@ -341,6 +346,15 @@ impl Gateway {
         mut paced_up: mpsc::Receiver<Vec<u8>>,
         mut kick: oneshot::Receiver<Kick>,
     ) -> TunnelEnd {
+        // Larger reads while the client sends fast (read_batch.rs); the
+        // socket stays open as long as `tls` does, which outlives `batch`.
+        let mut batch = crate::read_batch::ReadBatching::new(
+            std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0.get_ref()),
+            self.settings.raw.tls.read_batching.unwrap_or(true),
+            &self.tls_reads,
+        );
+        let tail = tokio::time::sleep(crate::read_batch::TAIL);
+        tokio::pin!(tail);
         let (mut rd, mut wr) = tokio::io::split(tls);
         let dpd = Duration::from_secs(self.settings.raw.session.dpd_secs);
         let mut last_rx = Instant::now();
@@ -361,6 +375,7 @@ impl Gateway {
                 // get the TERMINATE frame rather than a bare close.
                 biased;
                 k = &mut kick => {
+                    batch.stop();
                     match k {
                         Ok(Kick::Terminate(reason)) => {
                             tracing::info!(user = session.user, "terminating tunnel: {reason}");
@@ -384,14 +399,35 @@ impl Gateway {
                     }
                     break TunnelEnd::Kicked;
                 }
+                // The last bytes of a burst below the low-water mark.
+                _ = &mut tail, if batch.batching() => batch.tail(),
                 r = rd.read_buf(&mut inbuf) => {
-                    match r {
+                    let mut got = match r {
                         Ok(0) => break TunnelEnd::Down("connection closed by client".into()),
                         Err(e) => break TunnelEnd::Down(format!("read error: {e}")),
-                        Ok(_) => {}
-                    }
+                        Ok(n) => n,
+                    };
                     last_rx = Instant::now();
-                    let end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
+                    let mut end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
+                    // rustls hands out one record per read: take what is
+                    // already here before writing, so the coalescer sees
+                    // the whole burst and the tunnel device gets one write
+                    // per flow and burst.
+                    while end.is_none() && got < READ_BURST {
+                        let Some(r) = rd.read_buf(&mut inbuf).now_or_never() else { break };
+                        match r {
+                            Ok(0) => end = Some(TunnelEnd::Down("connection closed by client".into())),
+                            Err(e) => end = Some(TunnelEnd::Down(format!("read error: {e}"))),
+                            Ok(n) => {
+                                got += n;
+                                end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
+                            }
+                        }
+                    }
+                    batch.after_read(got);
+                    if batch.batching() {
+                        tail.as_mut().reset(tokio::time::Instant::now() + crate::read_batch::TAIL);
+                    }
                     // What this read merged or held goes to the kernel now.
                     gro.finish(&mut TunSink(&self.tun));
                     if let Some(end) = end {

@@ -114,6 +114,14 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             p.wait_us / 1000
         );
     }
+    let r = &stats.tls_reads;
+    println!(
+        "TLS tunnel reads: {} wake-ups, {:.1} KB each, batching started {} times, {} tail stalls",
+        r.wakeups,
+        r.bytes as f64 / r.wakeups.max(1) as f64 / 1000.0,
+        r.batching_started,
+        r.tail_stalls
+    );
     Ok(())
 }
 
