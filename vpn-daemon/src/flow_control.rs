@@ -91,6 +91,10 @@ struct State {
     /// Delivery rates (bytes per second) of the last probes.
     rates: [u64; RATE_SAMPLES],
     next_rate: usize,
+    /// The fewest bytes a waiting sender needs room for (`u64::MAX`:
+    /// nobody waits): an ACK wakes the senders only once that fits, not
+    /// for every two segments acknowledged.
+    need: u64,
 }
 
 /// The flight state of one DTLS channel's TCP flows.
@@ -110,6 +114,7 @@ impl Default for LinkWindow {
                 min_rtt: None,
                 rates: [0; RATE_SAMPLES],
                 next_rate: 0,
+                need: u64::MAX,
             }),
             acked: Condvar::new(),
             waiters: AtomicUsize::new(0),
@@ -189,8 +194,14 @@ impl LinkWindow {
             s.rates[s.next_rate] = (u128::from(bytes) * 1_000_000_000 / rtt.as_nanos()) as u64;
             s.next_rate = (s.next_rate + 1) % RATE_SAMPLES;
         }
-        if self.waiters.load(Ordering::Relaxed) != 0 {
-            self.acked.notify_all();
+        if self.waiters.load(Ordering::Relaxed) != 0 && s.need != u64::MAX {
+            let flight = s.in_flight(now);
+            if flight == 0 || flight + s.need <= s.window() {
+                // Every waiter wakes, and states its need again if it
+                // still has to wait.
+                s.need = u64::MAX;
+                self.acked.notify_all();
+            }
         }
     }
 
@@ -226,6 +237,7 @@ impl LinkWindow {
                 continue;
             }
             self.waiters.fetch_add(1, Ordering::Relaxed);
+            s.need = s.need.min(bytes);
             s = self
                 .acked
                 .wait_timeout(s, left)
