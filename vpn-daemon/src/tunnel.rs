@@ -412,8 +412,11 @@ impl Gateway {
                     // rustls hands out one record per read: take what is
                     // already here before writing, so the coalescer sees
                     // the whole burst and the tunnel device gets one write
-                    // per flow and burst.
-                    while end.is_none() && got < READ_BURST {
+                    // per flow and burst. Not for a rate-limited client: its
+                    // packets are paced out one by one, and its downloads
+                    // must not wait behind a burst of them.
+                    let limited = session.rate_up_bps.load(Ordering::Relaxed) != 0;
+                    while end.is_none() && got < READ_BURST && !limited {
                         let Some(r) = rd.read_buf(&mut inbuf).now_or_never() else { break };
                         match r {
                             Ok(0) => end = Some(TunnelEnd::Down("connection closed by client".into())),
