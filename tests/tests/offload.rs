@@ -111,4 +111,9 @@ fn a_fast_tls_upload_is_read_in_batches_and_strands_nothing() {
         "{per_wakeup} bytes per wake-up: {after}"
     );
     assert_eq!(gw.sessions().unwrap()[0]["transport"], "tls");
+    let text = gw.vpnctl(&["stats"]).unwrap();
+    assert!(
+        text.contains("TLS tunnel reads: ") && text.contains("KB each, batching started "),
+        "{text}"
+    );
 }
