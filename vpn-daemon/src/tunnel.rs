@@ -346,8 +346,9 @@ impl Gateway {
         mut paced_up: mpsc::Receiver<Vec<u8>>,
         mut kick: oneshot::Receiver<Kick>,
     ) -> TunnelEnd {
-        // Larger reads while the client sends fast (read_batch.rs); the
-        // socket stays open as long as `tls` does, which outlives `batch`.
+        // Larger reads while the client sends fast (read_batch.rs). `batch`
+        // makes system calls only inside the loop below, while the halves of
+        // `tls` keep the socket open.
         let mut batch = crate::read_batch::ReadBatching::new(
             std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0.get_ref()),
             self.settings.raw.tls.read_batching.unwrap_or(true),
