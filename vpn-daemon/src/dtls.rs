@@ -199,6 +199,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Messages the next `recvmmsg` takes: a full batch after bulk data (an
+/// upload); after anything else (client ACKs of a download) half of one,
+/// since larger ACK batches reach the servers later and in clumps, and
+/// their bursts back overflow the client (bench, a full batch always: 1490
+/// vs 1720 Mbit/s down, 3 alternating runs).
+fn recv_max(after_bulk: bool) -> usize {
+    if after_bulk {
+        batch::RECV_BATCH
+    } else {
+        batch::RECV_BATCH / 2
+    }
+}
+
 fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
     static INDEX: OnceLock<openssl::ex_data::Index<Ssl, [u8; 32]>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index"))
@@ -405,12 +418,7 @@ impl DtlsServer {
             now: Instant::now(),
         };
         let tun = &mut crate::tun::TunSink(&self.tun);
-        // A full batch after bulk data (an upload); after anything else
-        // (client ACKs of a download) half of one: larger ACK batches
-        // reach the servers later and in clumps, and their bursts back
-        // overflow the client (bench, a full batch always: 1490 vs 1720
-        // Mbit/s down, 3 alternating runs).
-        let mut max = batch::RECV_BATCH / 2;
+        let mut max = recv_max(false);
         loop {
             if let Err(e) = batch.recv_wait(fd, max) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -450,11 +458,7 @@ impl DtlsServer {
             // already queued) go straight back to the socket.
             let bulk = batch.bytes() >= BULK_BATCH_BYTES;
             let full = batch.len() == max;
-            max = if bulk {
-                batch::RECV_BATCH
-            } else {
-                batch::RECV_BATCH / 2
-            };
+            max = recv_max(bulk);
             if !self.coalesce.is_zero() && bulk && !full {
                 c.coalesce_waits.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(self.coalesce);

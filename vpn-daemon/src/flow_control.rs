@@ -394,6 +394,15 @@ mod tests {
         waited
     }
 
+    /// A window with flow 40000 acknowledged up to 0 and the allowance
+    /// (128 KiB) in flight on it.
+    fn full_window() -> LinkWindow {
+        let w = LinkWindow::default();
+        ack(&w, 40000, 0, Instant::now());
+        assert!(send(&w, 40000, 0, 131072).is_zero());
+        w
+    }
+
     #[test]
     fn parses_both_directions_of_a_flow_and_sack_blocks() {
         let (f_ack, high) = tcp_ack(&tcp(false, 40000, 1, 5000, &[], 0)).unwrap();
@@ -450,9 +459,7 @@ mod tests {
 
     #[test]
     fn an_ack_wakes_a_waiting_sender() {
-        let w = std::sync::Arc::new(LinkWindow::default());
-        ack(&w, 40000, 0, Instant::now());
-        assert!(send(&w, 40000, 0, 131072).is_zero());
+        let w = std::sync::Arc::new(full_window());
         let w2 = w.clone();
         // ACKs as soon as the sender waits.
         let acker = std::thread::spawn(move || {
@@ -472,10 +479,7 @@ mod tests {
 
     #[test]
     fn sacked_data_is_not_in_flight() {
-        let w = LinkWindow::default();
-        let t = Instant::now();
-        ack(&w, 40000, 0, t);
-        assert!(send(&w, 40000, 0, 131072).is_zero());
+        let w = full_window();
         // The first segment was lost; the client has everything after it.
         let opts = sack(1400, 131072);
         let (f, h) = tcp_ack(&tcp(false, 40000, 1, 0, &opts, 0)).unwrap();
@@ -485,9 +489,7 @@ mod tests {
 
     #[test]
     fn a_flow_without_acks_stops_counting() {
-        let w = LinkWindow::default();
-        ack(&w, 40000, 0, Instant::now());
-        assert!(send(&w, 40000, 0, 131072).is_zero());
+        let w = full_window();
         assert!(!send(&w, 40000, 131072, 1400).is_zero(), "window full");
         // Sending does not keep a flow alive: once its last ACK is STALE
         // old, a client withholding ACKs holds nobody.

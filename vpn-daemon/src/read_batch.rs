@@ -172,7 +172,8 @@ pub struct ReadBatching<'a> {
 }
 
 impl<'a> ReadBatching<'a> {
-    /// `fd` is the tunnel's TCP socket; it must outlive this value.
+    /// `fd` is the tunnel's TCP socket; it must be open whenever
+    /// [`Self::after_read`], [`Self::tail`] or [`Self::stop`] runs.
     pub fn new(fd: RawFd, enabled: bool, counters: &'a Counters) -> Self {
         ReadBatching {
             fd,

@@ -403,10 +403,9 @@ impl Gateway {
                 // The last bytes of a burst below the low-water mark.
                 _ = &mut tail, if batch.batching() => batch.tail(),
                 r = rd.read_buf(&mut inbuf) => {
-                    let mut got = match r {
-                        Ok(0) => break TunnelEnd::Down("connection closed by client".into()),
-                        Err(e) => break TunnelEnd::Down(format!("read error: {e}")),
+                    let mut got = match read_outcome(r) {
                         Ok(n) => n,
+                        Err(end) => break end,
                     };
                     last_rx = Instant::now();
                     let mut end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
@@ -419,13 +418,12 @@ impl Gateway {
                     let limited = session.rate_up_bps.load(Ordering::Relaxed) != 0;
                     while end.is_none() && got < READ_BURST && !limited {
                         let Some(r) = rd.read_buf(&mut inbuf).now_or_never() else { break };
-                        match r {
-                            Ok(0) => end = Some(TunnelEnd::Down("connection closed by client".into())),
-                            Err(e) => end = Some(TunnelEnd::Down(format!("read error: {e}"))),
+                        match read_outcome(r) {
                             Ok(n) => {
                                 got += n;
                                 end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
                             }
+                            Err(e) => end = Some(e),
                         }
                     }
                     batch.after_read(got);
@@ -575,6 +573,16 @@ enum TunnelEnd {
     /// The connection failed or the peer went silent: the session stays
     /// resumable.
     Down(String),
+}
+
+/// A read from the client's TLS stream: the bytes it brought, or how the
+/// tunnel ends.
+fn read_outcome(r: std::io::Result<usize>) -> Result<usize, TunnelEnd> {
+    match r {
+        Ok(0) => Err(TunnelEnd::Down("connection closed by client".into())),
+        Err(e) => Err(TunnelEnd::Down(format!("read error: {e}"))),
+        Ok(n) => Ok(n),
+    }
 }
 
 /// The DTLS mode chosen for a tunnel, as announced in the CONNECT answer.

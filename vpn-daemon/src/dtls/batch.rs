@@ -243,9 +243,10 @@ impl RecvBatch {
     /// queue is `WouldBlock`.
     /// At most `max` messages (up to [`RECV_BATCH`]).
     pub fn recv_wait(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let max = max.min(RECV_BATCH);
         let mut iov: [libc::iovec; RECV_BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
-        for i in 0..RECV_BATCH {
+        for i in 0..max {
             iov[i] = libc::iovec {
                 iov_base: self.buf[i * RECV_SLOT..].as_mut_ptr().cast(),
                 iov_len: RECV_SLOT,
@@ -263,7 +264,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 fd,
                 hdrs.as_mut_ptr(),
-                max.min(RECV_BATCH) as u32,
+                max as u32,
                 libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )
