@@ -98,12 +98,12 @@ pub struct DtlsConfig {
     pub hello_burst: u32,
     /// Receive coalescing, like a NIC's adaptive rx-usecs: after a batch
     /// of datagrams that carried bulk data (about 8 full-size records or
-    /// more) but did not fill the batch, the receive thread waits this many
+    /// more) but did not fill the batch, the packet worker waits this many
     /// microseconds so the next batch gathers more. Bulk uploads then reach
     /// the LAN as fewer, larger TCP packets (a third less CPU per GB in
     /// the tunnel benchmark). Interactive traffic arriving during a bulk
-    /// upload waits up to this long. 0 turns it off; at most 1000.
-    /// Default 200.
+    /// upload waits up to this long, in both directions for the clients
+    /// the same worker serves. 0 turns it off; at most 1000. Default 200.
     pub rx_coalesce_usecs: u16,
 }
 

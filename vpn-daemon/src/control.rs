@@ -98,7 +98,7 @@ pub struct Stats {
     pub pool_capacity: u32,
     /// Packets dropped by the BPF programs, per reason.
     pub drops: Vec<(String, u64)>,
-    /// The DTLS receive thread's counters (absent with DTLS off).
+    /// The DTLS receive counters (absent with DTLS off).
     #[serde(default)]
     pub dtls_rx: Option<crate::dtls::RxStats>,
     /// Download flow control towards DTLS clients (absent with DTLS off).

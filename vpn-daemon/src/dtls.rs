@@ -17,12 +17,12 @@
 //! handshake: rustls has no DTLS. Each handshaking peer is a task driving a
 //! non-blocking `SslStream` over [`DatagramIo`]. Once established, the
 //! channel's keys go to our own record layer ([`record`]) and packets no
-//! longer leave the thread that received them: the UDP dispatcher reads
-//! datagrams in batches (`recvmmsg`), opens records in place and writes the
-//! packets to the tunnel device; the tunnel readers seal packets in place
-//! and send them in batches (`sendmmsg`). A client whose address changes
-//! (NAT rebinding) is followed once a record from the new address
-//! authenticates.
+//! longer leave the packet worker that received them (`workers.rs`): it
+//! reads datagrams in batches (`recvmmsg`), opens records in place and
+//! writes the packets to the tunnel device, and seals packets the device
+//! has for clients in place and sends them in batches (`sendmmsg`). A
+//! client whose address changes (NAT rebinding) is followed once a record
+//! from the new address authenticates.
 
 pub mod batch;
 pub mod record;
@@ -31,7 +31,7 @@ use std::{
     collections::{HashMap, VecDeque},
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, RawFd},
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -136,7 +136,11 @@ const DTLS1_2_VERSION: i32 = 0xfefd;
 
 /// The UDP side of the gateway.
 pub struct DtlsServer {
-    socket: Arc<UdpSocket>,
+    /// One socket per packet worker, all bound to the port
+    /// (`SO_REUSEPORT`): the kernel gives each client's datagrams to one
+    /// of them by a hash of its address and port, so clients spread over
+    /// the workers. Sends go out of the first.
+    sockets: Vec<Arc<UdpSocket>>,
     ctx: SslContext,
     offers: Mutex<HashMap<[u8; 32], Offer>>,
     peers: Mutex<HashMap<SocketAddr, Peer>>,
@@ -153,7 +157,7 @@ pub struct DtlsServer {
     flow_control: FlowControlCounters,
 }
 
-/// What the receive thread did, for `vpnctl stats`: datagrams per batch
+/// What the workers received, for `vpnctl stats`: datagrams per batch
 /// and how often coalescing waited show whether batching works.
 #[derive(Default)]
 struct RxCounters {
@@ -163,7 +167,7 @@ struct RxCounters {
     acks_thinned: AtomicU64,
 }
 
-/// How often tunnel readers waited for clients' ACKs (`flow_control.rs`).
+/// How often workers held packets for clients' ACKs (`flow_control.rs`).
 #[derive(Default)]
 struct FlowControlCounters {
     waits: AtomicU64,
@@ -173,9 +177,9 @@ struct FlowControlCounters {
 /// A snapshot of the download flow-control counters.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FlowControlStats {
-    /// Times a tunnel reader waited because a client's window was full.
+    /// Packets a worker held because their client's window was full.
     pub waits: u64,
-    /// Microseconds those waits took in all.
+    /// Microseconds they were held in all.
     pub wait_us: u64,
 }
 
@@ -218,27 +222,27 @@ fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
 }
 
 impl DtlsServer {
-    /// Binds the UDP port next to the TLS listener.
+    /// Binds the UDP port next to the TLS listener, with a socket for
+    /// each of `workers` packet workers.
     pub async fn bind(
         addr: SocketAddr,
+        workers: usize,
         tun: Arc<crate::tun::Tun>,
         dpd: Duration,
         coalesce: Duration,
     ) -> anyhow::Result<Arc<Self>> {
-        // A blocking socket: the receive thread sleeps in `recvmmsg`; every
-        // send passes MSG_DONTWAIT (a full buffer drops, as a network does).
-        let socket =
-            UdpSocket::bind(addr).with_context(|| format!("binding DTLS on udp {addr}"))?;
-        // Bursts from many clients must not overflow the default ~200 KB
-        // buffers (ocserv loses datagrams there).
-        let s = socket2::SockRef::from(&socket);
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-        batch::enable_pktinfo(socket.as_raw_fd());
-        batch::enable_gro(socket.as_raw_fd());
+        let first = reuseport_socket(addr)?;
+        // An ephemeral port (tests) is the first socket's for the others.
+        let port = first.local_addr()?.port();
+        let mut sockets = vec![Arc::new(first)];
+        for _ in 1..workers.max(1) {
+            let mut a = addr;
+            a.set_port(port);
+            sockets.push(Arc::new(reuseport_socket(a)?));
+        }
         Ok(Arc::new(DtlsServer {
-            port: socket.local_addr()?.port(),
-            socket: Arc::new(socket),
+            port,
+            sockets,
             ctx: server_context()?,
             offers: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
@@ -271,31 +275,13 @@ impl DtlsServer {
         }
     }
 
-    /// Before sending TCP data of `flow` up to `end` to `link`'s client:
-    /// waits while its window is full (`flow_control.rs`), sending what `out`
-    /// holds first.
-    pub fn wait_for_window(
-        &self,
-        link: &Link,
-        flow: u64,
-        start: u32,
-        end: u32,
-        out: &mut batch::SendBatch,
-    ) {
-        // At most MAX_WAIT, on this runtime worker: handing the worker's
-        // other tasks over first (block_in_place) cost a fifth more CPU per
-        // GB on the bench, and the runtime's other workers keep serving.
-        let waited = link.window.send(flow, start, end, || {
-            if !out.is_empty() {
-                self.flush(out);
-            }
-        });
-        if !waited.is_zero() {
-            self.flow_control.waits.fetch_add(1, Ordering::Relaxed);
-            self.flow_control
-                .wait_us
-                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        }
+    /// Counts a packet a worker held `waited` for its client's window
+    /// (`flow_control.rs`).
+    pub fn count_window_wait(&self, waited: Duration) {
+        self.flow_control.waits.fetch_add(1, Ordering::Relaxed);
+        self.flow_control
+            .wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn port(&self) -> u16 {
@@ -374,96 +360,90 @@ impl DtlsServer {
         }
     }
 
-    /// Starts the receive thread: datagrams forever, in batches. Records
-    /// of established channels are opened right there and their packets
-    /// written to the tunnel device; handshakes go to a task per peer
-    /// (on `rt`) running OpenSSL.
-    ///
-    /// A thread of its own, blocking in `recvmmsg` (MSG_WAITFORONE: it
-    /// wakes for the first datagram and takes what else is queued, up to a
-    /// batch), costs one system call per batch; on the async runtime each
-    /// batch also paid an `epoll_wait`, a read that found the queue empty,
-    /// and the scheduler's wake-ups.
-    pub fn start(self: Arc<Self>, rt: tokio::runtime::Handle) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("vpnd-dtls-rx".into())
-            .spawn(move || {
-                let _rt = rt.enter();
-                // A bug that panics on some datagram must not end DTLS for
-                // every client: log it and take up the socket again (the
-                // panic hook has printed where it happened).
-                loop {
-                    let me = self.clone();
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                        me.receive_forever()
-                    }));
-                    tracing::error!("DTLS receive loop panicked ({r:?}); restarting it");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-            .map(|_| ())
+    /// The socket sends leave from (any would do: all are bound alike).
+    fn socket(&self) -> &Arc<UdpSocket> {
+        &self.sockets[0]
     }
 
-    fn receive_forever(self: Arc<Self>) {
-        // Coalescing sleeps are a few hundred microseconds: wake on time,
-        // not up to the default 50 us late.
-        // SAFETY: prctl with an integer argument, for this thread only.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
-        let fd = self.socket.as_raw_fd();
-        let mut batch = batch::RecvBatch::default();
-        let mut w = Work {
-            replies: batch::SendBatch::default(),
-            scratch: vec![0u8; batch::SLOT],
-            gro: crate::gro::Coalescer::default(),
-            now: Instant::now(),
-        };
-        let tun = &mut crate::tun::TunSink(&self.tun);
-        let mut max = recv_max(false);
-        loop {
-            if let Err(e) = batch.recv_wait(fd, max) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::warn!("dtls recv: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
+    /// Receive state for packet worker `worker`: its own socket, and TUN
+    /// queue `worker` for what it receives.
+    pub fn receiver(&self, worker: usize) -> Receiver {
+        let queue = worker;
+        Receiver {
+            fd: self.sockets[worker % self.sockets.len()].as_raw_fd(),
+            batch: batch::RecvBatch::default(),
+            w: Work {
+                replies: batch::SendBatch::default(),
+                scratch: vec![0u8; batch::SLOT],
+                gro: crate::gro::Coalescer::default(),
+                now: Instant::now(),
+                queue,
+            },
+            max: recv_max(false),
+        }
+    }
+
+    /// Takes a batch of datagrams off the socket without waiting and
+    /// handles it: records of established channels are opened right there
+    /// and their packets written to the tunnel device; handshakes go to a
+    /// task per peer (on the runtime the caller entered) running OpenSSL.
+    /// `None` if nothing was queued; otherwise whether the caller should
+    /// wait [`Self::coalesce`] before the next batch.
+    pub fn receive(self: &Arc<Self>, rx: &mut Receiver) -> Option<bool> {
+        let Receiver { fd, batch, w, max } = rx;
+        let fd = *fd;
+        if let Err(e) = batch.recv(fd, *max) {
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
+                _ => tracing::warn!("dtls recv: {e}"),
+            }
+            return None;
+        }
+        let mut datagrams = 0;
+        w.now = Instant::now();
+        for i in 0..batch.len() {
+            if let Some((from, local, d, seg)) = batch.get_mut(i) {
+                // Each datagram of a merged message on its own; an empty
+                // datagram has none and is ignored.
+                for d in d.chunks_mut(seg) {
+                    datagrams += 1;
+                    self.datagram(from, local, d, w);
                 }
-                continue;
-            }
-            let mut datagrams = 0;
-            w.now = Instant::now();
-            for i in 0..batch.len() {
-                if let Some((from, local, d, seg)) = batch.get_mut(i) {
-                    // Each datagram of a merged message on its own; an
-                    // empty datagram has none and is ignored.
-                    for d in d.chunks_mut(seg) {
-                        datagrams += 1;
-                        self.datagram(from, local, d, &mut w);
-                    }
-                }
-            }
-            // What the batch merged or held goes to the kernel now.
-            w.gro.finish(tun);
-            let c = &self.counters;
-            c.batches.fetch_add(1, Ordering::Relaxed);
-            c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
-            c.acks_thinned
-                .fetch_add(std::mem::take(&mut w.gro.acks_thinned), Ordering::Relaxed);
-            if !w.replies.is_empty() {
-                w.replies.flush(fd);
-            }
-            // Adaptive receive coalescing, as NICs do it: a batch that
-            // brought bulk data but did not fill up means a stream is
-            // running at about our pace; waiting a moment lets the next
-            // batch gather more of it, so merges grow, the server's TCP
-            // sees fewer and larger packets and acknowledges less. Small
-            // batches (interactive traffic, ACKs) and full ones (more is
-            // already queued) go straight back to the socket.
-            let bulk = batch.bytes() >= BULK_BATCH_BYTES;
-            let full = batch.len() == max;
-            max = recv_max(bulk);
-            if !self.coalesce.is_zero() && bulk && !full {
-                c.coalesce_waits.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(self.coalesce);
             }
         }
+        // What the batch merged or held goes to the kernel now.
+        w.gro.finish(&mut crate::tun::TunSink {
+            tun: &self.tun,
+            queue: w.queue,
+        });
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        c.acks_thinned
+            .fetch_add(std::mem::take(&mut w.gro.acks_thinned), Ordering::Relaxed);
+        if !w.replies.is_empty() {
+            w.replies.flush(fd);
+        }
+        // Adaptive receive coalescing, as NICs do it: a batch that brought
+        // bulk data but did not fill up means a stream is running at about
+        // our pace; waiting a moment lets the next batch gather more of it,
+        // so merges grow, the server's TCP sees fewer and larger packets
+        // and acknowledges less. Small batches (interactive traffic, ACKs)
+        // and full ones (more is already queued) go straight back to the
+        // socket.
+        let bulk = batch.bytes() >= BULK_BATCH_BYTES;
+        let full = batch.len() == *max;
+        *max = recv_max(bulk);
+        let coalesce = !self.coalesce.is_zero() && bulk && !full;
+        if coalesce {
+            c.coalesce_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(coalesce)
+    }
+
+    /// The receive coalescing wait (`dtls.rx_coalesce_usecs`).
+    pub fn coalesce(&self) -> Duration {
+        self.coalesce
     }
 
     /// One datagram from `from`.
@@ -573,8 +553,11 @@ impl DtlsServer {
                 }
                 // TCP segments of one flow are merged across the batch,
                 // redundant ACKs dropped.
-                w.gro
-                    .push_parsed(payload, seg, &mut crate::tun::TunSink(&self.tun));
+                let tun = &mut crate::tun::TunSink {
+                    tun: &self.tun,
+                    queue: w.queue,
+                };
+                w.gro.push_parsed(payload, seg, tun);
             }
             // Echo DPD verbatim with the type changed: openconnect's MTU
             // probe accepts nothing else.
@@ -662,7 +645,7 @@ impl DtlsServer {
         let _ = ssl.set_mtu(1400);
         let io = DatagramIo {
             inbox: VecDeque::new(),
-            socket: self.socket.clone(),
+            socket: self.socket().clone(),
             peer: from,
             local,
             last_epoch1_seq: None,
@@ -697,8 +680,8 @@ impl DtlsServer {
         }
     }
 
-    /// The established channel: its records are the dispatcher's and the
-    /// tunnel readers' (see [`Link`]); this task keeps OpenSSL for what
+    /// The established channel: its records are the packet workers' (see
+    /// [`Link`]); this task keeps OpenSSL for what
     /// remains of the protocol (alerts, handshake retransmissions) and
     /// watches for silence.
     async fn run_channel(
@@ -800,7 +783,7 @@ impl DtlsServer {
         let n = link.seal_frame(out.slot(), ty, len);
         out.commit(n, to, src);
         if out.is_full() {
-            out.flush(self.socket.as_raw_fd());
+            out.flush(self.socket().as_raw_fd());
         }
     }
 
@@ -813,16 +796,16 @@ impl DtlsServer {
         buf[PACKET_OFFSET..PACKET_OFFSET + pkt.len()].copy_from_slice(pkt);
         let n = link.seal_frame(&mut buf, FrameType::Data, pkt.len());
         let (to, src) = link.path();
-        batch::send_one(self.socket.as_raw_fd(), &buf[..n], to, src);
+        batch::send_one(self.socket().as_raw_fd(), &buf[..n], to, src);
     }
 
-    /// Sends what the tunnel readers sealed.
+    /// Sends what a worker sealed.
     pub fn flush(&self, out: &mut batch::SendBatch) {
-        out.flush(self.socket.as_raw_fd());
+        out.flush(self.socket().as_raw_fd());
     }
 }
 
-/// Where a tunnel reader puts a packet in a [`batch::SendBatch`] slot so it
+/// Where a worker puts a packet in a [`batch::SendBatch`] slot so it
 /// can be sealed in place: after the record prefix and the type byte.
 pub const PACKET_OFFSET: usize = record::PREFIX_LEN + 1;
 /// The largest packet a slot takes (room for the tag).
@@ -831,6 +814,24 @@ pub const PACKET_MAX: usize = batch::SLOT - PACKET_OFFSET - record::TAG_LEN;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const REBIND_CANDIDATES: usize = 64;
 const REBIND_TRIALS_PER_SEC: u32 = 2000;
+
+/// A packet worker's receive buffers and batch in progress
+/// ([`DtlsServer::receive`]).
+pub struct Receiver {
+    /// The worker's socket.
+    fd: RawFd,
+    batch: batch::RecvBatch,
+    w: Work,
+    /// Messages the next `recvmmsg` takes ([`recv_max`]).
+    max: usize,
+}
+
+impl Receiver {
+    /// The worker's socket, to poll.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+}
 
 /// The dispatcher's reusable buffers.
 struct Work {
@@ -842,6 +843,9 @@ struct Work {
     gro: crate::gro::Coalescer,
     /// When the batch arrived.
     now: Instant,
+    /// The TUN queue packets are written to: the worker's own, so the
+    /// kernel steers the flows' replies back to it.
+    queue: usize,
 }
 
 /// A peer of the UDP socket.
@@ -866,7 +870,7 @@ pub struct Link {
     is_closed: AtomicBool,
     closed: tokio::sync::Notify,
     /// Download flow control from the client's TCP ACKs.
-    window: crate::flow_control::LinkWindow,
+    pub(crate) window: crate::flow_control::LinkWindow,
 }
 
 impl Link {
@@ -998,6 +1002,32 @@ impl io::Write for DatagramIo {
 }
 
 /// The OpenSSL context every peer's handshake runs in.
+/// A UDP socket bound to `addr` in a `SO_REUSEPORT` group, set up for the
+/// data path: large buffers (bursts from many clients must not overflow
+/// the default ~200 KB, where ocserv loses datagrams), the destination
+/// address of each datagram (`IP_PKTINFO`) and GRO. It stays blocking,
+/// but packet workers poll it and every receive and send passes
+/// MSG_DONTWAIT: a full buffer drops, as a network does.
+fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let bind = || -> io::Result<UdpSocket> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(false)?;
+        }
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        Ok(s.into())
+    };
+    let socket = bind().with_context(|| format!("binding DTLS on udp {addr}"))?;
+    let s = socket2::SockRef::from(&socket);
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    batch::enable_pktinfo(socket.as_raw_fd());
+    batch::enable_gro(socket.as_raw_fd());
+    Ok(socket)
+}
+
 fn server_context() -> anyhow::Result<SslContext> {
     let mut b = SslContextBuilder::new(SslMethod::dtls()).context("OpenSSL DTLS context")?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;

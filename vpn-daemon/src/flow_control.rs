@@ -16,11 +16,11 @@
 //! The client's own TCP says what it has taken: its ACKs (and SACK blocks,
 //! which say what arrived after a loss). Each [`LinkWindow`] tracks, per
 //! TCP flow to the client, the highest sequence number sent and the highest
-//! the client has, and a tunnel reader about to send new data beyond the
-//! client's window waits for ACKs first (at most [`MAX_WAIT`]). The server's
-//! TCP then meets queueing in the TUN device instead of losses at the
-//! client. Retransmissions never wait: they fill the hole the client's ACKs
-//! are stuck at.
+//! the client has, and a packet worker (`workers.rs`) about to send new data
+//! beyond the client's window holds it for ACKs first (at most
+//! [`MAX_WAIT`]). The server's TCP then meets queueing in the TUN device
+//! instead of losses at the client. Retransmissions never wait: they fill
+//! the hole the client's ACKs are stuck at.
 //!
 //! The window is what a TCP sender's would be, for the path between us and
 //! the client's TCP: its bandwidth-delay product (the highest delivery rate
@@ -33,18 +33,16 @@
 //! A flow the client has not acknowledged anything on for [`STALE`] stops
 //! counting: a flow that ended, a client that went quiet (the next send is
 //! a probe), or one that withholds its ACKs, which thus cannot hold a
-//! tunnel reader, and the other clients it serves, for more than that.
+//! packet worker's reading, and the other clients it serves, for more than
+//! that.
 
 use crate::gro::{self, Seg, after};
 use std::{
-    sync::{
-        Condvar, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-/// The longest a tunnel reader waits for one client's ACKs.
+/// The longest a packet worker holds one client's packet for its ACKs.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);
 /// A flow without ACKs for this long stops counting.
 pub const STALE: Duration = Duration::from_millis(20);
@@ -91,17 +89,11 @@ struct State {
     /// Delivery rates (bytes per second) of the last probes.
     rates: [u64; RATE_SAMPLES],
     next_rate: usize,
-    /// The fewest bytes a waiting sender needs room for (`u64::MAX`:
-    /// nobody waits): an ACK wakes the senders only once that fits, not
-    /// for every two segments acknowledged.
-    need: u64,
 }
 
 /// The flight state of one DTLS channel's TCP flows.
 pub struct LinkWindow {
     state: Mutex<State>,
-    acked: Condvar,
-    waiters: AtomicUsize,
 }
 
 impl Default for LinkWindow {
@@ -114,10 +106,7 @@ impl Default for LinkWindow {
                 min_rtt: None,
                 rates: [0; RATE_SAMPLES],
                 next_rate: 0,
-                need: u64::MAX,
             }),
-            acked: Condvar::new(),
-            waiters: AtomicUsize::new(0),
         }
     }
 }
@@ -194,62 +183,28 @@ impl LinkWindow {
             s.rates[s.next_rate] = (u128::from(bytes) * 1_000_000_000 / rtt.as_nanos()) as u64;
             s.next_rate = (s.next_rate + 1) % RATE_SAMPLES;
         }
-        if self.waiters.load(Ordering::Relaxed) != 0 && s.need != u64::MAX {
-            let flight = s.in_flight(now);
-            if flight == 0 || flight + s.need <= s.window() {
-                // Every waiter wakes, and states its need again if it
-                // still has to wait.
-                s.need = u64::MAX;
-                self.acked.notify_all();
-            }
-        }
     }
 
-    /// Before sending `flow`'s data from `start` to `end`: waits until it
-    /// fits in the client's window, at most [`MAX_WAIT`]; `before_wait`
-    /// runs once, before the first wait. Returns how long it waited.
-    pub fn send(&self, flow: u64, start: u32, end: u32, before_wait: impl FnOnce()) -> Duration {
-        let mut before_wait = Some(before_wait);
-        let t0 = Instant::now();
-        let mut now = t0;
+    /// Whether `flow`'s data from `start` to `end` may go to the client
+    /// now: it fits in the client's window, or it is no new data (a
+    /// retransmission fills the hole the client's ACKs are stuck at), or
+    /// the flow is not tracked. `overdue` (the sender has held it for
+    /// [`MAX_WAIT`]) sends it regardless. What it admits counts as sent.
+    pub fn admit(&self, flow: u64, start: u32, end: u32, now: Instant, overdue: bool) -> bool {
         let mut s = self.lock();
         // Only flows the client has acknowledged are tracked, and only new
         // data waits.
         match s.flows.iter().find(|f| f.hash == flow) {
             Some(f) if after(end, f.snd_max) => {}
-            _ => return Duration::ZERO,
+            _ => return true,
         }
         let bytes = u64::from(end.wrapping_sub(start));
-        loop {
-            let flight = s.in_flight(now);
-            if flight == 0 || flight + bytes <= s.window() {
-                break;
-            }
-            let left = MAX_WAIT.saturating_sub(now - t0);
-            if left.is_zero() {
-                break;
-            }
-            if let Some(f) = before_wait.take() {
-                drop(s);
-                f();
-                s = self.lock();
-                now = Instant::now();
-                continue;
-            }
-            self.waiters.fetch_add(1, Ordering::Relaxed);
-            s.need = s.need.min(bytes);
-            s = self
-                .acked
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            self.waiters.fetch_sub(1, Ordering::Relaxed);
-            now = Instant::now();
+        let flight = s.in_flight(now);
+        if !overdue && flight != 0 && flight + bytes > s.window() {
+            return false;
         }
         let delivered = s.delivered;
-        if let Some(f) = s.flows.iter_mut().find(|f| f.hash == flow)
-            && after(end, f.snd_max)
-        {
+        if let Some(f) = s.flows.iter_mut().find(|f| f.hash == flow) {
             f.snd_max = end;
         }
         // Timed to the ACK of its first byte: the round trip without the
@@ -262,7 +217,7 @@ impl LinkWindow {
                 delivered,
             });
         }
-        now - t0
+        true
     }
 }
 
@@ -380,18 +335,20 @@ mod tests {
     }
 
     /// Sends `len` bytes at `seq` on `port`, in TSO packets of at most
-    /// 64000 bytes; how long it waited.
-    fn send(w: &LinkWindow, port: u16, seq: u32, len: usize) -> Duration {
-        let mut waited = Duration::ZERO;
+    /// 64000 bytes, as far as the window admits them; whether it admitted
+    /// them all.
+    fn send(w: &LinkWindow, port: u16, seq: u32, len: usize) -> bool {
         let mut sent = 0;
         while sent < len {
             let n = (len - sent).min(64_000);
             let p = tcp(true, port, seq.wrapping_add(sent as u32), 1, &[], n);
             let (f, s, d) = tcp_data(&p).unwrap();
-            waited += w.send(f, s, s.wrapping_add(d), || {});
+            if !w.admit(f, s, s.wrapping_add(d), Instant::now(), false) {
+                return false;
+            }
             sent += n;
         }
-        waited
+        true
     }
 
     /// A window with flow 40000 acknowledged up to 0 and the allowance
@@ -399,7 +356,7 @@ mod tests {
     fn full_window() -> LinkWindow {
         let w = LinkWindow::default();
         ack(&w, 40000, 0, Instant::now());
-        assert!(send(&w, 40000, 0, 131072).is_zero());
+        assert!(send(&w, 40000, 0, 131072));
         w
     }
 
@@ -445,36 +402,31 @@ mod tests {
         let w = LinkWindow::default();
         let t = Instant::now();
         ack(&w, 40000, 1000, t);
-        // 128 KiB in flight: the allowance, no wait.
-        assert!(send(&w, 40000, 1000, 65536).is_zero());
-        assert!(send(&w, 40000, 66536, 65536).is_zero());
-        // One byte more waits the full MAX_WAIT with no ACK coming.
-        let waited = send(&w, 40000, 132072, 1400);
-        assert!(waited >= MAX_WAIT, "{waited:?}");
+        // 128 KiB in flight: the allowance, admitted.
+        assert!(send(&w, 40000, 1000, 65536));
+        assert!(send(&w, 40000, 66536, 65536));
+        // One byte more waits for an ACK...
+        assert!(!send(&w, 40000, 132072, 1400));
+        // ...or until the sender has held it for MAX_WAIT.
+        let p = tcp(true, 40000, 132072, 1, &[], 1400);
+        let (f, s, d) = tcp_data(&p).unwrap();
+        assert!(w.admit(f, s, s + d, Instant::now(), true));
         // A retransmission never waits.
-        assert!(send(&w, 40000, 1000, 1400).is_zero());
+        assert!(send(&w, 40000, 1000, 1400));
         // An untracked flow (no ACK seen yet) is not held.
-        assert!(send(&w, 40001, 1, 65536).is_zero());
+        assert!(send(&w, 40001, 1, 65536));
     }
 
     #[test]
-    fn an_ack_wakes_a_waiting_sender() {
-        let w = std::sync::Arc::new(full_window());
-        let w2 = w.clone();
-        // ACKs as soon as the sender waits.
-        let acker = std::thread::spawn(move || {
-            let t = Instant::now();
-            while w2.waiters.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(1) {
-                std::thread::yield_now();
-            }
-            ack(&w2, 40000, 65536, Instant::now());
-        });
-        let waited = send(&w, 40000, 131072, 1400);
-        acker.join().unwrap();
+    fn an_ack_opens_the_window() {
+        let w = full_window();
+        assert!(!send(&w, 40000, 131072, 1400));
+        ack(&w, 40000, 1400, Instant::now());
         assert!(
-            !waited.is_zero() && waited < MAX_WAIT,
-            "woken by the ACK, not the timeout: {waited:?}"
+            send(&w, 40000, 131072, 1400),
+            "room for what was acknowledged"
         );
+        assert!(!send(&w, 40000, 132472, 1400), "and no more");
     }
 
     #[test]
@@ -484,20 +436,20 @@ mod tests {
         let opts = sack(1400, 131072);
         let (f, h) = tcp_ack(&tcp(false, 40000, 1, 0, &opts, 0)).unwrap();
         w.on_ack(f, h, Instant::now());
-        assert!(send(&w, 40000, 131072, 65536).is_zero());
+        assert!(send(&w, 40000, 131072, 65536));
     }
 
     #[test]
     fn a_flow_without_acks_stops_counting() {
         let w = full_window();
-        assert!(!send(&w, 40000, 131072, 1400).is_zero(), "window full");
+        assert!(!send(&w, 40000, 131072, 1400), "window full");
         // Sending does not keep a flow alive: once its last ACK is STALE
         // old, a client withholding ACKs holds nobody.
         w.lock().flows[0].last = Instant::now() - STALE * 2;
-        assert!(send(&w, 40000, 132472, 65536).is_zero());
+        assert!(send(&w, 40000, 131072, 65536));
         // Nor does it count against the client's other flows.
         ack(&w, 40001, 0, Instant::now());
-        assert!(send(&w, 40001, 0, 65536).is_zero());
+        assert!(send(&w, 40001, 0, 65536));
     }
 
     #[test]
@@ -505,7 +457,7 @@ mod tests {
         let w = LinkWindow::default();
         let t0 = Instant::now();
         ack(&w, 40000, 0, t0);
-        assert!(send(&w, 40000, 0, 1400).is_zero());
+        assert!(send(&w, 40000, 0, 1400));
         // A 20 ms path delivering 12.5 MB/s (100 Mbit/s): the probe sent
         // above comes back with 250 KB delivered.
         let t1 = t0 + Duration::from_millis(20);

@@ -65,7 +65,7 @@ pub struct Coalescer {
     acks: Vec<Vec<u8>>,
     acks_held: usize,
     /// Pure ACKs dropped as redundant since the owner last took the count
-    /// (`vpnctl stats` shows the DTLS receive thread's).
+    /// (`vpnctl stats` shows the DTLS workers').
     pub acks_thinned: u64,
 }
 

@@ -25,4 +25,5 @@ pub mod tun;
 pub mod tunnel;
 pub mod uplinks;
 pub mod users;
+pub mod workers;
 pub mod xml;

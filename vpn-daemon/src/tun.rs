@@ -1,9 +1,11 @@
 //! The TUN device: one layer-3 device for all sessions. The daemon writes
 //! packets from clients into it and reads packets routed to clients from it.
 //!
-//! The device is multi-queue: the kernel spreads packets for clients over
-//! the queues by flow, and each queue has its own reader, so downloads use
-//! every core. Writes (client to network) go to any queue.
+//! The device is multi-queue: each packet worker (`workers.rs`) has a
+//! queue, and the TLS tunnels one more, the last. The kernel sends a flow's
+//! packets to the queue its packets were last written on (the TUN driver's
+//! automatic steering), so whoever writes a client's uploads also reads its
+//! downloads; flows never written spread over the queues by hash.
 //!
 //! Every packet read or written starts with a virtio-net header
 //! ([`crate::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
@@ -17,8 +19,6 @@ use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
-
-use tokio::io::unix::AsyncFd;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
@@ -41,9 +41,9 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// An open TUN device (non-blocking queues, registered with tokio).
+/// An open TUN device (non-blocking queues).
 pub struct Tun {
-    queues: Vec<AsyncFd<File>>,
+    queues: Vec<File>,
     name: String,
 }
 
@@ -75,45 +75,54 @@ impl Tun {
         self.queues.len()
     }
 
-    /// Queue `q`, for batched non-blocking reads: wait with
-    /// `readable()`, then read through `try_io` until it reports
-    /// WouldBlock (which re-arms the readiness).
-    pub fn queue(&self, q: usize) -> &AsyncFd<File> {
+    /// Queue `q` (non-blocking): its data path thread polls and reads it.
+    pub fn queue(&self, q: usize) -> &File {
         &self.queues[q]
     }
 
-    /// Writes a packet with its virtio-net header (one `writev`).
-    pub fn try_send_parts(&self, vnet: &[u8], pkt: &[u8]) -> io::Result<()> {
-        writev(self.queues[0].get_ref(), vnet, pkt)
+    /// Writes a packet with its virtio-net header (one `writev`) on queue
+    /// `q`.
+    pub fn send_parts_on(&self, q: usize, vnet: &[u8], pkt: &[u8]) -> io::Result<()> {
+        writev(&self.queues[q], vnet, pkt)
     }
 
-    /// Writes one packet. A TUN write is atomic: the whole packet or nothing.
-    pub async fn send(&self, pkt: &[u8]) -> io::Result<()> {
-        loop {
-            let mut guard = self.queues[0].writable().await?;
-            match guard.try_io(|f| write_with_header(f.get_ref(), pkt)) {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
+    /// The TLS tunnels' queue: the last.
+    pub fn tls_queue(&self) -> usize {
+        self.queues.len() - 1
+    }
+
+    /// Writes one packet on the TLS tunnels' queue. A TUN write is atomic,
+    /// whole or not at all, and does not block: the device takes it or
+    /// drops it, as an interface queue would.
+    pub fn send(&self, pkt: &[u8]) -> io::Result<()> {
+        let hdr = [0u8; crate::gro::VNET_HDR_LEN];
+        writev(&self.queues[self.tls_queue()], &hdr, pkt)
     }
 }
 
-/// Writes what a [`crate::gro::Coalescer`] releases to the TUN device. A
+/// Writes what a [`crate::gro::Coalescer`] releases to a TUN queue. A
 /// full device queue drops the packet, as an interface queue would.
-pub struct TunSink<'a>(pub &'a Tun);
+pub struct TunSink<'a> {
+    pub tun: &'a Tun,
+    pub queue: usize,
+}
+
+impl<'a> TunSink<'a> {
+    /// Writes on the TLS tunnels' queue.
+    pub fn new(tun: &'a Tun) -> Self {
+        TunSink {
+            tun,
+            queue: tun.tls_queue(),
+        }
+    }
+}
 
 impl crate::gro::Sink for TunSink<'_> {
     fn write(&mut self, vnet: &[u8], pkt: &[u8]) {
-        if let Err(e) = self.0.try_send_parts(vnet, pkt) {
+        if let Err(e) = self.tun.send_parts_on(self.queue, vnet, pkt) {
             tracing::trace!("tun write: {e}");
         }
     }
-}
-
-/// One write of an all-zero virtio-net header and `pkt` (no copy).
-fn write_with_header(f: &File, pkt: &[u8]) -> io::Result<()> {
-    writev(f, &[0u8; crate::gro::VNET_HDR_LEN], pkt)
 }
 
 /// One write of a virtio-net header and a packet (no copy).
@@ -137,7 +146,7 @@ fn writev(f: &File, hdr: &[u8], pkt: &[u8]) -> io::Result<()> {
     }
 }
 
-fn open_queue(name: &str) -> io::Result<AsyncFd<File>> {
+fn open_queue(name: &str) -> io::Result<File> {
     let raw = unsafe {
         libc::open(
             c"/dev/net/tun".as_ptr(),
@@ -162,7 +171,5 @@ fn open_queue(name: &str) -> io::Result<AsyncFd<File>> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offload) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: we own the descriptor and it stays open as long as the
-    // AsyncFd (it is closed only when `Tun` drops).
-    unsafe { AsyncFd::register(File::from(fd)) }.map_err(|e| e.into_parts().1)
+    Ok(File::from(fd))
 }

@@ -431,7 +431,7 @@ impl Gateway {
                         tail.as_mut().reset(tokio::time::Instant::now() + crate::read_batch::TAIL);
                     }
                     // What this read merged or held goes to the kernel now.
-                    gro.finish(&mut TunSink(&self.tun));
+                    gro.finish(&mut TunSink::new(&self.tun));
                     if let Some(end) = end {
                         break end;
                     }
@@ -473,7 +473,7 @@ impl Gateway {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    let _ = self.tun.send(&p).await;
+                    let _ = self.tun.send(&p);
                 }
                 _ = tick.tick() => {
                     let silent = last_rx.elapsed();
@@ -523,14 +523,14 @@ impl Gateway {
                     }
                     let rate = session.rate_up_bps.load(Ordering::Relaxed);
                     if rate == 0 {
-                        gro.push(&frame.payload, &mut TunSink(&self.tun));
+                        gro.push(&frame.payload, &mut TunSink::new(&self.tun));
                         continue;
                     }
                     let wait = pacer.delay(frame.payload.len(), rate, Instant::now());
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    if let Err(e) = self.tun.send(&frame.payload).await {
+                    if let Err(e) = self.tun.send(&frame.payload) {
                         tracing::debug!("tun write: {e}");
                     }
                 }

@@ -79,12 +79,14 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     );
     let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
 
-    // One TUN queue, and one reader, per core.
-    let queues = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let tun =
-        Arc::new(Tun::create(&raw.tunnel.device, queues).with_context(|| {
+    // A TUN queue and a packet worker per core, and a queue for the TLS
+    // tunnels (workers.rs).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let tun = Arc::new(
+        Tun::create(&raw.tunnel.device, workers + 1).with_context(|| {
             format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
-        })?);
+        })?,
+    );
     let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
     if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
         addrs.push((a.into(), n.prefix_len()));
@@ -104,10 +106,14 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
         let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
         let coalesce = std::time::Duration::from_micros(raw.dtls.rx_coalesce_usecs.into());
-        let dtls = vpn_daemon::dtls::DtlsServer::bind(addr, gw.tun.clone(), dpd, coalesce).await?;
-        dtls.clone()
-            .start(tokio::runtime::Handle::current())
-            .context("starting the DTLS receive thread")?;
+        let dtls = vpn_daemon::dtls::DtlsServer::bind(
+            addr,
+            vpn_daemon::workers::count(&gw.tun),
+            gw.tun.clone(),
+            dpd,
+            coalesce,
+        )
+        .await?;
         let _ = gw.dtls.set(dtls);
         let mut dp = gw.datapath.lock().unwrap();
         dp.set_guard(vpn_common::GuardConfig {
@@ -134,9 +140,8 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         let _ = gw.uplinks.set(u);
         tracing::info!(uplinks = raw.uplinks.len(), "uplinks managed");
     }
-    for q in 0..gw.tun.queues() {
-        tokio::spawn(gw.clone().tun_reader(q));
-    }
+    vpn_daemon::workers::start(&gw, &tokio::runtime::Handle::current())
+        .context("starting the packet workers")?;
     tokio::spawn(gw.clone().reap());
     tokio::spawn(gw.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));

@@ -1,0 +1,333 @@
+//! The packet workers: a thread per core, each with a TUN queue, which
+//! move packets between the tunnel device and the clients' DTLS channels.
+//!
+//! A worker polls its TUN queue and its DTLS socket (one per worker, the
+//! kernel spreads clients over them, `dtls.rs`), and takes turns: a batch
+//! of datagrams from clients (opened and written to its queue), then what
+//! the device has for clients. A packet for a
+//! DTLS client is cut into the client's packets (`gso.rs`), sealed in a
+//! send slot and sent with the others in one `sendmmsg`; one for a TLS
+//! client goes to its tunnel's queue.
+//!
+//! The TLS tunnels run on the async runtime and write to a queue of their
+//! own, the last, which a task on the runtime reads ([`tls_reader`]): the
+//! kernel steers their flows' replies there (`tun.rs`), so a server's ACK
+//! reaches its tunnel task without waking another thread.
+//!
+//! One thread for both directions is what makes a download cheap. The
+//! client's ACKs arrive on the socket; written to the device, they make the
+//! server's TCP send its next data into the TUN queue during that very
+//! write; the same thread reads and sends it without a wake-up in between.
+//! Separate receive and read threads cost two context switches and a futex
+//! hand-over for every ACK that opened the client's window.
+//!
+//! Download flow control (`flow_control.rs`) holds new TCP data while the
+//! client's window is full: the worker keeps that packet, stops reading its
+//! queue, and serves the socket until the client's ACKs make room, at most
+//! [`MAX_WAIT`], after which it sends anyway.
+
+use std::{
+    io::{self, Read},
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    dtls::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
+    flow_control::MAX_WAIT,
+    gro::VNET_HDR_LEN,
+    gso::Packets,
+    server::{Gateway, packet_dst},
+    tun::READ_MAX,
+};
+
+/// Device reads before a worker looks at the socket again.
+const READ_BURST: usize = 64;
+
+/// How many workers serve `tun`: one per queue but the last, at least one
+/// (with a single queue, worker 0 reads the TLS tunnels' too).
+pub fn count(tun: &crate::tun::Tun) -> usize {
+    tun.tls_queue().max(1)
+}
+
+/// Starts the workers ([`count`]), and the TLS queue's reader on `rt`. Workers run for the
+/// daemon's life; one that panics on some packet logs it and starts over,
+/// so one bad packet does not end the tunnel for everybody. Handshakes are
+/// spawned on `rt`.
+pub fn start(gw: &Arc<Gateway>, rt: &tokio::runtime::Handle) -> io::Result<()> {
+    let tls = gw.tun.tls_queue();
+    if tls > 0 {
+        rt.spawn(tls_reader(gw.clone(), tls));
+    }
+    for q in 0..count(&gw.tun) {
+        let gw = gw.clone();
+        let rt = rt.clone();
+        std::thread::Builder::new()
+            .name(format!("vpnd-worker{q}"))
+            .spawn(move || {
+                let _rt = rt.enter();
+                // Coalescing waits and window holds are a few hundred
+                // microseconds: wake on time, not up to 50 us late.
+                // SAFETY: prctl with an integer argument, for this thread.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
+                loop {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, q)));
+                    tracing::error!(queue = q, "packet worker panicked ({r:?}); restarting it");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })?;
+    }
+    Ok(())
+}
+
+/// Worker `q`'s loop.
+fn run(gw: &Arc<Gateway>, q: usize) {
+    let dtls = gw.dtls.get().cloned();
+    let mut rx = dtls.as_ref().map(|d| d.receiver(q));
+    let mut reader = Reader::new(q);
+    let tun_fd = gw.tun.queue(q).as_raw_fd();
+    let udp_fd = rx.as_ref().map_or(-1, |rx| rx.fd());
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: tun_fd,
+                // A held packet stops the reading until it is sent.
+                events: if reader.held.is_some() {
+                    0
+                } else {
+                    libc::POLLIN
+                },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: udp_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = reader.deadline().map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: left.subsec_nanos().into(),
+            }
+        });
+        let t = timeout.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+        // SAFETY: `fds` and `t` outlive the call; no signal mask.
+        let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, t, std::ptr::null()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::warn!(queue = q, "poll: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        let mut coalesce = false;
+        if let (Some(d), Some(rx)) = (&dtls, &mut rx)
+            && fds[1].revents != 0
+        {
+            coalesce = d.receive(rx) == Some(true);
+        }
+        if fds[0].revents != 0 || reader.held.is_some() {
+            reader.run(gw, dtls.as_ref());
+        }
+        if coalesce {
+            std::thread::sleep(dtls.as_ref().map_or(Duration::ZERO, |d| d.coalesce()));
+        }
+    }
+}
+
+/// A packet waiting for its client's window.
+struct Held {
+    /// Its length in the reader's buffer.
+    len: usize,
+    link: Arc<Link>,
+    flow: u64,
+    start: u32,
+    end: u32,
+    since: Instant,
+}
+
+/// Reads a TUN queue and passes each packet on to its client.
+struct Reader {
+    queue: usize,
+    buf: Vec<u8>,
+    out: SendBatch,
+    /// The packet in `buf` that waits; nothing is read meanwhile.
+    held: Option<Held>,
+}
+
+impl Reader {
+    fn new(queue: usize) -> Self {
+        Reader {
+            queue,
+            buf: vec![0u8; READ_MAX],
+            out: SendBatch::default(),
+            held: None,
+        }
+    }
+
+    /// When the held packet goes regardless of its client's window.
+    fn deadline(&self) -> Option<Instant> {
+        self.held.as_ref().map(|h| h.since + MAX_WAIT)
+    }
+
+    /// Sends the held packet once its client's window has room (or it has
+    /// waited [`MAX_WAIT`]), then reads the queue until it is empty, a
+    /// packet has to wait, or [`READ_BURST`] reads.
+    fn run(&mut self, gw: &Gateway, dtls: Option<&Arc<DtlsServer>>) {
+        if let (Some(h), Some(d)) = (&self.held, dtls) {
+            let now = Instant::now();
+            let overdue = now >= h.since + MAX_WAIT;
+            if !h.link.window.admit(h.flow, h.start, h.end, now, overdue) {
+                return;
+            }
+            d.count_window_wait(now - h.since);
+            let (len, link) = (h.len, h.link.clone());
+            self.held = None;
+            let (vnet, pkt) = self.buf[..len].split_at(VNET_HDR_LEN);
+            if let Ok(pkts) = Packets::parse(vnet, pkt) {
+                seal(d, &link, &pkts, &mut self.out);
+            }
+        }
+        let mut file = gw.tun.queue(self.queue);
+        for _ in 0..READ_BURST {
+            let n = match file.read(&mut self.buf) {
+                Ok(n) if n > VNET_HDR_LEN => n,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!("reading {}: {e}", gw.tun.name());
+                    break;
+                }
+            };
+            self.held = dispatch(gw, dtls, &self.buf[..n], &mut self.out, true);
+            if self.held.is_some() {
+                break;
+            }
+        }
+        if let Some(d) = dtls
+            && !self.out.is_empty()
+        {
+            d.flush(&mut self.out);
+        }
+    }
+}
+
+/// Passes a packet read from the device (`read`: virtio-net header and
+/// packet, which may be one large TCP packet) on to its client; `Some` if
+/// it has to wait for the client's window (only if it may `hold` it).
+fn dispatch(
+    gw: &Gateway,
+    dtls: Option<&Arc<DtlsServer>>,
+    read: &[u8],
+    out: &mut SendBatch,
+    hold: bool,
+) -> Option<Held> {
+    let (vnet, pkt) = read.split_at(VNET_HDR_LEN);
+    let pkts = match Packets::parse(vnet, pkt) {
+        Ok(p) if p.max_len() <= PACKET_MAX => p,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::debug!("packet from {}: {}", gw.tun.name(), e.0);
+            return None;
+        }
+    };
+    let s = gw.sessions.by_addr(&packet_dst(pkts.packet())?)?;
+    s.touch();
+    // Rate-limited clients go through their tunnel's pacer.
+    let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
+    match (dtls, s.dtls_link()) {
+        (Some(d), Some(link)) if !limited => {
+            // New TCP data waits while the client's window is full.
+            if let Some((flow, start, data)) = crate::flow_control::tcp_data(pkts.packet()) {
+                let end = start.wrapping_add(data);
+                let now = Instant::now();
+                if !link.window.admit(flow, start, end, now, !hold) {
+                    // What is sealed goes out first: the client's ACKs
+                    // for it make the room.
+                    if !out.is_empty() {
+                        d.flush(out);
+                    }
+                    return Some(Held {
+                        len: read.len(),
+                        link,
+                        flow,
+                        start,
+                        end,
+                        since: now,
+                    });
+                }
+            }
+            seal(d, &link, &pkts, out);
+        }
+        _ => {
+            for i in 0..pkts.count() {
+                let mut p = vec![0u8; pkts.max_len()];
+                let len = pkts.write(i, &mut p);
+                p.truncate(len);
+                s.deliver(p);
+            }
+        }
+    }
+    None
+}
+
+/// Reads the TLS tunnels' queue on the runtime. What it finds for a DTLS
+/// client (a flow the kernel spread here because no worker has written
+/// any of it lately) is sent without waiting for the client's window.
+async fn tls_reader(gw: Arc<Gateway>, q: usize) {
+    // SAFETY: the duplicate is ours and closes only with the AsyncFd.
+    let fd = gw.tun.queue(q).try_clone();
+    let fd = match fd.and_then(|f| unsafe { AsyncFd::register(f) }.map_err(|e| e.into_parts().1)) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("reading {} queue {q}: {e}", gw.tun.name());
+            return;
+        }
+    };
+    let dtls = gw.dtls.get().cloned();
+    let mut out = SendBatch::default();
+    let mut buf = vec![0u8; READ_MAX];
+    loop {
+        let mut guard = match fd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("reading {}: {e}", gw.tun.name());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        loop {
+            let n = match guard.try_io(|f| f.get_ref().read(&mut buf)) {
+                Ok(Ok(n)) if n > VNET_HDR_LEN => n,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => {
+                    tracing::debug!("reading {}: {e}", gw.tun.name());
+                    break;
+                }
+                // Drained; readiness re-armed.
+                Err(_would_block) => break,
+            };
+            dispatch(&gw, dtls.as_ref(), &buf[..n], &mut out, false);
+        }
+        if let Some(d) = &dtls
+            && !out.is_empty()
+        {
+            d.flush(&mut out);
+        }
+    }
+}
+
+/// Writes each of `pkts` straight into a send slot and seals it there.
+fn seal(d: &DtlsServer, link: &Link, pkts: &Packets, out: &mut SendBatch) {
+    let path = link.path();
+    for i in 0..pkts.count() {
+        let len = pkts.write(i, &mut out.slot()[PACKET_OFFSET..]);
+        d.seal_into(link, path, out, len);
+    }
+}
