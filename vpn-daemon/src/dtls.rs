@@ -155,6 +155,8 @@ pub struct DtlsServer {
     /// Receive-path counters for `vpnctl stats`.
     counters: RxCounters,
     flow_control: FlowControlCounters,
+    /// Per worker: datagrams received on its socket, packets it sent.
+    per_worker: Vec<[AtomicU64; 2]>,
 }
 
 /// What the workers received, for `vpnctl stats`: datagrams per batch
@@ -194,6 +196,20 @@ pub struct RxStats {
     pub coalesce_waits: u64,
     /// Pure ACKs from clients dropped as redundant (gro.rs).
     pub acks_thinned: u64,
+    /// Each packet worker's share (`workers.rs`).
+    #[serde(default)]
+    pub workers: Vec<WorkerStats>,
+}
+
+/// What one packet worker carried for DTLS clients. A client's datagrams
+/// reach one worker's socket, and its downloads come back to the same
+/// worker (`tun.rs`), so both figures grow together.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerStats {
+    /// Datagrams received on its socket.
+    pub datagrams_in: u64,
+    /// Packets it sealed and sent to clients.
+    pub packets_out: u64,
 }
 
 /// Locks `m`, also once a panic elsewhere poisoned it: each critical
@@ -252,6 +268,7 @@ impl DtlsServer {
             coalesce,
             counters: RxCounters::default(),
             flow_control: FlowControlCounters::default(),
+            per_worker: (0..workers.max(1)).map(|_| Default::default()).collect(),
         }))
     }
 
@@ -263,6 +280,21 @@ impl DtlsServer {
             datagrams: c.datagrams.load(Ordering::Relaxed),
             coalesce_waits: c.coalesce_waits.load(Ordering::Relaxed),
             acks_thinned: c.acks_thinned.load(Ordering::Relaxed),
+            workers: self
+                .per_worker
+                .iter()
+                .map(|w| WorkerStats {
+                    datagrams_in: w[0].load(Ordering::Relaxed),
+                    packets_out: w[1].load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+
+    /// Counts `n` packets worker `worker` sealed and sent to clients.
+    pub fn count_sent(&self, worker: usize, n: usize) {
+        if let Some(w) = self.per_worker.get(worker) {
+            w[1].fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -370,6 +402,7 @@ impl DtlsServer {
     pub fn receiver(&self, worker: usize) -> Receiver {
         let queue = worker;
         Receiver {
+            worker,
             fd: self.sockets[worker % self.sockets.len()].as_raw_fd(),
             batch: batch::RecvBatch::default(),
             w: Work {
@@ -390,7 +423,13 @@ impl DtlsServer {
     /// `None` if nothing was queued; otherwise whether the caller should
     /// wait [`Self::coalesce`] before the next batch.
     pub fn receive(self: &Arc<Self>, rx: &mut Receiver) -> Option<bool> {
-        let Receiver { fd, batch, w, max } = rx;
+        let Receiver {
+            worker,
+            fd,
+            batch,
+            w,
+            max,
+        } = rx;
         let fd = *fd;
         if let Err(e) = batch.recv(fd, *max) {
             match e.kind() {
@@ -419,6 +458,9 @@ impl DtlsServer {
         let c = &self.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        if let Some(p) = self.per_worker.get(*worker) {
+            p[0].fetch_add(datagrams, Ordering::Relaxed);
+        }
         c.acks_thinned
             .fetch_add(std::mem::take(&mut w.gro.acks_thinned), Ordering::Relaxed);
         if !w.replies.is_empty() {
@@ -818,6 +860,7 @@ const REBIND_TRIALS_PER_SEC: u32 = 2000;
 /// A packet worker's receive buffers and batch in progress
 /// ([`DtlsServer::receive`]).
 pub struct Receiver {
+    worker: usize,
     /// The worker's socket.
     fd: RawFd,
     batch: batch::RecvBatch,

@@ -191,7 +191,7 @@ impl Reader {
             self.held = None;
             let (vnet, pkt) = self.buf[..len].split_at(VNET_HDR_LEN);
             if let Ok(pkts) = Packets::parse(vnet, pkt) {
-                seal(d, &link, &pkts, &mut self.out);
+                seal(d, Some(self.queue), &link, &pkts, &mut self.out);
             }
         }
         let mut file = gw.tun.queue(self.queue);
@@ -205,7 +205,8 @@ impl Reader {
                     break;
                 }
             };
-            self.held = dispatch(gw, dtls, &self.buf[..n], &mut self.out, true);
+            let read = &self.buf[..n];
+            self.held = dispatch(gw, dtls, read, &mut self.out, Some(self.queue));
             if self.held.is_some() {
                 break;
             }
@@ -220,13 +221,14 @@ impl Reader {
 
 /// Passes a packet read from the device (`read`: virtio-net header and
 /// packet, which may be one large TCP packet) on to its client; `Some` if
-/// it has to wait for the client's window (only if it may `hold` it).
+/// it has to wait for the client's window. Only a packet `worker` may hold
+/// a packet (the TLS queue's reader, `None`, sends at once).
 fn dispatch(
     gw: &Gateway,
     dtls: Option<&Arc<DtlsServer>>,
     read: &[u8],
     out: &mut SendBatch,
-    hold: bool,
+    worker: Option<usize>,
 ) -> Option<Held> {
     let (vnet, pkt) = read.split_at(VNET_HDR_LEN);
     let pkts = match Packets::parse(vnet, pkt) {
@@ -247,7 +249,7 @@ fn dispatch(
             if let Some((flow, start, data)) = crate::flow_control::tcp_data(pkts.packet()) {
                 let end = start.wrapping_add(data);
                 let now = Instant::now();
-                if !link.window.admit(flow, start, end, now, !hold) {
+                if !link.window.admit(flow, start, end, now, worker.is_none()) {
                     // What is sealed goes out first: the client's ACKs
                     // for it make the room.
                     if !out.is_empty() {
@@ -263,7 +265,7 @@ fn dispatch(
                     });
                 }
             }
-            seal(d, &link, &pkts, out);
+            seal(d, worker, &link, &pkts, out);
         }
         _ => {
             for i in 0..pkts.count() {
@@ -313,7 +315,7 @@ async fn tls_reader(gw: Arc<Gateway>, q: usize) {
                 // Drained; readiness re-armed.
                 Err(_would_block) => break,
             };
-            dispatch(&gw, dtls.as_ref(), &buf[..n], &mut out, false);
+            dispatch(&gw, dtls.as_ref(), &buf[..n], &mut out, None);
         }
         if let Some(d) = &dtls
             && !out.is_empty()
@@ -323,11 +325,15 @@ async fn tls_reader(gw: Arc<Gateway>, q: usize) {
     }
 }
 
-/// Writes each of `pkts` straight into a send slot and seals it there.
-fn seal(d: &DtlsServer, link: &Link, pkts: &Packets, out: &mut SendBatch) {
+/// Writes each of `pkts` straight into a send slot and seals it there;
+/// counts them for `worker`.
+fn seal(d: &DtlsServer, worker: Option<usize>, link: &Link, pkts: &Packets, out: &mut SendBatch) {
     let path = link.path();
     for i in 0..pkts.count() {
         let len = pkts.write(i, &mut out.slot()[PACKET_OFFSET..]);
         d.seal_into(link, path, out, len);
+    }
+    if let Some(w) = worker {
+        d.count_sent(w, pkts.count());
     }
 }

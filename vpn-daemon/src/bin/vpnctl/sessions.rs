@@ -106,6 +106,12 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             rx.coalesce_waits,
             rx.acks_thinned
         );
+        for (i, w) in rx.workers.iter().enumerate() {
+            println!(
+                "  packet worker {i}: {} datagrams in, {} packets out",
+                w.datagrams_in, w.packets_out
+            );
+        }
     }
     if let Some(p) = &stats.dtls_flow_control {
         println!(
