@@ -111,7 +111,7 @@ fn run(gw: &Arc<Gateway>, q: usize) {
         let timeout = reader.deadline().map(|d| {
             let left = d.saturating_duration_since(Instant::now());
             libc::timespec {
-                tv_sec: 0,
+                tv_sec: left.as_secs() as libc::time_t,
                 tv_nsec: left.subsec_nanos().into(),
             }
         });
