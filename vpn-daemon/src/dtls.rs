@@ -155,8 +155,14 @@ pub struct DtlsServer {
     /// Receive-path counters for `vpnctl stats`.
     counters: RxCounters,
     flow_control: FlowControlCounters,
-    /// Per worker: datagrams received on its socket, packets it sent.
-    per_worker: Vec<[AtomicU64; 2]>,
+    per_worker: Vec<WorkerCounters>,
+}
+
+/// One packet worker's counters ([`WorkerStats`]).
+#[derive(Default)]
+struct WorkerCounters {
+    datagrams_in: AtomicU64,
+    packets_out: AtomicU64,
 }
 
 /// What the workers received, for `vpnctl stats`: datagrams per batch
@@ -284,8 +290,8 @@ impl DtlsServer {
                 .per_worker
                 .iter()
                 .map(|w| WorkerStats {
-                    datagrams_in: w[0].load(Ordering::Relaxed),
-                    packets_out: w[1].load(Ordering::Relaxed),
+                    datagrams_in: w.datagrams_in.load(Ordering::Relaxed),
+                    packets_out: w.packets_out.load(Ordering::Relaxed),
                 })
                 .collect(),
         }
@@ -294,7 +300,7 @@ impl DtlsServer {
     /// Counts `n` packets worker `worker` sealed and sent to clients.
     pub fn count_sent(&self, worker: usize, n: usize) {
         if let Some(w) = self.per_worker.get(worker) {
-            w[1].fetch_add(n as u64, Ordering::Relaxed);
+            w.packets_out.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -459,7 +465,7 @@ impl DtlsServer {
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
         if let Some(p) = self.per_worker.get(*worker) {
-            p[0].fetch_add(datagrams, Ordering::Relaxed);
+            p.datagrams_in.fetch_add(datagrams, Ordering::Relaxed);
         }
         c.acks_thinned
             .fetch_add(std::mem::take(&mut w.gro.acks_thinned), Ordering::Relaxed);
@@ -1050,7 +1056,8 @@ impl io::Write for DatagramIo {
 /// the default ~200 KB, where ocserv loses datagrams), the destination
 /// address of each datagram (`IP_PKTINFO`) and GRO. It stays blocking,
 /// but packet workers poll it and every receive and send passes
-/// MSG_DONTWAIT: a full buffer drops, as a network does.
+/// MSG_DONTWAIT: a full buffer drops, as a network does. (Only a process
+/// of the same user can join the group, as with any port we hold.)
 fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     use socket2::{Domain, Socket, Type};
     let bind = || -> io::Result<UdpSocket> {
