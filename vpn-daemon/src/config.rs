@@ -101,9 +101,10 @@ pub struct DtlsConfig {
     /// more) but did not fill the batch, the packet worker waits this many
     /// microseconds so the next batch gathers more. Bulk uploads then reach
     /// the LAN as fewer, larger TCP packets (a third less CPU per GB in
-    /// the tunnel benchmark). Interactive traffic arriving during a bulk
-    /// upload waits up to this long, in both directions for the clients
-    /// the same worker serves. 0 turns it off; at most 1000. Default 200.
+    /// the tunnel benchmark). Interactive traffic from clients arriving
+    /// during a bulk upload waits up to this long; traffic to clients does
+    /// not (the worker serves its TUN queue meanwhile). 0 turns it off; at
+    /// most 1000. Default 200.
     pub rx_coalesce_usecs: u16,
 }
 

@@ -90,7 +90,14 @@ fn run(gw: &Arc<Gateway>, q: usize) {
     let mut reader = Reader::new(q);
     let tun_fd = gw.tun.queue(q).as_raw_fd();
     let udp_fd = rx.as_ref().map_or(-1, |rx| rx.fd());
+    // Receive coalescing (`dtls.rs`): the socket rests until then; the
+    // queue is served meanwhile.
+    let mut rest_until: Option<Instant> = None;
     loop {
+        let now = Instant::now();
+        if rest_until.is_some_and(|t| t <= now) {
+            rest_until = None;
+        }
         let mut fds = [
             libc::pollfd {
                 fd: tun_fd,
@@ -104,12 +111,20 @@ fn run(gw: &Arc<Gateway>, q: usize) {
             },
             libc::pollfd {
                 fd: udp_fd,
-                events: libc::POLLIN,
+                events: if rest_until.is_some() {
+                    0
+                } else {
+                    libc::POLLIN
+                },
                 revents: 0,
             },
         ];
-        let timeout = reader.deadline().map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
+        let wake = match (reader.deadline(), rest_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = wake.map(|d| {
+            let left = d.saturating_duration_since(now);
             libc::timespec {
                 tv_sec: left.as_secs() as libc::time_t,
                 tv_nsec: left.subsec_nanos().into(),
@@ -126,17 +141,14 @@ fn run(gw: &Arc<Gateway>, q: usize) {
             }
             continue;
         }
-        let mut coalesce = false;
         if let (Some(d), Some(rx)) = (&dtls, &mut rx)
             && fds[1].revents != 0
+            && d.receive(rx) == Some(true)
         {
-            coalesce = d.receive(rx) == Some(true);
+            rest_until = Some(Instant::now() + d.coalesce());
         }
         if fds[0].revents != 0 || reader.held.is_some() {
             reader.run(gw, dtls.as_ref());
-        }
-        if coalesce {
-            std::thread::sleep(dtls.as_ref().map_or(Duration::ZERO, |d| d.coalesce()));
         }
     }
 }
