@@ -498,9 +498,14 @@ pool_v6 = "{POOL6}"
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
+    /// `vpnctl stats --json`.
+    pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.vpnctl(&["stats", "--json"])?)?)
+    }
+
     /// A drop counter from `vpnctl stats --json`.
     pub fn drops(&self, reason: &str) -> anyhow::Result<u64> {
-        let v: serde_json::Value = serde_json::from_str(&self.vpnctl(&["stats", "--json"])?)?;
+        let v = self.stats()?;
         v["drops"]
             .as_array()
             .and_then(|a| a.iter().find(|d| d[0] == reason))

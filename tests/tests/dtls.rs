@@ -75,8 +75,7 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         "BPF counters include DTLS traffic: {s}"
     );
     // The receive counters: the upload came in batches.
-    let stats: serde_json::Value =
-        serde_json::from_str(&gw.vpnctl(&["stats", "--json"]).unwrap()).unwrap();
+    let stats = gw.stats().unwrap();
     let rx = &stats["dtls_rx"];
     // The packet worker whose socket the client's datagrams reach also
     // sends its downloads: the TUN driver steers them to its queue.
@@ -140,9 +139,7 @@ fn worker_counts(stats: &serde_json::Value) -> Vec<(u64, u64)> {
 /// The worker whose socket takes `ns`'s datagrams: the one whose count
 /// rises while `ns` pings through its tunnel.
 fn worker_of(gw: &Gateway, ns: &Netns) -> usize {
-    let stats = |gw: &Gateway| {
-        worker_counts(&serde_json::from_str(&gw.vpnctl(&["stats", "--json"]).unwrap()).unwrap())
-    };
+    let stats = |gw: &Gateway| worker_counts(&gw.stats().unwrap());
     let before = stats(gw);
     assert!(ns.ping(SERVER, 3));
     let after = stats(gw);
@@ -167,9 +164,7 @@ fn two_dtls_clients_download_at_once_each_through_its_own_worker() {
     let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &psk).unwrap();
     a.wait_connected(Duration::from_secs(20)).unwrap();
     a.wait_dtls(Duration::from_secs(10)).unwrap();
-    let workers =
-        worker_counts(&serde_json::from_str(&gw.vpnctl(&["stats", "--json"]).unwrap()).unwrap())
-            .len();
+    let workers = worker_counts(&gw.stats().unwrap()).len();
     let worker_a = worker_of(&gw, &topo.client);
     // Bounded: each try lands elsewhere with odds (n-1)/n, so 12 tries
     // all fail on 2 workers once in 4096 runs.
@@ -203,8 +198,7 @@ fn two_dtls_clients_download_at_once_each_through_its_own_worker() {
         sessions.iter().all(|s| s["transport"] == "dtls"),
         "{sessions:?}"
     );
-    let stats: serde_json::Value =
-        serde_json::from_str(&gw.vpnctl(&["stats", "--json"]).unwrap()).unwrap();
+    let stats = gw.stats().unwrap();
     let workers = worker_counts(&stats);
     let all_in: u64 = workers.iter().map(|(din, _)| din).sum();
     let all_out: u64 = workers.iter().map(|(_, out)| out).sum();

@@ -170,7 +170,6 @@ struct WorkerCounters {
 #[derive(Default)]
 struct RxCounters {
     batches: AtomicU64,
-    datagrams: AtomicU64,
     coalesce_waits: AtomicU64,
     acks_thinned: AtomicU64,
 }
@@ -283,7 +282,11 @@ impl DtlsServer {
         let c = &self.counters;
         RxStats {
             batches: c.batches.load(Ordering::Relaxed),
-            datagrams: c.datagrams.load(Ordering::Relaxed),
+            datagrams: self
+                .per_worker
+                .iter()
+                .map(|w| w.datagrams_in.load(Ordering::Relaxed))
+                .sum(),
             coalesce_waits: c.coalesce_waits.load(Ordering::Relaxed),
             acks_thinned: c.acks_thinned.load(Ordering::Relaxed),
             workers: self
@@ -406,9 +409,7 @@ impl DtlsServer {
     /// Receive state for packet worker `worker`: its own socket, and TUN
     /// queue `worker` for what it receives.
     pub fn receiver(&self, worker: usize) -> Receiver {
-        let queue = worker;
         Receiver {
-            worker,
             fd: self.sockets[worker % self.sockets.len()].as_raw_fd(),
             batch: batch::RecvBatch::default(),
             w: Work {
@@ -416,7 +417,7 @@ impl DtlsServer {
                 scratch: vec![0u8; batch::SLOT],
                 gro: crate::gro::Coalescer::default(),
                 now: Instant::now(),
-                queue,
+                worker,
             },
             max: recv_max(false),
         }
@@ -429,13 +430,7 @@ impl DtlsServer {
     /// `None` if nothing was queued; otherwise whether the caller should
     /// wait [`Self::coalesce`] before the next batch.
     pub fn receive(self: &Arc<Self>, rx: &mut Receiver) -> Option<bool> {
-        let Receiver {
-            worker,
-            fd,
-            batch,
-            w,
-            max,
-        } = rx;
+        let Receiver { fd, batch, w, max } = rx;
         let fd = *fd;
         if let Err(e) = batch.recv(fd, *max) {
             match e.kind() {
@@ -459,12 +454,11 @@ impl DtlsServer {
         // What the batch merged or held goes to the kernel now.
         w.gro.finish(&mut crate::tun::TunSink {
             tun: &self.tun,
-            queue: w.queue,
+            queue: w.worker,
         });
         let c = &self.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
-        c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
-        if let Some(p) = self.per_worker.get(*worker) {
+        if let Some(p) = self.per_worker.get(w.worker) {
             p.datagrams_in.fetch_add(datagrams, Ordering::Relaxed);
         }
         c.acks_thinned
@@ -603,7 +597,7 @@ impl DtlsServer {
                 // redundant ACKs dropped.
                 let tun = &mut crate::tun::TunSink {
                     tun: &self.tun,
-                    queue: w.queue,
+                    queue: w.worker,
                 };
                 w.gro.push_parsed(payload, seg, tun);
             }
@@ -847,9 +841,11 @@ impl DtlsServer {
         batch::send_one(self.socket().as_raw_fd(), &buf[..n], to, src);
     }
 
-    /// Sends what a worker sealed.
+    /// Sends what a worker sealed, if anything.
     pub fn flush(&self, out: &mut batch::SendBatch) {
-        out.flush(self.socket().as_raw_fd());
+        if !out.is_empty() {
+            out.flush(self.socket().as_raw_fd());
+        }
     }
 }
 
@@ -866,7 +862,6 @@ const REBIND_TRIALS_PER_SEC: u32 = 2000;
 /// A packet worker's receive buffers and batch in progress
 /// ([`DtlsServer::receive`]).
 pub struct Receiver {
-    worker: usize,
     /// The worker's socket.
     fd: RawFd,
     batch: batch::RecvBatch,
@@ -892,9 +887,9 @@ struct Work {
     gro: crate::gro::Coalescer,
     /// When the batch arrived.
     now: Instant,
-    /// The TUN queue packets are written to: the worker's own, so the
-    /// kernel steers the flows' replies back to it.
-    queue: usize,
+    /// The worker, and the TUN queue packets are written to: its own, so
+    /// the kernel steers the flows' replies back to it.
+    worker: usize,
 }
 
 /// A peer of the UDP socket.

@@ -194,19 +194,20 @@ impl LinkWindow {
         let mut s = self.lock();
         // Only flows the client has acknowledged are tracked, and only new
         // data waits.
-        match s.flows.iter().find(|f| f.hash == flow) {
-            Some(f) if after(end, f.snd_max) => {}
-            _ => return true,
-        }
+        let Some(i) = s
+            .flows
+            .iter()
+            .position(|f| f.hash == flow && after(end, f.snd_max))
+        else {
+            return true;
+        };
         let bytes = u64::from(end.wrapping_sub(start));
         let flight = s.in_flight(now);
         if !overdue && flight != 0 && flight + bytes > s.window() {
             return false;
         }
+        s.flows[i].snd_max = end;
         let delivered = s.delivered;
-        if let Some(f) = s.flows.iter_mut().find(|f| f.hash == flow) {
-            f.snd_max = end;
-        }
         // Timed to the ACK of its first byte: the round trip without the
         // time the client takes for the rest of the burst.
         if s.probe.is_none() {

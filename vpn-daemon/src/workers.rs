@@ -4,10 +4,10 @@
 //! A worker polls its TUN queue and its DTLS socket (one per worker, the
 //! kernel spreads clients over them, `dtls.rs`), and takes turns: a batch
 //! of datagrams from clients (opened and written to its queue), then what
-//! the device has for clients. A packet for a
-//! DTLS client is cut into the client's packets (`gso.rs`), sealed in a
-//! send slot and sent with the others in one `sendmmsg`; one for a TLS
-//! client goes to its tunnel's queue.
+//! the device has for clients. A packet for a DTLS client is cut into the
+//! client's packets (`gso.rs`), sealed in a send slot and sent with the
+//! others in one `sendmmsg`; one for a TLS client goes to its tunnel's
+//! queue.
 //!
 //! The TLS tunnels run on the async runtime and write to a queue of their
 //! own, the last, which a task on the runtime reads ([`tls_reader`]): the
@@ -47,16 +47,22 @@ use crate::{
 /// Device reads before a worker looks at the socket again.
 const READ_BURST: usize = 64;
 
+/// The TUN queues to create: one per core (at most 8) for the workers,
+/// and the TLS tunnels' queue.
+pub fn tun_queues() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8)) + 1
+}
+
 /// How many workers serve `tun`: one per queue but the last, at least one
 /// (with a single queue, worker 0 reads the TLS tunnels' too).
 pub fn count(tun: &crate::tun::Tun) -> usize {
     tun.tls_queue().max(1)
 }
 
-/// Starts the workers ([`count`]), and the TLS queue's reader on `rt`. Workers run for the
-/// daemon's life; one that panics on some packet logs it and starts over,
-/// so one bad packet does not end the tunnel for everybody. Handshakes are
-/// spawned on `rt`.
+/// Starts the workers ([`count`]), and the TLS queue's reader on `rt`.
+/// Workers run for the daemon's life; one that panics on some packet logs
+/// it and starts over, so one bad packet does not end the tunnel for
+/// everybody. Handshakes are spawned on `rt`.
 pub fn start(gw: &Arc<Gateway>, rt: &tokio::runtime::Handle) -> io::Result<()> {
     let tls = gw.tun.tls_queue();
     if tls > 0 {
@@ -223,9 +229,7 @@ impl Reader {
                 break;
             }
         }
-        if let Some(d) = dtls
-            && !self.out.is_empty()
-        {
+        if let Some(d) = dtls {
             d.flush(&mut self.out);
         }
     }
@@ -264,9 +268,7 @@ fn dispatch(
                 if !link.window.admit(flow, start, end, now, worker.is_none()) {
                     // What is sealed goes out first: the client's ACKs
                     // for it make the room.
-                    if !out.is_empty() {
-                        d.flush(out);
-                    }
+                    d.flush(out);
                     return Some(Held {
                         len: read.len(),
                         link,
@@ -329,9 +331,7 @@ async fn tls_reader(gw: Arc<Gateway>, q: usize) {
             };
             dispatch(&gw, dtls.as_ref(), &buf[..n], &mut out, None);
         }
-        if let Some(d) = &dtls
-            && !out.is_empty()
-        {
+        if let Some(d) = &dtls {
             d.flush(&mut out);
         }
     }

@@ -80,10 +80,9 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
 
     // A TUN queue and a packet worker per core, and a queue for the TLS
-    // tunnels (workers.rs).
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    // tunnels.
     let tun = Arc::new(
-        Tun::create(&raw.tunnel.device, workers + 1).with_context(|| {
+        Tun::create(&raw.tunnel.device, vpn_daemon::workers::tun_queues()).with_context(|| {
             format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
         })?,
     );
