@@ -994,14 +994,32 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
     .expect("netns thread")
 }
 
+/// A TLS connection of our own to the gateway.
+pub type RawTls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
 /// A TLS connection from the client namespace to the gateway, for tests
 /// that send what openconnect never would. The certificate is not checked:
 /// this talks to the gateway the test itself started.
-pub fn raw_tls(
-    topo: &Topology,
-) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    let tcp = in_netns(&topo.client, || {
-        std::net::TcpStream::connect((GW_OUTSIDE, 443))
+pub fn raw_tls(topo: &Topology) -> anyhow::Result<RawTls> {
+    raw_tls_from(&topo.client, None)
+}
+
+/// [`raw_tls`] from namespace `ns`, from source address `src` if given
+/// (one of `ns`'s own addresses).
+pub fn raw_tls_from(ns: &Netns, src: Option<&str>) -> anyhow::Result<RawTls> {
+    let src: Option<std::net::IpAddr> = src.map(str::parse).transpose()?;
+    let tcp = in_netns(ns, move || -> std::io::Result<std::net::TcpStream> {
+        let gw: std::net::SocketAddr =
+            (GW_OUTSIDE.parse::<std::net::IpAddr>().unwrap(), 443).into();
+        match src {
+            None => std::net::TcpStream::connect(gw),
+            Some(ip) => {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                s.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+                s.connect_timeout(&gw.into(), Duration::from_secs(10))?;
+                Ok(s.into())
+            }
+        }
     })?;
     tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -1042,6 +1060,41 @@ pub fn read_http_response(io: &mut impl std::io::Read) -> anyhow::Result<(u16, S
     let mut body = vec![0u8; len];
     io.read_exact(&mut body)?;
     Ok((status, format!("{head}{}", String::from_utf8_lossy(&body))))
+}
+
+/// An aggregate-auth request as openconnect sends it (`POST /`).
+pub fn xml_request(body: &str) -> String {
+    format!(
+        "POST / HTTP/1.1\r\nHost: {GW_OUTSIDE}\r\nX-Aggregate-Auth: 1\r\nX-Transcend-Version: 1\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The `init` document that starts a login.
+pub const AUTH_INIT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<config-auth client="vpn" type="init" aggregate-auth-version="2"><version who="vpn">v9.01</version><device-id>linux-64</device-id><group-access>https://vpn-gateway/</group-access></config-auth>"#;
+
+/// The `auth-reply` document answering the form of login `handle`.
+pub fn auth_reply(handle: &str, user: &str, password: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<config-auth client="vpn" type="auth-reply" aggregate-auth-version="2"><version who="vpn">v9.01</version><device-id>linux-64</device-id><opaque is-for="sg"><aggauth-handle>{handle}</aggauth-handle></opaque><auth><username>{user}</username><password>{password}</password></auth></config-auth>"#
+    )
+}
+
+/// Posts an aggregate-auth document on `s`; returns the status and the
+/// whole response.
+pub fn post_xml(s: &mut RawTls, body: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Write;
+    s.write_all(xml_request(body).as_bytes())?;
+    read_http_response(s)
+}
+
+/// The login handle (`aggauth-handle`) of a login form.
+pub fn form_handle(text: &str) -> Option<String> {
+    let start = text.find("<aggauth-handle>")? + "<aggauth-handle>".len();
+    let end = start + text[start..].find("</aggauth-handle>")?;
+    Some(text[start..end].to_owned())
 }
 
 #[derive(Debug)]

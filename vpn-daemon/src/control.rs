@@ -141,7 +141,7 @@ pub enum Response {
 
 impl Gateway {
     pub fn session_rows(&self) -> Vec<SessionRow> {
-        let dp = self.datapath.lock().unwrap();
+        let dp = self.datapath.lock();
         self.sessions
             .all()
             .iter()
@@ -150,7 +150,7 @@ impl Gateway {
                 for a in s.addresses() {
                     st.add(&dp.session_stats(a));
                 }
-                let slot = s.tunnel.lock().unwrap();
+                let slot = s.tunnel.lock();
                 SessionRow {
                     id: s.id,
                     user: s.user.clone(),
@@ -175,7 +175,7 @@ impl Gateway {
                         "-"
                     }
                     .into(),
-                    group_policy: s.policy.lock().unwrap().effective.clone(),
+                    group_policy: s.policy.lock().effective.clone(),
                     denied_in: st.rx_denied,
                     denied_out: st.tx_denied,
                     bytes_in: st.rx_bytes,
@@ -189,14 +189,14 @@ impl Gateway {
     }
 
     fn stats(&self) -> Stats {
-        let pool = self.pool.lock().unwrap();
+        let pool = self.pool.lock();
         Stats {
             sessions: self.sessions.len(),
             max_sessions: self.settings.raw.server.max_sessions,
             pool_in_use: pool.in_use(),
             pool_capacity: pool.capacity(),
             drops: {
-                let dp = self.datapath.lock().unwrap();
+                let dp = self.datapath.lock();
                 dp.drops()
                     .into_iter()
                     .map(|(r, n)| (r.name().to_owned(), n))
@@ -242,7 +242,7 @@ impl Gateway {
             .sessions
             .all()
             .iter()
-            .filter(|s| s.policy.lock().unwrap().id == p.id)
+            .filter(|s| s.policy.lock().id == p.id)
             .count();
         PolicyRow {
             name: p.def.name.clone(),
@@ -277,7 +277,7 @@ impl Gateway {
                 Err(error) => Response::Error { error },
             },
             Ok(Request::Policies) => {
-                let set = self.policies.lock().unwrap();
+                let set = self.policies.lock();
                 let default = set.default_name().map(str::to_owned);
                 let all = set.all();
                 drop(set);
@@ -289,7 +289,7 @@ impl Gateway {
                 }
             }
             Ok(Request::Policy { name }) => {
-                let set = self.policies.lock().unwrap();
+                let set = self.policies.lock();
                 let default = set.default_name().map(str::to_owned);
                 let found = set.get(&name);
                 let names: Vec<String> = set.all().iter().map(|p| p.def.name.clone()).collect();
@@ -302,7 +302,7 @@ impl Gateway {
                         ),
                     },
                     Some(p) => {
-                        let dp = self.datapath.lock().unwrap();
+                        let dp = self.datapath.lock();
                         let rules = p
                             .def
                             .rules

@@ -33,7 +33,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -44,6 +44,7 @@ use openssl::ssl::{
     ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions,
     SslStream, SslVersion,
 };
+use parking_lot::Mutex;
 use std::net::UdpSocket;
 
 use tokio::sync::mpsc;
@@ -217,13 +218,6 @@ pub struct WorkerStats {
     pub packets_out: u64,
 }
 
-/// Locks `m`, also once a panic elsewhere poisoned it: each critical
-/// section here leaves its map consistent at every step, and a receive
-/// thread that restarts after a panic must still reach the peers.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Messages the next `recvmmsg` takes: a full batch after bulk data (an
 /// upload); after anything else (client ACKs of a download) half of one,
 /// since larger ACK batches reach the servers later and in clumps, and
@@ -333,7 +327,7 @@ impl DtlsServer {
     pub fn offer(&self, session: Arc<Session>, psk: [u8; 32]) -> [u8; 32] {
         let mut app_id = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut app_id);
-        lock(&self.offers).insert(
+        self.offers.lock().insert(
             app_id,
             Offer {
                 session,
@@ -380,7 +374,7 @@ impl DtlsServer {
             );
             sess
         };
-        lock(&self.offers).insert(
+        self.offers.lock().insert(
             sid,
             Offer {
                 session,
@@ -393,7 +387,7 @@ impl DtlsServer {
 
     /// Withdraws an offer (its TLS tunnel ended).
     pub fn withdraw(&self, id: &[u8; 32]) {
-        if let Some(o) = lock(&self.offers).remove(id)
+        if let Some(o) = self.offers.lock().remove(id)
             && let Some(sess) = o.resumption
         {
             // SAFETY: the session was added to this context's cache.
@@ -498,7 +492,7 @@ impl DtlsServer {
     ) {
         let hello = is_client_hello(d);
         let fast = {
-            let peers = lock(&self.peers);
+            let peers = self.peers.lock();
             match peers.get(&from) {
                 Some(Peer {
                     link: Some(link), ..
@@ -525,7 +519,7 @@ impl DtlsServer {
             return;
         };
         let offer = {
-            let offers = lock(&self.offers);
+            let offers = self.offers.lock();
             offers.get(&app_id).map(|o| (o.session.clone(), o.psk))
         };
         let Some((session, psk)) = offer else {
@@ -534,7 +528,7 @@ impl DtlsServer {
         };
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(d.to_vec());
-        lock(&self.peers).insert(
+        self.peers.lock().insert(
             from,
             Peer {
                 slow: tx,
@@ -545,7 +539,7 @@ impl DtlsServer {
         tokio::spawn(async move {
             let reason = me.run_peer(from, local, session.clone(), psk, rx).await;
             tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
-            let mut peers = lock(&me.peers);
+            let mut peers = me.peers.lock();
             if peers.get(&from).is_some_and(|p| p.slow.is_closed()) {
                 peers.remove(&from);
             }
@@ -635,7 +629,7 @@ impl DtlsServer {
             return;
         }
         let candidates: Vec<Arc<Link>> = {
-            let peers = lock(&self.peers);
+            let peers = self.peers.lock();
             peers
                 .values()
                 .filter_map(|p| p.link.clone())
@@ -654,12 +648,12 @@ impl DtlsServer {
             };
             let old = link.addr();
             {
-                let mut peers = lock(&self.peers);
+                let mut peers = self.peers.lock();
                 if let Some(p) = peers.remove(&old) {
                     peers.insert(from, p);
                 }
             }
-            *lock(&link.addr) = (from, local);
+            *link.addr.lock() = (from, local);
             tracing::info!(user = link.session.user, %old, new = %from, "DTLS peer moved (NAT rebinding)");
             let plain = plain.to_vec();
             self.plaintext(&link, &plain, w);
@@ -738,11 +732,11 @@ impl DtlsServer {
             Err(e) => return format!("unusable DTLS channel: {e}"),
         };
         tracing::info!(user = session.user, %from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
-        if let Some(p) = lock(&self.peers).get_mut(&from) {
+        if let Some(p) = self.peers.lock().get_mut(&from) {
             p.link = Some(link.clone());
         }
         {
-            let mut slot = session.tunnel.lock().unwrap();
+            let mut slot = session.tunnel.lock();
             if let Some(old) = slot.dtls.replace(link.clone()) {
                 old.close();
             }
@@ -750,12 +744,12 @@ impl DtlsServer {
         let reason = self.channel_loop(&mut s, &link, inbox).await;
         link.close();
         {
-            let mut slot = session.tunnel.lock().unwrap();
+            let mut slot = session.tunnel.lock();
             if slot.dtls.as_ref().is_some_and(|l| l.id == link.id) {
                 slot.dtls = None;
             }
         }
-        let mut peers = lock(&self.peers);
+        let mut peers = self.peers.lock();
         peers.retain(|addr, p| *addr == from || p.link.as_ref().is_none_or(|l| l.id != link.id));
         reason
     }
@@ -940,7 +934,7 @@ impl Link {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        lock(&self.addr).0
+        self.addr.lock().0
     }
 
     /// Seals the `len` payload bytes at [`PACKET_OFFSET`] of `buf` as one
@@ -952,7 +946,7 @@ impl Link {
 
     /// Where records go: the client's address and our source address.
     pub fn path(&self) -> (SocketAddr, Option<IpAddr>) {
-        *lock(&self.addr)
+        *self.addr.lock()
     }
 
     fn touch(&self) {
@@ -993,7 +987,7 @@ impl Budget {
     }
 
     fn take(&self) -> bool {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         if s.0.elapsed() >= Duration::from_secs(1) {
             *s = (Instant::now(), self.per_sec);
         }

@@ -1,7 +1,9 @@
 //! Structured events: one JSON object per line on the configured event log,
 //! and the same event through `tracing`.
 
-use std::{fs::File, io::Write, path::Path, sync::Mutex, time::SystemTime};
+use std::{fs::File, io::Write, path::Path, time::SystemTime};
+
+use parking_lot::Mutex;
 
 use serde::Serialize;
 
@@ -104,7 +106,7 @@ impl EventLog {
         let json = serde_json::to_string(&line).expect("events serialise");
         tracing::info!(target: "vpnd::event", "{json}");
         if let Some(f) = &self.file {
-            let mut f = f.lock().unwrap();
+            let mut f = f.lock();
             if let Err(e) = writeln!(f, "{json}") {
                 tracing::error!("cannot write event log: {e}");
             }

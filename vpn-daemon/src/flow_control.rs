@@ -36,11 +36,11 @@
 //! packet worker's reading, and the other clients it serves, for more than
 //! that.
 
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
+
 use crate::gro::{self, Seg, after};
-use std::{
-    sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
-};
 
 /// The longest a packet worker holds one client's packet for its ACKs.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);
@@ -133,7 +133,7 @@ impl State {
 
 impl LinkWindow {
     fn lock(&self) -> MutexGuard<'_, State> {
-        crate::dtls::lock(&self.state)
+        self.state.lock()
     }
 
     /// A TCP packet from the client on `flow` saying it has everything

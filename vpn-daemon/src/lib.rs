@@ -1,5 +1,16 @@
 //! vpn-gateway's daemon library: everything `vpnd` does lives here, the
 //! binaries in `src/bin/` only parse arguments and dispatch.
+//!
+//! # Lock policy
+//!
+//! Every lock is `parking_lot`'s (`clippy.toml` forbids the std ones). They
+//! do not poison: a panic in one request's critical section must never
+//! turn into a failure of every later request that takes the lock (with
+//! std locks and `.lock().unwrap()`, one panicking login used to disable
+//! all logins until a restart). In return each critical section keeps its
+//! data consistent at every step, holds no `.await`, and contains nothing
+//! that panics on input from the network: a lookup that can miss is an
+//! `Option` handled there, never an `expect`.
 pub mod bpf;
 pub mod config;
 pub mod control;

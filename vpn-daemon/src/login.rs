@@ -3,10 +3,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime},
 };
 
+use parking_lot::Mutex;
 use rand::RngCore as _;
 use vpn_common::SessionInfo;
 
@@ -115,7 +116,7 @@ impl Gateway {
         rand::rngs::OsRng.fill_bytes(&mut h);
         let handle = hex::encode(h);
         let ttl = Duration::from_secs(self.settings.raw.auth.timeout_secs);
-        let mut auth = self.auth.lock().unwrap();
+        let mut auth = self.auth.lock();
         auth.retain(|_, s| s.started.elapsed() < ttl);
         if auth.len() >= MAX_PENDING_LOGINS {
             return None;
@@ -129,6 +130,19 @@ impl Gateway {
             },
         );
         Some(handle)
+    }
+
+    /// A fresh form for a client whose login is unknown or over.
+    fn expired(&self) -> Response {
+        let group = self.settings.groups[0].name.clone();
+        match self.start_login(group.clone()) {
+            Some(h) => self.form(
+                &h,
+                &group,
+                Some("your login attempt expired; please log in again"),
+            ),
+            None => Self::busy(),
+        }
     }
 
     fn busy() -> Response {
@@ -179,24 +193,14 @@ impl Gateway {
             .or_else(|| req.cookie("webvpncontext").map(str::to_owned));
         let ttl = Duration::from_secs(self.settings.raw.auth.timeout_secs);
         let state_group = handle.as_ref().and_then(|h| {
-            let auth = self.auth.lock().unwrap();
+            let auth = self.auth.lock();
             auth.get(h)
                 .filter(|s| s.started.elapsed() < ttl)
                 .map(|s| s.group.clone())
         });
         let (handle, group) = match (handle, state_group) {
             (Some(h), Some(g)) => (h, g),
-            _ => {
-                let group = self.settings.groups[0].name.clone();
-                return match self.start_login(group.clone()) {
-                    Some(h) => self.form(
-                        &h,
-                        &group,
-                        Some("your login attempt expired; please log in again"),
-                    ),
-                    None => Self::busy(),
-                };
-            }
+            _ => return self.expired(),
         };
         let group = match msg.group_select.as_deref() {
             None => group,
@@ -226,14 +230,18 @@ impl Gateway {
                     source_address: peer.to_string(),
                     reason: reason.into(),
                 });
-                let failures = {
-                    let mut auth = self.auth.lock().unwrap();
-                    let s = auth.get_mut(&handle).expect("state checked above");
+                // The login may have ended while the password was checked
+                // (another request on its handle reached the failure limit
+                // or succeeded, or it expired): to this client, it expired.
+                let failures = self.auth.lock().get_mut(&handle).map(|s| {
                     s.failures += 1;
                     s.failures
+                });
+                let Some(failures) = failures else {
+                    return self.expired();
                 };
                 if failures >= self.settings.raw.auth.max_failures {
-                    self.auth.lock().unwrap().remove(&handle);
+                    self.auth.lock().remove(&handle);
                     return Response::text(
                         401,
                         "Authentication failed",
@@ -244,7 +252,10 @@ impl Gateway {
                 return self.form(&handle, &group, Some("invalid username or password"));
             }
         };
-        self.auth.lock().unwrap().remove(&handle);
+        // One success per login: a handle that ended meanwhile earns nothing.
+        if self.auth.lock().remove(&handle).is_none() {
+            return self.expired();
+        }
         match self.create_session(&user, &group, group_policy) {
             Ok((session, cookie)) => {
                 tracing::info!(user, session = session.id, "login succeeded");
@@ -280,8 +291,8 @@ impl Gateway {
         let max = self.settings.raw.server.max_sessions as usize;
         // The pool lock also serialises the limit check with the insert.
         // Lock order: pool, policies, datapath.
-        let mut pool = self.pool.lock().unwrap();
-        let policies = self.policies.lock().unwrap();
+        let mut pool = self.pool.lock();
+        let policies = self.policies.lock();
         let (binding, (up_rate, down_rate)) = match policies.resolve(group_policy.as_deref()) {
             Ok(p) => (
                 PolicyBinding {
@@ -326,7 +337,7 @@ impl Gateway {
             }),
         });
         {
-            let mut dp = self.datapath.lock().unwrap();
+            let mut dp = self.datapath.lock();
             let info = SessionInfo {
                 session_id: session.id,
                 policy_id: binding.id,

@@ -5,12 +5,13 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -176,8 +177,8 @@ impl Gateway {
 
     /// Installs the policies of `settings` (at start and on reload).
     pub fn apply_policies(&self, settings: &Settings) -> anyhow::Result<()> {
-        let mut policies = self.policies.lock().unwrap();
-        let mut dp = self.datapath.lock().unwrap();
+        let mut policies = self.policies.lock();
+        let mut dp = self.datapath.lock();
         let old = policies.apply(
             &mut dp,
             &settings.policies,
@@ -190,7 +191,7 @@ impl Gateway {
         // Re-resolve every session against the new set (users may have
         // new policies too), then drop the versions nobody uses.
         let mut policies = self.rebind_sessions(policies)?;
-        let mut dp = self.datapath.lock().unwrap();
+        let mut dp = self.datapath.lock();
         policies.retire(&mut dp, old);
         Ok(())
     }
@@ -200,12 +201,12 @@ impl Gateway {
     /// a session whose policy no longer exists ends (fail closed).
     fn rebind_sessions<'a>(
         &'a self,
-        mut policies: std::sync::MutexGuard<'a, PolicySet>,
-    ) -> anyhow::Result<std::sync::MutexGuard<'a, PolicySet>> {
+        mut policies: parking_lot::MutexGuard<'a, PolicySet>,
+    ) -> anyhow::Result<parking_lot::MutexGuard<'a, PolicySet>> {
         for s in self.sessions.all() {
             let own = match self.users.policy_of(&s.user) {
                 Some(own) => own,
-                None => s.policy.lock().unwrap().own.clone(),
+                None => s.policy.lock().own.clone(),
             };
             match policies.resolve(own.as_deref()) {
                 Ok(p) => {
@@ -219,8 +220,8 @@ impl Gateway {
                         effective: p.as_ref().map(|p| p.def.name.clone()),
                         id: p.map_or(0, |p| p.id),
                     };
-                    if *s.policy.lock().unwrap() != binding {
-                        let mut dp = self.datapath.lock().unwrap();
+                    if *s.policy.lock() != binding {
+                        let mut dp = self.datapath.lock();
                         for a in s.addresses() {
                             dp.set_session(
                                 a,
@@ -232,7 +233,7 @@ impl Gateway {
                             )?;
                         }
                         tracing::info!(user = s.user, policy = ?binding.effective, "session policy changed");
-                        *s.policy.lock().unwrap() = binding;
+                        *s.policy.lock() = binding;
                     }
                 }
                 Err(e) => {
@@ -240,7 +241,7 @@ impl Gateway {
                     // is gone, nor silently widen its access.
                     drop(policies);
                     self.end_session(s.id, &format!("{e} any more"));
-                    policies = self.policies.lock().unwrap();
+                    policies = self.policies.lock();
                 }
             }
         }
@@ -255,7 +256,7 @@ impl Gateway {
         loop {
             tick.tick().await;
             let now = crate::policy::local_now();
-            let policies = self.policies.lock().unwrap();
+            let policies = self.policies.lock();
             let state = policies.schedule_state(now);
             if state != last {
                 last = state;
@@ -326,24 +327,24 @@ impl Gateway {
             return false;
         };
         tracing::debug!(session = id, "ending session: {reason}");
-        if let Some(h) = s.tunnel.lock().unwrap().handle.take()
+        if let Some(h) = s.tunnel.lock().handle.take()
             && let Some(k) = h.kick
         {
             let _ = k.send(Kick::Terminate(reason.to_owned()));
         }
         // Closing its queue ends the DTLS channel too.
-        if let Some(link) = s.tunnel.lock().unwrap().dtls.take() {
+        if let Some(link) = s.tunnel.lock().dtls.take() {
             link.close();
         }
         let mut stats = vpn_common::SessionStats::default();
         {
-            let mut dp = self.datapath.lock().unwrap();
+            let mut dp = self.datapath.lock();
             for a in s.addresses() {
                 stats.add(&dp.remove_session(a));
             }
             dp.forget_rate_state(s.id);
         }
-        self.pool.lock().unwrap().release(s.lease.v4);
+        self.pool.lock().release(s.lease.v4);
         self.events.emit(Event::ClientDisconnected {
             session_id: s.id,
             user: s.user.clone(),

@@ -10,12 +10,13 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
+use parking_lot::{Mutex, RwLock};
 use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -76,7 +77,7 @@ pub const DTLS_FALLBACK_SILENCE: Duration = Duration::from_secs(5);
 impl Session {
     /// Called for each DATA frame the client sends over TLS.
     pub fn data_over_tls(&self) {
-        let mut slot = self.tunnel.lock().unwrap();
+        let mut slot = self.tunnel.lock();
         if slot
             .dtls
             .as_ref()
@@ -135,7 +136,6 @@ impl Session {
         } else if self
             .tunnel
             .lock()
-            .unwrap()
             .down_since
             .is_some_and(|d| now.saturating_duration_since(d) >= t.disconnected)
         {
@@ -157,7 +157,7 @@ impl Session {
 
     /// The DTLS channel packets to the client go to, if one is up.
     pub fn dtls_link(&self) -> Option<Arc<crate::dtls::Link>> {
-        self.tunnel.lock().unwrap().dtls.clone()
+        self.tunnel.lock().dtls.clone()
     }
 
     /// Queues a packet for the client in the tunnel's paced queue (TLS, or
@@ -165,14 +165,14 @@ impl Session {
     /// queue would.
     /// Queues an upload of a rate-limited client for its pacer.
     pub fn paced_upload(&self, pkt: &[u8]) {
-        let slot = self.tunnel.lock().unwrap();
+        let slot = self.tunnel.lock();
         if let Some(h) = &slot.handle {
             let _ = h.paced_up.try_send(pkt.to_vec());
         }
     }
 
     pub fn deliver(&self, pkt: Vec<u8>) {
-        let slot = self.tunnel.lock().unwrap();
+        let slot = self.tunnel.lock();
         if let Some(h) = &slot.handle {
             let _ = h.to_client.try_send(pkt);
         }
@@ -247,7 +247,7 @@ impl SessionTable {
     }
 
     pub fn insert(&self, s: std::sync::Arc<Session>, cookie: &str) {
-        let mut i = self.inner.write().unwrap();
+        let mut i = self.inner.write();
         i.by_cookie.insert(cookie_hash(cookie), s.id);
         for a in s.addresses() {
             i.by_addr.insert(a, s.clone());
@@ -258,7 +258,7 @@ impl SessionTable {
     /// Removes a session from every index; `None` if it was already gone
     /// (so exactly one caller ends each session).
     pub fn remove(&self, id: u64) -> Option<std::sync::Arc<Session>> {
-        let mut i = self.inner.write().unwrap();
+        let mut i = self.inner.write();
         let s = i.by_id.remove(&id)?;
         i.by_cookie.retain(|_, v| *v != id);
         for a in s.addresses() {
@@ -268,17 +268,17 @@ impl SessionTable {
     }
 
     pub fn by_cookie(&self, cookie: &str) -> Option<std::sync::Arc<Session>> {
-        let i = self.inner.read().unwrap();
+        let i = self.inner.read();
         let id = i.by_cookie.get(&cookie_hash(cookie))?;
         i.by_id.get(id).cloned()
     }
 
     pub fn by_addr(&self, a: &IpAddr) -> Option<std::sync::Arc<Session>> {
-        self.inner.read().unwrap().by_addr.get(a).cloned()
+        self.inner.read().by_addr.get(a).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.inner.read().unwrap().by_id.len()
+        self.inner.read().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -287,7 +287,7 @@ impl SessionTable {
 
     /// A snapshot of all sessions, oldest first.
     pub fn all(&self) -> Vec<std::sync::Arc<Session>> {
-        let mut v: Vec<_> = self.inner.read().unwrap().by_id.values().cloned().collect();
+        let mut v: Vec<_> = self.inner.read().by_id.values().cloned().collect();
         v.sort_by_key(|s| s.id);
         v
     }
@@ -328,14 +328,14 @@ mod tests {
         let s = session(1, 2);
         let start = s.started;
         // Fresh session without a tunnel yet: fine until the disconnected timeout.
-        s.tunnel.lock().unwrap().down_since = Some(start);
+        s.tunnel.lock().down_since = Some(start);
         assert_eq!(s.expiry(&t, start + Duration::from_secs(299)), None);
         assert_eq!(
             s.expiry(&t, start + Duration::from_secs(300)),
             Some("disconnected timeout")
         );
         // Tunnel up, traffic 100 s in: idle counts from the last packet.
-        s.tunnel.lock().unwrap().down_since = None;
+        s.tunnel.lock().down_since = None;
         s.last_activity_ms.store(100_000, Ordering::Relaxed);
         assert_eq!(s.expiry(&t, start + Duration::from_secs(699)), None);
         assert_eq!(

@@ -70,7 +70,7 @@ impl Gateway {
         let (paced_up, paced_up_rx) = mpsc::channel(CLIENT_QUEUE);
         let (kick_tx, kick_rx) = oneshot::channel();
         let (generation, resumed) = {
-            let mut slot = session.tunnel.lock().unwrap();
+            let mut slot = session.tunnel.lock();
             let resumed = slot.generation > 0;
             if let Some(old) = slot.handle.take()
                 && let Some(k) = old.kick
@@ -125,7 +125,7 @@ impl Gateway {
             }
             TunnelEnd::Kicked => {}
             TunnelEnd::Down(reason) => {
-                let mut slot = session.tunnel.lock().unwrap();
+                let mut slot = session.tunnel.lock();
                 if slot.generation == generation {
                     slot.handle = None;
                     slot.down_since = Some(Instant::now());

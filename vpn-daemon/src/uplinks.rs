@@ -25,7 +25,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsRawFd,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant},
@@ -39,6 +39,7 @@ use netlink_packet_route::{
     rule::RuleAttribute,
 };
 use netlink_sys::AsyncSocket as _;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use vpn_common::{MARK_BASE, MARK_EXEMPT, MARK_MASK, MARK_UPLINK, MAX_UPLINKS};
@@ -145,7 +146,7 @@ impl Uplinks {
         });
         me.install(&handle).await?;
         {
-            let mut dp = gw.datapath.lock().unwrap();
+            let mut dp = gw.datapath.lock();
             let exempt: Vec<(u32, ipnet::IpNet)> = cfg
                 .iter()
                 .enumerate()
@@ -156,7 +157,7 @@ impl Uplinks {
         // Carrier counts at once; probes confirm within their interval.
         {
             let now = Instant::now();
-            let mut st = me.state.lock().unwrap();
+            let mut st = me.state.lock();
             for l in st.0.iter_mut() {
                 if l.carrier {
                     l.healthy_since = Some(now);
@@ -178,7 +179,6 @@ impl Uplinks {
         let st = self
             .state
             .lock()
-            .unwrap()
             .0
             .iter()
             .map(|l| (l.ifindex, l.address))
@@ -253,7 +253,7 @@ impl Uplinks {
 
     /// Picks the active uplink after a health change.
     fn decide(&self, gw: &Gateway) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         let (links, active) = &mut *st;
         let hold = Duration::from_secs(self.failover.hold_secs);
         let healthy: Vec<usize> = (0..self.cfg.len())
@@ -261,7 +261,7 @@ impl Uplinks {
             .collect();
         let mask = healthy.iter().fold(0u32, |m, &i| m | (1 << i));
         if self.healthy_mask.swap(mask, Ordering::Relaxed) != mask
-            && let Err(e) = gw.datapath.lock().unwrap().set_healthy_uplinks(mask)
+            && let Err(e) = gw.datapath.lock().set_healthy_uplinks(mask)
         {
             tracing::error!("updating uplink health: {e:#}");
         }
@@ -297,7 +297,7 @@ impl Uplinks {
         let from = active.map(|a| self.cfg[a].name.clone());
         let to = next.map(|b| self.cfg[b].name.clone());
         let number = next.map_or(0, |b| b as u32 + 1);
-        if let Err(e) = gw.datapath.lock().unwrap().set_active_uplink(number) {
+        if let Err(e) = gw.datapath.lock().set_active_uplink(number) {
             tracing::error!("switching uplinks: {e:#}");
             return;
         }
@@ -335,7 +335,7 @@ impl Uplinks {
             let ok = echo(&socket, target, id, seq, interval).await;
             let stats = get_link(&handle, &u.interface).await.ok();
             {
-                let mut st = self.state.lock().unwrap();
+                let mut st = self.state.lock();
                 let l = &mut st.0[i];
                 l.probes_sent += 1;
                 let was = l.failures < u.probe.failures;
@@ -415,7 +415,7 @@ impl Uplinks {
                 };
                 let up = carrier(&link);
                 let changed = {
-                    let mut st = self.state.lock().unwrap();
+                    let mut st = self.state.lock();
                     let Some(i) = st.0.iter().position(|l| l.ifindex == link.header.index) else {
                         continue;
                     };
@@ -441,7 +441,7 @@ impl Uplinks {
     }
 
     pub fn rows(&self) -> Vec<UplinkRow> {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         let (links, active) = &*st;
         self.cfg
             .iter()

@@ -14,7 +14,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Mutex,
     time::SystemTime,
 };
 
@@ -22,6 +21,7 @@ use argon2::{
     Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
     password_hash::{SaltString, rand_core::OsRng},
 };
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -225,7 +225,7 @@ impl UserDb {
         let mtime = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
-        let mut c = self.cached.lock().unwrap();
+        let mut c = self.cached.lock();
         if c.0 != mtime {
             match UserFile::read(&self.path) {
                 Ok(f) => *c = (mtime, f),

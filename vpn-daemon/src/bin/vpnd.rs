@@ -114,7 +114,7 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         )
         .await?;
         let _ = gw.dtls.set(dtls);
-        let mut dp = gw.datapath.lock().unwrap();
+        let mut dp = gw.datapath.lock();
         dp.set_guard(vpn_common::GuardConfig {
             port: u32::from(addr.port()),
             hello_rate: raw.dtls.hello_rate,
@@ -170,7 +170,7 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     }
     // Give tunnels a moment to send their TERMINATE frames.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    gw.datapath.lock().unwrap().unpin();
+    gw.datapath.lock().unpin();
     if let Err(e) = vpn_daemon::uplinks::cleanup(&raw.failover).await {
         tracing::error!("removing uplink state: {e:#}");
     }

@@ -17,10 +17,9 @@
 //! version‖plaintext length; nonce = salt(4)‖explicit nonce(8), where we
 //! send epoch‖seq as the explicit nonce (unique per key).
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use ring::{aead, hmac};
 
@@ -255,7 +254,7 @@ impl Channel {
             && rec[0] == CONTENT_APPLICATION_DATA
             && rec[1..3] == DTLS12
             && u16::from_be_bytes([rec[3], rec[4]]) == self.epoch
-            && self.window.lock().unwrap().check(seq_of(rec))
+            && self.window.lock().check(seq_of(rec))
     }
 
     /// Opens one record (exactly `rec`) in place; returns the plaintext.
@@ -272,7 +271,7 @@ impl Channel {
             return Err(OpenError::Malformed);
         }
         let seq = seq_of(rec);
-        if !self.window.lock().unwrap().check(seq) {
+        if !self.window.lock().check(seq) {
             return Err(OpenError::Replayed);
         }
         let es: [u8; 8] = rec[3..11].try_into().unwrap();
@@ -284,7 +283,7 @@ impl Channel {
             .open_key
             .open_in_place(nonce, aead::Aad::from(aad), &mut rec[PREFIX_LEN..])
             .map_err(|_| OpenError::Forged)?;
-        let mut w = self.window.lock().unwrap();
+        let mut w = self.window.lock();
         // A duplicate may have raced in between check and mark.
         if !w.check(seq) {
             return Err(OpenError::Replayed);
