@@ -25,7 +25,11 @@
 //! from the new address authenticates.
 
 pub mod batch;
+pub mod handshake;
 pub mod record;
+
+pub use handshake::{DTLS12_SUITES, ResumeSuite, pick_dtls12_suite};
+use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -33,17 +37,14 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use openssl::ssl::{
-    ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions,
-    SslStream, SslVersion,
-};
+use openssl::ssl::{ErrorCode, HandshakeError, SslContext, SslStream};
 use parking_lot::Mutex;
 use std::net::UdpSocket;
 
@@ -68,54 +69,16 @@ pub const DTLS_GCM_OVERHEAD: u16 = 13 + 8 + 16 + 1;
 /// or session id (resumption mode) gets.
 struct Offer {
     session: Arc<Session>,
-    /// PSK mode: the key. Resumption mode: unused (OpenSSL's cache holds
-    /// the session).
-    psk: [u8; 32],
-    resumption: Option<openssl::ssl::SslSession>,
-}
-
-/// Cisco DTLS 1.2 suites we resume, strongest first:
-/// (`X-DTLS12-CipherSuite` name, IANA id). Only names taken from the
-/// client's own list are ever answered.
-pub const DTLS12_SUITES: [(&str, [u8; 2]); 4] = [
-    ("ECDHE-RSA-AES256-GCM-SHA384", [0xc0, 0x30]),
-    ("AES256-GCM-SHA384", [0x00, 0x9d]),
-    ("ECDHE-RSA-AES128-GCM-SHA256", [0xc0, 0x2f]),
-    ("AES128-GCM-SHA256", [0x00, 0x9c]),
-];
-
-/// The strongest suite both sides support, from an `X-DTLS12-CipherSuite`
-/// offer.
-pub fn pick_dtls12_suite(offer: &str) -> Option<(&'static str, [u8; 2])> {
-    DTLS12_SUITES
-        .iter()
-        .find(|(name, _)| offer.split(':').any(|c| c.trim() == *name))
-        .copied()
+    /// The one handshake it allows.
+    handshake: Offered,
 }
 
 mod ffi {
-    use std::ffi::{c_int, c_long, c_uint, c_void};
+    use std::ffi::{c_int, c_long, c_void};
 
-    use openssl_sys::{SSL, SSL_CIPHER, SSL_SESSION};
+    use openssl_sys::SSL;
 
-    // Present in OpenSSL 1.1.1 and 3; openssl-sys does not declare them.
     unsafe extern "C" {
-        pub fn SSL_SESSION_new() -> *mut SSL_SESSION;
-        pub fn SSL_SESSION_set1_master_key(
-            s: *mut SSL_SESSION,
-            key: *const u8,
-            len: usize,
-        ) -> c_int;
-        pub fn SSL_SESSION_set1_id(s: *mut SSL_SESSION, sid: *const u8, len: c_uint) -> c_int;
-        pub fn SSL_SESSION_set1_id_context(
-            s: *mut SSL_SESSION,
-            ctx: *const u8,
-            len: c_uint,
-        ) -> c_int;
-        pub fn SSL_SESSION_set_cipher(s: *mut SSL_SESSION, cipher: *const SSL_CIPHER) -> c_int;
-        pub fn SSL_SESSION_set_protocol_version(s: *mut SSL_SESSION, version: c_int) -> c_int;
-        pub fn SSL_SESSION_set_timeout(s: *mut SSL_SESSION, t: c_long) -> c_long;
-        pub fn SSL_CIPHER_find(ssl: *mut SSL, ptr: *const u8) -> *const SSL_CIPHER;
         pub fn SSL_ctrl(ssl: *mut SSL, cmd: c_int, larg: c_long, parg: *mut c_void) -> c_long;
     }
 
@@ -130,10 +93,6 @@ mod ffi {
         unsafe { SSL_ctrl(ssl, DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
     }
 }
-
-/// Session id context shared by our cached sessions and the context.
-const SID_CTX: &[u8] = b"vpn-gateway-dtls";
-const DTLS1_2_VERSION: i32 = 0xfefd;
 
 /// The UDP side of the gateway.
 pub struct DtlsServer {
@@ -231,11 +190,6 @@ fn recv_max(after_bulk: bool) -> usize {
     }
 }
 
-fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
-    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, [u8; 32]>> = OnceLock::new();
-    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index"))
-}
-
 impl DtlsServer {
     /// Binds the UDP port next to the TLS listener, with a socket for
     /// each of `workers` packet workers.
@@ -331,8 +285,7 @@ impl DtlsServer {
             app_id,
             Offer {
                 session,
-                psk,
-                resumption: None,
+                handshake: Offered::Psk(psk),
             },
         );
         app_id
@@ -346,40 +299,19 @@ impl DtlsServer {
         &self,
         session: Arc<Session>,
         master: &[u8; 48],
-        suite: [u8; 2],
+        suite: ResumeSuite,
     ) -> anyhow::Result<[u8; 32]> {
-        use foreign_types::ForeignType;
         let mut sid = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sid);
-        let probe = Ssl::new(&self.ctx)?;
-        // SAFETY: plain OpenSSL calls on objects we own; the SSL_SESSION is
-        // handed to SslSession, which frees it.
-        let sess = unsafe {
-            let cipher = ffi::SSL_CIPHER_find(probe.as_ptr(), suite.as_ptr());
-            anyhow::ensure!(!cipher.is_null(), "OpenSSL lacks DTLS suite {suite:02x?}");
-            let raw = ffi::SSL_SESSION_new();
-            anyhow::ensure!(!raw.is_null(), "SSL_SESSION_new failed");
-            let sess = openssl::ssl::SslSession::from_ptr(raw);
-            let ok = ffi::SSL_SESSION_set1_master_key(raw, master.as_ptr(), master.len()) == 1
-                && ffi::SSL_SESSION_set1_id(raw, sid.as_ptr(), sid.len() as u32) == 1
-                && ffi::SSL_SESSION_set1_id_context(raw, SID_CTX.as_ptr(), SID_CTX.len() as u32)
-                    == 1
-                && ffi::SSL_SESSION_set_cipher(raw, cipher) == 1
-                && ffi::SSL_SESSION_set_protocol_version(raw, DTLS1_2_VERSION) == 1;
-            anyhow::ensure!(ok, "building the DTLS session failed");
-            ffi::SSL_SESSION_set_timeout(raw, 7 * 86400);
-            anyhow::ensure!(
-                self.ctx.add_session(&sess),
-                "OpenSSL refused the DTLS session"
-            );
-            sess
-        };
+        let cached = handshake::resumption_session(&self.ctx, master, &sid, suite)?;
         self.offers.lock().insert(
             sid,
             Offer {
                 session,
-                psk: [0; 32],
-                resumption: Some(sess),
+                handshake: Offered::Resume {
+                    session: cached,
+                    suite,
+                },
             },
         );
         Ok(sid)
@@ -387,8 +319,10 @@ impl DtlsServer {
 
     /// Withdraws an offer (its TLS tunnel ended).
     pub fn withdraw(&self, id: &[u8; 32]) {
-        if let Some(o) = self.offers.lock().remove(id)
-            && let Some(sess) = o.resumption
+        if let Some(Offer {
+            handshake: Offered::Resume { session: sess, .. },
+            ..
+        }) = self.offers.lock().remove(id)
         {
             // SAFETY: the session was added to this context's cache.
             unsafe { self.ctx.remove_session(&sess) };
@@ -520,9 +454,11 @@ impl DtlsServer {
         };
         let offer = {
             let offers = self.offers.lock();
-            offers.get(&app_id).map(|o| (o.session.clone(), o.psk))
+            offers
+                .get(&app_id)
+                .map(|o| (o.session.clone(), o.handshake.clone()))
         };
-        let Some((session, psk)) = offer else {
+        let Some((session, offered)) = offer else {
             tracing::debug!(%from, "DTLS ClientHello with an unknown App-ID");
             return;
         };
@@ -537,7 +473,7 @@ impl DtlsServer {
         );
         let me = self.clone();
         tokio::spawn(async move {
-            let reason = me.run_peer(from, local, session.clone(), psk, rx).await;
+            let reason = me.run_peer(from, local, session.clone(), offered, rx).await;
             tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
             let mut peers = me.peers.lock();
             if peers.get(&from).is_some_and(|p| p.slow.is_closed()) {
@@ -670,14 +606,13 @@ impl DtlsServer {
         from: SocketAddr,
         local: Option<IpAddr>,
         session: Arc<Session>,
-        psk: [u8; 32],
+        offered: Offered,
         mut inbox: mpsc::Receiver<Vec<u8>>,
     ) -> String {
-        let mut ssl = match Ssl::new(&self.ctx) {
+        let mut ssl = match offered.ssl(&self.ctx) {
             Ok(s) => s,
             Err(e) => return format!("OpenSSL: {e}"),
         };
-        ssl.set_ex_data(psk_index(), psk);
         let _ = ssl.set_mtu(1400);
         let io = DatagramIo {
             inbox: VecDeque::new(),
@@ -689,7 +624,11 @@ impl DtlsServer {
         // Handshake: feed datagrams until OpenSSL is done, letting its
         // timer retransmit our flight when the client's answer is lost.
         let mut mid = match ssl.accept(io) {
-            Ok(s) => return self.run_channel(s, from, &session, &mut inbox).await,
+            Ok(s) => {
+                return self
+                    .run_channel(s, from, &session, &offered, &mut inbox)
+                    .await;
+            }
             Err(HandshakeError::WouldBlock(m)) => m,
             Err(e) => return format!("handshake failed: {e}"),
         };
@@ -709,7 +648,11 @@ impl DtlsServer {
                 }
             }
             match mid.handshake() {
-                Ok(s) => return self.run_channel(s, from, &session, &mut inbox).await,
+                Ok(s) => {
+                    return self
+                        .run_channel(s, from, &session, &offered, &mut inbox)
+                        .await;
+                }
                 Err(HandshakeError::WouldBlock(m)) => mid = m,
                 Err(e) => return format!("handshake failed: {e}"),
             }
@@ -725,8 +668,13 @@ impl DtlsServer {
         mut s: SslStream<DatagramIo>,
         from: SocketAddr,
         session: &Arc<Session>,
+        offered: &Offered,
         inbox: &mut mpsc::Receiver<Vec<u8>>,
     ) -> String {
+        if let Err(e) = offered.check(s.ssl()) {
+            tracing::warn!(user = session.user, %from, "DTLS handshake refused: {e}");
+            return format!("handshake refused: {e}");
+        }
         let link = match Link::from_handshake(&s, from, session) {
             Ok(l) => Arc::new(l),
             Err(e) => return format!("unusable DTLS channel: {e}"),
@@ -1039,7 +987,6 @@ impl io::Write for DatagramIo {
     }
 }
 
-/// The OpenSSL context every peer's handshake runs in.
 /// A UDP socket bound to `addr` in a `SO_REUSEPORT` group, set up for the
 /// data path: large buffers (bursts from many clients must not overflow
 /// the default ~200 KB, where ocserv loses datagrams), the destination
@@ -1067,29 +1014,6 @@ fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(socket)
 }
 
-fn server_context() -> anyhow::Result<SslContext> {
-    let mut b = SslContextBuilder::new(SslMethod::dtls()).context("OpenSSL DTLS context")?;
-    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-    b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
-    // Plain PSK suites for PSK-NEGOTIATE (openconnect offers no
-    // (EC)DHE-PSK); the others are only ever resumed. AES-GCM only: our
-    // record layer does those.
-    b.set_cipher_list(
-        "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:AES128-GCM-SHA256",
-    )?;
-    b.set_session_id_context(SID_CTX)?;
-    b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::SERVER);
-    b.set_options(SslOptions::NO_TICKET | SslOptions::NO_QUERY_MTU);
-    b.set_psk_server_callback(|ssl, _identity, out| {
-        // The identity is always "psk": the key comes from the session
-        // the ClientHello was matched to.
-        let psk = ssl.ex_data(psk_index()).copied().unwrap_or([0u8; 32]);
-        out[..32].copy_from_slice(&psk);
-        Ok(32)
-    });
-    Ok(b.build())
-}
-
 /// The record layer of a completed handshake, continuing after sequence
 /// number `first_seq` of epoch 1.
 fn channel_from(ssl: &openssl::ssl::SslRef, first_seq: u64) -> anyhow::Result<record::Channel> {
@@ -1107,45 +1031,11 @@ fn channel_from(ssl: &openssl::ssl::SslRef, first_seq: u64) -> anyhow::Result<re
     Ok(record::Channel::new(suite, 1, &client, &server, first_seq))
 }
 
-fn is_client_hello(d: &[u8]) -> bool {
-    d.len() > 13 && d[0] == 22 && d[13] == 1
-}
-
-/// The 32-byte session id of a DTLS ClientHello (record header 13 bytes,
-/// handshake header 12, client_version 2, random 32, then the id).
-pub fn client_hello_session_id(d: &[u8]) -> Option<[u8; 32]> {
-    if !is_client_hello(d) {
-        return None;
-    }
-    let off = 13 + 12 + 2 + 32;
-    if *d.get(off)? != 32 {
-        return None;
-    }
-    d.get(off + 1..off + 33)?.try_into().ok()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use openssl::ssl::{Ssl, SslContextBuilder, SslMethod, SslOptions, SslVersion};
 
-    #[test]
-    fn session_id_from_client_hello() {
-        let mut d = vec![22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 100];
-        d.extend_from_slice(&[1, 0, 0, 90, 0, 0, 0, 0, 0, 0, 0, 90]);
-        d.extend_from_slice(&[0xfe, 0xfd]);
-        d.extend_from_slice(&[7u8; 32]);
-        d.push(32);
-        d.extend_from_slice(&[0xaa; 32]);
-        d.push(0);
-        assert_eq!(client_hello_session_id(&d), Some([0xaa; 32]));
-        let mut short = d.clone();
-        short[13 + 12 + 2 + 32] = 16;
-        assert_eq!(client_hello_session_id(&short), None);
-        assert_eq!(client_hello_session_id(&d[..60]), None);
-        let mut app_data = d.clone();
-        app_data[0] = 23;
-        assert_eq!(client_hello_session_id(&app_data), None);
-    }
+    use super::*;
 
     /// One end of an in-memory datagram link.
     #[derive(Debug)]
@@ -1201,8 +1091,7 @@ mod tests {
                 Ok(32)
             });
             let cctx = cctx.build();
-            let mut sssl = Ssl::new(&server_context().unwrap()).unwrap();
-            sssl.set_ex_data(psk_index(), psk);
+            let mut sssl = Offered::Psk(psk).ssl(&server_context().unwrap()).unwrap();
             sssl.set_mtu(1400).unwrap();
             let mut server = SslStream::new(
                 sssl,

@@ -178,14 +178,14 @@ impl Gateway {
             .ok()?
             .try_into()
             .ok()?;
-        let (name, suite) = crate::dtls::pick_dtls12_suite(req.header("X-DTLS12-CipherSuite")?)?;
+        let suite = crate::dtls::pick_dtls12_suite(req.header("X-DTLS12-CipherSuite")?)?;
         match d.offer_resumption(session.clone(), &master, suite) {
             Ok(sid) => Some((
                 d.clone(),
                 DtlsAnswer::Resume {
                     port: d.port(),
                     sid,
-                    suite: name,
+                    suite: suite.name,
                 },
             )),
             Err(e) => {
