@@ -132,6 +132,7 @@ struct RxCounters {
     batches: AtomicU64,
     coalesce_waits: AtomicU64,
     acks_thinned: AtomicU64,
+    malformed: AtomicU64,
 }
 
 /// How often workers held packets for clients' ACKs (`flow_control.rs`).
@@ -161,6 +162,10 @@ pub struct RxStats {
     pub coalesce_waits: u64,
     /// Pure ACKs from clients dropped as redundant (gro.rs).
     pub acks_thinned: u64,
+    /// Datagrams of application data dropped because the lengths in their
+    /// record headers do not tile them with legal records.
+    #[serde(default)]
+    pub malformed: u64,
     /// Each packet worker's share (`workers.rs`).
     #[serde(default)]
     pub workers: Vec<WorkerStats>,
@@ -237,6 +242,7 @@ impl DtlsServer {
                 .sum(),
             coalesce_waits: c.coalesce_waits.load(Ordering::Relaxed),
             acks_thinned: c.acks_thinned.load(Ordering::Relaxed),
+            malformed: c.malformed.load(Ordering::Relaxed),
             workers: self
                 .per_worker
                 .iter()
@@ -342,7 +348,7 @@ impl DtlsServer {
             batch: batch::RecvBatch::default(),
             w: Work {
                 replies: batch::SendBatch::default(),
-                scratch: vec![0u8; batch::SLOT],
+                scratch: vec![0u8; record::MAX_RECORD_LEN],
                 gro: crate::gro::Coalescer::default(),
                 now: Instant::now(),
                 worker,
@@ -440,6 +446,12 @@ impl DtlsServer {
                 _ => None,
             }
         };
+        if !hello && !record::Channel::tiles(d) {
+            // A length from the wire that does not fit: nothing in this
+            // datagram is looked at.
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match fast {
             Some(link) => self.open_records(&link, d, w),
             None if hello => self.client_hello(from, local, d),
@@ -577,7 +589,11 @@ impl DtlsServer {
             if !self.rebind_budget.take() {
                 return;
             }
-            let trial = &mut w.scratch[..n];
+            // `record_len` bounds `n` by the largest legal record, which
+            // is the scratch buffer's size.
+            let Some(trial) = w.scratch.get_mut(..n) else {
+                return;
+            };
             trial.copy_from_slice(rec);
             let Ok(plain) = link.channel.open(trial) else {
                 continue;

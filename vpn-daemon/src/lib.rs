@@ -21,6 +21,8 @@ pub mod events;
 pub mod flow_control;
 pub mod gro;
 pub mod gso;
+#[cfg(test)]
+mod hostile_input_tests;
 pub mod http;
 pub mod login;
 pub mod mac;

@@ -81,7 +81,15 @@ pub fn start(gw: &Arc<Gateway>, rt: &tokio::runtime::Handle) -> io::Result<()> {
                 unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
                 loop {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, q)));
-                    tracing::error!(queue = q, "packet worker panicked ({r:?}); restarting it");
+                    let why = match &r {
+                        Err(p) => p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic without a message".into()),
+                        Ok(()) => "it returned".into(),
+                    };
+                    tracing::error!(queue = q, "packet worker panicked ({why}); restarting it");
                     std::thread::sleep(Duration::from_millis(10));
                 }
             })?;

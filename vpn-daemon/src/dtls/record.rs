@@ -31,6 +31,11 @@ pub const PREFIX_LEN: usize = HEADER_LEN + EXPLICIT_NONCE_LEN;
 /// What a record adds to its plaintext.
 pub const OVERHEAD: usize = PREFIX_LEN + TAG_LEN;
 
+/// The largest record: header and at most 2^14 + 2048 bytes of
+/// ciphertext (RFC 6347 §4.1 via RFC 5246 §6.2.3). A longer one is
+/// malformed whatever the datagram holds.
+pub const MAX_RECORD_LEN: usize = HEADER_LEN + (1 << 14) + 2048;
+
 pub const CONTENT_APPLICATION_DATA: u8 = 23;
 pub const DTLS12: [u8; 2] = [0xfe, 0xfd];
 const SEQ_MASK: u64 = (1 << 48) - 1;
@@ -243,7 +248,19 @@ impl Channel {
             return None;
         }
         let n = HEADER_LEN + usize::from(u16::from_be_bytes([d[11], d[12]]));
-        (n <= d.len()).then_some(n)
+        (n <= d.len() && n <= MAX_RECORD_LEN).then_some(n)
+    }
+
+    /// Whether `d` is a whole number of records, each of a legal length:
+    /// the lengths from the wire tile the datagram exactly.
+    pub fn tiles(mut d: &[u8]) -> bool {
+        while !d.is_empty() {
+            match Self::record_len(d) {
+                Some(n) => d = &d[n..],
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Whether `rec` is an application-data record of this channel's epoch

@@ -106,6 +106,10 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             rx.coalesce_waits,
             rx.acks_thinned
         );
+        println!(
+            "DTLS datagrams dropped: {} malformed (record lengths that do not fit)",
+            rx.malformed
+        );
         for (i, w) in rx.workers.iter().enumerate() {
             println!(
                 "  packet worker {i}: {} datagrams in, {} packets out",
