@@ -1062,6 +1062,137 @@ pub fn read_http_response(io: &mut impl std::io::Read) -> anyhow::Result<(u16, S
     Ok((status, format!("{head}{}", String::from_utf8_lossy(&body))))
 }
 
+/// Sends a UDP datagram with any source address, IP header and all, from
+/// a raw socket in `ns`; the route to `dst` (a tunnel) decides where it
+/// goes. For tests that send what a client's stack never would.
+pub fn send_raw_udp(
+    ns: &Netns,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    dport: u16,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    use std::net::IpAddr;
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(payload);
+    let (src_b, dst_b): (Vec<u8>, Vec<u8>) = match (src, dst) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (a.octets().into(), b.octets().into()),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (a.octets().into(), b.octets().into()),
+        _ => bail!("mixed address families"),
+    };
+    // The UDP checksum over the pseudo-header (required for IPv6).
+    let mut sum: u32 = 0;
+    let mut add = |d: &[u8]| {
+        for c in d.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src_b);
+    add(&dst_b);
+    add(&[0, 17]);
+    add(&(udp.len() as u16).to_be_bytes());
+    add(&udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let ck = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&ck.to_be_bytes());
+    let mut pkt = Vec::new();
+    if src.is_ipv4() {
+        pkt.extend_from_slice(&[0x45, 0]);
+        pkt.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
+        pkt.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    } else {
+        pkt.extend_from_slice(&[0x60, 0, 0, 0]);
+        pkt.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        pkt.extend_from_slice(&[17, 64]);
+    }
+    pkt.extend_from_slice(&src_b);
+    pkt.extend_from_slice(&dst_b);
+    pkt.extend_from_slice(&udp);
+    in_netns(ns, move || -> anyhow::Result<()> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (domain, to) = match dst {
+            IpAddr::V4(_) => (Domain::IPV4, std::net::SocketAddr::new(dst, 0)),
+            IpAddr::V6(_) => (Domain::IPV6, std::net::SocketAddr::new(dst, 0)),
+        };
+        // IPPROTO_RAW: the packet carries its own IP header (raw(7)).
+        let s = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+        s.send_to(&pkt, &to.into())?;
+        Ok(())
+    })
+}
+
+/// UDP listeners on port `port` of every address of `ns` (IPv4 and IPv6)
+/// that collect what arrives, until dropped.
+pub struct UdpCollector {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl UdpCollector {
+    pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Self> {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for addr in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+            let s = in_netns(ns, move || {
+                let s = socket2::Socket::new(
+                    if addr.starts_with('[') {
+                        socket2::Domain::IPV6
+                    } else {
+                        socket2::Domain::IPV4
+                    },
+                    socket2::Type::DGRAM,
+                    None,
+                )?;
+                if addr.starts_with('[') {
+                    s.set_only_v6(true)?;
+                }
+                s.bind(&addr.parse::<std::net::SocketAddr>().unwrap().into())?;
+                Ok::<_, std::io::Error>(std::net::UdpSocket::from(s))
+            })?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let (got, stop) = (got.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = s.recv(&mut buf) {
+                        got.lock().unwrap().push(buf[..n].to_vec());
+                    }
+                }
+            }));
+        }
+        Ok(UdpCollector { got, stop, threads })
+    }
+
+    /// How many datagrams arrived carrying exactly `payload`.
+    pub fn count(&self, payload: &[u8]) -> usize {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| d.as_slice() == payload)
+            .count()
+    }
+}
+
+impl Drop for UdpCollector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// An aggregate-auth request as openconnect sends it (`POST /`).
 pub fn xml_request(body: &str) -> String {
     format!(

@@ -134,3 +134,118 @@ fn oversized_and_lying_dtls_records_are_dropped_and_counted() {
     assert_eq!(gw.sessions().unwrap()[0]["transport"], "dtls");
     assert!(gw.vpnctl(&["stats"]).unwrap().contains(" malformed"));
 }
+
+/// H2: a client sends packets whose source is another user's VPN address
+/// (IPv4, IPv6, and IPv4-mapped IPv6, which the BPF session map keys like
+/// IPv4). BPF only checked that the source was some session's, then
+/// applied that session's policy: user A could send as user B. Over DTLS
+/// and over TLS, none may reach the internal host, each is counted for
+/// the sender's session, and the sender's own packets still pass.
+#[test]
+fn a_client_cannot_send_as_another_user() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE, BOB]).unwrap();
+    let mut bob = Client::start_in(&topo.client2, &gw, BOB.name, BOB.password, &[]).unwrap();
+    bob.wait_connected(Duration::from_secs(20)).unwrap();
+    let sink = UdpCollector::start(&topo.server, 9999).unwrap();
+    for (round, transport, args) in [
+        (0u8, "dtls", &["--dtls-ciphers=PSK-NEGOTIATE"][..]),
+        (1, "tls", &["--no-dtls"][..]),
+    ] {
+        let mut alice = Client::start(&topo, &gw, ALICE.name, ALICE.password, args).unwrap();
+        let env = alice.wait_connected(Duration::from_secs(20)).unwrap();
+        let sessions = gw.sessions().unwrap();
+        let of = |user: &str| {
+            sessions
+                .iter()
+                .find(|s| s["user"] == user && s["state"] == "connected")
+                .unwrap_or_else(|| panic!("{user}: {sessions:?}"))
+                .clone()
+        };
+        let (a, b) = (of("alice"), of("bob"));
+        if transport == "dtls" {
+            alice.wait_dtls(Duration::from_secs(10)).unwrap();
+            assert!(
+                wait_for(Duration::from_secs(5), || {
+                    gw.sessions().unwrap().iter().find(|s| s["id"] == a["id"])?["transport"]
+                        .eq("dtls")
+                        .then_some(())
+                })
+                .is_some()
+            );
+        }
+        let addr = |s: &serde_json::Value, k: &str| -> std::net::IpAddr {
+            s[k].as_str().unwrap().parse().unwrap()
+        };
+        let (a4, a6, b4, b6) = (
+            addr(&a, "vpn_address"),
+            addr(&a, "vpn_address6"),
+            addr(&b, "vpn_address"),
+            addr(&b, "vpn_address6"),
+        );
+        assert!(
+            env.contains_key("INTERNAL_IP6_ADDRESS") || env.contains_key("INTERNAL_IP6_NETMASK")
+        );
+        let mapped: std::net::IpAddr = match b4 {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().into(),
+            _ => unreachable!(),
+        };
+        let (srv4, srv6): (std::net::IpAddr, std::net::IpAddr) =
+            (SERVER.parse().unwrap(), SERVER6.parse().unwrap());
+        let tag = |what: &str| format!("{what}-{round}").into_bytes();
+        for _ in 0..5 {
+            send_raw_udp(&topo.client, a4, srv4, 9999, &tag("own4")).unwrap();
+            send_raw_udp(&topo.client, a6, srv6, 9999, &tag("own6")).unwrap();
+            send_raw_udp(&topo.client, b4, srv4, 9999, &tag("spoof4")).unwrap();
+            send_raw_udp(&topo.client, b6, srv6, 9999, &tag("spoof6")).unwrap();
+            send_raw_udp(&topo.client, mapped, srv6, 9999, &tag("mapped")).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            wait_for(Duration::from_secs(3), || (sink.count(&tag("own4")) == 5
+                && sink.count(&tag("own6")) == 5)
+                .then_some(()))
+            .is_some(),
+            "{transport}: the sender's own packets pass ({} and {})",
+            sink.count(&tag("own4")),
+            sink.count(&tag("own6"))
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        for what in ["spoof4", "spoof6", "mapped"] {
+            assert_eq!(
+                sink.count(&tag(what)),
+                0,
+                "{transport}: {what} reached the server"
+            );
+        }
+        let spoofed = gw
+            .sessions()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == a["id"])
+            .map(|s| s["spoofed_dropped"].as_u64().unwrap_or(0))
+            .unwrap();
+        assert_eq!(spoofed, 15, "{transport}: counted for alice's session");
+        assert_eq!(
+            gw.sessions()
+                .unwrap()
+                .iter()
+                .find(|s| s["user"] == "bob")
+                .unwrap()["spoofed_dropped"],
+            0
+        );
+        drop(alice);
+    }
+    // Both rounds in the daemon's total, live and ended sessions alike.
+    let stats = gw.stats().unwrap();
+    assert!(
+        stats["daemon_drops"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d[0] == "spoofed-source"))
+            .and_then(|d| d[1].as_u64())
+            >= Some(30),
+        "{stats}"
+    );
+    assert!(gw.vpnctl(&["stats"]).unwrap().contains("spoofed-source"));
+}

@@ -1,7 +1,11 @@
 //! The control socket `vpnctl` talks to: one JSON request per line, one JSON
 //! response per line, on a Unix socket only root can open.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -88,6 +92,10 @@ pub struct SessionRow {
     pub packets_in: u64,
     pub packets_out: u64,
     pub pseudo_mac: String,
+    /// Packets from the client with another source than its own VPN
+    /// address, dropped before the tunnel device.
+    #[serde(default)]
+    pub spoofed_dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +106,9 @@ pub struct Stats {
     pub pool_capacity: u32,
     /// Packets dropped by the BPF programs, per reason.
     pub drops: Vec<(String, u64)>,
+    /// Packets the daemon dropped before the tunnel device, per reason.
+    #[serde(default)]
+    pub daemon_drops: Vec<(String, u64)>,
     /// The DTLS receive counters (absent with DTLS off).
     #[serde(default)]
     pub dtls_rx: Option<crate::dtls::RxStats>,
@@ -183,6 +194,7 @@ impl Gateway {
                     packets_in: st.rx_packets,
                     packets_out: st.tx_packets,
                     pseudo_mac: format_mac(&s.mac),
+                    spoofed_dropped: s.spoofed_dropped.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -207,6 +219,16 @@ impl Gateway {
                     )
                     .collect()
             },
+            daemon_drops: vec![(
+                "spoofed-source".into(),
+                self.ended_spoofed.load(Ordering::Relaxed)
+                    + self
+                        .sessions
+                        .all()
+                        .iter()
+                        .map(|s| s.spoofed_dropped.load(Ordering::Relaxed))
+                        .sum::<u64>(),
+            )],
             dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
             tls_reads: self.tls_reads.snapshot(),

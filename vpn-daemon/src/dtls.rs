@@ -519,7 +519,7 @@ impl DtlsServer {
         match ty {
             t if t == FrameType::Data as u8 => {
                 link.session.touch();
-                if !crate::server::valid_ip_packet(payload) {
+                if !crate::server::valid_ip_packet(payload) || !link.session.owns_source(payload) {
                     return;
                 }
                 // Parsed once: the client's TCP ACKs open its download

@@ -335,6 +335,7 @@ impl Gateway {
                 down_since: Some(now),
                 ..Default::default()
             }),
+            spoofed_dropped: AtomicU64::new(0),
         });
         {
             let mut dp = self.datapath.lock();

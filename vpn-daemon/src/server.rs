@@ -65,6 +65,9 @@ pub struct Gateway {
     pub uplinks: std::sync::OnceLock<Arc<crate::uplinks::Uplinks>>,
     /// How TLS tunnels' reads were batched.
     pub tls_reads: crate::read_batch::Counters,
+    /// Spoofed packets of sessions that have ended (live sessions count
+    /// their own).
+    pub(crate) ended_spoofed: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -93,6 +96,7 @@ impl Gateway {
             dtls: std::sync::OnceLock::new(),
             uplinks: std::sync::OnceLock::new(),
             tls_reads: Default::default(),
+            ended_spoofed: Default::default(),
         });
         let settings = gw.settings.clone();
         gw.apply_policies(&settings)?;
@@ -345,6 +349,8 @@ impl Gateway {
             dp.forget_rate_state(s.id);
         }
         self.pool.lock().release(s.lease.v4);
+        self.ended_spoofed
+            .fetch_add(s.spoofed_dropped.load(Ordering::Relaxed), Ordering::Relaxed);
         self.events.emit(Event::ClientDisconnected {
             session_id: s.id,
             user: s.user.clone(),

@@ -111,6 +111,9 @@ pub struct Session {
     /// Milliseconds after `started` of the last data packet either way.
     pub last_activity_ms: AtomicU64,
     pub tunnel: Mutex<TunnelSlot>,
+    /// Packets from the client whose source was not one of the session's
+    /// own addresses, dropped ([`Session::owns_source`]).
+    pub spoofed_dropped: AtomicU64,
 }
 
 /// The limits [`Session::expiry`] checks.
@@ -148,6 +151,50 @@ impl Session {
     pub fn touch(&self) {
         self.last_activity_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether `pkt`, a packet from this session's client that passed
+    /// [`crate::server::valid_ip_packet`], has one of the session's own
+    /// addresses as its source. The BPF programs only know that a source
+    /// belongs to *some* session, and would apply that session's policy: a
+    /// client could send as another user (audit H2). So every packet from
+    /// a client is checked here, where its session is known, before it
+    /// reaches the tunnel device. An IPv4-mapped IPv6 source is never the
+    /// session's own (its IPv6 address is from the pool), so the BPF map's
+    /// mapped keys for IPv4 cannot be reached that way.
+    ///
+    /// A foreign source is counted in `spoofed_dropped`; the first is
+    /// logged. IPv6 link-local and unspecified sources are dropped too but
+    /// not counted: a client's OS sends router solicitations and MLD
+    /// reports from them on its tunnel interface as soon as it comes up.
+    pub fn owns_source(&self, pkt: &[u8]) -> bool {
+        let src: IpAddr = match pkt.first().map(|b| b >> 4) {
+            Some(4) => match pkt.get(12..16).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+                Some(a) => a.into(),
+                None => return false,
+            },
+            Some(6) => match pkt.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                Some(a) => a.into(),
+                None => return false,
+            },
+            _ => return false,
+        };
+        if self.addresses().any(|a| a == src) {
+            return true;
+        }
+        let local = match src {
+            IpAddr::V6(a) => a.is_unspecified() || a.is_unicast_link_local(),
+            IpAddr::V4(_) => false,
+        };
+        if !local && self.spoofed_dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                user = self.user,
+                session = self.id,
+                %src,
+                "dropping packets from the client whose source is not its own VPN address"
+            );
+        }
+        false
     }
 
     /// The session's tunnel addresses.
@@ -315,6 +362,7 @@ mod tests {
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             tunnel: Mutex::new(TunnelSlot::default()),
+            spoofed_dropped: AtomicU64::new(0),
         })
     }
 
@@ -379,6 +427,36 @@ mod tests {
         );
         assert_eq!(sent, 250_000);
         assert_eq!(p.delay(1250, 0, now), Duration::ZERO, "no limit, no wait");
+    }
+
+    #[test]
+    fn only_the_sessions_own_sources_pass() {
+        let mut s = session(1, 2);
+        Arc::get_mut(&mut s).unwrap().lease.v6 = Some("fd00:1::2".parse().unwrap());
+        let v4 = |src: [u8; 4]| {
+            let mut p = [0u8; 20];
+            p[0] = 0x45;
+            p[12..16].copy_from_slice(&src);
+            p
+        };
+        let v6 = |src: &str| {
+            let mut p = [0u8; 40];
+            p[0] = 0x60;
+            p[8..24].copy_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+            p
+        };
+        assert!(s.owns_source(&v4([198, 19, 0, 2])));
+        assert!(s.owns_source(&v6("fd00:1::2")));
+        assert!(!s.owns_source(&v4([198, 19, 0, 3])), "another session's");
+        assert!(!s.owns_source(&v6("fd00:1::3")));
+        assert!(!s.owns_source(&v6("::ffff:198.19.0.2")), "IPv4-mapped");
+        assert_eq!(s.spoofed_dropped.load(Ordering::Relaxed), 3);
+        // Dropped, not counted: what a client's OS sends on its tunnel
+        // interface before it has an address.
+        assert!(!s.owns_source(&v6("fe80::1")));
+        assert!(!s.owns_source(&v6("::")));
+        assert!(!s.owns_source(&v4([198, 19, 0, 2])[..12]), "truncated");
+        assert_eq!(s.spoofed_dropped.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -517,8 +517,9 @@ impl Gateway {
                 FrameType::Data => {
                     session.touch();
                     session.data_over_tls();
-                    // Spoofed sources are the BPF program's to drop (and count).
-                    if !crate::server::valid_ip_packet(&frame.payload) {
+                    if !crate::server::valid_ip_packet(&frame.payload)
+                        || !session.owns_source(&frame.payload)
+                    {
                         continue;
                     }
                     let rate = session.rate_up_bps.load(Ordering::Relaxed);

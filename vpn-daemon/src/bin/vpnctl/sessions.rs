@@ -97,6 +97,10 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     for (reason, n) in &stats.drops {
         println!("  {reason:<22} {n}");
     }
+    println!("packets dropped by vpnd before the tunnel device:");
+    for (reason, n) in &stats.daemon_drops {
+        println!("  {reason:<22} {n}");
+    }
     if let Some(rx) = &stats.dtls_rx {
         println!(
             "DTLS receive: {} datagrams in {} batches ({:.1} per batch), {} coalescing waits, {} redundant client ACKs dropped",
