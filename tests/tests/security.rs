@@ -249,3 +249,170 @@ fn a_client_cannot_send_as_another_user() {
     );
     assert!(gw.vpnctl(&["stats"]).unwrap().contains("spoofed-source"));
 }
+
+/// Whether an answer is a 503 or a lockout, the two ways a flood is told no.
+fn refused(answer: &str) -> bool {
+    answer.starts_with("503 ") || answer.contains("try again in")
+}
+
+/// H3: strangers flood logins, one address with inits on many keep-alive
+/// connections, another with wrong passwords for the user, while a real
+/// user logs in from a third. Before the limits, ~17 inits a second filled the table of
+/// logins in progress for everyone, connections were unbounded, guessing
+/// was unlimited (a new login handle reset the count) and every guess ran
+/// argon2 on its own thread. Now the flooding address runs into its own
+/// limits and a lockout, and the user is connected within seconds.
+#[test]
+fn a_login_flood_from_one_address_does_not_keep_others_out() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let guesser = CLIENT2_OUTSIDE;
+    let flooder = "198.18.3.3";
+    topo.client2
+        .ip(&["addr", "add", &format!("{flooder}/24"), "dev", "eth0"])
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // Refusals the guessers and the init flooders got.
+    let refusals = [
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    ];
+    let legit = std::thread::scope(|sc| {
+        let flood = |src: &'static str, wrong_passwords: bool| {
+            let (topo, stop) = (&topo, &stop);
+            let refusals = &refusals[usize::from(!wrong_passwords)];
+            move || {
+                // Bounded: 15 s or 20,000 requests per thread.
+                let end = std::time::Instant::now() + Duration::from_secs(15);
+                let mut sent = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < end
+                    && sent < 20_000
+                {
+                    let Ok(mut s) = raw_tls_from(&topo.client2, Some(src)) else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    // Keep-alive: as many requests as the gateway takes;
+                    // a guesser answers each form it gets with a guess.
+                    let mut handle: Option<String> = None;
+                    while sent < 20_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        sent += 1;
+                        let body = match &handle {
+                            Some(h) if wrong_passwords => auth_reply(h, "alice", "guess"),
+                            _ => AUTH_INIT.to_owned(),
+                        };
+                        let Ok((code, text)) = post_xml(&mut s, &body) else {
+                            break;
+                        };
+                        if refused(&format!("{code} {text}")) {
+                            refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
+                        handle = form_handle(&text);
+                    }
+                }
+            }
+        };
+        for _ in 0..2 {
+            sc.spawn(flood(guesser, true));
+        }
+        for _ in 0..4 {
+            sc.spawn(flood(flooder, false));
+        }
+        // The flood reaches a limit (before the fix: the shared table of
+        // logins in progress) before the user tries.
+        let hit = |i: usize| refusals[i].load(std::sync::atomic::Ordering::Relaxed) > 0;
+        let first = wait_for(Duration::from_secs(15), || (hit(0) || hit(1)).then_some(()));
+        let t0 = std::time::Instant::now();
+        let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+        let connected = c.wait_connected(Duration::from_secs(30));
+        let took = t0.elapsed();
+        // The flood goes on until both kinds hit their limits (bounded).
+        let both = wait_for(Duration::from_secs(15), || (hit(0) && hit(1)).then_some(()));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            first.is_some() && both.is_some(),
+            "the flood never hit a limit"
+        );
+        connected.unwrap();
+        (c, took)
+    });
+    let (_c, took) = legit;
+    eprintln!("alice connected {took:?} after the flood hit its limits");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(topo.client.ping(SERVER, 1));
+    let a = &gw.stats().unwrap()["admission"];
+    assert!(
+        a["logins_refused_source_busy"].as_u64() > Some(0)
+            || a["connections_refused_source"].as_u64() > Some(0),
+        "{a}"
+    );
+    assert!(a["logins_refused_source_locked"].as_u64() > Some(0), "{a}");
+    assert_eq!(a["sources_locked"], 1, "{a}");
+    assert!(
+        gw.events().iter().any(|e| e["event"] == "login_lockout"
+            && e["scope"] == "source"
+            && e["target"] == guesser),
+        "{:?}",
+        gw.events()
+    );
+    let text = gw.vpnctl(&["stats"]).unwrap();
+    assert!(text.contains("login phase: "), "{text}");
+}
+
+/// H3: a stranger guessing a user's password from several addresses (each
+/// under its own limit) locks the user out, but only from addresses the
+/// user never logged in from: the user's own device still gets in.
+#[test]
+fn a_locked_out_user_still_logs_in_from_a_familiar_address() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[limits]\nlockout_source_failures = 3\nlockout_user_failures = 6\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    // Alice's device logs in once: its address becomes familiar.
+    authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
+    let strangers = ["198.18.3.3", "198.18.3.4", "198.18.3.5"];
+    for a in strangers.iter().chain(&["198.18.3.6"]) {
+        topo.client2
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    for src in strangers {
+        for _ in 0..2 {
+            let mut s = raw_tls_from(&topo.client2, Some(src)).unwrap();
+            let (_, form) = post_xml(&mut s, AUTH_INIT).unwrap();
+            let h = form_handle(&form).unwrap();
+            let (code, text) = post_xml(&mut s, &auth_reply(&h, "alice", "guess")).unwrap();
+            assert_eq!(code, 200, "{text}");
+        }
+    }
+    assert!(
+        gw.events().iter().any(|e| e["event"] == "login_lockout"
+            && e["scope"] == "user"
+            && e["target"] == "alice"),
+        "{:?}",
+        gw.events()
+    );
+    // From an address she never used, even the right password is refused,
+    // with a message that says why.
+    let mut s = raw_tls_from(&topo.client2, Some("198.18.3.6")).unwrap();
+    let (_, form) = post_xml(&mut s, AUTH_INIT).unwrap();
+    let h = form_handle(&form).unwrap();
+    let (_, text) = post_xml(&mut s, &auth_reply(&h, ALICE.name, ALICE.password)).unwrap();
+    assert!(text.contains("this account is locked"), "{text}");
+    // Her own device connects.
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let a = &gw.stats().unwrap()["admission"];
+    assert_eq!(a["users_locked"], 1, "{a}");
+    assert_eq!(a["logins_refused_user_locked"], 1, "{a}");
+}

@@ -54,6 +54,8 @@ pub struct Config {
     pub session: SessionConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
     /// Tunnel groups offered at login (`[[group]]`). With more than one, the
     /// login form has a group selector; with none, one group called
     /// "default" exists.
@@ -441,6 +443,75 @@ impl Default for AuthConfig {
     }
 }
 
+/// `[limits]`: what someone without credentials may make the gateway hold
+/// or do (`admission.rs`). Each is a bound an attacker hits long before
+/// the machine does, and that legitimate clients, who log in once and
+/// then hold one tunnel, never notice.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections that are not (yet) tunnels, in total: the login phase.
+    /// More are closed at once. Tunnels do not count (sessions bound
+    /// them). Default 1024.
+    pub max_connections: usize,
+    /// Of those, from one source (an IPv4 address, an IPv6 /64). Default
+    /// 16; raise it for many users behind one NAT address.
+    pub max_connections_per_source: u32,
+    /// Requests one connection may make before it becomes a tunnel; then
+    /// it is closed (the client reconnects if it has more to say). Default
+    /// 100.
+    pub max_requests_per_connection: u32,
+    /// Seconds a connection may stay without becoming a tunnel. Default
+    /// 300.
+    pub max_connection_secs: u64,
+    /// Logins in progress (between the first form and success), in total.
+    /// Default 4096.
+    pub max_pending_logins: usize,
+    /// Of those, started from one source. Default 16.
+    pub max_pending_logins_per_source: u32,
+    /// The window failed logins are counted in, in seconds; a lockout
+    /// lasts until its window ends. Default 900.
+    pub lockout_window_secs: u64,
+    /// Failed logins (wrong passwords and unknown users) from one source
+    /// in a window, after which it may not try again until the window
+    /// ends. 0 = no limit. Default 10.
+    pub lockout_source_failures: u32,
+    /// Failed logins for one user name in a window, from all sources,
+    /// after which that user may only log in from an address they logged
+    /// in from successfully in the last `familiar_days` (so a stranger's
+    /// guesses cannot lock them out of their own devices). 0 = no limit.
+    /// Default 20.
+    pub lockout_user_failures: u32,
+    /// How long a successful login's address stays familiar for its user,
+    /// in days (remembered in memory only). Default 30.
+    pub familiar_days: u64,
+    /// Password checks (argon2: about 19 MiB and a core for tens of
+    /// milliseconds each) that run at once. 0 = one per core. Default 0.
+    pub max_concurrent_verifications: usize,
+    /// Password checks that may wait for one of those; more get 503 at
+    /// once. Default 64.
+    pub max_queued_verifications: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_connections_per_source: 16,
+            max_requests_per_connection: 100,
+            max_connection_secs: 300,
+            max_pending_logins: 4096,
+            max_pending_logins_per_source: 16,
+            lockout_window_secs: 900,
+            lockout_source_failures: 10,
+            lockout_user_failures: 20,
+            familiar_days: 30,
+            max_concurrent_verifications: 0,
+            max_queued_verifications: 64,
+        }
+    }
+}
+
 /// `[[group]]`: a tunnel group offered at login.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -693,6 +764,38 @@ impl Config {
             return Err(invalid(
                 "auth.max_failures",
                 "0 is not allowed: use 1 or more",
+            ));
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_source",
+                l.max_connections_per_source.into(),
+            ),
+            (
+                "limits.max_requests_per_connection",
+                l.max_requests_per_connection.into(),
+            ),
+            ("limits.max_connection_secs", l.max_connection_secs),
+            ("limits.max_pending_logins", l.max_pending_logins as u64),
+            (
+                "limits.max_pending_logins_per_source",
+                l.max_pending_logins_per_source.into(),
+            ),
+            ("limits.lockout_window_secs", l.lockout_window_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0 is not allowed: use 1 or more"));
+            }
+        }
+        if l.max_connection_secs < self.http.request_timeout_secs {
+            return Err(invalid(
+                "limits.max_connection_secs",
+                format!(
+                    "{} is shorter than http.request_timeout_secs ({}): a connection could not finish one request",
+                    l.max_connection_secs, self.http.request_timeout_secs
+                ),
             ));
         }
         if self.http.max_header_bytes < 1024 {

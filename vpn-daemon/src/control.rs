@@ -118,6 +118,10 @@ pub struct Stats {
     /// Reads of TLS tunnels (read_batch.rs).
     #[serde(default)]
     pub tls_reads: crate::read_batch::ReadStats,
+    /// Limits before authentication: what is in use and what was refused
+    /// (`[limits]`, admission.rs).
+    #[serde(default)]
+    pub admission: crate::admission::AdmissionStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -130,7 +134,7 @@ pub enum Response {
         disconnected: usize,
     },
     Stats {
-        stats: Stats,
+        stats: Box<Stats>,
     },
     Reloaded {
         reloaded: String,
@@ -232,6 +236,7 @@ impl Gateway {
             dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
             tls_reads: self.tls_reads.snapshot(),
+            admission: self.admission_stats(),
         }
     }
 
@@ -292,7 +297,7 @@ impl Gateway {
                 uplinks: self.uplinks.get().map(|u| u.rows()).unwrap_or_default(),
             },
             Ok(Request::Stats) => Response::Stats {
-                stats: self.stats(),
+                stats: Box::new(self.stats()),
             },
             Ok(Request::Reload) => match self.reload() {
                 Ok(reloaded) => Response::Reloaded { reloaded },

@@ -39,6 +39,15 @@ pub enum Event {
         source_address: String,
         reason: String,
     },
+    /// Failed logins reached a limit (`[limits]`): the source, or the user
+    /// from unfamiliar addresses, may not try again until the window ends.
+    LoginLockout {
+        scope: LockoutScope,
+        /// The source address (IPv4, or IPv6 /64) or the user name.
+        target: String,
+        failures: u32,
+        window_secs: u64,
+    },
     TunnelDown {
         session_id: u64,
         user: String,
@@ -64,6 +73,38 @@ pub enum Event {
         state: String,
         reason: String,
     },
+}
+
+/// What a [`Event::LoginLockout`] locks.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LockoutScope {
+    Source,
+    User,
+}
+
+/// The longest client-chosen string (a user name, say) an event or log
+/// line carries.
+pub const MAX_CLIENT_STRING: usize = 64;
+
+/// A string a client chose, fit for a log: at most [`MAX_CLIENT_STRING`]
+/// characters (an ellipsis says it was cut), control characters escaped.
+/// A user who types a password into the user name field, or a flood of
+/// 64 KiB names, must not end up in the logs whole.
+pub fn client_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_CLIENT_STRING + 8));
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX_CLIENT_STRING {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[derive(Serialize)]
@@ -111,5 +152,19 @@ impl EventLog {
                 tracing::error!("cannot write event log: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_strings_are_cut_and_escaped() {
+        assert_eq!(client_string("alice"), "alice");
+        assert_eq!(client_string("a\nb\u{1b}"), "a\\nb\\u{1b}");
+        let long = client_string(&"x".repeat(70_000));
+        assert_eq!(long.chars().count(), MAX_CLIENT_STRING + 1);
+        assert!(long.ends_with('…'));
     }
 }

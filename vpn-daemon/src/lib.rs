@@ -11,6 +11,7 @@
 //! data consistent at every step, holds no `.await`, and contains nothing
 //! that panics on input from the network: a lookup that can miss is an
 //! `Option` handled there, never an `expect`.
+pub mod admission;
 pub mod bpf;
 pub mod config;
 pub mod control;

@@ -3,8 +3,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicU64},
-    time::{Duration, Instant, SystemTime},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
 };
 
 use parking_lot::Mutex;
@@ -12,24 +15,15 @@ use rand::RngCore as _;
 use vpn_common::SessionInfo;
 
 use crate::{
-    events::Event,
+    admission::{Busy, Lockout, LoginRefused},
+    events::{Event, LockoutScope, client_string},
     http::{Request, Response},
     mac::pseudo_mac,
     server::Gateway,
     session::{PolicyBinding, Session, TunnelSlot, new_cookie},
-    users::AuthResult,
+    users::{AuthResult, validate_name},
     xml,
 };
-
-/// Logins in progress (between the first form and success) at most.
-const MAX_PENDING_LOGINS: usize = 4096;
-
-/// A login in progress, between the first form and success.
-pub(crate) struct AuthState {
-    group: String,
-    failures: u32,
-    started: Instant,
-}
 
 impl Gateway {
     /// Answers a request of the authentication phase.
@@ -81,9 +75,9 @@ impl Gateway {
                     .unwrap_or(&self.settings.groups[0])
                     .name
                     .clone();
-                match self.start_login(group.clone()) {
-                    Some(handle) => self.form(&handle, &group, None),
-                    None => Self::busy(),
+                match self.start_login(group.clone(), peer) {
+                    Ok(handle) => self.form(&handle, &group, None),
+                    Err(refused) => self.refused(refused),
                 }
             }
             "auth-reply" => self.auth_reply(req, msg, peer).await,
@@ -109,49 +103,57 @@ impl Gateway {
         }
     }
 
-    /// Starts a login and returns its handle, or `None` when too many logins
-    /// are in progress (a flood of `init` requests must not grow memory).
-    fn start_login(&self, group: String) -> Option<String> {
+    /// Starts a login for `peer` and returns its handle, or why not
+    /// (`admission.rs`: too many logins in progress, in total or from
+    /// `peer`, or `peer` is locked out).
+    fn start_login(&self, group: String, peer: SocketAddr) -> Result<String, LoginRefused> {
         let mut h = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut h);
         let handle = hex::encode(h);
-        let ttl = Duration::from_secs(self.settings.raw.auth.timeout_secs);
-        let mut auth = self.auth.lock();
-        auth.retain(|_, s| s.started.elapsed() < ttl);
-        if auth.len() >= MAX_PENDING_LOGINS {
-            return None;
+        let r = self
+            .logins
+            .lock()
+            .start(handle.clone(), group, peer.ip(), Instant::now());
+        r.map(|()| handle).inspect_err(|e| self.count_refused(e))
+    }
+
+    fn count_refused(&self, r: &LoginRefused) {
+        let c = &self.admission;
+        match r {
+            LoginRefused::Busy => &c.logins_refused_busy,
+            LoginRefused::SourceBusy => &c.logins_refused_source_busy,
+            LoginRefused::SourceLocked { .. } => &c.logins_refused_source_locked,
+            LoginRefused::UserLocked { .. } => &c.logins_refused_user_locked,
         }
-        auth.insert(
-            handle.clone(),
-            AuthState {
-                group,
-                failures: 0,
-                started: Instant::now(),
-            },
-        );
-        Some(handle)
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The answer to a refused login: 503 while the limits on logins in
+    /// progress are reached (try again shortly), a final error form for a
+    /// lockout (openconnect shows it and gives up).
+    fn refused(&self, r: LoginRefused) -> Response {
+        match r {
+            LoginRefused::Busy | LoginRefused::SourceBusy => {
+                Response::text(503, "Service Unavailable", format!("{}\n", r.message())).closing()
+            }
+            LoginRefused::SourceLocked { .. } | LoginRefused::UserLocked { .. } => Response::xml(
+                xml::fatal_error(&self.settings.raw.server.name, &r.message()),
+            )
+            .closing(),
+        }
     }
 
     /// A fresh form for a client whose login is unknown or over.
-    fn expired(&self) -> Response {
+    fn expired(&self, peer: SocketAddr) -> Response {
         let group = self.settings.groups[0].name.clone();
-        match self.start_login(group.clone()) {
-            Some(h) => self.form(
+        match self.start_login(group.clone(), peer) {
+            Ok(h) => self.form(
                 &h,
                 &group,
                 Some("your login attempt expired; please log in again"),
             ),
-            None => Self::busy(),
+            Err(r) => self.refused(r),
         }
-    }
-
-    fn busy() -> Response {
-        Response::text(
-            503,
-            "Service Unavailable",
-            "too many logins in progress; try again shortly\n",
-        )
-        .closing()
     }
 
     fn form(&self, handle: &str, group: &str, error: Option<&str>) -> Response {
@@ -191,32 +193,58 @@ impl Gateway {
             .handle
             .clone()
             .or_else(|| req.cookie("webvpncontext").map(str::to_owned));
-        let ttl = Duration::from_secs(self.settings.raw.auth.timeout_secs);
         let state_group = handle.as_ref().and_then(|h| {
-            let auth = self.auth.lock();
-            auth.get(h)
-                .filter(|s| s.started.elapsed() < ttl)
-                .map(|s| s.group.clone())
+            let logins = self.logins.lock();
+            logins.get(h, Instant::now()).map(|p| p.group.clone())
         });
         let (handle, group) = match (handle, state_group) {
             (Some(h), Some(g)) => (h, g),
-            _ => return self.expired(),
+            _ => return self.expired(peer),
         };
         let group = match msg.group_select.as_deref() {
             None => group,
             Some(g) => match self.settings.find_group(g) {
                 Some(g) => g.name.clone(),
-                None => return self.form(&handle, &group, Some(&format!("unknown group '{g}'"))),
+                None => {
+                    let g = client_string(g);
+                    return self.form(&handle, &group, Some(&format!("unknown group '{g}'")));
+                }
             },
         };
         let (Some(user), Some(password)) = (msg.username, msg.password) else {
             return self.form(&handle, &group, Some("enter a username and a password"));
         };
+        // A name no user can have is a failed login without a password
+        // check, and never reaches the logs whole.
+        if validate_name(&user).is_err() {
+            let shown = client_string(&user);
+            return self.failed_login(&handle, &group, None, &shown, "invalid user name", peer);
+        }
+        let may_try = self.logins.lock().may_try(&user, peer.ip(), Instant::now());
+        if let Err(refused) = may_try {
+            self.count_refused(&refused);
+            return self.refused(refused);
+        }
         let gw = self.clone();
-        let (u, p) = (user.clone(), password);
-        let result = tokio::task::spawn_blocking(move || gw.users.authenticate(&u, &p))
+        let u = user.clone();
+        let result = match self
+            .verifier
+            .run(move || gw.users.authenticate(&u, &password))
             .await
-            .unwrap_or(AuthResult::UnknownUser);
+        {
+            Ok(r) => r,
+            Err(Busy) => {
+                self.admission
+                    .verifications_refused_busy
+                    .fetch_add(1, Ordering::Relaxed);
+                return Response::text(
+                    503,
+                    "Service Unavailable",
+                    "the gateway is busy checking passwords; try again shortly\n",
+                )
+                .closing();
+            }
+        };
         let group_policy = match result {
             AuthResult::Ok { group_policy } => group_policy,
             bad => {
@@ -225,36 +253,16 @@ impl Gateway {
                 } else {
                     "wrong password"
                 };
-                self.events.emit(Event::AuthenticationFailed {
-                    user: user.clone(),
-                    source_address: peer.to_string(),
-                    reason: reason.into(),
-                });
-                // The login may have ended while the password was checked
-                // (another request on its handle reached the failure limit
-                // or succeeded, or it expired): to this client, it expired.
-                let failures = self.auth.lock().get_mut(&handle).map(|s| {
-                    s.failures += 1;
-                    s.failures
-                });
-                let Some(failures) = failures else {
-                    return self.expired();
-                };
-                if failures >= self.settings.raw.auth.max_failures {
-                    self.auth.lock().remove(&handle);
-                    return Response::text(
-                        401,
-                        "Authentication failed",
-                        "too many failed attempts\n",
-                    )
-                    .closing();
-                }
-                return self.form(&handle, &group, Some("invalid username or password"));
+                return self.failed_login(&handle, &group, Some(&user), &user, reason, peer);
             }
         };
         // One success per login: a handle that ended meanwhile earns nothing.
-        if self.auth.lock().remove(&handle).is_none() {
-            return self.expired();
+        if !self
+            .logins
+            .lock()
+            .succeeded(&handle, &user, peer.ip(), Instant::now())
+        {
+            return self.expired(peer);
         }
         match self.create_session(&user, &group, group_policy) {
             Ok((session, cookie)) => {
@@ -278,6 +286,55 @@ impl Gateway {
                 });
                 Response::xml(xml::fatal_error(&self.settings.raw.server.name, &reason))
             }
+        }
+    }
+
+    /// A failed login: counted (per login, source and user, `admission.rs`)
+    /// and logged; the client gets the form again, or 401 at the login's
+    /// failure limit. `user` is the name to count, `None` for a name no
+    /// user can have; `shown` the name for the event log.
+    fn failed_login(
+        &self,
+        handle: &str,
+        group: &str,
+        user: Option<&str>,
+        shown: &str,
+        reason: &str,
+        peer: SocketAddr,
+    ) -> Response {
+        self.events.emit(Event::AuthenticationFailed {
+            user: shown.to_owned(),
+            source_address: peer.to_string(),
+            reason: reason.into(),
+        });
+        let f = self
+            .logins
+            .lock()
+            .failed(handle, user, peer.ip(), Instant::now());
+        let window_secs = self.settings.raw.limits.lockout_window_secs;
+        for l in f.lockouts {
+            let (scope, target, failures) = match l {
+                Lockout::Source { source, failures } => {
+                    (LockoutScope::Source, source.to_string(), failures)
+                }
+                Lockout::User { user, failures } => (LockoutScope::User, user, failures),
+            };
+            self.events.emit(Event::LoginLockout {
+                scope,
+                target,
+                failures,
+                window_secs,
+            });
+        }
+        // The login may have ended while the password was checked
+        // (another request on its handle reached the failure limit or
+        // succeeded, or it expired): to this client, it expired.
+        match f.login_failures {
+            None => self.expired(peer),
+            Some(n) if n >= self.settings.raw.auth.max_failures => {
+                Response::text(401, "Authentication failed", "too many failed attempts\n").closing()
+            }
+            Some(_) => self.form(handle, group, Some("invalid username or password")),
         }
     }
 

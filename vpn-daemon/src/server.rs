@@ -3,7 +3,6 @@
 //! the tunnel in `tunnel.rs`.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
@@ -20,11 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use vpn_common::SessionInfo;
 
 use crate::{
+    admission::{self, ConnectionRefused, ConnectionSlot, Connections, LoginGuard, Verifier},
     bpf::Datapath,
     config::{Config, Settings},
     events::{Event, EventLog},
     http::{self, Response},
-    login::AuthState,
     policies::PolicySet,
     pool::Pool,
     session::{Kick, PolicyBinding, SessionTable, Timeouts},
@@ -54,7 +53,14 @@ pub struct Gateway {
     pub datapath: Mutex<Datapath>,
     pub events: EventLog,
     pub tun: Arc<Tun>,
-    pub(crate) auth: Mutex<HashMap<String, AuthState>>,
+    /// Logins in progress and failed-login accounting.
+    pub(crate) logins: Mutex<LoginGuard>,
+    /// Connections that are not tunnels.
+    pub(crate) connections: Arc<Connections>,
+    /// Password checks.
+    pub(crate) verifier: Verifier,
+    /// What admission refused (`vpnctl stats`).
+    pub(crate) admission: admission::Counters,
     pub started: SystemTime,
     pub policies: Mutex<PolicySet>,
     /// The file `reload` re-reads.
@@ -82,14 +88,16 @@ impl Gateway {
     ) -> anyhow::Result<Arc<Self>> {
         let pool = Pool::new(settings.pool_v4, settings.pool_v6);
         let gw = Arc::new(Gateway {
-            settings,
             users,
             sessions: SessionTable::default(),
             pool: Mutex::new(pool),
             datapath: Mutex::new(datapath),
             events,
             tun,
-            auth: Mutex::new(HashMap::new()),
+            logins: Mutex::new(LoginGuard::new(&settings.raw.limits, &settings.raw.auth)),
+            connections: Connections::new(&settings.raw.limits),
+            verifier: Verifier::new(&settings.raw.limits),
+            admission: Default::default(),
             started: SystemTime::now(),
             policies: Mutex::new(PolicySet::default()),
             config_path,
@@ -97,6 +105,7 @@ impl Gateway {
             uplinks: std::sync::OnceLock::new(),
             tls_reads: Default::default(),
             ended_spoofed: Default::default(),
+            settings,
         });
         let settings = gw.settings.clone();
         gw.apply_policies(&settings)?;
@@ -119,10 +128,23 @@ impl Gateway {
                     continue;
                 }
             };
+            let slot = match self.connections.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    let c = &self.admission;
+                    match refused {
+                        ConnectionRefused::Total => &c.connections_refused_total,
+                        ConnectionRefused::Source => &c.connections_refused_source,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "connection refused: {refused:?} limit reached");
+                    continue;
+                }
+            };
             let gw = self.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Err(e) = gw.handle_connection(tcp, peer, acceptor).await {
+                if let Err(e) = gw.handle_connection(tcp, peer, acceptor, slot).await {
                     tracing::debug!(%peer, "connection ended: {e:#}");
                 }
             });
@@ -134,8 +156,12 @@ impl Gateway {
         tcp: TcpStream,
         peer: SocketAddr,
         acceptor: TlsAcceptor,
+        slot: ConnectionSlot,
     ) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
+        let max_requests = self.settings.raw.limits.max_requests_per_connection;
+        let lifetime = Duration::from_secs(self.settings.raw.limits.max_connection_secs);
+        let opened = tokio::time::Instant::now();
         let timeout = self.settings.request_timeout();
         let tcp = tokio::io::BufStream::with_capacity(TLS_IO_BUFFER, TLS_IO_BUFFER, tcp);
         let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
@@ -149,9 +175,17 @@ impl Gateway {
         let limits = self.settings.raw.http.clone();
         let keepalive = Duration::from_secs(limits.keepalive_timeout_secs);
         let mut buf = BytesMut::with_capacity(4096);
-        let mut first = true;
+        let mut requests = 0u32;
         loop {
-            let idle = if first { timeout } else { keepalive };
+            let left = lifetime.saturating_sub(opened.elapsed());
+            if left.is_zero() {
+                self.admission
+                    .connections_closed_lifetime
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = tls.shutdown().await;
+                return Ok(());
+            }
+            let idle = if requests == 0 { timeout } else { keepalive }.min(left);
             let req = match http::read_request(&mut tls, &mut buf, &limits, idle).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -166,16 +200,50 @@ impl Gateway {
                     return Ok(());
                 }
             };
-            first = false;
+            requests += 1;
             if req.method == "CONNECT" {
-                return self.connect(tls, buf, req, peer).await;
+                return self.connect(tls, buf, req, peer, slot).await;
             }
-            let resp = self.route(&req, peer).await;
+            let mut resp = self.route(&req, peer).await;
+            if requests >= max_requests && !resp.close {
+                self.admission
+                    .connections_closed_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                resp = resp.closing();
+            }
             resp.write_to(&mut tls).await?;
             if resp.close || req.wants_close() {
                 let _ = tls.shutdown().await;
                 return Ok(());
             }
+        }
+    }
+
+    /// The admission limits' state and counters.
+    pub fn admission_stats(&self) -> admission::AdmissionStats {
+        let l = &self.settings.raw.limits;
+        let c = &self.admission;
+        let (pending, sources_locked, users_locked) =
+            self.logins.lock().counts(std::time::Instant::now());
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        admission::AdmissionStats {
+            connections: self.connections.open(),
+            max_connections: l.max_connections,
+            max_connections_per_source: l.max_connections_per_source,
+            connections_refused_total: n(&c.connections_refused_total),
+            connections_refused_source: n(&c.connections_refused_source),
+            connections_closed_requests: n(&c.connections_closed_requests),
+            connections_closed_lifetime: n(&c.connections_closed_lifetime),
+            pending_logins: pending,
+            max_pending_logins: l.max_pending_logins,
+            logins_refused_busy: n(&c.logins_refused_busy),
+            logins_refused_source_busy: n(&c.logins_refused_source_busy),
+            logins_refused_source_locked: n(&c.logins_refused_source_locked),
+            logins_refused_user_locked: n(&c.logins_refused_user_locked),
+            sources_locked,
+            users_locked,
+            verifications_refused_busy: n(&c.verifications_refused_busy),
+            verifications_in_progress: self.verifier.in_progress(),
         }
     }
 

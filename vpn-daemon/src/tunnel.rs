@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use crate::{
+    admission::ConnectionSlot,
     config::Routing,
     cstp::{self, FrameType},
     events::Event,
@@ -41,6 +42,7 @@ impl Gateway {
         leftover: BytesMut,
         req: Request,
         peer: SocketAddr,
+        slot: ConnectionSlot,
     ) -> anyhow::Result<()> {
         if req.path != "/CSCOSSLC/tunnel" {
             Response::text(404, "Not Found", "the tunnel path is /CSCOSSLC/tunnel\n")
@@ -65,6 +67,8 @@ impl Gateway {
             let _ = tls.shutdown().await;
             return Ok(());
         };
+        // A tunnel no longer counts against the login phase's limits.
+        slot.into_tunnel();
 
         let (to_client, from_gw) = mpsc::channel(CLIENT_QUEUE);
         let (paced_up, paced_up_rx) = mpsc::channel(CLIENT_QUEUE);

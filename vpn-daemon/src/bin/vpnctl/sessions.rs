@@ -97,6 +97,33 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     for (reason, n) in &stats.drops {
         println!("  {reason:<22} {n}");
     }
+    let a = &stats.admission;
+    println!(
+        "login phase: {} of {} connections ({} per source), {} of {} logins in progress",
+        a.connections,
+        a.max_connections,
+        a.max_connections_per_source,
+        a.pending_logins,
+        a.max_pending_logins
+    );
+    println!(
+        "  refused: connections {} (all in use) {} (per source); logins {} (busy) {} (per source); locked out: {} attempts from {} sources now, {} attempts for {} users now",
+        a.connections_refused_total,
+        a.connections_refused_source,
+        a.logins_refused_busy,
+        a.logins_refused_source_busy,
+        a.logins_refused_source_locked,
+        a.sources_locked,
+        a.logins_refused_user_locked,
+        a.users_locked
+    );
+    println!(
+        "  closed: {} after the request limit, {} after the time limit; password checks: {} running or waiting, {} refused (queue full)",
+        a.connections_closed_requests,
+        a.connections_closed_lifetime,
+        a.verifications_in_progress,
+        a.verifications_refused_busy
+    );
     println!("packets dropped by vpnd before the tunnel device:");
     for (reason, n) in &stats.daemon_drops {
         println!("  {reason:<22} {n}");
