@@ -1072,9 +1072,20 @@ pub fn send_raw_udp(
     dport: u16,
     payload: &[u8],
 ) -> anyhow::Result<()> {
+    send_raw_udp_ports(ns, (src, 40_000), (dst, dport), payload)
+}
+
+/// [`send_raw_udp`] from a chosen source port too (one a socket of
+/// someone else's may hold: the raw socket does not care).
+pub fn send_raw_udp_ports(
+    ns: &Netns,
+    (src, sport): (std::net::IpAddr, u16),
+    (dst, dport): (std::net::IpAddr, u16),
+    payload: &[u8],
+) -> anyhow::Result<()> {
     use std::net::IpAddr;
     let mut udp = vec![0u8; 8];
-    udp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
     udp[2..4].copy_from_slice(&dport.to_be_bytes());
     udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     udp.extend_from_slice(payload);
@@ -1191,6 +1202,27 @@ impl Drop for UdpCollector {
             let _ = t.join();
         }
     }
+}
+
+/// A DTLS 1.2 ClientHello (one record, epoch 0, message_seq 0) carrying
+/// `session_id`, offering PSK-AES128-GCM-SHA256: what openconnect sends
+/// with the App-ID, as far as the gateway's matching goes.
+pub fn dtls_client_hello(session_id: &[u8; 32]) -> Vec<u8> {
+    let mut body = vec![0xfe, 0xfd];
+    body.extend_from_slice(&[0x5a; 32]);
+    body.push(32);
+    body.extend_from_slice(session_id);
+    body.extend_from_slice(&[0, 0, 2, 0x00, 0xa8, 1, 0]);
+    let len = body.len() as u32;
+    let mut hs = vec![1];
+    hs.extend_from_slice(&len.to_be_bytes()[1..]);
+    hs.extend_from_slice(&[0, 0, 0, 0, 0]);
+    hs.extend_from_slice(&len.to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 0];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
 }
 
 /// An aggregate-auth request as openconnect sends it (`POST /`).

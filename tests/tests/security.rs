@@ -416,3 +416,178 @@ fn a_locked_out_user_still_logs_in_from_a_familiar_address() {
     assert_eq!(a["users_locked"], 1, "{a}");
     assert_eq!(a["logins_refused_user_locked"], 1, "{a}");
 }
+
+/// The App-ID openconnect was given (it logs the CONNECT answer with -v).
+fn app_id(c: &Client) -> [u8; 32] {
+    let log = c.log();
+    let hex = log
+        .lines()
+        .find_map(|l| l.strip_prefix("X-DTLS-App-ID: "))
+        .unwrap_or_else(|| panic!("no App-ID in the client's log:\n{log}"));
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    id
+}
+
+/// M2: DTLS ClientHellos with a session's App-ID (sent in clear by the
+/// client, so anyone on its path has it). One from the client's own
+/// address and port used to replace its established channel (DTLS dead
+/// until the client gave up on it); a flood from many ports held a
+/// handshake each, without bound. The channel stays, the handshakes in
+/// progress stay within `dtls.max_handshakes_per_source`, the rest are
+/// refused and counted.
+#[test]
+fn dtls_hellos_cannot_tear_down_a_channel_or_pile_up_handshakes() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[dtls]\nmax_handshakes_per_source = 4\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let mut c = Client::start(
+        &topo,
+        &gw,
+        ALICE.name,
+        ALICE.password,
+        &["--dtls-ciphers=PSK-NEGOTIATE"],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    c.wait_dtls(Duration::from_secs(10)).unwrap();
+    let peer = wait_for(Duration::from_secs(5), || {
+        gw.sessions().unwrap()[0]["dtls_peer"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .unwrap();
+    let sport: u16 = peer.rsplit(':').next().unwrap().parse().unwrap();
+    let hello = dtls_client_hello(&app_id(&c));
+    let (client_ip, gw_ip) = (CLIENT_OUTSIDE.parse().unwrap(), GW_OUTSIDE.parse().unwrap());
+    // From the client's own address and port.
+    send_raw_udp_ports(&topo.client, (client_ip, sport), (gw_ip, 443), &hello).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = sh(topo
+        .client
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "1", SERVER]))
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    assert!(
+        out.as_ref().is_ok_and(|o| o.contains(" 0% packet loss")),
+        "{out:?}\n{}",
+        gw.log()
+    );
+    let s = &gw.sessions().unwrap()[0];
+    assert_eq!(s["transport"], "dtls", "{s}");
+    assert_eq!(s["dtls_peer"].as_str(), Some(peer.as_str()));
+    assert_eq!(c.log().matches("Established DTLS connection").count(), 1);
+    // From 40 ports of the same address.
+    in_netns(&topo.client, {
+        let hello = hello.clone();
+        move || {
+            let socks: Vec<_> = (0..40)
+                .map(|_| std::net::UdpSocket::bind("198.18.1.2:0").unwrap())
+                .collect();
+            for s in &socks {
+                s.send_to(&hello, (GW_OUTSIDE, 443)).unwrap();
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let hs = &gw.stats().unwrap()["dtls_handshakes"];
+    assert!(hs["in_progress"].as_u64() <= Some(4), "{hs}");
+    assert!(hs["refused_per_source"].as_u64() >= Some(36), "{hs}");
+    assert!(topo.client.ping(SERVER, 2));
+    assert_eq!(gw.sessions().unwrap()[0]["transport"], "dtls");
+}
+
+/// M1: a flood of junk application-data records from another address
+/// (the right epoch, a sequence number ahead of every window) while a
+/// client's NAT mapping changes. The trials for unknown addresses came
+/// from one global budget (2000 a second), which the junk used up, so the
+/// client's new address was never tried and its DTLS stayed dead. Now
+/// only channels seen at the junk's IP are candidates (none), and budgets
+/// are per source.
+#[test]
+fn junk_from_one_address_does_not_stop_another_clients_rebinding() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let mut c = Client::start(
+        &topo,
+        &gw,
+        ALICE.name,
+        ALICE.password,
+        &["--dtls-ciphers=PSK-NEGOTIATE"],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    c.wait_dtls(Duration::from_secs(10)).unwrap();
+    let peer = wait_for(Duration::from_secs(5), || {
+        gw.sessions().unwrap()[0]["dtls_peer"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .unwrap();
+    let port: u16 = peer.rsplit(':').next().unwrap().parse().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (out, sent) = std::thread::scope(|sc| {
+        let junk = sc.spawn(|| {
+            let stop = &stop;
+            let s = in_netns(&topo.client2, || std::net::UdpSocket::bind("198.18.3.2:0")).unwrap();
+            let mut r = vec![23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0xff, 0xff, 0, 100];
+            r.resize(13 + 100, 0x42);
+            let end = std::time::Instant::now() + Duration::from_secs(8);
+            let mut sent = 0u32;
+            // Bounded: 8 s or 200,000 datagrams.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < end
+                && sent < 200_000
+            {
+                let _ = s.send_to(&r, (GW_OUTSIDE, 443));
+                sent += 1;
+                if sent % 200 == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // The client's NAT changes its port (a stateless NAT in its
+        // namespace).
+        let nft = |rule: &str| sh(topo.client.cmd("nft").arg(rule)).unwrap();
+        nft("add table inet vgnat");
+        nft("add chain inet vgnat out { type filter hook output priority -300 ; }");
+        nft("add chain inet vgnat pre { type filter hook prerouting priority -300 ; }");
+        nft(&format!(
+            "add rule inet vgnat out udp dport 443 udp sport {port} udp sport set 40000"
+        ));
+        nft(&format!(
+            "add rule inet vgnat pre udp sport 443 udp dport 40000 udp dport set {port}"
+        ));
+        let out = sh(topo
+            .client
+            .cmd("ping")
+            .args(["-c", "5", "-i", "0.2", "-W", "1", SERVER]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, junk.join().unwrap())
+    });
+    eprintln!("junk datagrams sent: {sent}");
+    assert!(sent > 10_000, "{sent}");
+    assert!(
+        out.as_ref().is_ok_and(|o| o.contains(" 0% packet loss")),
+        "{out:?}\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        gw.sessions().unwrap()[0]["dtls_peer"].as_str(),
+        Some("198.18.1.2:40000")
+    );
+}

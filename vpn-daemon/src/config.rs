@@ -108,6 +108,13 @@ pub struct DtlsConfig {
     /// not (the worker serves its TUN queue meanwhile). 0 turns it off; at
     /// most 1000. Default 200.
     pub rx_coalesce_usecs: u16,
+    /// DTLS handshakes in progress at most (each holds an OpenSSL object
+    /// and a queue for up to 15 s). More ClientHellos are dropped; the
+    /// client retries, or stays on TLS. Default 1024.
+    pub max_handshakes: usize,
+    /// Of those, from one source (an IPv4 address, an IPv6 /64). Default
+    /// 16.
+    pub max_handshakes_per_source: u32,
 }
 
 impl Default for DtlsConfig {
@@ -120,6 +127,8 @@ impl Default for DtlsConfig {
             hello_rate: 10,
             hello_burst: 20,
             rx_coalesce_usecs: 200,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 16,
         }
     }
 }
@@ -744,6 +753,15 @@ impl Config {
                 format!(
                     "{} is out of range: use 0 (off) to 1000 microseconds",
                     self.dtls.rx_coalesce_usecs
+                ),
+            ));
+        }
+        if self.dtls.max_handshakes == 0 || self.dtls.max_handshakes_per_source == 0 {
+            return Err(invalid(
+                "dtls.max_handshakes",
+                format!(
+                    "max_handshakes {} / max_handshakes_per_source {}: use 1 or more",
+                    self.dtls.max_handshakes, self.dtls.max_handshakes_per_source
                 ),
             ));
         }

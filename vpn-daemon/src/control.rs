@@ -112,6 +112,9 @@ pub struct Stats {
     /// The DTLS receive counters (absent with DTLS off).
     #[serde(default)]
     pub dtls_rx: Option<crate::dtls::RxStats>,
+    /// DTLS handshakes and rebindings (absent with DTLS off).
+    #[serde(default)]
+    pub dtls_handshakes: Option<crate::dtls::HandshakeStats>,
     /// Download flow control towards DTLS clients (absent with DTLS off).
     #[serde(default)]
     pub dtls_flow_control: Option<crate::dtls::FlowControlStats>,
@@ -235,6 +238,7 @@ impl Gateway {
             )],
             dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
+            dtls_handshakes: self.dtls.get().map(|d| d.handshake_stats()),
             tls_reads: self.tls_reads.snapshot(),
             admission: self.admission_stats(),
         }

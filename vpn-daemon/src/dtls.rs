@@ -26,10 +26,13 @@
 
 pub mod batch;
 pub mod handshake;
+pub mod peers;
 pub mod record;
 
 pub use handshake::{DTLS12_SUITES, ResumeSuite, pick_dtls12_suite};
 use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
+pub use peers::HandshakeLimits;
+use peers::{HandshakeRefused, Kind, Peers, Route, TrialBudget};
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -103,17 +106,20 @@ pub struct DtlsServer {
     sockets: Vec<Arc<UdpSocket>>,
     ctx: SslContext,
     offers: Mutex<HashMap<[u8; 32], Offer>>,
-    peers: Mutex<HashMap<SocketAddr, Peer>>,
+    peers: Mutex<Peers<Arc<Link>, mpsc::Sender<Vec<u8>>>>,
+    /// Handshakes in progress at most (`[dtls]`).
+    handshake_limits: HandshakeLimits,
     tun: Arc<crate::tun::Tun>,
     port: u16,
     /// DTLS dead-peer interval: the channel closes after 3 silent ones.
     dpd: Duration,
-    /// Trial decryptions for records from unknown addresses.
-    rebind_budget: Budget,
+    /// Trial decryptions for records from unknown addresses, per source.
+    rebind_budget: Mutex<TrialBudget>,
     /// Receive coalescing wait after a bulk batch (`dtls.rx_coalesce_usecs`).
     coalesce: Duration,
     /// Receive-path counters for `vpnctl stats`.
     counters: RxCounters,
+    handshake_counters: HandshakeCounters,
     flow_control: FlowControlCounters,
     per_worker: Vec<WorkerCounters>,
 }
@@ -133,6 +139,41 @@ struct RxCounters {
     coalesce_waits: AtomicU64,
     acks_thinned: AtomicU64,
     malformed: AtomicU64,
+}
+
+/// What became of ClientHellos and of records from unknown addresses.
+#[derive(Default)]
+struct HandshakeCounters {
+    refused_total: AtomicU64,
+    refused_per_source: AtomicU64,
+    refused_per_offer: AtomicU64,
+    refused_after: AtomicU64,
+    rebind_trials_refused: AtomicU64,
+    rebinds: AtomicU64,
+}
+
+/// A snapshot of the handshake counters, for `vpnctl stats`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HandshakeStats {
+    /// Handshakes in progress now.
+    pub in_progress: usize,
+    pub max: usize,
+    pub max_per_source: u32,
+    /// ClientHellos refused: all `max_handshakes` in progress.
+    pub refused_total: u64,
+    /// ClientHellos refused: their source had `max_handshakes_per_source`.
+    pub refused_per_source: u64,
+    /// ClientHellos refused: their offer had
+    /// [`peers::MAX_HANDSHAKES_PER_OFFER`] in progress.
+    pub refused_per_offer: u64,
+    /// Completed handshakes refused because they were not the one their
+    /// offer allows (`handshake.rs`).
+    pub refused_after: u64,
+    /// Channels that followed their client to a new address.
+    pub rebinds: u64,
+    /// Records from unknown addresses not tried: their source's trial
+    /// budget was spent.
+    pub rebind_trials_refused: u64,
 }
 
 /// How often workers held packets for clients' ACKs (`flow_control.rs`).
@@ -204,6 +245,7 @@ impl DtlsServer {
         tun: Arc<crate::tun::Tun>,
         dpd: Duration,
         coalesce: Duration,
+        handshake_limits: HandshakeLimits,
     ) -> anyhow::Result<Arc<Self>> {
         let first = reuseport_socket(addr)?;
         // An ephemeral port (tests) is the first socket's for the others.
@@ -219,12 +261,14 @@ impl DtlsServer {
             sockets,
             ctx: server_context()?,
             offers: Mutex::new(HashMap::new()),
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(Peers::default()),
+            handshake_limits,
             tun,
             dpd,
-            rebind_budget: Budget::new(REBIND_TRIALS_PER_SEC),
+            rebind_budget: Mutex::new(TrialBudget::new(REBIND_TRIALS_PER_SEC)),
             coalesce,
             counters: RxCounters::default(),
+            handshake_counters: HandshakeCounters::default(),
             flow_control: FlowControlCounters::default(),
             per_worker: (0..workers.max(1)).map(|_| Default::default()).collect(),
         }))
@@ -251,6 +295,23 @@ impl DtlsServer {
                     packets_out: w.packets_out.load(Ordering::Relaxed),
                 })
                 .collect(),
+        }
+    }
+
+    /// The handshake counters so far.
+    pub fn handshake_stats(&self) -> HandshakeStats {
+        let c = &self.handshake_counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        HandshakeStats {
+            in_progress: self.peers.lock().handshakes(),
+            max: self.handshake_limits.total,
+            max_per_source: self.handshake_limits.per_source,
+            refused_total: n(&c.refused_total),
+            refused_per_source: n(&c.refused_per_source),
+            refused_per_offer: n(&c.refused_per_offer),
+            refused_after: n(&c.refused_after),
+            rebinds: n(&c.rebinds),
+            rebind_trials_refused: n(&c.rebind_trials_refused),
         }
     }
 
@@ -430,36 +491,34 @@ impl DtlsServer {
         d: &mut [u8],
         w: &mut Work,
     ) {
-        let hello = is_client_hello(d);
-        let fast = {
-            let peers = self.peers.lock();
-            match peers.get(&from) {
-                Some(Peer {
-                    link: Some(link), ..
-                }) if !hello && d[0] == record::CONTENT_APPLICATION_DATA => Some(link.clone()),
-                // Handshake, alerts, retransmissions (a ClientHello again
-                // while the handshake runs, too): OpenSSL's business.
-                Some(p) if !hello || p.link.is_none() => {
-                    let _ = p.slow.try_send(d.to_vec());
-                    return;
-                }
-                _ => None,
-            }
+        let kind = if is_client_hello(d) {
+            Kind::ClientHello
+        } else if d.first() == Some(&record::CONTENT_APPLICATION_DATA) {
+            Kind::ApplicationData
+        } else {
+            Kind::Other
         };
-        if !hello && !record::Channel::tiles(d) {
+        if kind == Kind::ApplicationData && !record::Channel::tiles(d) {
             // A length from the wire that does not fit: nothing in this
             // datagram is looked at.
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match fast {
-            Some(link) => self.open_records(&link, d, w),
-            None if hello => self.client_hello(from, local, d),
-            None => self.try_rebind(from, local, d, w),
+        let route = self.peers.lock().route(from, kind);
+        match route {
+            Route::Channel(link) => self.open_records(&link, d, w),
+            // Handshake, alerts, retransmissions: OpenSSL's business.
+            Route::Task(task) => {
+                let _ = task.try_send(d.to_vec());
+            }
+            Route::NewHandshake => self.client_hello(from, local, d),
+            Route::Unknown => self.try_rebind(from, local, d, w),
+            Route::Drop => {}
         }
     }
 
-    /// A ClientHello: start a peer if its session id is one we offered.
+    /// A ClientHello: start a handshake if its session id is one we
+    /// offered and the limits on handshakes in progress allow.
     fn client_hello(self: &Arc<Self>, from: SocketAddr, local: Option<IpAddr>, d: &[u8]) {
         let Some(app_id) = client_hello_session_id(d) else {
             return;
@@ -476,21 +535,36 @@ impl DtlsServer {
         };
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(d.to_vec());
-        self.peers.lock().insert(
-            from,
-            Peer {
-                slow: tx,
-                link: None,
-            },
-        );
+        let begun =
+            self.peers
+                .lock()
+                .begin_handshake(from, app_id, tx.clone(), self.handshake_limits);
+        let id = match begun {
+            Ok(id) => id,
+            Err(refused) => {
+                let c = &self.handshake_counters;
+                match refused {
+                    HandshakeRefused::Total => &c.refused_total,
+                    HandshakeRefused::Source => &c.refused_per_source,
+                    HandshakeRefused::Offer => &c.refused_per_offer,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, "DTLS ClientHello refused: {refused:?} limit reached");
+                return;
+            }
+        };
         let me = self.clone();
         tokio::spawn(async move {
-            let reason = me.run_peer(from, local, session.clone(), offered, rx).await;
+            let peer = Handshaking {
+                from,
+                local,
+                id,
+                task: tx,
+            };
+            let reason = me.run_peer(peer, session.clone(), offered, rx).await;
             tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
-            let mut peers = me.peers.lock();
-            if peers.get(&from).is_some_and(|p| p.slow.is_closed()) {
-                peers.remove(&from);
-            }
+            // A handshake that never became a channel is forgotten here.
+            me.peers.lock().end_handshake(from, id);
         });
     }
 
@@ -562,12 +636,13 @@ impl DtlsServer {
     }
 
     /// An application-data record from an address no channel has: a client
-    /// whose NAT mapping changed (or that roamed). The channel it belongs
-    /// to moves to the new address once one of its records authenticates
-    /// there — never on anything unauthenticated. Only channels whose
-    /// replay window would take the record's sequence number are tried, at
-    /// most [`REBIND_CANDIDATES`], and at most [`REBIND_TRIALS_PER_SEC`]
-    /// trials a second overall, so a flood of junk costs little.
+    /// whose NAT mapping changed. The channel it belongs to moves to the
+    /// new address once one of its records authenticates there — never on
+    /// anything unauthenticated, and only on a record newer than any the
+    /// channel accepted, so a replayed one cannot turn its downloads
+    /// elsewhere. Only channels seen at the same IP, or whose client's TLS
+    /// connection comes from it, are tried ([`Peers::candidates`]), each
+    /// trial from the source's own budget ([`TrialBudget`]).
     fn try_rebind(&self, from: SocketAddr, local: Option<IpAddr>, d: &mut [u8], w: &mut Work) {
         let Some(n) = record::Channel::record_len(d) else {
             return;
@@ -576,17 +651,15 @@ impl DtlsServer {
         if rec[0] != record::CONTENT_APPLICATION_DATA {
             return;
         }
-        let candidates: Vec<Arc<Link>> = {
-            let peers = self.peers.lock();
-            peers
-                .values()
-                .filter_map(|p| p.link.clone())
-                .filter(|l| l.channel.may_open(rec))
-                .take(REBIND_CANDIDATES)
-                .collect()
-        };
-        for link in candidates {
-            if !self.rebind_budget.take() {
+        let candidates = self.peers.lock().candidates(from.ip());
+        for (old, link) in candidates {
+            if !link.channel.is_newest(rec) {
+                continue;
+            }
+            if !self.rebind_budget.lock().take(from.ip(), w.now) {
+                self.handshake_counters
+                    .rebind_trials_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
             // `record_len` bounds `n` by the largest legal record, which
@@ -598,14 +671,13 @@ impl DtlsServer {
             let Ok(plain) = link.channel.open(trial) else {
                 continue;
             };
-            let old = link.addr();
-            {
-                let mut peers = self.peers.lock();
-                if let Some(p) = peers.remove(&old) {
-                    peers.insert(from, p);
-                }
+            if !self.peers.lock().move_channel(old, from) {
+                return;
             }
             *link.addr.lock() = (from, local);
+            self.handshake_counters
+                .rebinds
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(user = link.session.user, %old, new = %from, "DTLS peer moved (NAT rebinding)");
             let plain = plain.to_vec();
             self.plaintext(&link, &plain, w);
@@ -619,12 +691,12 @@ impl DtlsServer {
 
     async fn run_peer(
         &self,
-        from: SocketAddr,
-        local: Option<IpAddr>,
+        peer: Handshaking,
         session: Arc<Session>,
         offered: Offered,
         mut inbox: mpsc::Receiver<Vec<u8>>,
     ) -> String {
+        let (from, local) = (peer.from, peer.local);
         let mut ssl = match offered.ssl(&self.ctx) {
             Ok(s) => s,
             Err(e) => return format!("OpenSSL: {e}"),
@@ -642,7 +714,7 @@ impl DtlsServer {
         let mut mid = match ssl.accept(io) {
             Ok(s) => {
                 return self
-                    .run_channel(s, from, &session, &offered, &mut inbox)
+                    .run_channel(s, peer, &session, &offered, &mut inbox)
                     .await;
             }
             Err(HandshakeError::WouldBlock(m)) => m,
@@ -653,7 +725,7 @@ impl DtlsServer {
             let wake = (Instant::now() + Duration::from_millis(250)).min(deadline);
             match tokio::time::timeout_at(wake.into(), inbox.recv()).await {
                 Ok(Some(d)) => mid.get_mut().inbox.push_back(d),
-                Ok(None) => return "replaced".into(),
+                Ok(None) => return "its queue closed".into(),
                 Err(_) if Instant::now() >= deadline => return "handshake timed out".into(),
                 Err(_) => {
                     // SAFETY: a valid SSL object owned by `mid`.
@@ -666,7 +738,7 @@ impl DtlsServer {
             match mid.handshake() {
                 Ok(s) => {
                     return self
-                        .run_channel(s, from, &session, &offered, &mut inbox)
+                        .run_channel(s, peer, &session, &offered, &mut inbox)
                         .await;
                 }
                 Err(HandshakeError::WouldBlock(m)) => mid = m,
@@ -682,12 +754,16 @@ impl DtlsServer {
     async fn run_channel(
         &self,
         mut s: SslStream<DatagramIo>,
-        from: SocketAddr,
+        peer: Handshaking,
         session: &Arc<Session>,
         offered: &Offered,
         inbox: &mut mpsc::Receiver<Vec<u8>>,
     ) -> String {
+        let from = peer.from;
         if let Err(e) = offered.check(s.ssl()) {
+            self.handshake_counters
+                .refused_after
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(user = session.user, %from, "DTLS handshake refused: {e}");
             return format!("handshake refused: {e}");
         }
@@ -696,8 +772,20 @@ impl DtlsServer {
             Err(e) => return format!("unusable DTLS channel: {e}"),
         };
         tracing::info!(user = session.user, %from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
-        if let Some(p) = self.peers.lock().get_mut(&from) {
-            p.link = Some(link.clone());
+        let tls_ip = session.tunnel.lock().peer.map(|p| p.ip());
+        let established = self.peers.lock().establish(
+            from,
+            peer.id,
+            link.clone(),
+            link.id,
+            peer.task.clone(),
+            tls_ip,
+        );
+        match established {
+            None => return "superseded by another handshake".into(),
+            // The channel this address had before: this one replaces it.
+            Some(Some(old)) => old.close(),
+            Some(None) => {}
         }
         {
             let mut slot = session.tunnel.lock();
@@ -713,8 +801,7 @@ impl DtlsServer {
                 slot.dtls = None;
             }
         }
-        let mut peers = self.peers.lock();
-        peers.retain(|addr, p| *addr == from || p.link.as_ref().is_none_or(|l| l.id != link.id));
+        self.peers.lock().close_channel(link.id, link.addr());
         reason
     }
 
@@ -732,7 +819,7 @@ impl DtlsServer {
             }
             tokio::select! {
                 d = inbox.recv() => {
-                    let Some(d) = d else { return "replaced".into() };
+                    let Some(d) = d else { return "its queue closed".into() };
                     s.get_mut().inbox.push_back(d);
                     loop {
                         match s.ssl_read(&mut rec) {
@@ -814,8 +901,8 @@ pub const PACKET_OFFSET: usize = record::PREFIX_LEN + 1;
 pub const PACKET_MAX: usize = batch::SLOT - PACKET_OFFSET - record::TAG_LEN;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-const REBIND_CANDIDATES: usize = 64;
-const REBIND_TRIALS_PER_SEC: u32 = 2000;
+/// Trial decryptions per second for records from one unknown source.
+const REBIND_TRIALS_PER_SEC: u32 = 100;
 
 /// A packet worker's receive buffers and batch in progress
 /// ([`DtlsServer::receive`]).
@@ -850,12 +937,14 @@ struct Work {
     worker: usize,
 }
 
-/// A peer of the UDP socket.
-struct Peer {
-    /// Datagrams for OpenSSL (handshake, alerts).
-    slow: mpsc::Sender<Vec<u8>>,
-    /// The channel, once established.
-    link: Option<Arc<Link>>,
+/// A handshake in progress, as its task knows it.
+struct Handshaking {
+    from: SocketAddr,
+    local: Option<IpAddr>,
+    /// Its id in [`Peers`].
+    id: u64,
+    /// Its queue's sending end (the channel keeps it when established).
+    task: mpsc::Sender<Vec<u8>>,
 }
 
 /// An established DTLS channel as the data path sees it.
@@ -933,33 +1022,6 @@ impl Link {
 
     pub fn is_closed(&self) -> bool {
         self.is_closed.load(Ordering::Relaxed)
-    }
-}
-
-/// A shared token bucket refilled once a second.
-struct Budget {
-    per_sec: u32,
-    state: Mutex<(Instant, u32)>,
-}
-
-impl Budget {
-    fn new(per_sec: u32) -> Budget {
-        Budget {
-            per_sec,
-            state: Mutex::new((Instant::now(), per_sec)),
-        }
-    }
-
-    fn take(&self) -> bool {
-        let mut s = self.state.lock();
-        if s.0.elapsed() >= Duration::from_secs(1) {
-            *s = (Instant::now(), self.per_sec);
-        }
-        if s.1 == 0 {
-            return false;
-        }
-        s.1 -= 1;
-        true
     }
 }
 

@@ -111,6 +111,10 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
             gw.tun.clone(),
             dpd,
             coalesce,
+            vpn_daemon::dtls::HandshakeLimits {
+                total: raw.dtls.max_handshakes,
+                per_source: raw.dtls.max_handshakes_per_source,
+            },
         )
         .await?;
         let _ = gw.dtls.set(dtls);

@@ -160,6 +160,11 @@ impl ReplayWindow {
         back < 64 && self.bits & (1 << back) == 0
     }
 
+    /// Whether `seq` is newer than every accepted sequence number.
+    pub fn is_newest(&self, seq: u64) -> bool {
+        seq >= self.next
+    }
+
     /// Marks `seq` accepted (after its tag verified).
     pub fn mark(&mut self, seq: u64) {
         if self.next == 0 || seq >= self.next {
@@ -264,14 +269,15 @@ impl Channel {
     }
 
     /// Whether `rec` is an application-data record of this channel's epoch
-    /// whose sequence number the window would still accept — the cheap
-    /// test before trying its tag.
-    pub fn may_open(&self, rec: &[u8]) -> bool {
+    /// newer than any it accepted — the cheap test before trying its tag
+    /// on a record from a new address (a replayed older one must not move
+    /// the channel).
+    pub fn is_newest(&self, rec: &[u8]) -> bool {
         rec.len() >= PREFIX_LEN + TAG_LEN
             && rec[0] == CONTENT_APPLICATION_DATA
             && rec[1..3] == DTLS12
             && u16::from_be_bytes([rec[3], rec[4]]) == self.epoch
-            && self.window.lock().check(seq_of(rec))
+            && self.window.lock().is_newest(seq_of(rec))
     }
 
     /// Opens one record (exactly `rec`) in place; returns the plaintext.
@@ -379,6 +385,9 @@ mod tests {
         assert!(!w.check(100));
         w.mark(1000);
         assert!(w.check(999) && !w.check(1000) && !w.check(936));
+        // Only records beyond everything accepted may move a channel: an
+        // unseen older one (999) could be a copy raced ahead of the client.
+        assert!(w.is_newest(1001) && !w.is_newest(1000) && !w.is_newest(999));
     }
 
     /// Server and client views of one channel, the client keyed the other

@@ -148,6 +148,20 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(h) = &stats.dtls_handshakes {
+        println!(
+            "DTLS handshakes: {} of {} in progress ({} per source); refused: {} (all in use) {} (per source) {} (per offer) {} (not the offered kind); {} rebindings, {} rebinding trials refused (source budget spent)",
+            h.in_progress,
+            h.max,
+            h.max_per_source,
+            h.refused_total,
+            h.refused_per_source,
+            h.refused_per_offer,
+            h.refused_after,
+            h.rebinds,
+            h.rebind_trials_refused
+        );
+    }
     if let Some(p) = &stats.dtls_flow_control {
         println!(
             "DTLS download flow control: {} waits for client ACKs ({} ms in all)",
