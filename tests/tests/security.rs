@@ -591,3 +591,104 @@ fn junk_from_one_address_does_not_stop_another_clients_rebinding() {
         Some("198.18.1.2:40000")
     );
 }
+
+/// Runs `vpnctl user ...` on the gateway's user file, `stdin` as the
+/// password.
+fn vpnctl_user(gw: &Gateway, args: &[&str], stdin: &str) {
+    use std::io::Write;
+    let mut c = std::process::Command::new(bin_dir().join("vpnctl"))
+        .arg("user")
+        .args(args)
+        .arg("--users")
+        .arg(&gw.users_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = writeln!(c.stdin.take().unwrap(), "{stdin}");
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The reason the session of `user` ended, once it has.
+fn ended(gw: &Gateway, user: &str) -> Option<String> {
+    gw.events().into_iter().find_map(|e| {
+        (e["event"] == "client_disconnected" && e["user"] == user)
+            .then(|| e["reason"].as_str().unwrap().to_owned())
+    })
+}
+
+/// M5: a user removed from the database, or whose password changed, kept
+/// their tunnel and their cookie until the session timed out (8 h by
+/// default). Now their sessions end within seconds, the event says why,
+/// and the client is told (openconnect exits).
+#[test]
+fn removing_a_user_or_changing_a_password_ends_their_sessions() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE, BOB]).unwrap();
+    let mut alice = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    alice.wait_connected(Duration::from_secs(20)).unwrap();
+    let mut bob = Client::start_in(&topo.client2, &gw, BOB.name, BOB.password, &[]).unwrap();
+    bob.wait_connected(Duration::from_secs(20)).unwrap();
+
+    vpnctl_user(&gw, &["passwd", "alice"], "a-new-password");
+    let why = wait_for(Duration::from_secs(5), || ended(&gw, "alice"));
+    assert_eq!(why.as_deref(), Some("password changed"), "{}", gw.log());
+    assert!(
+        alice.wait_exit(Duration::from_secs(10)).is_some(),
+        "openconnect was told: {}",
+        alice.log()
+    );
+    assert!(topo.client2.ping(SERVER, 1), "bob is untouched");
+
+    vpnctl_user(&gw, &["del", "bob"], "");
+    let why = wait_for(Duration::from_secs(5), || ended(&gw, "bob"));
+    assert_eq!(why.as_deref(), Some("user removed from the user database"));
+    assert!(bob.wait_exit(Duration::from_secs(10)).is_some());
+    assert!(gw.sessions().unwrap().is_empty());
+}
+
+/// M6: one credential looping logins filled `max_sessions` and locked
+/// everybody out. Now a user has at most `session.max_per_user`: a new
+/// login replaces the oldest session without a tunnel, and is refused,
+/// with a message, when all have one.
+#[test]
+fn a_user_holds_at_most_max_per_user_sessions() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[session]\nmax_per_user = 2\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    for _ in 0..3 {
+        authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
+    }
+    assert_eq!(gw.sessions().unwrap().len(), 2);
+    assert_eq!(
+        ended(&gw, "alice").as_deref(),
+        Some("replaced by a newer login of the same user")
+    );
+    // Two tunnels: the third login is refused, and says why.
+    let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    a.wait_connected(Duration::from_secs(20)).unwrap();
+    let mut b = Client::start_in(&topo.client2, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    b.wait_connected(Duration::from_secs(20)).unwrap();
+    let refused = authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap_err();
+    assert!(
+        refused.to_string().contains("you already have 2 sessions"),
+        "{refused}"
+    );
+    assert_eq!(gw.sessions().unwrap().len(), 2);
+    assert!(topo.client.ping(SERVER, 1) && topo.client2.ping(SERVER, 1));
+}

@@ -413,6 +413,11 @@ pub struct SessionConfig {
     /// Seconds a session whose tunnel dropped (DPD, network change) stays
     /// resumable with its cookie. Default 300.
     pub disconnected_timeout_secs: u64,
+    /// Sessions one user may hold at once. At the limit, a new login
+    /// replaces the user's oldest session that has no tunnel; if all have
+    /// one, it is refused with a message. 0 = no limit. Default 3 (Cisco
+    /// ASA's simultaneous logins; ocserv's max-same-clients is 2).
+    pub max_per_user: u32,
 }
 
 impl Default for SessionConfig {
@@ -423,6 +428,7 @@ impl Default for SessionConfig {
             dpd_secs: 30,
             keepalive_secs: 20,
             disconnected_timeout_secs: 300,
+            max_per_user: 3,
         }
     }
 }

@@ -346,6 +346,22 @@ impl Gateway {
         group_policy: Option<String>,
     ) -> Result<(Arc<Session>, String), String> {
         let max = self.settings.raw.server.max_sessions as usize;
+        let per_user = self.settings.raw.session.max_per_user as usize;
+        if per_user > 0 {
+            // At the limit, the oldest session without a tunnel makes way
+            // (a client that logged in again after losing its network).
+            let mine: Vec<_> = self
+                .sessions
+                .all()
+                .into_iter()
+                .filter(|s| s.user == user)
+                .collect();
+            if mine.len() >= per_user
+                && let Some(idle) = mine.iter().find(|s| s.tunnel.lock().handle.is_none())
+            {
+                self.end_session(idle.id, "replaced by a newer login of the same user");
+            }
+        }
         // The pool lock also serialises the limit check with the insert.
         // Lock order: pool, policies, datapath.
         let mut pool = self.pool.lock();
@@ -370,6 +386,13 @@ impl Gateway {
         if self.sessions.len() >= max {
             return Err(format!(
                 "the gateway has reached its limit of {max} concurrent sessions; try again later"
+            ));
+        }
+        // Checked again under the pool lock, which serialises logins: two
+        // at once cannot both take the last place.
+        if per_user > 0 && self.sessions.count_of(user) >= per_user {
+            return Err(format!(
+                "you already have {per_user} sessions, the most this gateway allows per user; disconnect one of them first"
             ));
         }
         let lease = pool

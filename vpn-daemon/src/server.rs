@@ -431,6 +431,40 @@ impl Gateway {
         true
     }
 
+    /// Follows the user database: a user removed, or whose password
+    /// changed, loses their sessions at once (and their cookies with
+    /// them); a changed own policy applies to their sessions. Checks the
+    /// file's modification time every second.
+    pub async fn watch_users(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let gw = self.clone();
+            let Ok(changes) = tokio::task::spawn_blocking(move || gw.users.take_changes()).await
+            else {
+                continue;
+            };
+            if changes.is_empty() {
+                continue;
+            }
+            for s in self.sessions.all() {
+                let reason = if changes.removed.contains(&s.user) {
+                    "user removed from the user database"
+                } else if changes.password_changed.contains(&s.user) {
+                    "password changed"
+                } else {
+                    continue;
+                };
+                self.end_session(s.id, reason);
+            }
+            if !changes.policy_changed.is_empty()
+                && let Err(e) = self.rebind_sessions(self.policies.lock())
+            {
+                tracing::error!("applying users' new group policies: {e:#}");
+            }
+        }
+    }
+
     /// Ends sessions past their session timeout, idle timeout, or the time a
     /// session may stay without a tunnel. Runs every second.
     pub async fn reap(self: Arc<Self>) {

@@ -324,6 +324,16 @@ impl SessionTable {
         self.inner.read().by_addr.get(a).cloned()
     }
 
+    /// Sessions of `user`.
+    pub fn count_of(&self, user: &str) -> usize {
+        self.inner
+            .read()
+            .by_id
+            .values()
+            .filter(|s| s.user == user)
+            .count()
+    }
+
     pub fn len(&self) -> usize {
         self.inner.read().by_id.len()
     }

@@ -195,10 +195,54 @@ impl UserFile {
     }
 }
 
+/// What changed for users from one version of the file to the next.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UserChanges {
+    /// Users no longer in the file.
+    pub removed: Vec<String>,
+    /// Users whose password hash changed.
+    pub password_changed: Vec<String>,
+    /// Users whose own group policy changed.
+    pub policy_changed: Vec<String>,
+}
+
+impl UserChanges {
+    /// The changes from `old` to `new`, added to these.
+    fn add(&mut self, old: &UserFile, new: &UserFile) {
+        for u in &old.users {
+            let name = || u.name.clone();
+            match new.find(&u.name) {
+                None => self.removed.push(name()),
+                Some(n) => {
+                    if n.password_hash != u.password_hash {
+                        self.password_changed.push(name());
+                    }
+                    if n.group_policy != u.group_policy {
+                        self.policy_changed.push(name());
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty()
+            && self.password_changed.is_empty()
+            && self.policy_changed.is_empty()
+    }
+}
+
 /// The daemon's view of the database: reloaded when the file changes.
 pub struct UserDb {
     path: PathBuf,
-    cached: Mutex<(Option<SystemTime>, UserFile)>,
+    cached: Mutex<Cached>,
+}
+
+struct Cached {
+    mtime: Option<SystemTime>,
+    file: std::sync::Arc<UserFile>,
+    /// Changes since the last [`UserDb::take_changes`].
+    changes: UserChanges,
 }
 
 /// The outcome of a password check.
@@ -215,27 +259,42 @@ impl UserDb {
         let f = UserFile::read(&path)?;
         Ok(UserDb {
             path,
-            cached: Mutex::new((mtime, f)),
+            cached: Mutex::new(Cached {
+                mtime,
+                file: std::sync::Arc::new(f),
+                changes: UserChanges::default(),
+            }),
         })
     }
 
-    /// The current users, re-read if the file changed. A broken file keeps
-    /// the previous copy and logs why.
-    fn current(&self) -> UserFile {
+    /// The current users, re-read if the file changed (what changed is
+    /// kept for [`Self::take_changes`]). A broken file keeps the previous
+    /// copy and logs why.
+    fn current(&self) -> std::sync::Arc<UserFile> {
         let mtime = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
         let mut c = self.cached.lock();
-        if c.0 != mtime {
+        if c.mtime != mtime {
+            c.mtime = mtime;
             match UserFile::read(&self.path) {
-                Ok(f) => *c = (mtime, f),
-                Err(e) => {
-                    tracing::error!("{e}; keeping the previous user list");
-                    c.0 = mtime;
+                Ok(f) => {
+                    let old = std::mem::replace(&mut c.file, std::sync::Arc::new(f));
+                    let new = c.file.clone();
+                    c.changes.add(&old, &new);
                 }
+                Err(e) => tracing::error!("{e}; keeping the previous user list"),
             }
         }
-        c.1.clone()
+        c.file.clone()
+    }
+
+    /// What changed for users since the last call (the file is re-read if
+    /// it changed): the daemon ends the sessions of users removed or whose
+    /// password changed, and re-resolves policies.
+    pub fn take_changes(&self) -> UserChanges {
+        self.current();
+        std::mem::take(&mut self.cached.lock().changes)
     }
 
     /// A user's own group policy from the current file: `None` if the user
@@ -281,6 +340,41 @@ mod tests {
         assert!(verify_password("s3cret", &h));
         assert!(!verify_password("s3cre", &h));
         assert!(!verify_password("s3cret", "not a hash"));
+    }
+
+    #[test]
+    fn the_daemon_learns_who_was_removed_or_got_a_new_password() {
+        let dir = std::env::temp_dir().join(format!("vpn-users-ch-{}", std::process::id()));
+        let path = dir.join("users.toml");
+        let mut f = UserFile::default();
+        for n in ["alice", "bob", "carol"] {
+            f.add(n, "pw", None).unwrap();
+        }
+        f.write(&path).unwrap();
+        let db = UserDb::open(path.clone()).unwrap();
+        assert!(db.take_changes().is_empty());
+        f.set_password("alice", "new").unwrap();
+        f.remove("bob").unwrap();
+        f.users[1].group_policy = Some("eng".into());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        f.write(&path).unwrap();
+        // A login reading the file first does not lose the changes.
+        assert_eq!(
+            db.authenticate("carol", "pw"),
+            AuthResult::Ok {
+                group_policy: Some("eng".into())
+            }
+        );
+        assert_eq!(
+            db.take_changes(),
+            UserChanges {
+                removed: vec!["bob".into()],
+                password_changed: vec!["alice".into()],
+                policy_changed: vec!["carol".into()],
+            }
+        );
+        assert!(db.take_changes().is_empty(), "taken once");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

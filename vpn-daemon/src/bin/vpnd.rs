@@ -146,6 +146,7 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     vpn_daemon::workers::start(&gw, &tokio::runtime::Handle::current())
         .context("starting the packet workers")?;
     tokio::spawn(gw.clone().reap());
+    tokio::spawn(gw.clone().watch_users());
     tokio::spawn(gw.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
