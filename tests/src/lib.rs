@@ -1021,6 +1021,12 @@ pub fn raw_tls_from(ns: &Netns, src: Option<&str>) -> anyhow::Result<RawTls> {
             }
         }
     })?;
+    tls_over(tcp)
+}
+
+/// A TLS client (certificate not checked) over a TCP connection already
+/// made to the gateway.
+pub fn tls_over(tcp: std::net::TcpStream) -> anyhow::Result<RawTls> {
     tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())

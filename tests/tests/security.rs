@@ -552,7 +552,7 @@ fn junk_from_one_address_does_not_stop_another_clients_rebinding() {
             {
                 let _ = s.send_to(&r, (GW_OUTSIDE, 443));
                 sent += 1;
-                if sent % 200 == 0 {
+                if sent.is_multiple_of(200) {
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }
@@ -691,4 +691,93 @@ fn a_user_holds_at_most_max_per_user_sessions() {
     );
     assert_eq!(gw.sessions().unwrap().len(), 2);
     assert!(topo.client.ping(SERVER, 1) && topo.client2.ping(SERVER, 1));
+}
+
+/// M8: a TLS client that stops reading while traffic for it keeps coming.
+/// The tunnel task waited in its flush forever: DPD, an admin disconnect
+/// and session expiry could no longer reach it, and the connection stayed.
+/// Now a write that cannot finish within 3 DPD intervals ends the tunnel.
+#[test]
+fn a_tls_client_that_stops_reading_is_dropped() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[session]\ndpd_secs = 2\n",
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let cookie = authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
+    let cookie = cookie.rsplit("webvpn=").next().unwrap().to_owned();
+    let vpn_address = gw.sessions().unwrap()[0]["vpn_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A client with a tiny receive window that reads the CONNECT answer
+    // and nothing after.
+    let tcp = in_netns(&topo.client, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_recv_buffer_size(4096)?;
+        let gw: std::net::SocketAddr =
+            (GW_OUTSIDE.parse::<std::net::IpAddr>().unwrap(), 443).into();
+        s.connect(&gw.into())?;
+        Ok::<std::net::TcpStream, std::io::Error>(s.into())
+    })
+    .unwrap();
+    let mut s = tls_over(tcp).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(
+        format!("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: x\r\nCookie: webvpn={cookie}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200 "));
+    // Traffic for the client from the LAN, more than every buffer holds
+    // (bounded: 60,000 datagrams or 10 s).
+    let flood = std::thread::spawn({
+        let (ns, to) = (topo.server.name.clone(), vpn_address.clone());
+        move || {
+            let path = format!("/run/netns/{ns}");
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::File::open(&path).unwrap();
+                // SAFETY: setns on this thread only.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let end = std::time::Instant::now() + Duration::from_secs(10);
+                let buf = [0x55u8; 1200];
+                for _ in 0..60_000 {
+                    if std::time::Instant::now() > end {
+                        break;
+                    }
+                    let _ = u.send_to(&buf, (to.as_str(), 9));
+                }
+            })
+            .join()
+            .unwrap();
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let down = wait_for(Duration::from_secs(25), || {
+        gw.events()
+            .into_iter()
+            .find(|e| e["event"] == "tunnel_down" && e["user"] == "alice")
+    });
+    flood.join().unwrap();
+    let down = down.unwrap_or_else(|| panic!("the tunnel never ended\n{}", gw.log()));
+    eprintln!("tunnel ended after {:?}: {}", t0.elapsed(), down["reason"]);
+    assert!(
+        down["reason"].as_str().unwrap().contains("stopped reading"),
+        "{down}"
+    );
+    drop(s);
 }

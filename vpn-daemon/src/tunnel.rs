@@ -360,8 +360,9 @@ impl Gateway {
         );
         let tail = tokio::time::sleep(crate::read_batch::TAIL);
         tokio::pin!(tail);
-        let (mut rd, mut wr) = tokio::io::split(tls);
         let dpd = Duration::from_secs(self.settings.raw.session.dpd_secs);
+        let (mut rd, wr) = tokio::io::split(tls);
+        let mut wr = ClientWriter { wr, limit: dpd * 3 };
         let mut last_rx = Instant::now();
         let mut last_dpd_sent = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -385,8 +386,7 @@ impl Gateway {
                         Ok(Kick::Terminate(reason)) => {
                             tracing::info!(user = session.user, "terminating tunnel: {reason}");
                             cstp::encode(&mut out, FrameType::Terminate, &[]);
-                            let _ = wr.write_all(&out).await;
-                            let _ = wr.flush().await;
+                            let _ = wr.send(&out).await;
                             // Let the client read the frame and hang up first:
                             // closing with unread input would send a RST, and a
                             // RST discards the frame before the client reads it.
@@ -444,29 +444,31 @@ impl Gateway {
                     let Some(pkt) = pkt else { break TunnelEnd::Kicked };
                     let mut next = Some(pkt);
                     // Drain what is queued, one TLS record per frame, then flush once.
-                    while let Some(p) = next {
-                        let rate = session.rate_down_bps.load(Ordering::Relaxed);
-                        let wait = down_pacer.delay(p.len(), rate, Instant::now());
-                        if !wait.is_zero() {
-                            let _ = wr.flush().await;
-                            tokio::time::sleep(wait).await;
-                        }
-                        // A rate-limited client on DTLS gets its paced
-                        // packets there.
-                        if let Some(link) = session.dtls_link()
-                            && let Some(d) = self.dtls.get()
-                        {
-                            d.send_one(&link, &p);
-                        } else if p.len() <= cstp::MAX_PAYLOAD {
-                            cstp::encode(&mut out, FrameType::Data, &p);
-                            if wr.write_all(&out).await.is_err() {
-                                break;
+                    let sent: Result<(), TunnelEnd> = async {
+                        while let Some(p) = next {
+                            let rate = session.rate_down_bps.load(Ordering::Relaxed);
+                            let wait = down_pacer.delay(p.len(), rate, Instant::now());
+                            if !wait.is_zero() {
+                                wr.flush().await?;
+                                tokio::time::sleep(wait).await;
                             }
+                            // A rate-limited client on DTLS gets its paced
+                            // packets there.
+                            if let Some(link) = session.dtls_link()
+                                && let Some(d) = self.dtls.get()
+                            {
+                                d.send_one(&link, &p);
+                            } else if p.len() <= cstp::MAX_PAYLOAD {
+                                cstp::encode(&mut out, FrameType::Data, &p);
+                                wr.write(&out).await?;
+                            }
+                            next = from_gw.try_recv().ok();
                         }
-                        next = from_gw.try_recv().ok();
+                        wr.flush().await
                     }
-                    if wr.flush().await.is_err() {
-                        break TunnelEnd::Down("write error".into());
+                    .await;
+                    if let Err(end) = sent {
+                        break end;
                     }
                 }
                 // Uploads over DTLS of a rate-limited client, paced here
@@ -486,15 +488,15 @@ impl Gateway {
                     }
                     if silent >= dpd && last_dpd_sent.elapsed() >= dpd / 2 {
                         cstp::encode(&mut out, FrameType::DpdRequest, &[]);
-                        if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
-                            break TunnelEnd::Down("write error".into());
+                        if let Err(end) = wr.send(&out).await {
+                            break end;
                         }
                         last_dpd_sent = Instant::now();
                     }
                 }
             }
         };
-        let _ = wr.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.wr.shutdown()).await;
         end
     }
 
@@ -503,7 +505,7 @@ impl Gateway {
         &self,
         inbuf: &mut BytesMut,
         session: &Arc<Session>,
-        wr: &mut W,
+        wr: &mut ClientWriter<W>,
         out: &mut Vec<u8>,
         pacer: &mut Pacer,
         gro: &mut crate::gro::Coalescer,
@@ -541,8 +543,8 @@ impl Gateway {
                 }
                 FrameType::DpdRequest => {
                     cstp::encode(out, FrameType::DpdResponse, &frame.payload);
-                    if wr.write_all(out).await.is_err() || wr.flush().await.is_err() {
-                        return Some(TunnelEnd::Down("write error".into()));
+                    if let Err(end) = wr.send(out).await {
+                        return Some(end);
                     }
                 }
                 FrameType::Disconnect => {
@@ -565,6 +567,46 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+/// The writing half of a client's TLS connection. Every write and flush
+/// must finish within `limit` (3 DPD intervals): a client that stops
+/// reading fills its TCP window, and a write that waited for it forever
+/// would keep the tunnel's task from DPD, kicks and expiry (audit M8).
+struct ClientWriter<W> {
+    wr: W,
+    limit: Duration,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> ClientWriter<W> {
+    fn stalled(&self) -> TunnelEnd {
+        TunnelEnd::Down(format!(
+            "client stopped reading (a write waited {} s)",
+            self.limit.as_secs()
+        ))
+    }
+
+    async fn write(&mut self, buf: &[u8]) -> Result<(), TunnelEnd> {
+        match tokio::time::timeout(self.limit, self.wr.write_all(buf)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(TunnelEnd::Down(format!("write error: {e}"))),
+            Err(_) => Err(self.stalled()),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), TunnelEnd> {
+        match tokio::time::timeout(self.limit, self.wr.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(TunnelEnd::Down(format!("write error: {e}"))),
+            Err(_) => Err(self.stalled()),
+        }
+    }
+
+    /// Writes and flushes.
+    async fn send(&mut self, buf: &[u8]) -> Result<(), TunnelEnd> {
+        self.write(buf).await?;
+        self.flush().await
     }
 }
 
