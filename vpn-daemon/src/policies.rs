@@ -28,6 +28,17 @@ pub struct Installed {
     pub first_interval: u32,
 }
 
+/// What one [`PolicySet::apply`] changed.
+pub struct Applied {
+    /// Versions replaced or gone: retire them once no session uses them.
+    pub old: Vec<Arc<Installed>>,
+    /// Versions it installed.
+    fresh: Vec<Arc<Installed>>,
+    /// The set and default before it.
+    previous: HashMap<String, Arc<Installed>>,
+    previous_default: Option<String>,
+}
+
 /// First-fit allocator of contiguous rule-hit slots.
 struct Slots {
     used: Vec<bool>,
@@ -87,10 +98,11 @@ pub struct MissingPolicy(pub String);
 
 impl PolicySet {
     /// Makes `defs` the installed policies. Unchanged ones stay as they
-    /// are; new and changed ones are installed under new ids. Returns the
-    /// versions that are replaced or gone: remove them with
-    /// [`PolicySet::retire`] once no session points at them. On error
-    /// nothing changes.
+    /// are; new and changed ones are installed under new ids. Returns what
+    /// changed: once every session points at the new versions, remove the
+    /// replaced ones with [`PolicySet::retire`]; if that cannot be done,
+    /// [`PolicySet::rollback`] restores the set as it was. On error nothing
+    /// changes.
     pub fn apply(
         &mut self,
         dp: &mut Datapath,
@@ -98,7 +110,7 @@ impl PolicySet {
         default: Option<String>,
         split: &[IpNet],
         max_entries: usize,
-    ) -> anyhow::Result<Vec<Arc<Installed>>> {
+    ) -> anyhow::Result<Applied> {
         let mut fresh: Vec<Arc<Installed>> = Vec::new();
         let mut next = HashMap::new();
         for def in defs {
@@ -124,9 +136,25 @@ impl PolicySet {
             .filter(|c| !next.values().any(|n| n.id == c.id))
             .cloned()
             .collect();
-        self.current = next;
-        self.default = default;
-        Ok(old)
+        let previous = std::mem::replace(&mut self.current, next);
+        let previous_default = std::mem::replace(&mut self.default, default);
+        Ok(Applied {
+            old,
+            fresh,
+            previous,
+            previous_default,
+        })
+    }
+
+    /// Undoes an [`PolicySet::apply`] whose sessions could not all be moved
+    /// (they were moved back): the new versions are removed and the set is
+    /// as it was.
+    pub fn rollback(&mut self, dp: &mut Datapath, applied: Applied) {
+        for f in &applied.fresh {
+            self.remove(dp, f);
+        }
+        self.current = applied.previous;
+        self.default = applied.previous_default;
     }
 
     fn install(

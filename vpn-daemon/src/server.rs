@@ -247,34 +247,55 @@ impl Gateway {
         }
     }
 
-    /// Installs the policies of `settings` (at start and on reload).
+    /// Installs the policies of `settings` (at start and on reload): all
+    /// or nothing. If a session cannot be moved to its new policy, the
+    /// sessions already moved go back and the new versions are removed,
+    /// so "rejected, the running configuration stays" is true.
     pub fn apply_policies(&self, settings: &Settings) -> anyhow::Result<()> {
         let mut policies = self.policies.lock();
-        let mut dp = self.datapath.lock();
-        let old = policies.apply(
-            &mut dp,
+        let applied = policies.apply(
+            &mut self.datapath.lock(),
             &settings.policies,
             settings.raw.policy.default.clone(),
             // The split list clients were given at connect time.
             &self.settings.split_allow,
             settings.raw.policy.max_entries,
         )?;
-        drop(dp);
         // Re-resolve every session against the new set (users may have
         // new policies too), then drop the versions nobody uses.
-        let mut policies = self.rebind_sessions(policies)?;
-        let mut dp = self.datapath.lock();
-        policies.retire(&mut dp, old);
-        Ok(())
+        match self.rebind_sessions(&policies) {
+            Ok(orphans) => {
+                policies.retire(&mut self.datapath.lock(), applied.old);
+                drop(policies);
+                self.end_orphans(orphans);
+                Ok(())
+            }
+            Err(e) => {
+                policies.rollback(&mut self.datapath.lock(), applied);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the sessions [`Self::rebind_sessions`] found without a policy
+    /// (fail closed: never leave a session on a policy that is gone, nor
+    /// silently widen its access). Called without the policy lock, which
+    /// `end_session`'s locks must not nest in.
+    fn end_orphans(&self, orphans: Vec<(u64, String)>) {
+        for (id, why) in orphans {
+            self.end_session(id, &why);
+        }
     }
 
     /// Re-resolves every session's policy (users' own policies re-read,
-    /// schedules evaluated now) and flips the sessions whose policy changed;
-    /// a session whose policy no longer exists ends (fail closed).
-    fn rebind_sessions<'a>(
-        &'a self,
-        mut policies: parking_lot::MutexGuard<'a, PolicySet>,
-    ) -> anyhow::Result<parking_lot::MutexGuard<'a, PolicySet>> {
+    /// schedules evaluated now) and moves the sessions whose policy
+    /// changed, all or none: if one BPF update fails, those done are
+    /// undone and the error returned. Returns the sessions whose policy no
+    /// longer exists, for [`Self::end_orphans`].
+    fn rebind_sessions(&self, policies: &PolicySet) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut moves = Vec::new();
+        let mut writes = Vec::new();
+        let mut orphans = Vec::new();
         for s in self.sessions.all() {
             let own = match self.users.policy_of(&s.user) {
                 Some(own) => own,
@@ -282,42 +303,44 @@ impl Gateway {
             };
             match policies.resolve(own.as_deref()) {
                 Ok(p) => {
-                    let (up, down) = p.as_ref().map_or((0, 0), |p| {
+                    let rates = p.as_ref().map_or((0, 0), |p| {
                         (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
                     });
-                    s.rate_up_bps.store(up, Ordering::Relaxed);
-                    s.rate_down_bps.store(down, Ordering::Relaxed);
                     let binding = PolicyBinding {
                         own,
                         effective: p.as_ref().map(|p| p.def.name.clone()),
                         id: p.map_or(0, |p| p.id),
                     };
-                    if *s.policy.lock() != binding {
-                        let mut dp = self.datapath.lock();
+                    let old_id = s.policy.lock().id;
+                    if binding.id != old_id {
+                        let info = |policy_id| SessionInfo {
+                            session_id: s.id,
+                            policy_id,
+                            flags: 0,
+                        };
                         for a in s.addresses() {
-                            dp.set_session(
-                                a,
-                                SessionInfo {
-                                    session_id: s.id,
-                                    policy_id: binding.id,
-                                    flags: 0,
-                                },
-                            )?;
+                            writes.push((a, info(binding.id), info(old_id)));
                         }
-                        tracing::info!(user = s.user, policy = ?binding.effective, "session policy changed");
-                        *s.policy.lock() = binding;
                     }
+                    moves.push((s, binding, rates));
                 }
-                Err(e) => {
-                    // Fail closed: never leave a session on a policy that
-                    // is gone, nor silently widen its access.
-                    drop(policies);
-                    self.end_session(s.id, &format!("{e} any more"));
-                    policies = self.policies.lock();
-                }
+                Err(e) => orphans.push((s.id, format!("{e} any more"))),
             }
         }
-        Ok(policies)
+        {
+            let mut dp = self.datapath.lock();
+            write_all_or_none(&writes, |a, info| dp.set_session(a, info))?;
+        }
+        for (s, binding, (up, down)) in moves {
+            s.rate_up_bps.store(up, Ordering::Relaxed);
+            s.rate_down_bps.store(down, Ordering::Relaxed);
+            let mut current = s.policy.lock();
+            if *current != binding {
+                tracing::info!(user = s.user, policy = ?binding.effective, "session policy changed");
+                *current = binding;
+            }
+        }
+        Ok(orphans)
     }
 
     /// Switches sessions between scheduled policies and their fallbacks
@@ -332,8 +355,11 @@ impl Gateway {
             let state = policies.schedule_state(now);
             if state != last {
                 last = state;
-                if let Err(e) = self.rebind_sessions(policies) {
-                    tracing::error!("applying policy schedules: {e:#}");
+                let r = self.rebind_sessions(&policies);
+                drop(policies);
+                match r {
+                    Ok(orphans) => self.end_orphans(orphans),
+                    Err(e) => tracing::error!("applying policy schedules: {e:#}"),
                 }
             }
         }
@@ -457,10 +483,14 @@ impl Gateway {
                 };
                 self.end_session(s.id, reason);
             }
-            if !changes.policy_changed.is_empty()
-                && let Err(e) = self.rebind_sessions(self.policies.lock())
-            {
-                tracing::error!("applying users' new group policies: {e:#}");
+            if !changes.policy_changed.is_empty() {
+                let policies = self.policies.lock();
+                let r = self.rebind_sessions(&policies);
+                drop(policies);
+                match r {
+                    Ok(orphans) => self.end_orphans(orphans),
+                    Err(e) => tracing::error!("applying users' new group policies: {e:#}"),
+                }
             }
         }
     }
@@ -484,6 +514,26 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Writes every `(address, new, old)` with `set`; if one write fails, the
+/// writes done are undone with their `old` values (newest first) and the
+/// error returned: all of them or none.
+fn write_all_or_none<E: std::fmt::Display>(
+    writes: &[(IpAddr, SessionInfo, SessionInfo)],
+    mut set: impl FnMut(IpAddr, SessionInfo) -> Result<(), E>,
+) -> Result<(), E> {
+    for (i, (a, new, _)) in writes.iter().enumerate() {
+        if let Err(e) = set(*a, *new) {
+            for (a, _, old) in writes[..i].iter().rev() {
+                if let Err(undo) = set(*a, *old) {
+                    tracing::error!(address = %a, "cannot move a session back to its policy: {undo}");
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Whether a client's packet is long enough to be the IPv4 or IPv6 packet
@@ -519,7 +569,46 @@ pub async fn bind(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+
+    /// A reload whose n-th BPF update fails leaves every session as it was.
+    #[test]
+    fn session_moves_are_all_or_none() {
+        let info = |session_id, policy_id| SessionInfo {
+            session_id,
+            policy_id,
+            flags: 0,
+        };
+        let addr = |i: u8| IpAddr::from([198, 19, 0, i]);
+        let writes: Vec<_> = (1..=4u8)
+            .map(|i| (addr(i), info(u64::from(i), 7), info(u64::from(i), 3)))
+            .collect();
+        for fail_at in 0..writes.len() {
+            let mut map: HashMap<IpAddr, SessionInfo> =
+                writes.iter().map(|(a, _, old)| (*a, *old)).collect();
+            let before = map.clone();
+            let mut calls = 0;
+            let r = write_all_or_none(&writes, |a, i| {
+                calls += 1;
+                if calls == fail_at + 1 {
+                    return Err("map update failed");
+                }
+                map.insert(a, i);
+                Ok(())
+            });
+            assert_eq!(r, Err("map update failed"));
+            assert_eq!(map, before, "failing at write {fail_at}: rolled back");
+        }
+        let mut map = HashMap::new();
+        write_all_or_none(&writes, |a, i| {
+            map.insert(a, i);
+            Ok::<(), &str>(())
+        })
+        .unwrap();
+        assert!(map.values().all(|i| i.policy_id == 7));
+    }
 
     #[test]
     fn packet_destination() {
