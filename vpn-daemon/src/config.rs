@@ -260,6 +260,10 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Unix socket `vpnctl` talks to. Default `/run/vpn-gateway/vpnd.sock`.
     pub control_socket: PathBuf,
+    /// A system group whose members may use `vpnctl` (the socket is then
+    /// mode 0660 and that group's); without it only root may (mode 0600).
+    /// Each connection's credentials are checked too. Default none.
+    pub control_group: Option<String>,
     /// File that receives one JSON object per event (connect, disconnect,
     /// authentication failure). Optional; events also go to the log.
     pub event_log: Option<PathBuf>,
@@ -278,6 +282,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 443)),
             state_dir: PathBuf::from("/var/lib/vpn-gateway"),
             control_socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            control_group: None,
             event_log: None,
             max_sessions: 250,
             bpf_pin_dir: PathBuf::from(vpn_common::DEFAULT_PIN_DIR),
@@ -558,6 +563,8 @@ pub struct Settings {
     /// Destinations an enforcing policy's clients may reach: the included
     /// subnets, the pushed DNS servers and the gateway's tunnel addresses.
     pub split_allow: Vec<IpNet>,
+    /// `server.control_group`'s gid.
+    pub control_gid: Option<u32>,
 }
 
 impl Config {
@@ -886,7 +893,17 @@ impl Config {
             ))));
         }
         let policies = self.validate_policies(&routing, &split_allow)?;
+        let control_gid = match &self.server.control_group {
+            None => None,
+            Some(g) => Some(crate::unix_users::gid_of(g).ok_or_else(|| {
+                invalid(
+                    "server.control_group",
+                    format!("there is no group '{g}' on this system (see `getent group`)"),
+                )
+            })?),
+        };
         Ok(Settings {
+            control_gid,
             raw: self,
             pool_v4,
             pool_v6,

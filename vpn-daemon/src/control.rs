@@ -1,5 +1,12 @@
 //! The control socket `vpnctl` talks to: one JSON request per line, one JSON
-//! response per line, on a Unix socket only root can open.
+//! response per line, on a Unix socket.
+//!
+//! Who may talk to it is checked twice: the socket file is created with its
+//! final mode (0600, or 0660 with `server.control_group`), never briefly
+//! with the umask's; and each connection's peer credentials
+//! (`SO_PEERCRED`) must be root, the daemon's own user, or a member of the
+//! control group, so a socket whose mode someone loosened still answers
+//! nobody else. A request line is at most [`MAX_REQUEST`] bytes.
 
 use std::{
     path::Path,
@@ -10,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 
@@ -289,6 +296,21 @@ impl Gateway {
         }
     }
 
+    /// [`Self::answer`], with a reload (file reading, BPF updates) on a
+    /// blocking thread rather than the runtime's.
+    async fn answer_async(self: Arc<Self>, line: String) -> Response {
+        if matches!(serde_json::from_str(&line), Ok(Request::Reload)) {
+            return match tokio::task::spawn_blocking(move || self.reload()).await {
+                Ok(Ok(reloaded)) => Response::Reloaded { reloaded },
+                Ok(Err(error)) => Response::Error { error },
+                Err(e) => Response::Error {
+                    error: format!("reload failed: {e}"),
+                },
+            };
+        }
+        self.answer(&line)
+    }
+
     fn answer(&self, line: &str) -> Response {
         match serde_json::from_str::<Request>(line) {
             Err(e) => Response::Error {
@@ -362,9 +384,19 @@ impl Gateway {
     }
 }
 
-/// Binds the control socket (mode 0600), replacing a stale one.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+/// The longest request line; a longer one gets an error and the
+/// connection closes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Binds the control socket, replacing a stale one: mode 0600, or 0660
+/// and group `group` (a gid) when one is configured. The mode is set on
+/// the socket before it is bound, so the file never exists with a looser
+/// one.
+pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
+    use std::os::{
+        fd::AsRawFd,
+        unix::fs::{PermissionsExt, chown},
+    };
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -375,29 +407,91 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         );
     }
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    // SAFETY: fchmod on a socket we own. Linux gives the socket file the
+    // mode of the socket's inode when it is bound (less the umask).
+    if unsafe { libc::fchmod(s.as_raw_fd(), mode) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("fchmod on the control socket");
+    }
+    s.bind(&socket2::SockAddr::unix(path)?)
+        .with_context(|| format!("binding {}", path.display()))?;
+    s.listen(64)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = group {
+        chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(s.into())?)
+}
+
+/// Whether the peer with `uid` and primary `gid` may use the control
+/// socket: root, the daemon's own user, or a member of `group`.
+fn allowed(uid: u32, gid: u32, group: Option<u32>) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if uid == 0 || uid == unsafe { libc::geteuid() } {
+        return true;
+    }
+    group.is_some_and(|g| gid == g || crate::unix_users::in_group(uid, g))
 }
 
 /// Serves control requests forever.
 pub async fn serve(gw: Arc<Gateway>, listener: UnixListener) {
+    let group = gw.settings.control_gid;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let gw = gw.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Ok(Some(line))) =
-                tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
-            {
-                let resp = gw.answer(&line);
-                let mut text = serde_json::to_string(&resp).expect("responses serialise");
+            let reply = async |wr: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response| {
+                let mut text = serde_json::to_string(resp).expect("responses serialise");
                 text.push('\n');
-                if wr.write_all(text.as_bytes()).await.is_err() {
-                    break;
+                wr.write_all(text.as_bytes()).await
+            };
+            let cred = rd.as_ref().peer_cred();
+            let who = cred.as_ref().map(|c| (c.uid(), c.gid()));
+            let permitted = who.is_ok_and(|(uid, gid)| allowed(uid, gid, group));
+            let mut rd = BufReader::new(rd);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let mut limited = (&mut rd).take(MAX_REQUEST as u64 + 1);
+                let read = limited.read_until(b'\n', &mut line);
+                match tokio::time::timeout(Duration::from_secs(30), read).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(_)) => {}
+                }
+                if line.last() != Some(&b'\n') {
+                    let error = format!("request longer than {MAX_REQUEST} bytes");
+                    let _ = reply(&mut wr, &Response::Error { error }).await;
+                    return;
+                }
+                if !permitted {
+                    tracing::warn!(peer = ?who, "control socket: refused a client that is neither root nor in server.control_group");
+                    let error = format!(
+                        "permission denied: {} may not control vpnd (root, or a member of server.control_group)",
+                        who.map_or_else(|_| "this client".into(), |(uid, _)| format!("uid {uid}"))
+                    );
+                    let _ = reply(&mut wr, &Response::Error { error }).await;
+                    return;
+                }
+                let resp = match std::str::from_utf8(&line) {
+                    Ok(text) => gw.clone().answer_async(text.trim_end().to_owned()).await,
+                    Err(_) => Response::Error {
+                        error: "bad request: not UTF-8".into(),
+                    },
+                };
+                if reply(&mut wr, &resp).await.is_err() {
+                    return;
                 }
             }
         });

@@ -37,6 +37,7 @@ pub mod session;
 pub mod tls;
 pub mod tun;
 pub mod tunnel;
+pub mod unix_users;
 pub mod uplinks;
 pub mod users;
 pub mod workers;

@@ -97,7 +97,7 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
 
     let (listener, acceptor) = server::bind(&settings, tls_config).await?;
     let control_path = raw.server.control_socket.clone();
-    let control = control::bind(&control_path)?;
+    let control = control::bind(&control_path, settings.control_gid)?;
     let gw = server::Gateway::new(settings.clone(), config_path, users, datapath, events, tun)?;
 
     if raw.dtls.enabled {
