@@ -494,3 +494,58 @@ fn dtls_mtu_fills_the_path_and_full_size_packets_never_fragment() {
     assert!(!c.log().contains("MTU reduced"), "{}", c.log());
     assert_eq!(mtu, 1434, "{}", c.log());
 }
+
+/// openconnect's legacy DTLS 1.2 names in `X-DTLS-CipherSuite`
+/// (`OC-DTLS1_2-AES128-GCM`, `OC-DTLS1_2-AES256-GCM`): Cisco-style
+/// resumption in AES-GCM, the suite named back in `X-DTLS-CipherSuite`, as
+/// ocserv answers them.
+#[test]
+fn openconnect_legacy_dtls12_names_get_resumption() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    for name in ["OC-DTLS1_2-AES128-GCM", "OC-DTLS1_2-AES256-GCM"] {
+        let mut c = Client::start(
+            &topo,
+            &gw,
+            ALICE.name,
+            ALICE.password,
+            &[&format!("--dtls-ciphers={name}")],
+        )
+        .unwrap();
+        c.wait_connected(Duration::from_secs(20)).unwrap();
+        c.wait_dtls(Duration::from_secs(10)).unwrap();
+        assert!(
+            c.log().contains(&format!("X-DTLS-CipherSuite: {name}")),
+            "{}",
+            c.log()
+        );
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                (gw.sessions().unwrap()[0]["transport"] == "dtls").then_some(())
+            })
+            .is_some()
+        );
+        assert!(topo.client.ping(SERVER, 3), "{name}");
+        assert!(!c.log().contains("MTU reduced"), "{}", c.log());
+    }
+    // Its DTLS 0.9 names (OpenSSL has no server side for DTLS 0.9): no
+    // DTLS offered, the tunnel runs over TLS, the gateway says why.
+    let mut c = Client::start(
+        &topo,
+        &gw,
+        ALICE.name,
+        ALICE.password,
+        &["--dtls-ciphers=AES128-SHA"],
+    )
+    .unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(topo.client.ping(SERVER, 2));
+    assert!(c.log().contains("No DTLS address"), "{}", c.log());
+    assert!(
+        gw.log()
+            .contains("no DTLS for this tunnel: the client offers no DTLS suite"),
+        "{}",
+        gw.log()
+    );
+}

@@ -29,7 +29,7 @@ pub mod handshake;
 pub mod peers;
 pub mod record;
 
-pub use handshake::{DTLS12_SUITES, ResumeSuite, pick_dtls12_suite};
+pub use handshake::{DTLS12_SUITES, ResumeSuite, pick_dtls12_suite, pick_legacy_suite};
 use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
 pub use peers::HandshakeLimits;
 use peers::{HandshakeRefused, Kind, Peers, Route, TrialBudget};

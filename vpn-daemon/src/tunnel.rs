@@ -19,6 +19,7 @@ use crate::{
     config::Routing,
     cstp::{self, FrameType},
     events::Event,
+    events::client_string,
     http::{Request, Response},
     mac::format_mac,
     server::{ClientTls, Gateway},
@@ -158,6 +159,12 @@ impl Gateway {
         tls: &ClientTls,
         session: &Arc<Session>,
     ) -> Option<(Arc<crate::dtls::DtlsServer>, DtlsAnswer)> {
+        tracing::debug!(
+            user = session.user,
+            dtls = ?req.header("X-DTLS-CipherSuite").map(client_string),
+            dtls12 = ?req.header("X-DTLS12-CipherSuite").map(client_string),
+            "the client's DTLS offer"
+        );
         if offers_psk_negotiate(req) && self.settings.raw.dtls.psk_negotiate {
             let mut psk = [0u8; 32];
             // The PSK: this TLS connection's exporter.
@@ -182,14 +189,35 @@ impl Gateway {
             .ok()?
             .try_into()
             .ok()?;
-        let suite = crate::dtls::pick_dtls12_suite(req.header("X-DTLS12-CipherSuite")?)?;
+        // Cisco's X-DTLS12 list first, else openconnect's legacy names; the
+        // answer goes back in the header the suite came from.
+        let (header, name, suite) = match req
+            .header("X-DTLS12-CipherSuite")
+            .and_then(crate::dtls::pick_dtls12_suite)
+        {
+            Some(s) => ("X-DTLS12-CipherSuite", s.name, s),
+            None => match req
+                .header("X-DTLS-CipherSuite")
+                .and_then(crate::dtls::pick_legacy_suite)
+            {
+                Some((name, s)) => ("X-DTLS-CipherSuite", name, s),
+                None => {
+                    tracing::info!(
+                        user = session.user,
+                        "no DTLS for this tunnel: the client offers no DTLS suite the gateway does (PSK-NEGOTIATE, AES-GCM in DTLS 1.2)"
+                    );
+                    return None;
+                }
+            },
+        };
         match d.offer_resumption(session.clone(), &master, suite) {
             Ok(sid) => Some((
                 d.clone(),
                 DtlsAnswer::Resume {
                     port: d.port(),
                     sid,
-                    suite: suite.name,
+                    header,
+                    name,
                 },
             )),
             Err(e) => {
@@ -316,10 +344,15 @@ impl Gateway {
                     h.push(("X-DTLS-App-ID", hex::encode(app_id)));
                     h.push(("X-DTLS-CipherSuite", "PSK-NEGOTIATE".into()));
                 }
-                DtlsAnswer::Resume { port, sid, suite } => {
+                DtlsAnswer::Resume {
+                    port,
+                    sid,
+                    header,
+                    name,
+                } => {
                     h.push(("X-DTLS-Port", port.to_string()));
                     h.push(("X-DTLS-Session-ID", hex::encode_upper(sid)));
-                    h.push(("X-DTLS12-CipherSuite", suite.to_string()));
+                    h.push((header, name.to_string()));
                     h.push(("X-DTLS-MTU", mtu.to_string()));
                 }
             }
@@ -641,7 +674,11 @@ enum DtlsAnswer {
     Resume {
         port: u16,
         sid: [u8; 32],
-        suite: &'static str,
+        /// `X-DTLS12-CipherSuite` (Cisco) or `X-DTLS-CipherSuite`
+        /// (openconnect's legacy names): where the suite came from.
+        header: &'static str,
+        /// The suite's name as the client gave it.
+        name: &'static str,
     },
 }
 
