@@ -98,3 +98,39 @@ pub fn frame(s: &Spec) -> Vec<u8> {
     f.extend_from_slice(&payload);
     f
 }
+
+/// An IPv6 frame from `src` to `dst` whose upper layer (`proto`, with
+/// ports) sits behind the extension headers `ext` (their next-header
+/// numbers, in order: 0, 43, 60 with 8 bytes each, 51 (AH) with 16), so a
+/// parser must walk them all to find it.
+pub fn frame_v6_behind(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    proto: u8,
+    dport: u16,
+    ext: &[u8],
+) -> Vec<u8> {
+    let payload = l4(proto, 40_000, dport);
+    let mut chain = Vec::new();
+    for (i, &h) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).copied().unwrap_or(proto);
+        match h {
+            // AH: payload length in 4-byte units, minus 2.
+            51 => chain.extend_from_slice(&[next, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0]),
+            _ => chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+        }
+    }
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let mut h = [0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&((chain.len() + payload.len()) as u16).to_be_bytes());
+    h[6] = ext.first().copied().unwrap_or(proto);
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src.octets());
+    h[24..40].copy_from_slice(&dst.octets());
+    f.extend_from_slice(&h);
+    f.extend_from_slice(&chain);
+    f.extend_from_slice(&payload);
+    f
+}

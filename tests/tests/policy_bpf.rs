@@ -227,3 +227,53 @@ fn policer_admits_burst_plus_rate_in_each_direction() {
         );
     }
 }
+
+/// Audit M4: a TCP packet to a denied port wrapped in more IPv6 extension
+/// headers than the parser walks fell into the "other" bucket, which only
+/// `protocol = "any"` rules match: with the default allow, the deny rule
+/// was bypassed. A chain the parser cannot walk to its end is now dropped
+/// (malformed); one it can, AH included, meets the rule.
+#[test]
+fn ipv6_extension_headers_cannot_hide_a_denied_port() {
+    require_root();
+    let mut dp = Datapath::load_for_test_run().unwrap();
+    let client: std::net::Ipv6Addr = CLIENT6.parse().unwrap();
+    let server: std::net::Ipv6Addr = "fd00:2::2".parse().unwrap();
+    let rules = [policy::Rule::parse(&policy::RuleConfig {
+        action: "deny".into(),
+        protocol: "tcp".into(),
+        destination: "fd00:2::2/128".into(),
+        port: "22".into(),
+        comment: None,
+    })
+    .unwrap()];
+    let compiled = policy::compile(5, &rules, 0, &[], 1000).unwrap();
+    dp.install_policy(5, PolicyInfo::default(), &compiled, 0)
+        .unwrap();
+    dp.add_session(
+        IpAddr::V6(client),
+        SessionInfo {
+            session_id: 3,
+            policy_id: 5,
+            flags: 0,
+        },
+    )
+    .unwrap();
+    let run = |proto: u8, port: u16, ext: &[u8]| {
+        let f = packets::frame_v6_behind(client, server, proto, port, ext);
+        dp.test_run(true, &f, 1).unwrap().0
+    };
+    assert_eq!(run(6, 22, &[]), TC_ACT_SHOT);
+    assert_eq!(run(6, 80, &[]), TC_ACT_OK, "other ports pass");
+    for n in 1..=4 {
+        assert_eq!(run(6, 22, &vec![60; n]), TC_ACT_SHOT, "{n} headers");
+        assert_eq!(run(6, 80, &vec![60; n]), TC_ACT_OK, "{n} headers");
+    }
+    assert_eq!(run(6, 22, &[0, 60, 51]), TC_ACT_SHOT, "behind AH");
+    assert_eq!(run(6, 80, &[51]), TC_ACT_OK, "behind AH");
+    // Deeper than the parser goes: dropped, whatever the port.
+    for n in 5..=7 {
+        assert_eq!(run(6, 22, &vec![60; n]), TC_ACT_SHOT, "{n} headers");
+        assert_eq!(run(6, 80, &vec![60; n]), TC_ACT_SHOT, "{n} headers");
+    }
+}

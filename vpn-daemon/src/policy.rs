@@ -14,7 +14,11 @@
 //!   source of packets to it, so rules apply to both directions of a flow;
 //! - ICMP means IPv4 ICMP, ICMP6 means ICMPv6; IP fragments after the first
 //!   and protocols other than TCP, UDP, ICMP and ICMPv6 are "other", which
-//!   only rules with protocol "any" and no port match.
+//!   only rules with protocol "any" and no port match;
+//! - an IPv6 packet is classified by the protocol after its extension
+//!   headers (up to four, AH included); one whose chain goes on longer, or
+//!   holds a header the data path cannot walk, is dropped as malformed
+//!   whatever the rules say, so no header chain hides a packet's port.
 
 use std::{
     collections::{BTreeSet, HashMap},

@@ -160,6 +160,18 @@ mod prog {
         }
     }
 
+    /// IPv6 Authentication Header.
+    const IPPROTO_AH: u8 = 51;
+
+    /// Whether `nh` is an IPv6 extension header (RFC 8200 §4, the IANA
+    /// registry): hop-by-hop, routing, fragment, destination options, AH,
+    /// mobility, HIP, shim6 and the experimental ones. ESP (50) is not:
+    /// nothing after it can be read.
+    #[inline(always)]
+    fn is_ipv6_extension(nh: u8) -> bool {
+        matches!(nh, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    }
+
     #[inline(always)]
     fn l2_len() -> usize {
         // SAFETY: a plain read of a loader-set constant.
@@ -175,7 +187,10 @@ mod prog {
 
     /// Parses the IP header (IPv6: through up to four extension headers) and
     /// the ports of TCP and UDP. Non-first fragments carry no L4 header and
-    /// go to the `PROTO_OTHER` bucket.
+    /// go to the `PROTO_OTHER` bucket. An IPv6 header chain that does not
+    /// end within four extension headers, or holds one this parser cannot
+    /// walk, is an error (dropped as malformed): in the "other" bucket it
+    /// would have slipped past rules for its real protocol and port.
     #[inline(always)]
     fn parse(ctx: &TcContext) -> Result<Packet, ()> {
         let off = l2_len();
@@ -227,8 +242,20 @@ mod prog {
                             nh = next;
                             l4 += 8;
                         }
+                        // AH (RFC 4302 §2.2): its length is in 4-byte units,
+                        // less 2.
+                        IPPROTO_AH => {
+                            let next = ctx.load::<u8>(l4).map_err(|_| ())?;
+                            let len =
+                                (usize::from(ctx.load::<u8>(l4 + 1).map_err(|_| ())?) + 2) * 4;
+                            nh = next;
+                            l4 += len;
+                        }
                         _ => break,
                     }
+                }
+                if is_ipv6_extension(nh) {
+                    return Err(());
                 }
                 (nh, l4, first)
             }
