@@ -181,6 +181,7 @@ pub struct HandshakeStats {
 struct FlowControlCounters {
     waits: AtomicU64,
     wait_us: AtomicU64,
+    holds_stopped: AtomicU64,
 }
 
 /// A snapshot of the download flow-control counters.
@@ -190,6 +191,10 @@ pub struct FlowControlStats {
     pub waits: u64,
     /// Microseconds they were held in all.
     pub wait_us: u64,
+    /// Times a client's packets stopped being held for a while because its
+    /// window kept not opening (`flow_control::OVERDUE_PER_SEC`).
+    #[serde(default)]
+    pub holds_stopped: u64,
 }
 
 /// A snapshot of the DTLS receive counters.
@@ -328,7 +333,15 @@ impl DtlsServer {
         FlowControlStats {
             waits: c.waits.load(Ordering::Relaxed),
             wait_us: c.wait_us.load(Ordering::Relaxed),
+            holds_stopped: c.holds_stopped.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a client whose packets stopped being held for a while.
+    pub fn count_hold_stopped(&self) {
+        self.flow_control
+            .holds_stopped
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a packet a worker held `waited` for its client's window

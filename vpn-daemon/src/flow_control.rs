@@ -58,6 +58,14 @@ const MIN_RTT_LIFETIME: Duration = Duration::from_secs(10);
 const RATE_SAMPLES: usize = 8;
 /// TCP flows per client whose sequence numbers are tracked.
 const FLOWS: usize = 16;
+/// Held packets a client may have sent only at [`MAX_WAIT`] in one second
+/// before its packets are not held at all for [`NO_HOLD`]: a hold stops
+/// its worker's reading for everyone on that worker, so a client whose
+/// ACKs never open its window (a slow or misbehaving one) may cost the
+/// others at most this many milliseconds a second (audit M3).
+pub const OVERDUE_PER_SEC: u32 = 10;
+/// How long a client past [`OVERDUE_PER_SEC`] goes without holds.
+pub const NO_HOLD: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy)]
 struct Flow {
@@ -89,6 +97,10 @@ struct State {
     /// Delivery rates (bytes per second) of the last probes.
     rates: [u64; RATE_SAMPLES],
     next_rate: usize,
+    /// Held packets sent at [`MAX_WAIT`] since the second that began then.
+    overdue: (Instant, u32),
+    /// No holds before this.
+    no_hold_until: Option<Instant>,
 }
 
 /// The flight state of one DTLS channel's TCP flows.
@@ -106,6 +118,8 @@ impl Default for LinkWindow {
                 min_rtt: None,
                 rates: [0; RATE_SAMPLES],
                 next_rate: 0,
+                overdue: (Instant::now(), 0),
+                no_hold_until: None,
             }),
         }
     }
@@ -183,6 +197,29 @@ impl LinkWindow {
             s.rates[s.next_rate] = (u128::from(bytes) * 1_000_000_000 / rtt.as_nanos()) as u64;
             s.next_rate = (s.next_rate + 1) % RATE_SAMPLES;
         }
+    }
+
+    /// Whether the client's packets may be held for its window now (see
+    /// [`OVERDUE_PER_SEC`]).
+    pub fn may_hold(&self, now: Instant) -> bool {
+        self.lock().no_hold_until.is_none_or(|t| now >= t)
+    }
+
+    /// A held packet went at [`MAX_WAIT`], its window still full: past
+    /// [`OVERDUE_PER_SEC`] such in a second, holds stop for [`NO_HOLD`].
+    /// Returns whether they stopped now.
+    pub fn count_overdue(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        if now.saturating_duration_since(s.overdue.0) >= Duration::from_secs(1) {
+            s.overdue = (now, 0);
+        }
+        s.overdue.1 += 1;
+        if s.overdue.1 >= OVERDUE_PER_SEC {
+            s.overdue = (now, 0);
+            s.no_hold_until = Some(now + NO_HOLD);
+            return true;
+        }
+        false
     }
 
     /// Whether `flow`'s data from `start` to `end` may go to the client
@@ -350,6 +387,31 @@ mod tests {
             sent += n;
         }
         true
+    }
+
+    /// Audit M3: a client whose window never opens makes its worker wait
+    /// MAX_WAIT per packet, for everyone on that worker. After
+    /// OVERDUE_PER_SEC such waits in a second its packets are not held for
+    /// NO_HOLD; then holding resumes.
+    #[test]
+    fn a_client_whose_window_never_opens_is_not_held_for_long() {
+        let w = full_window();
+        let t0 = Instant::now();
+        assert!(w.may_hold(t0));
+        for i in 1..OVERDUE_PER_SEC {
+            assert!(!w.count_overdue(t0 + Duration::from_millis(u64::from(i))));
+            assert!(w.may_hold(t0 + Duration::from_millis(u64::from(i))));
+        }
+        let stop = t0 + Duration::from_millis(50);
+        assert!(w.count_overdue(stop), "the budget is spent");
+        assert!(!w.may_hold(stop));
+        assert!(!w.may_hold(stop + NO_HOLD - Duration::from_millis(1)));
+        assert!(w.may_hold(stop + NO_HOLD));
+        // Overdue packets spread thinner than the budget never stop holds.
+        let w = full_window();
+        for i in 0..100u64 {
+            assert!(!w.count_overdue(t0 + Duration::from_millis(200 * i)));
+        }
     }
 
     /// A window with flow 40000 acknowledged up to 0 and the allowance

@@ -209,8 +209,20 @@ impl Reader {
         if let (Some(h), Some(d)) = (&self.held, dtls) {
             let now = Instant::now();
             let overdue = now >= h.since + MAX_WAIT;
-            if !h.link.window.admit(h.flow, h.start, h.end, now, overdue) {
-                return;
+            if !h.link.window.admit(h.flow, h.start, h.end, now, false) {
+                if !overdue {
+                    return;
+                }
+                // Its ACKs did not make room in time: it goes now, and a
+                // client that keeps this up is held no more for a while.
+                h.link.window.admit(h.flow, h.start, h.end, now, true);
+                if h.link.window.count_overdue(now) {
+                    d.count_hold_stopped();
+                    tracing::debug!(
+                        user = h.link.session.user,
+                        "DTLS flow control: holds stopped for a client whose window does not open"
+                    );
+                }
             }
             d.count_window_wait(now - h.since);
             let (len, link) = (h.len, h.link.clone());
@@ -273,7 +285,8 @@ fn dispatch(
             if let Some((flow, start, data)) = crate::flow_control::tcp_data(pkts.packet()) {
                 let end = start.wrapping_add(data);
                 let now = Instant::now();
-                if !link.window.admit(flow, start, end, now, worker.is_none()) {
+                let hold = worker.is_some() && link.window.may_hold(now);
+                if !link.window.admit(flow, start, end, now, !hold) {
                     // What is sealed goes out first: the client's ACKs
                     // for it make the room.
                     d.flush(out);

@@ -164,9 +164,10 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     if let Some(p) = &stats.dtls_flow_control {
         println!(
-            "DTLS download flow control: {} waits for client ACKs ({} ms in all)",
+            "DTLS download flow control: {} waits for client ACKs ({} ms in all), holds stopped {} times for clients whose window did not open",
             p.waits,
-            p.wait_us / 1000
+            p.wait_us / 1000,
+            p.holds_stopped
         );
     }
     let r = &stats.tls_reads;
