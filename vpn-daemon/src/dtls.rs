@@ -887,12 +887,13 @@ impl DtlsServer {
         }
     }
 
-    /// Seals and sends one packet (the paced path of rate-limited clients).
+    /// Seals and sends one packet (the paced path of rate-limited clients),
+    /// as large as a worker's send slot takes.
     pub fn send_one(&self, link: &Link, pkt: &[u8]) {
-        let mut buf = [0u8; 2048];
-        if pkt.len() + 1 + record::OVERHEAD > buf.len() {
+        if pkt.len() > PACKET_MAX {
             return;
         }
+        let mut buf = [0u8; batch::SLOT];
         buf[PACKET_OFFSET..PACKET_OFFSET + pkt.len()].copy_from_slice(pkt);
         let n = link.seal_frame(&mut buf, FrameType::Data, pkt.len());
         let (to, src) = link.path();

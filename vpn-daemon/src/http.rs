@@ -146,12 +146,24 @@ async fn read_rest<S: AsyncRead + Unpin>(
                 if r.header("transfer-encoding").is_some() {
                     return Err(ReadError::Chunked);
                 }
-                let len = match r.header("content-length") {
-                    None => 0,
-                    Some(v) => v
-                        .parse::<usize>()
-                        .map_err(|_| ReadError::Malformed(format!("bad Content-Length '{v}'")))?,
-                };
+                // Several Content-Length headers must agree (RFC 9112
+                // §6.3): a proxy in front might frame by another one.
+                let mut len = None;
+                for v in r.headers_named("content-length") {
+                    let n = v.trim().parse::<usize>().map_err(|_| {
+                        ReadError::Malformed(format!(
+                            "bad Content-Length '{}'",
+                            crate::events::client_string(v)
+                        ))
+                    })?;
+                    if len.is_some_and(|l| l != n) {
+                        return Err(ReadError::Malformed(
+                            "Content-Length headers that disagree".into(),
+                        ));
+                    }
+                    len = Some(n);
+                }
+                let len = len.unwrap_or(0);
                 if len > limits.max_body_bytes {
                     return Err(ReadError::BodyTooLarge(len, limits.max_body_bytes));
                 }
@@ -301,6 +313,19 @@ mod tests {
         req.extend_from_slice(b"\r\n");
         let e = read(&req).await.0.unwrap_err();
         assert_eq!(e.status(), Some((431, "Request Header Fields Too Large")));
+    }
+
+    #[tokio::test]
+    async fn disagreeing_content_lengths_are_400() {
+        let e = read(b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .0
+            .unwrap_err();
+        assert_eq!(e.status().unwrap().0, 400, "{e}");
+        // Agreeing duplicates are one length.
+        let (r, _) =
+            read(b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab").await;
+        assert_eq!(r.unwrap().body, b"ab");
     }
 
     #[tokio::test]

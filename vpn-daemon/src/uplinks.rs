@@ -683,7 +683,9 @@ async fn echo(
             };
             let d = &buf[..n];
             let ihl = usize::from(d.first().map_or(0, |b| b & 0xf)) * 4;
-            if n < ihl + 8 || d[12..16] != target.octets() {
+            // The kernel hands raw sockets a validated IP header; the
+            // lengths are checked anyway before anything is sliced.
+            if ihl < 20 || n < ihl + 8 || d[12..16] != target.octets() {
                 continue;
             }
             let icmp = &d[ihl..];

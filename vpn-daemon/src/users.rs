@@ -126,9 +126,56 @@ impl UserFile {
         Ok(f)
     }
 
-    /// Writes the file atomically (temporary file + rename), mode 0600.
+    /// Writes the file atomically and durably: a new temporary file of
+    /// its own (random name, created exclusively, mode 0600 whatever the
+    /// umask), synced, renamed over the file, and the directory synced.
     pub fn write(&self, path: &Path) -> Result<(), UserError> {
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        use std::{
+            io::Write,
+            os::unix::fs::{OpenOptionsExt, PermissionsExt},
+        };
+        let werr = |source| UserError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(werr)?;
+        let mut suffix = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut suffix);
+        let tmp = path.with_extension(format!("toml.{}.tmp", hex::encode(suffix)));
+        let text = toml::to_string(self).expect("user file serialises");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(werr)?;
+        let written = f
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| f.write_all(b"# vpn-gateway local users; manage with `vpnctl user`.\n"))
+            .and_then(|()| f.write_all(text.as_bytes()))
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(werr(e));
+        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr)
+    }
+
+    /// Reads the file at `path`, changes it with `change` and writes it
+    /// back, holding an exclusive lock (`flock` on `PATH.lock`) throughout,
+    /// so two `vpnctl` runs at once cannot lose one another's change.
+    pub fn edit<T>(
+        path: &Path,
+        change: impl FnOnce(&mut UserFile) -> Result<T, UserError>,
+    ) -> Result<T, UserError> {
+        use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
         let werr = |source| UserError::Write {
             path: path.to_owned(),
             source,
@@ -136,20 +183,21 @@ impl UserFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(werr)?;
         }
-        let tmp = path.with_extension("toml.tmp");
-        let text = toml::to_string(self).expect("user file serialises");
-        let mut f = std::fs::OpenOptions::new()
+        let lock = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
-            .open(&tmp)
+            .open(path.with_extension("toml.lock"))
             .map_err(werr)?;
-        f.write_all(b"# vpn-gateway local users; manage with `vpnctl user`.\n")
-            .and_then(|()| f.write_all(text.as_bytes()))
-            .and_then(|()| f.sync_all())
-            .map_err(werr)?;
-        std::fs::rename(&tmp, path).map_err(werr)
+        // SAFETY: flock on a file we hold open; released when it closes.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(werr(std::io::Error::last_os_error()));
+        }
+        let mut db = UserFile::read(path)?;
+        let out = change(&mut db)?;
+        db.write(path)?;
+        Ok(out)
     }
 
     pub fn find(&self, name: &str) -> Option<&User> {
@@ -340,6 +388,35 @@ mod tests {
         assert!(verify_password("s3cret", &h));
         assert!(!verify_password("s3cre", &h));
         assert!(!verify_password("s3cret", "not a hash"));
+    }
+
+    /// Audit L3: `vpnctl user` runs at once each read, change and write
+    /// the file; without a lock one's change was lost.
+    #[test]
+    fn concurrent_edits_lose_nothing_and_the_file_stays_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vpn-users-lock-{}", std::process::id()));
+        let path = dir.join("users.toml");
+        UserFile::default().write(&path).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..6 {
+                let path = &path;
+                s.spawn(move || {
+                    UserFile::edit(path, |db| db.add(&format!("user{i}"), "pw", None)).unwrap()
+                });
+            }
+        });
+        let db = UserFile::read(&path).unwrap();
+        assert_eq!(db.users.len(), 6, "{:?}", db.users);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

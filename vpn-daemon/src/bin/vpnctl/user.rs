@@ -34,27 +34,24 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
             group_policy,
             file,
         } => {
-            let mut db = UserFile::read(&file.path)?;
             vpn_daemon::users::validate_name(&name)?;
+            if UserFile::read(&file.path)?.find(&name).is_some() {
+                return Err(vpn_daemon::users::UserError::Exists(name).into());
+            }
             let pw = read_password(&name)?;
-            db.add(&name, &pw, group_policy)?;
-            db.write(&file.path)?;
+            UserFile::edit(&file.path, |db| db.add(&name, &pw, group_policy))?;
             println!("added user {name} to {}", file.path.display());
         }
         UserCommand::Del { name, file } => {
-            let mut db = UserFile::read(&file.path)?;
-            db.remove(&name)?;
-            db.write(&file.path)?;
+            UserFile::edit(&file.path, |db| db.remove(&name))?;
             println!("removed user {name}");
         }
         UserCommand::Passwd { name, file } => {
-            let mut db = UserFile::read(&file.path)?;
-            if db.find(&name).is_none() {
+            if UserFile::read(&file.path)?.find(&name).is_none() {
                 bail!("no user '{name}' in {}", file.path.display());
             }
             let pw = read_password(&name)?;
-            db.set_password(&name, &pw)?;
-            db.write(&file.path)?;
+            UserFile::edit(&file.path, |db| db.set_password(&name, &pw))?;
             println!("changed the password of {name}");
         }
         UserCommand::List { file } => {
