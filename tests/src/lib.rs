@@ -513,6 +513,34 @@ pool_v6 = "{POOL6}"
             .ok_or_else(|| anyhow!("no drop counter '{reason}' in {v}"))
     }
 
+    /// The first session's DTLS peer (address:port), once one shows (5 s
+    /// at most).
+    pub fn dtls_peer(&self) -> Option<String> {
+        wait_for(Duration::from_secs(5), || {
+            self.sessions().ok()?.first()?["dtls_peer"]
+                .as_str()
+                .map(str::to_owned)
+        })
+    }
+
+    /// Runs `vpnctl user ARGS --users FILE` on the gateway's user file
+    /// with `stdin` (a password) as its input.
+    pub fn vpnctl_user(&self, args: &[&str], stdin: &str) -> Output {
+        let mut c = Command::new(bin_dir().join("vpnctl"))
+            .arg("user")
+            .args(args)
+            .arg("--users")
+            .arg(&self.users_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vpnctl starts");
+        // Commands that read no password may exit before we write.
+        let _ = writeln!(c.stdin.take().expect("piped stdin"), "{stdin}");
+        c.wait_with_output().expect("vpnctl ends")
+    }
+
     /// All events logged so far.
     pub fn events(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.events)
@@ -628,6 +656,25 @@ impl Client {
     /// Starts `openconnect` with a cookie instead of a login.
     pub fn start_with_cookie(topo: &Topology, gw: &Gateway, cookie: &str) -> anyhow::Result<Self> {
         Self::start_with(&topo.client, &gw.pin, &[], None, Some(cookie))
+    }
+
+    /// openconnect logging in as `user` with DTLS in PSK-NEGOTIATE mode,
+    /// once connected and its DTLS channel is up.
+    pub fn start_psk_dtls(
+        topo: &Topology,
+        gw: &Gateway,
+        user: &TestUser<'_>,
+    ) -> anyhow::Result<Self> {
+        let mut c = Self::start(
+            topo,
+            gw,
+            user.name,
+            user.password,
+            &["--dtls-ciphers=PSK-NEGOTIATE"],
+        )?;
+        c.wait_connected(Duration::from_secs(20))?;
+        c.wait_dtls(Duration::from_secs(10))?;
+        Ok(c)
     }
 
     /// A client in `ns` logging in to the gateway at `host`.
@@ -804,6 +851,30 @@ impl Drop for Client {
             eprintln!("---- openconnect log ----\n{}", self.log());
         }
     }
+}
+
+/// The session cookie itself from [`authenticate`]'s `COOKIE` value.
+pub fn webvpn_cookie(cookie: &str) -> &str {
+    cookie.rsplit("webvpn=").next().unwrap_or(cookie)
+}
+
+/// Sends `CONNECT /CSCOSSLC/tunnel` with session cookie `cookie` over `s`
+/// and returns the answer's head (the tunnel follows on `s`).
+pub fn raw_connect(s: &mut RawTls, cookie: &str) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    s.write_all(
+        format!("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: x\r\nCookie: webvpn={cookie}\r\n\r\n")
+            .as_bytes(),
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? != 1 {
+            bail!("the connection closed during the CONNECT answer");
+        }
+        head.push(byte[0]);
+    }
+    Ok(head)
 }
 
 /// Runs openconnect `--authenticate` and returns the `COOKIE` it prints.

@@ -160,25 +160,7 @@ fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
         &[ALICE],
     )
     .unwrap();
-    let users = gw.users_file.to_str().unwrap().to_owned();
-    let vpnctl = |args: &[&str], stdin: &str| {
-        let mut c = Command::new(bin_dir().join("vpnctl"))
-            .args(args)
-            .args(["--users", &users])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        // Commands that read no password may exit before we write.
-        let _ = writeln!(c.stdin.take().unwrap(), "{stdin}");
-        c.wait_with_output().unwrap()
-    };
-    let out = vpnctl(
-        &["user", "add", "dave", "--group-policy", "contractors"],
-        "dave-pw",
-    );
+    let out = gw.vpnctl_user(&["add", "dave", "--group-policy", "contractors"], "dave-pw");
     assert!(
         out.status.success(),
         "{}",
@@ -189,12 +171,12 @@ fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
         text.contains("$argon2id$") && !text.contains("dave-pw"),
         "only the hash is stored"
     );
-    let list = String::from_utf8(vpnctl(&["user", "list"], "").stdout).unwrap();
+    let list = String::from_utf8(gw.vpnctl_user(&["list"], "").stdout).unwrap();
     assert!(
         list.contains("dave") && list.contains("contractors"),
         "{list}"
     );
-    let dup = vpnctl(&["user", "add", "dave"], "x");
+    let dup = gw.vpnctl_user(&["add", "dave"], "x");
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
 
     // The running daemon picks the new user up; openconnect picks the
@@ -212,7 +194,7 @@ fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
 
     // A changed password takes effect; a deleted user cannot log in.
     assert!(
-        vpnctl(&["user", "passwd", "dave"], "new-pw")
+        gw.vpnctl_user(&["passwd", "dave"], "new-pw")
             .status
             .success()
     );
@@ -231,7 +213,7 @@ fn users_managed_with_vpnctl_log_in_and_pick_a_group() {
         "{}",
         old.log()
     );
-    assert!(vpnctl(&["user", "del", "dave"], "").status.success());
+    assert!(gw.vpnctl_user(&["del", "dave"], "").status.success());
     let mut gone = Client::start(
         &topo,
         &gw,

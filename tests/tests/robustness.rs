@@ -122,19 +122,8 @@ fn garbage_in_the_tunnel_ends_only_that_tunnel() {
 
     // A second session whose tunnel we drive by hand, sending a bad frame.
     let cookie = authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
-    let cookie = cookie.rsplit("webvpn=").next().unwrap().to_owned();
     let mut s = raw_tls(&topo).unwrap();
-    s.write_all(
-        format!("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: x\r\nCookie: webvpn={cookie}\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1);
-        head.push(byte[0]);
-    }
+    let head = raw_connect(&mut s, webvpn_cookie(&cookie)).unwrap();
     assert!(head.starts_with(b"HTTP/1.1 200 "));
     s.write_all(b"XXXX\x00\x10\x00\x00garbage-garbage!")
         .unwrap();

@@ -74,16 +74,7 @@ fn oversized_and_lying_dtls_records_are_dropped_and_counted() {
     require_root();
     let topo = Topology::new().unwrap();
     let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
-    let mut c = Client::start(
-        &topo,
-        &gw,
-        ALICE.name,
-        ALICE.password,
-        &["--dtls-ciphers=PSK-NEGOTIATE"],
-    )
-    .unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
-    c.wait_dtls(Duration::from_secs(10)).unwrap();
+    let _c = Client::start_psk_dtls(&topo, &gw, &ALICE).unwrap();
     let bad: Vec<Vec<u8>> = vec![
         // Larger than the largest legal record (2^14 + 2048), and than
         // the old 9216-byte trial buffer.
@@ -451,22 +442,8 @@ fn dtls_hellos_cannot_tear_down_a_channel_or_pile_up_handshakes() {
         &[ALICE],
     )
     .unwrap();
-    let mut c = Client::start(
-        &topo,
-        &gw,
-        ALICE.name,
-        ALICE.password,
-        &["--dtls-ciphers=PSK-NEGOTIATE"],
-    )
-    .unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
-    c.wait_dtls(Duration::from_secs(10)).unwrap();
-    let peer = wait_for(Duration::from_secs(5), || {
-        gw.sessions().unwrap()[0]["dtls_peer"]
-            .as_str()
-            .map(str::to_owned)
-    })
-    .unwrap();
+    let c = Client::start_psk_dtls(&topo, &gw, &ALICE).unwrap();
+    let peer = gw.dtls_peer().unwrap();
     let sport: u16 = peer.rsplit(':').next().unwrap().parse().unwrap();
     let hello = dtls_client_hello(&app_id(&c));
     let (client_ip, gw_ip) = (CLIENT_OUTSIDE.parse().unwrap(), GW_OUTSIDE.parse().unwrap());
@@ -519,22 +496,8 @@ fn junk_from_one_address_does_not_stop_another_clients_rebinding() {
     require_root();
     let topo = Topology::new().unwrap();
     let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
-    let mut c = Client::start(
-        &topo,
-        &gw,
-        ALICE.name,
-        ALICE.password,
-        &["--dtls-ciphers=PSK-NEGOTIATE"],
-    )
-    .unwrap();
-    c.wait_connected(Duration::from_secs(20)).unwrap();
-    c.wait_dtls(Duration::from_secs(10)).unwrap();
-    let peer = wait_for(Duration::from_secs(5), || {
-        gw.sessions().unwrap()[0]["dtls_peer"]
-            .as_str()
-            .map(str::to_owned)
-    })
-    .unwrap();
+    let _c = Client::start_psk_dtls(&topo, &gw, &ALICE).unwrap();
+    let peer = gw.dtls_peer().unwrap();
     let port: u16 = peer.rsplit(':').next().unwrap().parse().unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (out, sent) = std::thread::scope(|sc| {
@@ -592,29 +555,6 @@ fn junk_from_one_address_does_not_stop_another_clients_rebinding() {
     );
 }
 
-/// Runs `vpnctl user ...` on the gateway's user file, `stdin` as the
-/// password.
-fn vpnctl_user(gw: &Gateway, args: &[&str], stdin: &str) {
-    use std::io::Write;
-    let mut c = std::process::Command::new(bin_dir().join("vpnctl"))
-        .arg("user")
-        .args(args)
-        .arg("--users")
-        .arg(&gw.users_file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = writeln!(c.stdin.take().unwrap(), "{stdin}");
-    let out = c.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The reason the session of `user` ended, once it has.
 fn ended(gw: &Gateway, user: &str) -> Option<String> {
     gw.events().into_iter().find_map(|e| {
@@ -637,7 +577,11 @@ fn removing_a_user_or_changing_a_password_ends_their_sessions() {
     let mut bob = Client::start_in(&topo.client2, &gw, BOB.name, BOB.password, &[]).unwrap();
     bob.wait_connected(Duration::from_secs(20)).unwrap();
 
-    vpnctl_user(&gw, &["passwd", "alice"], "a-new-password");
+    assert!(
+        gw.vpnctl_user(&["passwd", "alice"], "a-new-password")
+            .status
+            .success()
+    );
     let why = wait_for(Duration::from_secs(5), || ended(&gw, "alice"));
     assert_eq!(why.as_deref(), Some("password changed"), "{}", gw.log());
     assert!(
@@ -647,7 +591,7 @@ fn removing_a_user_or_changing_a_password_ends_their_sessions() {
     );
     assert!(topo.client2.ping(SERVER, 1), "bob is untouched");
 
-    vpnctl_user(&gw, &["del", "bob"], "");
+    assert!(gw.vpnctl_user(&["del", "bob"], "").status.success());
     let why = wait_for(Duration::from_secs(5), || ended(&gw, "bob"));
     assert_eq!(why.as_deref(), Some("user removed from the user database"));
     assert!(bob.wait_exit(Duration::from_secs(10)).is_some());
@@ -711,7 +655,6 @@ fn a_tls_client_that_stops_reading_is_dropped() {
     )
     .unwrap();
     let cookie = authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
-    let cookie = cookie.rsplit("webvpn=").next().unwrap().to_owned();
     let vpn_address = gw.sessions().unwrap()[0]["vpn_address"]
         .as_str()
         .unwrap()
@@ -728,18 +671,7 @@ fn a_tls_client_that_stops_reading_is_dropped() {
     })
     .unwrap();
     let mut s = tls_over(tcp).unwrap();
-    use std::io::{Read, Write};
-    s.write_all(
-        format!("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: x\r\nCookie: webvpn={cookie}\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1);
-        head.push(byte[0]);
-    }
+    let head = raw_connect(&mut s, webvpn_cookie(&cookie)).unwrap();
     assert!(head.starts_with(b"HTTP/1.1 200 "));
     // Traffic for the client from the LAN, more than every buffer holds
     // (bounded: 60,000 datagrams or 10 s).

@@ -1127,40 +1127,7 @@ fn channel_from(ssl: &openssl::ssl::SslRef, first_seq: u64) -> anyhow::Result<re
 mod tests {
     use openssl::ssl::{Ssl, SslContextBuilder, SslMethod, SslOptions, SslVersion};
 
-    use super::*;
-
-    /// One end of an in-memory datagram link.
-    #[derive(Debug)]
-    struct Mem {
-        rx: std::rc::Rc<std::cell::RefCell<VecDeque<Vec<u8>>>>,
-        tx: std::rc::Rc<std::cell::RefCell<VecDeque<Vec<u8>>>>,
-        last_epoch1_seq: Option<u64>,
-    }
-
-    impl io::Read for Mem {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let d = self
-                .rx
-                .borrow_mut()
-                .pop_front()
-                .ok_or(io::ErrorKind::WouldBlock)?;
-            buf[..d.len()].copy_from_slice(&d);
-            Ok(d.len())
-        }
-    }
-
-    impl io::Write for Mem {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if let Some(q) = record::last_seq_in(buf, 1) {
-                self.last_epoch1_seq = self.last_epoch1_seq.max(Some(q));
-            }
-            self.tx.borrow_mut().push_back(buf.to_vec());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use super::{handshake::tests::Mem, *};
 
     /// Our record layer against OpenSSL's DTLS client: after a real PSK
     /// handshake, records we seal are read by OpenSSL and records OpenSSL

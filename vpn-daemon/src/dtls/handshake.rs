@@ -304,7 +304,7 @@ mod ffi {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{cell::RefCell, collections::VecDeque, io, rc::Rc};
 
     use openssl::ssl::{ErrorCode, SslStream};
@@ -345,6 +345,9 @@ mod tests {
     pub(crate) struct Mem {
         pub rx: Rc<RefCell<VecDeque<Vec<u8>>>>,
         pub tx: Rc<RefCell<VecDeque<Vec<u8>>>>,
+        /// The last epoch-1 sequence number this end wrote, as
+        /// `DatagramIo` tracks it.
+        pub last_epoch1_seq: Option<u64>,
     }
 
     impl io::Read for Mem {
@@ -361,6 +364,9 @@ mod tests {
 
     impl io::Write for Mem {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(q) = crate::dtls::record::last_seq_in(buf, 1) {
+                self.last_epoch1_seq = self.last_epoch1_seq.max(Some(q));
+            }
             self.tx.borrow_mut().push_back(buf.to_vec());
             Ok(buf.len())
         }
@@ -378,6 +384,7 @@ mod tests {
         let mem = |rx: &Rc<_>, tx: &Rc<_>| Mem {
             rx: Rc::clone(rx),
             tx: Rc::clone(tx),
+            last_epoch1_seq: None,
         };
         let mut s = SslStream::new(server, mem(&a, &b)).unwrap();
         let mut c = SslStream::new(client, mem(&b, &a)).unwrap();
