@@ -199,12 +199,6 @@ impl LinkWindow {
         }
     }
 
-    /// Whether the client's packets may be held for its window now (see
-    /// [`OVERDUE_PER_SEC`]).
-    pub fn may_hold(&self, now: Instant) -> bool {
-        self.lock().no_hold_until.is_none_or(|t| now >= t)
-    }
-
     /// A held packet went at [`MAX_WAIT`], its window still full: past
     /// [`OVERDUE_PER_SEC`] such in a second, holds stop for [`NO_HOLD`].
     /// Returns whether they stopped now.
@@ -226,9 +220,11 @@ impl LinkWindow {
     /// now: it fits in the client's window, or it is no new data (a
     /// retransmission fills the hole the client's ACKs are stuck at), or
     /// the flow is not tracked. `overdue` (the sender has held it for
-    /// [`MAX_WAIT`]) sends it regardless. What it admits counts as sent.
+    /// [`MAX_WAIT`]) sends it regardless, as does a client whose holds
+    /// stopped ([`Self::count_overdue`]). What it admits counts as sent.
     pub fn admit(&self, flow: u64, start: u32, end: u32, now: Instant, overdue: bool) -> bool {
         let mut s = self.lock();
+        let overdue = overdue || s.no_hold_until.is_some_and(|t| now < t);
         // Only flows the client has acknowledged are tracked, and only new
         // data waits.
         let Some(i) = s
@@ -397,16 +393,25 @@ mod tests {
     fn a_client_whose_window_never_opens_is_not_held_for_long() {
         let w = full_window();
         let t0 = Instant::now();
-        assert!(w.may_hold(t0));
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // New data that does not fit: held, until the budget is spent.
+        let mut seq = 131072u32;
+        let mut fits = |at| {
+            // The client's ACKs keep the flow fresh without making room.
+            ack(&w, 40000, 0, at);
+            let (f, s, d) = tcp_data(&tcp(true, 40000, seq, 1, &[], 1000)).unwrap();
+            seq += 1000;
+            w.admit(f, s, s.wrapping_add(d), at, false)
+        };
+        assert!(!fits(ms(0)));
         for i in 1..OVERDUE_PER_SEC {
-            assert!(!w.count_overdue(t0 + Duration::from_millis(u64::from(i))));
-            assert!(w.may_hold(t0 + Duration::from_millis(u64::from(i))));
+            assert!(!w.count_overdue(ms(u64::from(i))));
         }
-        let stop = t0 + Duration::from_millis(50);
-        assert!(w.count_overdue(stop), "the budget is spent");
-        assert!(!w.may_hold(stop));
-        assert!(!w.may_hold(stop + NO_HOLD - Duration::from_millis(1)));
-        assert!(w.may_hold(stop + NO_HOLD));
+        assert!(!fits(ms(20)), "still held");
+        assert!(w.count_overdue(ms(50)), "the budget is spent");
+        assert!(fits(ms(51)), "not held any more");
+        assert!(fits(ms(50) + NO_HOLD - Duration::from_millis(1)));
+        assert!(!fits(ms(50) + NO_HOLD), "held again");
         // Overdue packets spread thinner than the budget never stop holds.
         let w = full_window();
         for i in 0..100u64 {

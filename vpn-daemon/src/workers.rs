@@ -285,8 +285,7 @@ fn dispatch(
             if let Some((flow, start, data)) = crate::flow_control::tcp_data(pkts.packet()) {
                 let end = start.wrapping_add(data);
                 let now = Instant::now();
-                let hold = worker.is_some() && link.window.may_hold(now);
-                if !link.window.admit(flow, start, end, now, !hold) {
+                if !link.window.admit(flow, start, end, now, worker.is_none()) {
                     // What is sealed goes out first: the client's ACKs
                     // for it make the room.
                     d.flush(out);
