@@ -47,6 +47,16 @@ pub fn unique_id() -> String {
     )
 }
 
+/// Held by tests that measure throughput or loss under load, so two of them
+/// in one test binary never run at once: on a 2-core machine each would
+/// measure the other (two DTLS downloads at once drop client datagrams
+/// that one alone does not).
+pub fn load_test_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Fails unless running as root: the tests need namespaces, TUN and BPF.
 pub fn require_root() {
     assert!(

@@ -34,6 +34,7 @@ fn connected_over_dtls_with(
 #[test]
 fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     require_root();
+    let _load = load_test_lock();
     let (topo, gw, c) = connected_over_dtls();
     assert!(c.log().contains("(PSK)"), "{}", c.log());
     assert!(
@@ -58,7 +59,8 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     eprintln!("download: client socket took {received} datagrams, dropped {lost}");
     assert!(
         received > 1000 && lost * 100 < received,
-        "{received} {lost}"
+        "{received} {lost}: {}",
+        gw.stats().unwrap()["dtls_flow_control"]
     );
     eprintln!(
         "iperf3 over DTLS (debug build): up {:.0} Mbit/s, down {:.0} Mbit/s",
@@ -158,6 +160,7 @@ fn worker_of(gw: &Gateway, ns: &Netns) -> usize {
 #[test]
 fn two_dtls_clients_download_at_once_each_through_its_own_worker() {
     require_root();
+    let _load = load_test_lock();
     let topo = Topology::new().unwrap();
     let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE, BOB]).unwrap();
     let psk = ["--dtls-ciphers=PSK-NEGOTIATE"];
@@ -279,6 +282,7 @@ fn blocked_udp_falls_back_to_tls_and_dtls_returns() {
 #[test]
 fn cisco_style_session_resumption_works_with_openconnect() {
     require_root();
+    let _load = load_test_lock();
     let topo = Topology::new().unwrap();
     let gw = Gateway::start(
         &topo,

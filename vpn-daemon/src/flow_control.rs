@@ -58,11 +58,13 @@ const MIN_RTT_LIFETIME: Duration = Duration::from_secs(10);
 const RATE_SAMPLES: usize = 8;
 /// TCP flows per client whose sequence numbers are tracked.
 const FLOWS: usize = 16;
-/// Held packets a client may have sent only at [`MAX_WAIT`] in one second
-/// before its packets are not held at all for [`NO_HOLD`]: a hold stops
-/// its worker's reading for everyone on that worker, so a client whose
-/// ACKs never open its window (a slow or misbehaving one) may cost the
-/// others at most this many milliseconds a second (audit M3).
+/// Held packets a client may have sent only at [`MAX_WAIT`], without
+/// having acknowledged anything meanwhile, in one second before its
+/// packets are not held at all for [`NO_HOLD`]: a hold stops its worker's
+/// reading for everyone on that worker, so a client whose ACKs never open
+/// its window (one that keeps its flows fresh with ACKs that acknowledge
+/// nothing) may cost the others at most this many milliseconds a second
+/// (audit M3). A client whose ACKs come, if late, is held as before.
 pub const OVERDUE_PER_SEC: u32 = 10;
 /// How long a client past [`OVERDUE_PER_SEC`] goes without holds.
 pub const NO_HOLD: Duration = Duration::from_secs(1);
@@ -199,11 +201,22 @@ impl LinkWindow {
         }
     }
 
-    /// A held packet went at [`MAX_WAIT`], its window still full: past
-    /// [`OVERDUE_PER_SEC`] such in a second, holds stop for [`NO_HOLD`].
-    /// Returns whether they stopped now.
-    pub fn count_overdue(&self, now: Instant) -> bool {
+    /// Bytes the client has acknowledged so far (taken when a packet is
+    /// held, for [`Self::count_overdue`]).
+    pub fn delivered(&self) -> u64 {
+        self.lock().delivered
+    }
+
+    /// A held packet went at [`MAX_WAIT`], its window still full; the
+    /// client had acknowledged `delivered` bytes when it was held. If it
+    /// acknowledged nothing since, it counts: past [`OVERDUE_PER_SEC`] in a
+    /// second, holds stop for [`NO_HOLD`]. Returns whether they stopped
+    /// now.
+    pub fn count_overdue(&self, now: Instant, delivered: u64) -> bool {
         let mut s = self.lock();
+        if s.delivered != delivered {
+            return false;
+        }
         if now.saturating_duration_since(s.overdue.0) >= Duration::from_secs(1) {
             s.overdue = (now, 0);
         }
@@ -404,18 +417,25 @@ mod tests {
             w.admit(f, s, s.wrapping_add(d), at, false)
         };
         assert!(!fits(ms(0)));
+        let d = w.delivered();
         for i in 1..OVERDUE_PER_SEC {
-            assert!(!w.count_overdue(ms(u64::from(i))));
+            assert!(!w.count_overdue(ms(u64::from(i)), d));
         }
         assert!(!fits(ms(20)), "still held");
-        assert!(w.count_overdue(ms(50)), "the budget is spent");
+        assert!(w.count_overdue(ms(50), d), "the budget is spent");
         assert!(fits(ms(51)), "not held any more");
         assert!(fits(ms(50) + NO_HOLD - Duration::from_millis(1)));
         assert!(!fits(ms(50) + NO_HOLD), "held again");
-        // Overdue packets spread thinner than the budget never stop holds.
+        // Overdue packets spread thinner than the budget never stop holds,
+        // nor do late ones of a client whose ACKs come.
         let w = full_window();
+        let d = w.delivered();
         for i in 0..100u64 {
-            assert!(!w.count_overdue(t0 + Duration::from_millis(200 * i)));
+            assert!(!w.count_overdue(t0 + Duration::from_millis(200 * i), d));
+        }
+        ack(&w, 40000, 1000, t0);
+        for i in 0..100u64 {
+            assert!(!w.count_overdue(t0 + Duration::from_millis(i), d));
         }
     }
 

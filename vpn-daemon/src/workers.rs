@@ -176,6 +176,8 @@ struct Held {
     start: u32,
     end: u32,
     since: Instant,
+    /// What the client had acknowledged when it was held.
+    delivered: u64,
 }
 
 /// Reads a TUN queue and passes each packet on to its client.
@@ -216,7 +218,7 @@ impl Reader {
                 // Its ACKs did not make room in time: it goes now, and a
                 // client that keeps this up is held no more for a while.
                 h.link.window.admit(h.flow, h.start, h.end, now, true);
-                if h.link.window.count_overdue(now) {
+                if h.link.window.count_overdue(now, h.delivered) {
                     d.count_hold_stopped();
                     tracing::debug!(
                         user = h.link.session.user,
@@ -291,6 +293,7 @@ fn dispatch(
                     d.flush(out);
                     return Some(Held {
                         len: read.len(),
+                        delivered: link.window.delivered(),
                         link,
                         flow,
                         start,
