@@ -423,7 +423,7 @@ impl DtlsServer {
             w: Work {
                 replies: batch::SendBatch::default(),
                 scratch: vec![0u8; record::MAX_RECORD_LEN],
-                gro: crate::gro::Coalescer::default(),
+                gro: crate::packet::gro::Coalescer::default(),
                 now: Instant::now(),
                 worker,
             },
@@ -606,12 +606,14 @@ impl DtlsServer {
         match ty {
             t if t == FrameType::Data as u8 => {
                 link.session.touch();
-                if !crate::server::valid_ip_packet(payload) || !link.session.owns_source(payload) {
+                if !crate::packet::ip::valid_ip_packet(payload)
+                    || !link.session.owns_source(payload)
+                {
                     return;
                 }
                 // Parsed once: the client's TCP ACKs open its download
                 // window, then segments are merged.
-                let seg = crate::gro::parse(payload);
+                let seg = crate::packet::gro::parse(payload);
                 if let Some((flow, high)) = seg
                     .as_ref()
                     .and_then(|s| crate::flow_control::client_ack(payload, s))
@@ -943,7 +945,7 @@ struct Work {
     /// Trial decryptions (NAT rebinding).
     scratch: Vec<u8>,
     /// TCP segments merged and ACKs thinned across a batch.
-    gro: crate::gro::Coalescer,
+    gro: crate::packet::gro::Coalescer,
     /// When the batch arrived.
     now: Instant,
     /// The worker, and the TUN queue packets are written to: its own, so

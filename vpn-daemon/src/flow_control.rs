@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::gro::{self, Seg, after};
+use crate::packet::gro::{self, Seg, after};
 
 /// The longest a packet worker holds one client's packet for its ACKs.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);

@@ -4,7 +4,10 @@
 
 use bytes::BytesMut;
 
-use crate::{cstp, dtls, flow_control, gro, gso, server};
+use crate::{
+    cstp, dtls, flow_control,
+    packet::{gro, gso, ip},
+};
 
 /// xorshift64: the same inputs on every run.
 struct Rng(u64);
@@ -61,8 +64,8 @@ fn every_parser(r: &mut Rng, p: &[u8]) {
         let _ = gro::flow(p, &seg);
     }
     let _ = flow_control::tcp_data(p);
-    let _ = server::valid_ip_packet(p);
-    let _ = server::packet_dst(p);
+    let _ = ip::valid_ip_packet(p);
+    let _ = ip::packet_dst(p);
     let _ = dtls::record::Channel::record_len(p);
     let _ = dtls::record::Channel::tiles(p);
     let _ = dtls::handshake::client_hello_session_id(p);

@@ -536,25 +536,6 @@ fn write_all_or_none<E: std::fmt::Display>(
     Ok(())
 }
 
-/// Whether a client's packet is long enough to be the IPv4 or IPv6 packet
-/// its version says (the BPF program checks the rest).
-pub fn valid_ip_packet(p: &[u8]) -> bool {
-    match p.first().map(|b| b >> 4) {
-        Some(4) => p.len() >= 20,
-        Some(6) => p.len() >= 40,
-        _ => false,
-    }
-}
-
-/// The destination address of an IP packet.
-pub fn packet_dst(p: &[u8]) -> Option<IpAddr> {
-    match p.first()? >> 4 {
-        4 if p.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?)),
-        6 if p.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?)),
-        _ => None,
-    }
-}
-
 /// The listener and TLS acceptor for the configured address.
 pub async fn bind(
     settings: &Settings,
@@ -608,15 +589,5 @@ mod tests {
         })
         .unwrap();
         assert!(map.values().all(|i| i.policy_id == 7));
-    }
-
-    #[test]
-    fn packet_destination() {
-        let mut v4 = [0u8; 20];
-        v4[0] = 0x45;
-        v4[16..20].copy_from_slice(&[198, 19, 0, 7]);
-        assert_eq!(packet_dst(&v4), Some("198.19.0.7".parse().unwrap()));
-        assert_eq!(packet_dst(&v4[..19]), None);
-        assert_eq!(packet_dst(&[0x70; 40]), None);
     }
 }

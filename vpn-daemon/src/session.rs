@@ -154,7 +154,7 @@ impl Session {
     }
 
     /// Whether `pkt`, a packet from this session's client that passed
-    /// [`crate::server::valid_ip_packet`], has one of the session's own
+    /// [`crate::packet::ip::valid_ip_packet`], has one of the session's own
     /// addresses as its source. The BPF programs only know that a source
     /// belongs to *some* session, and would apply that session's policy: a
     /// client could send as another user (audit H2). So every packet from

@@ -8,7 +8,7 @@
 //! downloads; flows never written spread over the queues by hash.
 //!
 //! Every packet read or written starts with a virtio-net header
-//! ([`crate::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
+//! ([`crate::packet::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
 //! TCP segments are handed to the kernel for segmentation (`gro.rs`), and
 //! how the kernel hands us large TCP packets to segment (`gso.rs`): the
 //! device offers TSO and checksum offload, so a read can return up to
@@ -32,7 +32,7 @@ const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 
 /// The largest read: a virtio-net header and a 64 KiB packet.
-pub const READ_MAX: usize = crate::gro::VNET_HDR_LEN + 65_536;
+pub const READ_MAX: usize = crate::packet::gro::VNET_HDR_LEN + 65_536;
 
 #[repr(C)]
 struct IfReq {
@@ -95,12 +95,12 @@ impl Tun {
     /// whole or not at all, and does not block: the device takes it or
     /// drops it, as an interface queue would.
     pub fn send(&self, pkt: &[u8]) -> io::Result<()> {
-        let hdr = [0u8; crate::gro::VNET_HDR_LEN];
+        let hdr = [0u8; crate::packet::gro::VNET_HDR_LEN];
         writev(&self.queues[self.tls_queue()], &hdr, pkt)
     }
 }
 
-/// Writes what a [`crate::gro::Coalescer`] releases to a TUN queue. A
+/// Writes what a [`crate::packet::gro::Coalescer`] releases to a TUN queue. A
 /// full device queue drops the packet, as an interface queue would.
 pub struct TunSink<'a> {
     pub tun: &'a Tun,
@@ -117,7 +117,7 @@ impl<'a> TunSink<'a> {
     }
 }
 
-impl crate::gro::Sink for TunSink<'_> {
+impl crate::packet::gro::Sink for TunSink<'_> {
     fn write(&mut self, vnet: &[u8], pkt: &[u8]) {
         if let Err(e) = self.tun.send_parts_on(self.queue, vnet, pkt) {
             tracing::trace!("tun write: {e}");

@@ -403,7 +403,7 @@ impl Gateway {
         let mut pacer = Pacer::default();
         let mut down_pacer = Pacer::default();
         // TCP segments merged, ACKs thinned across one read (see gro.rs).
-        let mut gro = crate::gro::Coalescer::default();
+        let mut gro = crate::packet::gro::Coalescer::default();
         inbuf.reserve(32 * 1024);
 
         tracing::debug!(session = session.id, "tunnel loop starts");
@@ -541,7 +541,7 @@ impl Gateway {
         wr: &mut ClientWriter<W>,
         out: &mut Vec<u8>,
         pacer: &mut Pacer,
-        gro: &mut crate::gro::Coalescer,
+        gro: &mut crate::packet::gro::Coalescer,
     ) -> Option<TunnelEnd> {
         loop {
             let frame = match cstp::decode(inbuf) {
@@ -556,7 +556,7 @@ impl Gateway {
                 FrameType::Data => {
                     session.touch();
                     session.data_over_tls();
-                    if !crate::server::valid_ip_packet(&frame.payload)
+                    if !crate::packet::ip::valid_ip_packet(&frame.payload)
                         || !session.owns_source(&frame.payload)
                     {
                         continue;

@@ -653,7 +653,7 @@ async fn echo(
     pkt[4..6].copy_from_slice(&id.to_be_bytes());
     pkt[6..8].copy_from_slice(&seq.to_be_bytes());
     pkt[8..24].copy_from_slice(b"vpn-gateway-prob");
-    let c = !crate::csum::checksum(&pkt, 0);
+    let c = !crate::packet::csum::checksum(&pkt, 0);
     pkt[2..4].copy_from_slice(&c.to_be_bytes());
     let to = socket2::SockAddr::from(SocketAddr::new(IpAddr::V4(target), 0));
     if socket.get_ref().send_to(&pkt, &to).is_err() {
@@ -709,9 +709,9 @@ mod tests {
         // An echo request whose checksum field holds the right value sums
         // to zero.
         let mut p = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
-        let c = !crate::csum::checksum(&p, 0);
+        let c = !crate::packet::csum::checksum(&p, 0);
         p[2..4].copy_from_slice(&c.to_be_bytes());
-        assert_eq!(crate::csum::checksum(&p, 0), 0xffff);
+        assert_eq!(crate::packet::csum::checksum(&p, 0), 0xffff);
     }
 
     #[test]

@@ -38,9 +38,10 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     dtls::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
     flow_control::MAX_WAIT,
-    gro::VNET_HDR_LEN,
-    gso::Packets,
-    server::{Gateway, packet_dst},
+    packet::gro::VNET_HDR_LEN,
+    packet::gso::Packets,
+    packet::ip::packet_dst,
+    server::Gateway,
     tun::READ_MAX,
 };
 

@@ -17,7 +17,7 @@
 //! (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, e.g. UDP from a local socket) gets its
 //! checksum completed the way `skb_checksum_help` does.
 
-use crate::csum::{checksum, pseudo_header};
+use crate::packet::csum::{checksum, pseudo_header};
 
 const NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
@@ -63,7 +63,7 @@ impl<'a> Packets<'a> {
     /// `vnet` is the virtio-net header in front of `pkt`.
     pub fn parse(vnet: &[u8], pkt: &'a [u8]) -> Result<Self, Unsupported> {
         let Some(&[flags, gso_type, _, _, g0, g1, s0, s1, o0, o1]) =
-            vnet.get(..crate::gro::VNET_HDR_LEN)
+            vnet.get(..crate::packet::gro::VNET_HDR_LEN)
         else {
             return Err(Unsupported("short virtio-net header"));
         };

@@ -22,7 +22,7 @@
 //! Anything else is written as it came, and the order within a flow is
 //! kept.
 
-use crate::csum::checksum;
+use crate::packet::csum::checksum;
 
 /// `struct virtio_net_hdr` (no mergeable buffers), native endian as TUN
 /// uses by default on little-endian hosts.
@@ -328,7 +328,7 @@ impl Coalescer {
             self.buf[ip + 10..ip + 12].copy_from_slice(&(!c).to_be_bytes());
             // TCP: the kernel completes the checksum per segment from the
             // pseudo-header sum we leave in the field.
-            let pseudo = crate::csum::pseudo_header(
+            let pseudo = crate::packet::csum::pseudo_header(
                 &self.buf[ip + 12..ip + 16],
                 &self.buf[ip + 16..ip + 20],
                 6,
