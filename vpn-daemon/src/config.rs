@@ -14,7 +14,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use vpn_common::{POLICY_ISOLATE, POLICY_SPLIT_ENFORCE, PolicyInfo};
 
-use crate::policy::{self, GroupPolicyConfig, Rule, Schedule};
+use crate::policy::{self, GroupPolicyConfig, PolicyDef, Rule, Schedule};
 
 /// A configuration problem, worded for the admin who wrote the file.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub struct Config {
     #[serde(default)]
     pub tls: TlsConfig,
     #[serde(default)]
-    pub http: HttpLimits,
+    pub http: crate::proto::http::Limits,
     pub tunnel: TunnelConfig,
     #[serde(default)]
     pub client_routing: ClientRouting,
@@ -239,16 +239,6 @@ impl Default for PolicySettings {
     }
 }
 
-/// A group policy, validated and compiled once to check its size.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PolicyDef {
-    pub name: String,
-    pub rules: Vec<Rule>,
-    pub info: PolicyInfo,
-    /// When it applies, and the fallback policy outside that window.
-    pub schedule: Option<(Schedule, String)>,
-}
-
 /// `[server]`: where the daemon listens and keeps its files.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -280,12 +270,12 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 443)),
-            state_dir: PathBuf::from("/var/lib/vpn-gateway"),
-            control_socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            state_dir: PathBuf::from(crate::paths::STATE_DIR),
+            control_socket: PathBuf::from(crate::paths::CONTROL_SOCKET),
             control_group: None,
             event_log: None,
             max_sessions: 250,
-            bpf_pin_dir: PathBuf::from(vpn_common::DEFAULT_PIN_DIR),
+            bpf_pin_dir: PathBuf::from(crate::paths::BPF_PIN_DIR),
             name: "vpn-gateway".into(),
         }
     }
@@ -313,35 +303,6 @@ pub struct TlsConfig {
     /// packets of a burst up to 2 ms. Turn off to trade that CPU for the
     /// lowest latency under load.
     pub read_batching: Option<bool>,
-}
-
-/// `[http]`: limits on the HTTP exchange before the tunnel starts.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpLimits {
-    /// Largest request head (request line and headers) in bytes. Larger
-    /// requests get `431`. Default 16384.
-    pub max_header_bytes: usize,
-    /// Largest request body in bytes. Larger bodies get `413`. Default 65536.
-    pub max_body_bytes: usize,
-    /// Seconds a client has to complete the TLS handshake and then each
-    /// request (head and body) once it has started sending it — the
-    /// slowloris guard. Default 10.
-    pub request_timeout_secs: u64,
-    /// Seconds an idle keep-alive connection may wait for its next request.
-    /// Default 60.
-    pub keepalive_timeout_secs: u64,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            max_header_bytes: 16 * 1024,
-            max_body_bytes: 64 * 1024,
-            request_timeout_secs: 10,
-            keepalive_timeout_secs: 60,
-        }
-    }
 }
 
 /// `[tunnel]`: the tunnel device and the addresses handed to clients.
@@ -456,7 +417,7 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
-            users_file: PathBuf::from("/etc/vpn-gateway/users.toml"),
+            users_file: PathBuf::from(crate::paths::USERS_FILE),
             max_failures: 3,
             timeout_secs: 240,
         }

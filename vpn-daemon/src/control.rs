@@ -23,9 +23,6 @@ use tokio::{
 
 use crate::{mac::format_mac, server::Gateway};
 
-/// Where `vpnd` listens and `vpnctl` connects unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/vpn-gateway/vpnd.sock";
-
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {

@@ -53,7 +53,7 @@ use std::net::UdpSocket;
 
 use tokio::sync::mpsc;
 
-use crate::{cstp::FrameType, session::Session};
+use crate::{proto::cstp::FrameType, session::Session};
 
 /// Requested UDP socket buffer size (the kernel caps it at rmem_max/wmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;

@@ -83,30 +83,6 @@ pub enum LockoutScope {
     User,
 }
 
-/// The longest client-chosen string (a user name, say) an event or log
-/// line carries.
-pub const MAX_CLIENT_STRING: usize = 64;
-
-/// A string a client chose, fit for a log: at most [`MAX_CLIENT_STRING`]
-/// characters (an ellipsis says it was cut), control characters escaped.
-/// A user who types a password into the user name field, or a flood of
-/// 64 KiB names, must not end up in the logs whole.
-pub fn client_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().min(MAX_CLIENT_STRING + 8));
-    for (i, c) in s.chars().enumerate() {
-        if i == MAX_CLIENT_STRING {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[derive(Serialize)]
 struct Line<'a> {
     time: String,
@@ -152,19 +128,5 @@ impl EventLog {
                 tracing::error!("cannot write event log: {e}");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_strings_are_cut_and_escaped() {
-        assert_eq!(client_string("alice"), "alice");
-        assert_eq!(client_string("a\nb\u{1b}"), "a\\nb\\u{1b}");
-        let long = client_string(&"x".repeat(70_000));
-        assert_eq!(long.chars().count(), MAX_CLIENT_STRING + 1);
-        assert!(long.ends_with('…'));
     }
 }

@@ -5,8 +5,9 @@
 use bytes::BytesMut;
 
 use crate::{
-    cstp, dtls, flow_control,
+    dtls, flow_control,
     packet::{gro, gso, ip},
+    proto::cstp,
 };
 
 /// xorshift64: the same inputs on every run.
@@ -69,7 +70,7 @@ fn every_parser(r: &mut Rng, p: &[u8]) {
     let _ = dtls::record::Channel::record_len(p);
     let _ = dtls::record::Channel::tiles(p);
     let _ = dtls::handshake::client_hello_session_id(p);
-    let _ = crate::xml::parse_client_auth(&String::from_utf8_lossy(p));
+    let _ = crate::proto::auth_xml::parse_client_auth(&String::from_utf8_lossy(p));
     let mut buf = BytesMut::from(p);
     while let Ok(Some(_)) = cstp::decode(&mut buf) {}
     let vnet = r.bytes(gro::VNET_HDR_LEN);

@@ -16,13 +16,14 @@ use vpn_common::SessionInfo;
 
 use crate::{
     admission::{Busy, Lockout, LoginRefused},
-    events::{Event, LockoutScope, client_string},
-    http::{Request, Response},
+    events::{Event, LockoutScope},
     mac::pseudo_mac,
+    proto::auth_xml,
+    proto::client_string,
+    proto::http::{Request, Response},
     server::Gateway,
     session::{PolicyBinding, Session, TunnelSlot, new_cookie},
     users::{AuthResult, validate_name},
-    xml,
 };
 
 impl Gateway {
@@ -56,7 +57,7 @@ impl Gateway {
                 return Response::text(400, "Bad Request", "the request body is not UTF-8 XML\n");
             }
         };
-        let msg = match xml::parse_client_auth(body) {
+        let msg = match auth_xml::parse_client_auth(body) {
             Ok(m) => m,
             Err(e) => {
                 tracing::info!(%peer, "rejected auth request: {e}");
@@ -137,7 +138,7 @@ impl Gateway {
                 Response::text(503, "Service Unavailable", format!("{}\n", r.message())).closing()
             }
             LoginRefused::SourceLocked { .. } | LoginRefused::UserLocked { .. } => Response::xml(
-                xml::fatal_error(&self.settings.raw.server.name, &r.message()),
+                auth_xml::fatal_error(&self.settings.raw.server.name, &r.message()),
             )
             .closing(),
         }
@@ -157,16 +158,16 @@ impl Gateway {
     }
 
     fn form(&self, handle: &str, group: &str, error: Option<&str>) -> Response {
-        let groups: Vec<xml::GroupOption<'_>> = self
+        let groups: Vec<auth_xml::GroupOption<'_>> = self
             .settings
             .groups
             .iter()
-            .map(|g| xml::GroupOption {
+            .map(|g| auth_xml::GroupOption {
                 name: &g.name,
                 label: g.label.as_deref().unwrap_or(&g.name),
             })
             .collect();
-        let body = xml::login_form(&xml::LoginForm {
+        let body = auth_xml::login_form(&auth_xml::LoginForm {
             handle,
             title: &self.settings.raw.server.name,
             message: "Please enter your username and password.",
@@ -186,7 +187,7 @@ impl Gateway {
     async fn auth_reply(
         self: &Arc<Self>,
         req: &Request,
-        msg: xml::ClientAuth,
+        msg: auth_xml::ClientAuth,
         peer: SocketAddr,
     ) -> Response {
         let handle = msg
@@ -267,7 +268,7 @@ impl Gateway {
         match self.create_session(&user, &group, group_policy) {
             Ok((session, cookie)) => {
                 tracing::info!(user, session = session.id, "login succeeded");
-                Response::xml(xml::complete(
+                Response::xml(auth_xml::complete(
                     session.id,
                     &cookie,
                     self.settings.raw.tunnel.banner.as_deref(),
@@ -284,7 +285,10 @@ impl Gateway {
                     source_address: peer.to_string(),
                     reason: reason.clone(),
                 });
-                Response::xml(xml::fatal_error(&self.settings.raw.server.name, &reason))
+                Response::xml(auth_xml::fatal_error(
+                    &self.settings.raw.server.name,
+                    &reason,
+                ))
             }
         }
     }

@@ -13,7 +13,7 @@ use vpn_common::{MAX_INTERVALS, MAX_RULE_SLOTS};
 
 use crate::{
     bpf::Datapath,
-    config::PolicyDef,
+    policy::PolicyDef,
     policy::{self, Compiled},
 };
 

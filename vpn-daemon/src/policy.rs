@@ -33,6 +33,16 @@ use vpn_common::{
     SPLIT_KEY_FIXED_BITS, SplitKey, Verdict,
 };
 
+/// A group policy, validated and compiled once to check its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyDef {
+    pub name: String,
+    pub rules: Vec<Rule>,
+    pub info: PolicyInfo,
+    /// When it applies, and the fallback policy outside that window.
+    pub schedule: Option<(Schedule, String)>,
+}
+
 /// `[[group_policy]]` in the config file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

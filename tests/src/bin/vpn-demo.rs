@@ -76,12 +76,12 @@ fn main() -> anyhow::Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing the Ctrl-C handler")?;
     }
-    if Path::new(vpn_daemon::control::DEFAULT_SOCKET).exists()
-        && std::os::unix::net::UnixStream::connect(vpn_daemon::control::DEFAULT_SOCKET).is_ok()
+    if Path::new(vpn_daemon::paths::CONTROL_SOCKET).exists()
+        && std::os::unix::net::UnixStream::connect(vpn_daemon::paths::CONTROL_SOCKET).is_ok()
     {
         bail!(
             "a vpnd is already running on {}; stop it before starting the demo",
-            vpn_daemon::control::DEFAULT_SOCKET
+            vpn_daemon::paths::CONTROL_SOCKET
         );
     }
 

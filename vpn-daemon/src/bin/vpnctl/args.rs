@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 #[command(version)]
 pub struct Args {
     /// vpnd's control socket.
-    #[arg(long, global = true, default_value = vpn_daemon::control::DEFAULT_SOCKET)]
+    #[arg(long, global = true, default_value = vpn_daemon::paths::CONTROL_SOCKET)]
     pub socket: PathBuf,
     #[command(subcommand)]
     pub cmd: Command,
@@ -100,6 +100,6 @@ pub enum UserCommand {
 #[derive(clap::Args)]
 pub struct UsersFile {
     /// The user database (auth.users_file in the gateway's config).
-    #[arg(long = "users", default_value = "/etc/vpn-gateway/users.toml")]
+    #[arg(long = "users", default_value = vpn_daemon::paths::USERS_FILE)]
     pub path: PathBuf,
 }

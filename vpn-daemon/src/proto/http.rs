@@ -11,9 +11,36 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::HttpLimits;
-
 const MAX_HEADERS: usize = 64;
+
+/// `[http]`: limits on the HTTP exchange before the tunnel starts.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (request line and headers) in bytes. Larger
+    /// requests get `431`. Default 16384.
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes. Larger bodies get `413`. Default 65536.
+    pub max_body_bytes: usize,
+    /// Seconds a client has to complete the TLS handshake and then each
+    /// request (head and body) once it has started sending it — the
+    /// slowloris guard. Default 10.
+    pub request_timeout_secs: u64,
+    /// Seconds an idle keep-alive connection may wait for its next request.
+    /// Default 60.
+    pub keepalive_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 64 * 1024,
+            request_timeout_secs: 10,
+            keepalive_timeout_secs: 60,
+        }
+    }
+}
 
 /// A parsed request.
 #[derive(Debug)]
@@ -97,7 +124,7 @@ impl ReadError {
 pub async fn read_request<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
-    limits: &HttpLimits,
+    limits: &Limits,
     idle: Duration,
 ) -> Result<Request, ReadError> {
     if buf.is_empty() {
@@ -118,7 +145,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(
 async fn read_rest<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
-    limits: &HttpLimits,
+    limits: &Limits,
 ) -> Result<Request, ReadError> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -153,7 +180,7 @@ async fn read_rest<S: AsyncRead + Unpin>(
                     let n = v.trim().parse::<usize>().map_err(|_| {
                         ReadError::Malformed(format!(
                             "bad Content-Length '{}'",
-                            crate::events::client_string(v)
+                            super::client_string(v)
                         ))
                     })?;
                     if len.is_some_and(|l| l != n) {
@@ -273,8 +300,8 @@ impl Response {
 mod tests {
     use super::*;
 
-    fn limits() -> HttpLimits {
-        HttpLimits {
+    fn limits() -> Limits {
+        Limits {
             max_header_bytes: 1024,
             max_body_bytes: 64,
             request_timeout_secs: 1,
