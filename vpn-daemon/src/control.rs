@@ -172,6 +172,7 @@ impl Gateway {
                 for a in s.addresses() {
                     st.add(&dp.session_stats(a));
                 }
+                let link = self.dtls.get().and_then(|d| d.link_for(s.id));
                 let slot = s.tunnel.lock();
                 SessionRow {
                     id: s.id,
@@ -181,7 +182,7 @@ impl Gateway {
                     vpn_address6: s.lease.v6.map(|a| a.to_string()),
                     public_address: slot.peer.map(|p| p.ip().to_string()),
                     public_port: slot.peer.map(|p| p.port()),
-                    dtls_peer: slot.dtls.as_ref().map(|l| l.addr().to_string()),
+                    dtls_peer: link.as_ref().map(|l| l.addr().to_string()),
                     since: humantime::format_rfc3339_seconds(s.created).to_string(),
                     state: if slot.handle.is_some() {
                         "connected"
@@ -189,7 +190,7 @@ impl Gateway {
                         "disconnected"
                     }
                     .into(),
-                    transport: if slot.dtls.is_some() {
+                    transport: if link.is_some() {
                         "dtls"
                     } else if slot.handle.is_some() {
                         "tls"

@@ -48,7 +48,7 @@ use std::{
 
 use anyhow::Context as _;
 use openssl::ssl::{ErrorCode, HandshakeError, SslContext, SslStream};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::net::UdpSocket;
 
 use tokio::sync::mpsc;
@@ -107,6 +107,9 @@ pub struct DtlsServer {
     ctx: SslContext,
     offers: Mutex<HashMap<[u8; 32], Offer>>,
     peers: Mutex<Peers<Arc<Link>, mpsc::Sender<Vec<u8>>>>,
+    /// Each session's established channel, by session id: where packets
+    /// to its client go rather than over TLS.
+    links: RwLock<HashMap<u64, Arc<Link>>>,
     /// Handshakes in progress at most (`[dtls]`).
     handshake_limits: HandshakeLimits,
     tun: Arc<crate::tun::Tun>,
@@ -267,6 +270,7 @@ impl DtlsServer {
             ctx: server_context()?,
             offers: Mutex::new(HashMap::new()),
             peers: Mutex::new(Peers::default()),
+            links: RwLock::new(HashMap::new()),
             handshake_limits,
             tun,
             dpd,
@@ -317,6 +321,36 @@ impl DtlsServer {
             refused_after: n(&c.refused_after),
             rebinds: n(&c.rebinds),
             rebind_trials_refused: n(&c.rebind_trials_refused),
+        }
+    }
+
+    /// Session `session`'s established channel, if it has one: packets to
+    /// its client go there.
+    pub fn link_for(&self, session: u64) -> Option<Arc<Link>> {
+        self.links.read().get(&session).cloned()
+    }
+
+    /// The client of `session` sends over TLS: if its DTLS channel has
+    /// been silent for [`DTLS_FALLBACK_SILENCE`], UDP no longer gets
+    /// through, and packets to it go over TLS too.
+    pub fn fall_back_if_silent(&self, session: u64) {
+        let silent = self
+            .link_for(session)
+            .filter(|l| l.silent_for() > DTLS_FALLBACK_SILENCE);
+        if let Some(link) = silent {
+            tracing::info!(
+                user = link.session.user,
+                "client sends over TLS and DTLS is silent: falling back to TLS"
+            );
+            self.close_session(session);
+        }
+    }
+
+    /// Ends `session`'s channel, if it has one (the session ended, or fell
+    /// back to TLS).
+    pub fn close_session(&self, session: u64) {
+        if let Some(link) = self.links.write().remove(&session) {
+            link.close();
         }
     }
 
@@ -802,18 +836,15 @@ impl DtlsServer {
             Some(Some(old)) => old.close(),
             Some(None) => {}
         }
-        {
-            let mut slot = session.tunnel.lock();
-            if let Some(old) = slot.dtls.replace(link.clone()) {
-                old.close();
-            }
+        if let Some(old) = self.links.write().insert(session.id, link.clone()) {
+            old.close();
         }
         let reason = self.channel_loop(&mut s, &link, inbox).await;
         link.close();
         {
-            let mut slot = session.tunnel.lock();
-            if slot.dtls.as_ref().is_some_and(|l| l.id == link.id) {
-                slot.dtls = None;
+            let mut links = self.links.write();
+            if links.get(&session.id).is_some_and(|l| l.id == link.id) {
+                links.remove(&session.id);
             }
         }
         self.peers.lock().close_channel(link.id, link.addr());
@@ -917,6 +948,10 @@ pub const PACKET_OFFSET: usize = record::PREFIX_LEN + 1;
 pub const PACKET_MAX: usize = batch::SLOT - PACKET_OFFSET - record::TAG_LEN;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A DATA frame over TLS while DTLS is silent this long means the client
+/// has fallen back to TLS (UDP blocked): send over TLS too.
+pub const DTLS_FALLBACK_SILENCE: Duration = Duration::from_secs(5);
+
 /// Trial decryptions per second for records from one unknown source.
 const REBIND_TRIALS_PER_SEC: u32 = 100;
 

@@ -430,9 +430,8 @@ impl Gateway {
         {
             let _ = k.send(Kick::Terminate(reason.to_owned()));
         }
-        // Closing its queue ends the DTLS channel too.
-        if let Some(link) = s.tunnel.lock().dtls.take() {
-            link.close();
+        if let Some(d) = self.dtls.get() {
+            d.close_session(s.id);
         }
         let mut stats = vpn_common::SessionStats::default();
         {

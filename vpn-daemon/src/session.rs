@@ -9,10 +9,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -65,33 +62,6 @@ pub struct TunnelSlot {
     /// When the last tunnel went away (or the session was created, before
     /// the first CONNECT). `None` while a tunnel is up.
     pub down_since: Option<Instant>,
-    /// The DTLS channel, while it is established: packets to the client
-    /// go there rather than over TLS.
-    pub dtls: Option<Arc<crate::dtls::Link>>,
-}
-
-/// A DATA frame over TLS while DTLS is silent this long means the client
-/// has fallen back to TLS (UDP blocked): send over TLS too.
-pub const DTLS_FALLBACK_SILENCE: Duration = Duration::from_secs(5);
-
-impl Session {
-    /// Called for each DATA frame the client sends over TLS.
-    pub fn data_over_tls(&self) {
-        let mut slot = self.tunnel.lock();
-        if slot
-            .dtls
-            .as_ref()
-            .is_some_and(|d| d.silent_for() > DTLS_FALLBACK_SILENCE)
-        {
-            tracing::info!(
-                user = self.user,
-                "client sends over TLS and DTLS is silent: falling back to TLS"
-            );
-            if let Some(link) = slot.dtls.take() {
-                link.close();
-            }
-        }
-    }
 }
 
 pub struct Session {
@@ -200,11 +170,6 @@ impl Session {
     /// The session's tunnel addresses.
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
         std::iter::once(IpAddr::V4(self.lease.v4)).chain(self.lease.v6.map(IpAddr::V6))
-    }
-
-    /// The DTLS channel packets to the client go to, if one is up.
-    pub fn dtls_link(&self) -> Option<Arc<crate::dtls::Link>> {
-        self.tunnel.lock().dtls.clone()
     }
 
     /// Queues a packet for the client in the tunnel's paced queue (TLS, or

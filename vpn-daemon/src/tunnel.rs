@@ -487,8 +487,8 @@ impl Gateway {
                             }
                             // A rate-limited client on DTLS gets its paced
                             // packets there.
-                            if let Some(link) = session.dtls_link()
-                                && let Some(d) = self.dtls.get()
+                            if let Some(d) = self.dtls.get()
+                                && let Some(link) = d.link_for(session.id)
                             {
                                 d.send_one(&link, &p);
                             } else if p.len() <= cstp::MAX_PAYLOAD {
@@ -555,7 +555,9 @@ impl Gateway {
             match frame.ty {
                 FrameType::Data => {
                     session.touch();
-                    session.data_over_tls();
+                    if let Some(d) = self.dtls.get() {
+                        d.fall_back_if_silent(session.id);
+                    }
                     if !crate::packet::ip::valid_ip_packet(&frame.payload)
                         || !session.owns_source(&frame.payload)
                     {

@@ -282,8 +282,8 @@ fn dispatch(
     s.touch();
     // Rate-limited clients go through their tunnel's pacer.
     let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
-    match (dtls, s.dtls_link()) {
-        (Some(d), Some(link)) if !limited => {
+    match dtls.and_then(|d| Some((d, d.link_for(s.id)?))) {
+        Some((d, link)) if !limited => {
             // New TCP data waits while the client's window is full.
             if let Some((flow, start, data)) = crate::flow_control::tcp_data(pkts.packet()) {
                 let end = start.wrapping_add(data);
