@@ -20,7 +20,7 @@ use vpn_common::SessionInfo;
 
 use crate::{
     admission::{self, ConnectionRefused, ConnectionSlot, Connections, LoginGuard, Verifier},
-    bpf::Datapath,
+    bpf::{Datapath, SharedDatapath},
     config::{Config, Settings},
     events::{Event, EventLog},
     policies::PolicySet,
@@ -50,8 +50,8 @@ pub struct Gateway {
     pub users: UserDb,
     pub sessions: SessionTable,
     pub pool: Mutex<Pool>,
-    pub datapath: Mutex<Datapath>,
-    pub events: EventLog,
+    pub datapath: SharedDatapath,
+    pub events: Arc<EventLog>,
     pub tun: Arc<Tun>,
     /// Logins in progress and failed-login accounting.
     pub(crate) logins: Mutex<LoginGuard>,
@@ -91,8 +91,8 @@ impl Gateway {
             users,
             sessions: SessionTable::default(),
             pool: Mutex::new(pool),
-            datapath: Mutex::new(datapath),
-            events,
+            datapath: Arc::new(Mutex::new(datapath)),
+            events: Arc::new(events),
             tun,
             logins: Mutex::new(LoginGuard::new(&settings.raw.limits, &settings.raw.auth)),
             connections: Connections::new(&settings.raw.limits),

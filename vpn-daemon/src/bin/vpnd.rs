@@ -138,8 +138,13 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         .await
         .context("removing stale uplink state")?;
     if !raw.uplinks.is_empty() {
-        let u =
-            vpn_daemon::uplinks::Uplinks::start(&raw.uplinks, &raw.failover, gw.clone()).await?;
+        let u = vpn_daemon::uplinks::Uplinks::start(
+            &raw.uplinks,
+            &raw.failover,
+            gw.datapath.clone(),
+            gw.events.clone(),
+        )
+        .await?;
         let _ = gw.uplinks.set(u);
         tracing::info!(uplinks = raw.uplinks.len(), "uplinks managed");
     }

@@ -45,11 +45,13 @@ use tokio::io::unix::AsyncFd;
 use vpn_common::{MARK_BASE, MARK_EXEMPT, MARK_MASK, MARK_UPLINK, MAX_UPLINKS};
 
 use crate::{
+    bpf::SharedDatapath,
     config::{FailoverConfig, UplinkConfig},
-    events::Event,
+    events::{Event, EventLog},
     netlink::get_link,
-    server::Gateway,
 };
+
+pub mod failover;
 
 /// The nft table the daemon owns.
 pub const NFT_TABLE: &str = "vpn_gateway";
@@ -106,6 +108,8 @@ pub struct Uplinks {
     /// The healthy set last written to the data path (`u32::MAX` = none
     /// yet), so each probe does not rewrite it.
     healthy_mask: AtomicU32,
+    datapath: SharedDatapath,
+    events: Arc<EventLog>,
 }
 
 impl Uplinks {
@@ -121,7 +125,8 @@ impl Uplinks {
     pub async fn start(
         cfg: &[UplinkConfig],
         failover: &FailoverConfig,
-        gw: Arc<Gateway>,
+        datapath: SharedDatapath,
+        events: Arc<EventLog>,
     ) -> anyhow::Result<Arc<Uplinks>> {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
         tokio::spawn(conn);
@@ -143,10 +148,12 @@ impl Uplinks {
             failover: failover.clone(),
             state: Mutex::new((links, None)),
             healthy_mask: AtomicU32::new(u32::MAX),
+            datapath,
+            events,
         });
         me.install(&handle).await?;
         {
-            let mut dp = gw.datapath.lock();
+            let mut dp = me.datapath.lock();
             let exempt: Vec<(u32, ipnet::IpNet)> = cfg
                 .iter()
                 .enumerate()
@@ -164,11 +171,11 @@ impl Uplinks {
                 }
             }
         }
-        me.decide(&gw);
+        me.decide();
         for i in 0..cfg.len() {
-            tokio::spawn(me.clone().probe_loop(i, gw.clone(), handle.clone()));
+            tokio::spawn(me.clone().probe_loop(i, handle.clone()));
         }
-        tokio::spawn(me.clone().watch_links(gw.clone()));
+        tokio::spawn(me.clone().watch_links());
         Ok(me)
     }
 
@@ -251,69 +258,57 @@ impl Uplinks {
         apply_nft(&self.cfg)
     }
 
-    /// Picks the active uplink after a health change.
-    fn decide(&self, gw: &Gateway) {
+    /// Picks the active uplink after a health change ([`failover::decide`])
+    /// and applies it: one map write each for the healthy set and the
+    /// active uplink, then the event.
+    fn decide(&self) {
         let mut st = self.state.lock();
         let (links, active) = &mut *st;
         let hold = Duration::from_secs(self.failover.hold_secs);
-        let healthy: Vec<usize> = (0..self.cfg.len())
-            .filter(|&i| self.healthy(links, i))
+        let health: Vec<failover::Health> = (0..self.cfg.len())
+            .map(|i| failover::Health {
+                priority: self.cfg[i].priority,
+                healthy: self.healthy(links, i),
+                healthy_since: links[i].healthy_since,
+            })
             .collect();
-        let mask = healthy.iter().fold(0u32, |m, &i| m | (1 << i));
+        let mask = (0..health.len())
+            .filter(|&i| health[i].healthy)
+            .fold(0u32, |m, i| m | (1 << i));
         if self.healthy_mask.swap(mask, Ordering::Relaxed) != mask
-            && let Err(e) = gw.datapath.lock().set_healthy_uplinks(mask)
+            && let Err(e) = self.datapath.lock().set_healthy_uplinks(mask)
         {
             tracing::error!("updating uplink health: {e:#}");
         }
-        let best = |require_hold: bool| {
-            healthy
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    !require_hold || links[i].healthy_since.is_some_and(|t| t.elapsed() >= hold)
-                })
-                .min_by_key(|&i| (self.cfg[i].priority, i))
-        };
-        let (next, why) = match *active {
-            Some(a) if healthy.contains(&a) => match best(true) {
-                Some(b) if self.cfg[b].priority < self.cfg[a].priority => (
-                    Some(b),
-                    format!("{} healthy for {} s", self.cfg[b].name, hold.as_secs()),
-                ),
-                _ => return,
-            },
-            Some(a) => match best(false) {
-                Some(b) => (Some(b), format!("{} is down", self.cfg[a].name)),
-                None => return,
-            },
-            None => match best(false).or(if self.cfg.is_empty() { None } else { Some(0) }) {
-                Some(b) => (Some(b), "start".to_string()),
-                None => return,
-            },
-        };
-        if next == *active {
+        let Some(switch) = failover::decide(&health, *active, hold, Instant::now()) else {
             return;
-        }
+        };
+        let why = match switch.why {
+            failover::Why::Start => "start".to_string(),
+            failover::Why::Down(a) => format!("{} is down", self.cfg[a].name),
+            failover::Why::Recovered(b) => {
+                format!("{} healthy for {} s", self.cfg[b].name, hold.as_secs())
+            }
+        };
         let from = active.map(|a| self.cfg[a].name.clone());
-        let to = next.map(|b| self.cfg[b].name.clone());
-        let number = next.map_or(0, |b| b as u32 + 1);
-        if let Err(e) = gw.datapath.lock().set_active_uplink(number) {
+        let to = self.cfg[switch.to].name.clone();
+        if let Err(e) = self.datapath.lock().set_active_uplink(switch.to as u32 + 1) {
             tracing::error!("switching uplinks: {e:#}");
             return;
         }
-        *active = next;
+        *active = Some(switch.to);
         drop(st);
-        tracing::info!(from = ?from, to = ?to, "uplink failover: {why}");
-        gw.events.emit(Event::UplinkFailover {
+        tracing::info!(from = ?from, to, "uplink failover: {why}");
+        self.events.emit(Event::UplinkFailover {
             from,
-            to: to.unwrap_or_default(),
+            to,
             reason: why,
         });
     }
 
     /// One ICMP echo per interval out of the uplink's interface, marked for
     /// its table.
-    async fn probe_loop(self: Arc<Self>, i: usize, gw: Arc<Gateway>, handle: rtnetlink::Handle) {
+    async fn probe_loop(self: Arc<Self>, i: usize, handle: rtnetlink::Handle) {
         let u = &self.cfg[i];
         let interval = Duration::from_millis(u.probe.interval_ms);
         let target = self.probe_target(i);
@@ -356,14 +351,14 @@ impl Uplinks {
                 }
                 let now_ok = l.failures < u.probe.failures;
                 if was != now_ok {
-                    self.state_change(l, now_ok && l.carrier, &gw, i, "probe");
+                    self.state_change(l, now_ok && l.carrier, i, "probe");
                 }
             }
-            self.decide(&gw);
+            self.decide();
         }
     }
 
-    fn state_change(&self, l: &mut LinkState, up: bool, gw: &Gateway, i: usize, why: &str) {
+    fn state_change(&self, l: &mut LinkState, up: bool, i: usize, why: &str) {
         let name = &self.cfg[i].name;
         if up {
             if l.healthy_since.is_none() {
@@ -383,7 +378,7 @@ impl Uplinks {
             (_, false) => "carrier lost".into(),
         };
         tracing::info!(uplink = name, up, "uplink state: {reason}");
-        gw.events.emit(Event::UplinkState {
+        self.events.emit(Event::UplinkState {
             uplink: name.clone(),
             state: if up { "up" } else { "down" }.into(),
             reason,
@@ -391,7 +386,7 @@ impl Uplinks {
     }
 
     /// Carrier changes, from rtnetlink link events.
-    async fn watch_links(self: Arc<Self>, gw: Arc<Gateway>) {
+    async fn watch_links(self: Arc<Self>) {
         let result: anyhow::Result<()> = async {
             let (mut conn, _, mut messages) = rtnetlink::new_connection()?;
             conn.socket_mut()
@@ -425,11 +420,11 @@ impl Uplinks {
                     }
                     l.carrier = up;
                     let healthy = up && l.failures < self.cfg[i].probe.failures;
-                    self.state_change(l, healthy, &gw, i, "carrier");
+                    self.state_change(l, healthy, i, "carrier");
                     true
                 };
                 if changed {
-                    self.decide(&gw);
+                    self.decide();
                 }
             }
             Ok(())
