@@ -20,6 +20,8 @@ pub mod events;
 pub mod flow_control;
 #[cfg(test)]
 mod hostile_input_tests;
+#[cfg(test)]
+mod layering_tests;
 pub mod login;
 pub mod mac;
 pub mod netlink;
