@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use vpn_common::{PolicyInfo, SessionInfo};
-use vpn_daemon::{bpf::Datapath, policy};
+use vpn_daemon::{datapath::bpf::Datapath, policy};
 use vpn_tests::{Netns, in_netns, sh, unique_id};
 
 const SECS: f64 = 3.0;

@@ -17,7 +17,7 @@ use std::{fmt::Write as _, net::IpAddr, time::Instant};
 use anyhow::{Context as _, bail};
 use vpn_common::{PolicyInfo, SessionInfo};
 use vpn_daemon::{
-    bpf::Datapath,
+    datapath::bpf::Datapath,
     policy::{self, Rule, RuleConfig},
 };
 use vpn_tests::packets::{Spec, frame};

@@ -239,8 +239,8 @@ ping-leases = false
         .spawn()
         .context("starting ocserv (apt-get install ocserv)")?;
     std::thread::sleep(Duration::from_secs(2));
-    let chain = vpn_daemon::tls::read_chain(&d.join("cert.pem"))?;
-    let pin = vpn_daemon::tls::pin_sha256(&chain[0])?;
+    let chain = vpn_daemon::transport::tls::read_chain(&d.join("cert.pem"))?;
+    let pin = vpn_daemon::transport::tls::pin_sha256(&chain[0])?;
     Ok(Ocserv {
         child,
         _dir: dir,

@@ -443,7 +443,7 @@ pool_v6 = "{POOL6}"
         let config = config(dir.path());
         let config_path = dir.path().join("gateway.toml");
         let users_file = dir.path().join("users.toml");
-        let mut db = vpn_daemon::users::UserFile::default();
+        let mut db = vpn_daemon::auth::users::UserFile::default();
         for u in users {
             db.add(u.name, u.password, u.group_policy.map(str::to_owned))?;
         }
@@ -482,9 +482,11 @@ pool_v6 = "{POOL6}"
         if ready != Some(true) {
             bail!("vpnd did not become ready:\n{}", gw.log());
         }
-        let chain =
-            vpn_daemon::tls::read_chain(&gw.state_dir.join(vpn_daemon::tls::GENERATED_CERT))?;
-        gw.pin = vpn_daemon::tls::pin_sha256(&chain[0])?;
+        let chain = vpn_daemon::transport::tls::read_chain(
+            &gw.state_dir
+                .join(vpn_daemon::transport::tls::GENERATED_CERT),
+        )?;
+        gw.pin = vpn_daemon::transport::tls::pin_sha256(&chain[0])?;
         Ok(gw)
     }
 

@@ -2,7 +2,7 @@
 //! kernel's BPF_PROG_TEST_RUN.
 
 use vpn_common::GuardConfig;
-use vpn_daemon::bpf::Datapath;
+use vpn_daemon::datapath::bpf::Datapath;
 use vpn_tests::require_root;
 
 const XDP_DROP: u32 = 1;

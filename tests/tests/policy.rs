@@ -220,7 +220,7 @@ fn reload_changes_a_live_session_within_a_second() {
     assert!(topo.client.ping(SERVER, 1));
 
     // Move alice to "noicmp" in the user database and reload.
-    let mut db = vpn_daemon::users::UserFile::read(&gw.users_file).unwrap();
+    let mut db = vpn_daemon::auth::users::UserFile::read(&gw.users_file).unwrap();
     db.users
         .iter_mut()
         .find(|u| u.name == "alice")

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use vpn_common::{PROTO_OTHER, PolicyInfo, SessionInfo, SessionStats};
 use vpn_daemon::{
-    bpf::Datapath,
+    datapath::bpf::Datapath,
     policy::{self, Action, PacketMeta},
 };
 use vpn_tests::{packets, require_root};

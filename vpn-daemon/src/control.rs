@@ -115,20 +115,20 @@ pub struct Stats {
     pub daemon_drops: Vec<(String, u64)>,
     /// The DTLS receive counters (absent with DTLS off).
     #[serde(default)]
-    pub dtls_rx: Option<crate::dtls::RxStats>,
+    pub dtls_rx: Option<crate::transport::dtls::RxStats>,
     /// DTLS handshakes and rebindings (absent with DTLS off).
     #[serde(default)]
-    pub dtls_handshakes: Option<crate::dtls::HandshakeStats>,
+    pub dtls_handshakes: Option<crate::transport::dtls::HandshakeStats>,
     /// Download flow control towards DTLS clients (absent with DTLS off).
     #[serde(default)]
-    pub dtls_flow_control: Option<crate::dtls::FlowControlStats>,
+    pub dtls_flow_control: Option<crate::transport::dtls::FlowControlStats>,
     /// Reads of TLS tunnels (read_batch.rs).
     #[serde(default)]
-    pub tls_reads: crate::read_batch::ReadStats,
+    pub tls_reads: crate::transport::read_batch::ReadStats,
     /// Limits before authentication: what is in use and what was refused
     /// (`[limits]`, admission.rs).
     #[serde(default)]
-    pub admission: crate::admission::AdmissionStats,
+    pub admission: crate::auth::admission::AdmissionStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,7 +154,7 @@ pub enum Response {
         rules: Vec<RuleRow>,
     },
     Uplinks {
-        uplinks: Vec<crate::uplinks::UplinkRow>,
+        uplinks: Vec<crate::net::uplinks::UplinkRow>,
     },
     Error {
         error: String,

@@ -5,9 +5,10 @@
 use bytes::BytesMut;
 
 use crate::{
-    dtls, flow_control,
     packet::{gro, gso, ip},
     proto::cstp,
+    transport::dtls,
+    transport::dtls::flow_control,
 };
 
 /// xorshift64: the same inputs on every run.

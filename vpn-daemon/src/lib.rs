@@ -11,33 +11,25 @@
 //! data consistent at every step, holds no `.await`, and contains nothing
 //! that panics on input from the network: a lookup that can miss is an
 //! `Option` handled there, never an `expect`.
-pub mod admission;
-pub mod bpf;
+pub mod auth;
 pub mod config;
 pub mod control;
-pub mod dtls;
+pub mod datapath;
 pub mod events;
-pub mod flow_control;
 #[cfg(test)]
 mod hostile_input_tests;
 #[cfg(test)]
 mod layering_tests;
 pub mod login;
 pub mod mac;
-pub mod netlink;
+pub mod net;
 pub mod packet;
 pub mod paths;
 pub mod policies;
 pub mod policy;
-pub mod pool;
 pub mod proto;
-pub mod read_batch;
 pub mod server;
 pub mod session;
-pub mod tls;
-pub mod tun;
+pub mod transport;
 pub mod tunnel;
 pub mod unix_users;
-pub mod uplinks;
-pub mod users;
-pub mod workers;

@@ -15,7 +15,8 @@ use rand::RngCore as _;
 use vpn_common::SessionInfo;
 
 use crate::{
-    admission::{Busy, Lockout, LoginRefused},
+    auth::admission::{Busy, Lockout, LoginRefused},
+    auth::users::{AuthResult, validate_name},
     events::{Event, LockoutScope},
     mac::pseudo_mac,
     proto::auth_xml,
@@ -23,7 +24,6 @@ use crate::{
     proto::http::{Request, Response},
     server::Gateway,
     session::{PolicyBinding, Session, TunnelSlot, new_cookie},
-    users::{AuthResult, validate_name},
 };
 
 impl Gateway {

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use vpn_common::{MAX_INTERVALS, MAX_RULE_SLOTS};
 
 use crate::{
-    bpf::Datapath,
+    datapath::bpf::Datapath,
     policy::PolicyDef,
     policy::{self, Compiled},
 };

@@ -19,16 +19,16 @@ use tokio_rustls::TlsAcceptor;
 use vpn_common::SessionInfo;
 
 use crate::{
-    admission::{self, ConnectionRefused, ConnectionSlot, Connections, LoginGuard, Verifier},
-    bpf::{Datapath, SharedDatapath},
+    auth::admission::{self, ConnectionRefused, ConnectionSlot, Connections, LoginGuard, Verifier},
+    auth::users::UserDb,
     config::{Config, Settings},
+    datapath::bpf::{Datapath, SharedDatapath},
+    datapath::tun::Tun,
     events::{Event, EventLog},
     policies::PolicySet,
-    pool::Pool,
     proto::http::{self, Response},
+    session::pool::Pool,
     session::{Kick, PolicyBinding, SessionTable, Timeouts},
-    tun::Tun,
-    users::UserDb,
 };
 
 /// A client's TLS connection, buffered both ways under TLS:
@@ -48,7 +48,7 @@ const TLS_IO_BUFFER: usize = 64 * 1024;
 pub struct Gateway {
     pub settings: Settings,
     pub users: UserDb,
-    pub sessions: SessionTable,
+    pub sessions: Arc<SessionTable>,
     pub pool: Mutex<Pool>,
     pub datapath: SharedDatapath,
     pub events: Arc<EventLog>,
@@ -66,11 +66,11 @@ pub struct Gateway {
     /// The file `reload` re-reads.
     pub config_path: std::path::PathBuf,
     /// The DTLS server, when `[dtls] enabled`.
-    pub dtls: std::sync::OnceLock<Arc<crate::dtls::DtlsServer>>,
+    pub dtls: std::sync::OnceLock<Arc<crate::transport::dtls::DtlsServer>>,
     /// The uplinks, when `[[uplink]]`s are configured.
-    pub uplinks: std::sync::OnceLock<Arc<crate::uplinks::Uplinks>>,
+    pub uplinks: std::sync::OnceLock<Arc<crate::net::uplinks::Uplinks>>,
     /// How TLS tunnels' reads were batched.
-    pub tls_reads: crate::read_batch::Counters,
+    pub tls_reads: crate::transport::read_batch::Counters,
     /// Spoofed packets of sessions that have ended (live sessions count
     /// their own).
     pub(crate) ended_spoofed: std::sync::atomic::AtomicU64,
@@ -89,7 +89,7 @@ impl Gateway {
         let pool = Pool::new(settings.pool_v4, settings.pool_v6);
         let gw = Arc::new(Gateway {
             users,
-            sessions: SessionTable::default(),
+            sessions: Arc::default(),
             pool: Mutex::new(pool),
             datapath: Arc::new(Mutex::new(datapath)),
             events: Arc::new(events),

@@ -15,8 +15,9 @@ use tokio::{
 };
 
 use crate::{
-    admission::ConnectionSlot,
+    auth::admission::ConnectionSlot,
     config::Routing,
+    datapath::tun::TunSink,
     events::Event,
     mac::format_mac,
     proto::client_string,
@@ -24,7 +25,6 @@ use crate::{
     proto::http::{Request, Response},
     server::{ClientTls, Gateway},
     session::{Kick, Pacer, Session, TunnelHandle},
-    tun::TunSink,
 };
 
 /// Packets queued towards one client before new ones are dropped.
@@ -154,11 +154,11 @@ impl Gateway {
     /// X-DTLS12 suite both know) and registers the offer.
     fn dtls_offer(
         &self,
-        d: &Arc<crate::dtls::DtlsServer>,
+        d: &Arc<crate::transport::dtls::DtlsServer>,
         req: &Request,
         tls: &ClientTls,
         session: &Arc<Session>,
-    ) -> Option<(Arc<crate::dtls::DtlsServer>, DtlsAnswer)> {
+    ) -> Option<(Arc<crate::transport::dtls::DtlsServer>, DtlsAnswer)> {
         tracing::debug!(
             user = session.user,
             dtls = ?req.header("X-DTLS-CipherSuite").map(client_string),
@@ -168,11 +168,11 @@ impl Gateway {
         if offers_psk_negotiate(req) && self.settings.raw.dtls.psk_negotiate {
             let mut psk = [0u8; 32];
             // The PSK: this TLS connection's exporter.
-            if let Err(e) =
-                tls.get_ref()
-                    .1
-                    .export_keying_material(&mut psk, crate::dtls::PSK_LABEL, None)
-            {
+            if let Err(e) = tls.get_ref().1.export_keying_material(
+                &mut psk,
+                crate::transport::dtls::PSK_LABEL,
+                None,
+            ) {
                 tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
                 return None;
             }
@@ -193,12 +193,12 @@ impl Gateway {
         // answer goes back in the header the suite came from.
         let (header, name, suite) = match req
             .header("X-DTLS12-CipherSuite")
-            .and_then(crate::dtls::pick_dtls12_suite)
+            .and_then(crate::transport::dtls::pick_dtls12_suite)
         {
             Some(s) => ("X-DTLS12-CipherSuite", s.name, s),
             None => match req
                 .header("X-DTLS-CipherSuite")
-                .and_then(crate::dtls::pick_legacy_suite)
+                .and_then(crate::transport::dtls::pick_legacy_suite)
             {
                 Some((name, s)) => ("X-DTLS-CipherSuite", name, s),
                 None => {
@@ -386,12 +386,12 @@ impl Gateway {
         // Larger reads while the client sends fast (read_batch.rs). `batch`
         // makes system calls only inside the loop below, while the halves of
         // `tls` keep the socket open.
-        let mut batch = crate::read_batch::ReadBatching::new(
+        let mut batch = crate::transport::read_batch::ReadBatching::new(
             std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0.get_ref()),
             self.settings.raw.tls.read_batching.unwrap_or(true),
             &self.tls_reads,
         );
-        let tail = tokio::time::sleep(crate::read_batch::TAIL);
+        let tail = tokio::time::sleep(crate::transport::read_batch::TAIL);
         tokio::pin!(tail);
         let dpd = Duration::from_secs(self.settings.raw.session.dpd_secs);
         let (mut rd, wr) = tokio::io::split(tls);
@@ -465,7 +465,7 @@ impl Gateway {
                     }
                     batch.after_read(got);
                     if batch.batching() {
-                        tail.as_mut().reset(tokio::time::Instant::now() + crate::read_batch::TAIL);
+                        tail.as_mut().reset(tokio::time::Instant::now() + crate::transport::read_batch::TAIL);
                     }
                     // What this read merged or held goes to the kernel now.
                     gro.finish(&mut TunSink::new(&self.tun));
@@ -730,7 +730,7 @@ fn tunnel_mtu(configured: u16, base: Option<u16>, dtls: bool, peer_v6: bool) -> 
         Some(base) if dtls => {
             let outer = if peer_v6 { 40 + 8 } else { 20 + 8 };
             configured.min(
-                base.saturating_sub(outer + crate::dtls::DTLS_GCM_OVERHEAD)
+                base.saturating_sub(outer + crate::transport::dtls::DTLS_GCM_OVERHEAD)
                     .max(576),
             )
         }

@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vpn_daemon::{
-    bpf::Datapath, config::Config, control, events::EventLog, netlink, server, tls, tun::Tun,
-    users::UserDb,
+    auth::users::UserDb, config::Config, control, datapath::bpf::Datapath, datapath::tun::Tun,
+    events::EventLog, net::netlink, server, transport::tls,
 };
 
 /// vpn-gateway daemon: an AnyConnect/OpenConnect-compatible VPN headend
@@ -82,9 +82,11 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     // A TUN queue and a packet worker per core, and a queue for the TLS
     // tunnels.
     let tun = Arc::new(
-        Tun::create(&raw.tunnel.device, vpn_daemon::workers::tun_queues()).with_context(|| {
-            format!("creating TUN device {} (tunnel.device)", raw.tunnel.device)
-        })?,
+        Tun::create(
+            &raw.tunnel.device,
+            vpn_daemon::transport::workers::tun_queues(),
+        )
+        .with_context(|| format!("creating TUN device {} (tunnel.device)", raw.tunnel.device))?,
     );
     let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
     if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
@@ -105,13 +107,13 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
         let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
         let coalesce = std::time::Duration::from_micros(raw.dtls.rx_coalesce_usecs.into());
-        let dtls = vpn_daemon::dtls::DtlsServer::bind(
+        let dtls = vpn_daemon::transport::dtls::DtlsServer::bind(
             addr,
-            vpn_daemon::workers::count(&gw.tun),
+            vpn_daemon::transport::workers::count(&gw.tun),
             gw.tun.clone(),
             dpd,
             coalesce,
-            vpn_daemon::dtls::HandshakeLimits {
+            vpn_daemon::transport::dtls::HandshakeLimits {
                 total: raw.dtls.max_handshakes,
                 per_source: raw.dtls.max_handshakes_per_source,
             },
@@ -134,11 +136,11 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     }
     // Uplinks: routing tables, rules, the nft table and health checks.
     // Whatever a crashed run left is removed first, configured or not.
-    vpn_daemon::uplinks::cleanup(&raw.failover)
+    vpn_daemon::net::uplinks::cleanup(&raw.failover)
         .await
         .context("removing stale uplink state")?;
     if !raw.uplinks.is_empty() {
-        let u = vpn_daemon::uplinks::Uplinks::start(
+        let u = vpn_daemon::net::uplinks::Uplinks::start(
             &raw.uplinks,
             &raw.failover,
             gw.datapath.clone(),
@@ -148,7 +150,12 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
         let _ = gw.uplinks.set(u);
         tracing::info!(uplinks = raw.uplinks.len(), "uplinks managed");
     }
-    vpn_daemon::workers::start(&gw, &tokio::runtime::Handle::current())
+    let wiring = vpn_daemon::transport::workers::Wiring {
+        tun: gw.tun.clone(),
+        sessions: gw.sessions.clone(),
+        dtls: gw.dtls.get().cloned(),
+    };
+    vpn_daemon::transport::workers::start(&wiring, &tokio::runtime::Handle::current())
         .context("starting the packet workers")?;
     tokio::spawn(gw.clone().reap());
     tokio::spawn(gw.clone().watch_users());
@@ -181,7 +188,7 @@ async fn run(settings: vpn_daemon::config::Settings, config_path: PathBuf) -> an
     // Give tunnels a moment to send their TERMINATE frames.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     gw.datapath.lock().unpin();
-    if let Err(e) = vpn_daemon::uplinks::cleanup(&raw.failover).await {
+    if let Err(e) = vpn_daemon::net::uplinks::cleanup(&raw.failover).await {
         tracing::error!("removing uplink state: {e:#}");
     }
     let _ = std::fs::remove_file(&control_path);

@@ -3,7 +3,7 @@
 use std::io::{BufRead, IsTerminal};
 
 use anyhow::{Context as _, bail};
-use vpn_daemon::users::UserFile;
+use vpn_daemon::auth::users::UserFile;
 
 use crate::args::UserCommand;
 
@@ -34,9 +34,9 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
             group_policy,
             file,
         } => {
-            vpn_daemon::users::validate_name(&name)?;
+            vpn_daemon::auth::users::validate_name(&name)?;
             if UserFile::read(&file.path)?.find(&name).is_some() {
-                return Err(vpn_daemon::users::UserError::Exists(name).into());
+                return Err(vpn_daemon::auth::users::UserError::Exists(name).into());
             }
             let pw = read_password(&name)?;
             UserFile::edit(&file.path, |db| db.add(&name, &pw, group_policy))?;

@@ -45,10 +45,10 @@ use tokio::io::unix::AsyncFd;
 use vpn_common::{MARK_BASE, MARK_EXEMPT, MARK_MASK, MARK_UPLINK, MAX_UPLINKS};
 
 use crate::{
-    bpf::SharedDatapath,
     config::{FailoverConfig, UplinkConfig},
+    datapath::bpf::SharedDatapath,
     events::{Event, EventLog},
-    netlink::get_link,
+    net::netlink::get_link,
 };
 
 pub mod failover;

@@ -25,6 +25,7 @@
 //! from the new address authenticates.
 
 pub mod batch;
+pub mod flow_control;
 pub mod handshake;
 pub mod peers;
 pub mod record;
@@ -112,7 +113,7 @@ pub struct DtlsServer {
     links: RwLock<HashMap<u64, Arc<Link>>>,
     /// Handshakes in progress at most (`[dtls]`).
     handshake_limits: HandshakeLimits,
-    tun: Arc<crate::tun::Tun>,
+    tun: Arc<crate::datapath::tun::Tun>,
     port: u16,
     /// DTLS dead-peer interval: the channel closes after 3 silent ones.
     dpd: Duration,
@@ -250,7 +251,7 @@ impl DtlsServer {
     pub async fn bind(
         addr: SocketAddr,
         workers: usize,
-        tun: Arc<crate::tun::Tun>,
+        tun: Arc<crate::datapath::tun::Tun>,
         dpd: Duration,
         coalesce: Duration,
         handshake_limits: HandshakeLimits,
@@ -494,7 +495,7 @@ impl DtlsServer {
             }
         }
         // What the batch merged or held goes to the kernel now.
-        w.gro.finish(&mut crate::tun::TunSink {
+        w.gro.finish(&mut crate::datapath::tun::TunSink {
             tun: &self.tun,
             queue: w.worker,
         });
@@ -650,7 +651,7 @@ impl DtlsServer {
                 let seg = crate::packet::gro::parse(payload);
                 if let Some((flow, high)) = seg
                     .as_ref()
-                    .and_then(|s| crate::flow_control::client_ack(payload, s))
+                    .and_then(|s| crate::transport::dtls::flow_control::client_ack(payload, s))
                 {
                     link.window.on_ack(flow, high, w.now);
                 }
@@ -660,7 +661,7 @@ impl DtlsServer {
                 }
                 // TCP segments of one flow are merged across the batch,
                 // redundant ACKs dropped.
-                let tun = &mut crate::tun::TunSink {
+                let tun = &mut crate::datapath::tun::TunSink {
                     tun: &self.tun,
                     queue: w.worker,
                 };
@@ -1012,7 +1013,7 @@ pub struct Link {
     is_closed: AtomicBool,
     closed: tokio::sync::Notify,
     /// Download flow control from the client's TCP ACKs.
-    pub(crate) window: crate::flow_control::LinkWindow,
+    pub(crate) window: crate::transport::dtls::flow_control::LinkWindow,
 }
 
 impl Link {

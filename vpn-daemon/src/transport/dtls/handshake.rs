@@ -364,7 +364,7 @@ pub(crate) mod tests {
 
     impl io::Write for Mem {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if let Some(q) = crate::dtls::record::last_seq_in(buf, 1) {
+            if let Some(q) = crate::transport::dtls::record::last_seq_in(buf, 1) {
                 self.last_epoch1_seq = self.last_epoch1_seq.max(Some(q));
             }
             self.tx.borrow_mut().push_back(buf.to_vec());

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::admission::source_key;
+use crate::packet::ip::source_key;
 
 /// Handshakes in progress for one offer at most: a client runs one at a
 /// time, and retransmits its ClientHello into the same one.

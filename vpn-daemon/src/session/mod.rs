@@ -6,6 +6,8 @@
 //! tunnel), and ends at logout, admin disconnect, session or idle timeout,
 //! or when no tunnel has been attached for `disconnected_timeout_secs`.
 
+pub mod pool;
+
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -18,7 +20,7 @@ use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::pool::Lease;
+use crate::session::pool::Lease;
 
 /// Why a tunnel is being closed from the server side.
 #[derive(Debug, Clone)]

@@ -36,13 +36,13 @@ use std::{
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    dtls::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
-    flow_control::MAX_WAIT,
+    datapath::tun::READ_MAX,
     packet::gro::VNET_HDR_LEN,
     packet::gso::Packets,
     packet::ip::packet_dst,
-    server::Gateway,
-    tun::READ_MAX,
+    session::SessionTable,
+    transport::dtls::flow_control::MAX_WAIT,
+    transport::dtls::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
 };
 
 /// Device reads before a worker looks at the socket again.
@@ -56,7 +56,7 @@ pub fn tun_queues() -> usize {
 
 /// How many workers serve `tun`: one per queue but the last, at least one
 /// (with a single queue, worker 0 reads the TLS tunnels' too).
-pub fn count(tun: &crate::tun::Tun) -> usize {
+pub fn count(tun: &crate::datapath::tun::Tun) -> usize {
     tun.tls_queue().max(1)
 }
 
@@ -64,7 +64,16 @@ pub fn count(tun: &crate::tun::Tun) -> usize {
 /// Workers run for the daemon's life; one that panics on some packet logs
 /// it and starts over, so one bad packet does not end the tunnel for
 /// everybody. Handshakes are spawned on `rt`.
-pub fn start(gw: &Arc<Gateway>, rt: &tokio::runtime::Handle) -> io::Result<()> {
+/// What the workers move packets between: the tunnel device's queues, the
+/// sessions (a packet's destination finds its client) and the DTLS server.
+#[derive(Clone)]
+pub struct Wiring {
+    pub tun: Arc<crate::datapath::tun::Tun>,
+    pub sessions: Arc<SessionTable>,
+    pub dtls: Option<Arc<DtlsServer>>,
+}
+
+pub fn start(gw: &Wiring, rt: &tokio::runtime::Handle) -> io::Result<()> {
     let tls = gw.tun.tls_queue();
     if tls > 0 {
         rt.spawn(tls_reader(gw.clone(), tls));
@@ -99,8 +108,8 @@ pub fn start(gw: &Arc<Gateway>, rt: &tokio::runtime::Handle) -> io::Result<()> {
 }
 
 /// Worker `q`'s loop.
-fn run(gw: &Arc<Gateway>, q: usize) {
-    let dtls = gw.dtls.get().cloned();
+fn run(gw: &Wiring, q: usize) {
+    let dtls = gw.dtls.clone();
     let mut rx = dtls.as_ref().map(|d| d.receiver(q));
     let mut reader = Reader::new(q);
     let tun_fd = gw.tun.queue(q).as_raw_fd();
@@ -208,7 +217,7 @@ impl Reader {
     /// Sends the held packet once its client's window has room (or it has
     /// waited [`MAX_WAIT`]), then reads the queue until it is empty, a
     /// packet has to wait, or [`READ_BURST`] reads.
-    fn run(&mut self, gw: &Gateway, dtls: Option<&Arc<DtlsServer>>) {
+    fn run(&mut self, gw: &Wiring, dtls: Option<&Arc<DtlsServer>>) {
         if let (Some(h), Some(d)) = (&self.held, dtls) {
             let now = Instant::now();
             let overdue = now >= h.since + MAX_WAIT;
@@ -263,7 +272,7 @@ impl Reader {
 /// it has to wait for the client's window. Only a packet `worker` may hold
 /// a packet (the TLS queue's reader, `None`, sends at once).
 fn dispatch(
-    gw: &Gateway,
+    gw: &Wiring,
     dtls: Option<&Arc<DtlsServer>>,
     read: &[u8],
     out: &mut SendBatch,
@@ -285,7 +294,9 @@ fn dispatch(
     match dtls.and_then(|d| Some((d, d.link_for(s.id)?))) {
         Some((d, link)) if !limited => {
             // New TCP data waits while the client's window is full.
-            if let Some((flow, start, data)) = crate::flow_control::tcp_data(pkts.packet()) {
+            if let Some((flow, start, data)) =
+                crate::transport::dtls::flow_control::tcp_data(pkts.packet())
+            {
                 let end = start.wrapping_add(data);
                 let now = Instant::now();
                 if !link.window.admit(flow, start, end, now, worker.is_none()) {
@@ -320,7 +331,7 @@ fn dispatch(
 /// Reads the TLS tunnels' queue on the runtime. What it finds for a DTLS
 /// client (a flow the kernel spread here because no worker has written
 /// any of it lately) is sent without waiting for the client's window.
-async fn tls_reader(gw: Arc<Gateway>, q: usize) {
+async fn tls_reader(gw: Wiring, q: usize) {
     // SAFETY: the duplicate is ours and closes only with the AsyncFd.
     let fd = gw.tun.queue(q).try_clone();
     let fd = match fd.and_then(|f| unsafe { AsyncFd::register(f) }.map_err(|e| e.into_parts().1)) {
@@ -330,7 +341,7 @@ async fn tls_reader(gw: Arc<Gateway>, q: usize) {
             return;
         }
     };
-    let dtls = gw.dtls.get().cloned();
+    let dtls = gw.dtls.clone();
     let mut out = SendBatch::default();
     let mut buf = vec![0u8; READ_MAX];
     loop {

@@ -1,0 +1,6 @@
+//! Who may log in, and how much a stranger may make the gateway do before
+//! that: the local user database (`users`) and the limits before
+//! authentication (`admission`).
+
+pub mod admission;
+pub mod users;

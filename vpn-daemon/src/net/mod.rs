@@ -1,0 +1,5 @@
+//! The router around the tunnel: rtnetlink (`netlink`) and the WAN uplinks
+//! with their routing, NAT and failover (`uplinks`).
+
+pub mod netlink;
+pub mod uplinks;

@@ -1,0 +1,9 @@
+//! The client transports, in the order a client meets them: TLS (`tls`,
+//! with batched tunnel reads in `read_batch`), then DTLS (`dtls`), and the
+//! packet workers that move packets between the tunnel device and the
+//! DTLS channels (`workers`).
+
+pub mod dtls;
+pub mod read_batch;
+pub mod tls;
+pub mod workers;
