@@ -1111,17 +1111,6 @@ impl Settings {
             .map(|n| Ipv6Addr::from(u128::from(n.network()) + 1))
     }
 
-    /// Tunnel groups by name or label (clients may send either).
-    pub fn find_group(&self, name: &str) -> Option<&GroupConfig> {
-        self.groups.iter().find(|g| g.name == name).or_else(|| {
-            self.groups.iter().find(|g| {
-                g.label
-                    .as_deref()
-                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
-            })
-        })
-    }
-
     pub fn policy(&self, name: &str) -> Option<&PolicyDef> {
         self.policies.iter().find(|p| p.name == name)
     }
@@ -1337,16 +1326,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs client_routing mode 'include'"), "{e}");
-    }
-
-    #[test]
-    fn groups_match_name_or_label() {
-        let s = parse(
-            "[[group]]\nname = \"eng\"\nlabel = \"Engineering\"\n[[group]]\nname = \"sales\"\n",
-        )
-        .unwrap();
-        assert_eq!(s.find_group("eng").unwrap().name, "eng");
-        assert_eq!(s.find_group("engineering").unwrap().name, "eng");
-        assert!(s.find_group("ops").is_none());
     }
 }

@@ -15,16 +15,27 @@ use rand::RngCore as _;
 use vpn_common::SessionInfo;
 
 use crate::{
-    auth::admission::{Busy, Lockout, LoginRefused},
-    auth::users::{AuthResult, validate_name},
+    auth::admission::{Lockout, LoginRefused},
+    auth::login::{Checking, Ctx, LoginEvent, Reply, Step},
     events::{Event, LockoutScope},
     mac::pseudo_mac,
     proto::auth_xml,
-    proto::client_string,
     proto::http::{Request, Response},
     server::Gateway,
     session::{PolicyBinding, Session, TunnelSlot, new_cookie},
 };
+
+/// A request's context for the login flow: a new login it may start gets a
+/// 128-bit random handle.
+fn login_ctx(peer: SocketAddr) -> Ctx {
+    let mut h = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut h);
+    Ctx {
+        peer: peer.ip(),
+        now: Instant::now(),
+        new_handle: hex::encode(h),
+    }
+}
 
 impl Gateway {
     /// Answers a request of the authentication phase.
@@ -66,20 +77,14 @@ impl Gateway {
         };
         match msg.kind.as_str() {
             "init" => {
-                // The path selects the group on the first request (group URL),
-                // an explicit <group-select> overrides it.
-                let from_path = req.path.trim_start_matches('/');
-                let wanted = msg.group_select.as_deref().unwrap_or(from_path);
-                let group = self
-                    .settings
-                    .find_group(wanted)
-                    .unwrap_or(&self.settings.groups[0])
-                    .name
-                    .clone();
-                match self.start_login(group.clone(), peer) {
-                    Ok(handle) => self.form(&handle, &group, None),
-                    Err(refused) => self.refused(refused),
-                }
+                // The URL path picks the group (group URL), an explicit
+                // <group-select> overrides it.
+                let step = self.logins.lock().init(
+                    msg.group_select.as_deref(),
+                    &req.path,
+                    login_ctx(peer),
+                );
+                self.answer_login(step)
             }
             "auth-reply" => self.auth_reply(req, msg, peer).await,
             "logout" => {
@@ -102,20 +107,6 @@ impl Gateway {
                 ),
             ),
         }
-    }
-
-    /// Starts a login for `peer` and returns its handle, or why not
-    /// (`admission.rs`: too many logins in progress, in total or from
-    /// `peer`, or `peer` is locked out).
-    fn start_login(&self, group: String, peer: SocketAddr) -> Result<String, LoginRefused> {
-        let mut h = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut h);
-        let handle = hex::encode(h);
-        let r = self
-            .logins
-            .lock()
-            .start(handle.clone(), group, peer.ip(), Instant::now());
-        r.map(|()| handle).inspect_err(|e| self.count_refused(e))
     }
 
     fn count_refused(&self, r: &LoginRefused) {
@@ -144,16 +135,54 @@ impl Gateway {
         }
     }
 
-    /// A fresh form for a client whose login is unknown or over.
-    fn expired(&self, peer: SocketAddr) -> Response {
-        let group = self.settings.groups[0].name.clone();
-        match self.start_login(group.clone(), peer) {
-            Ok(h) => self.form(
-                &h,
-                &group,
-                Some("your login attempt expired; please log in again"),
-            ),
-            Err(r) => self.refused(r),
+    /// The answer to a step of the login flow other than a password
+    /// check or success (those are `auth_reply`'s).
+    fn answer_login(&self, step: Step) -> Response {
+        match step {
+            Step::Form {
+                handle,
+                group,
+                error,
+            } => self.form(&handle, &group, error.as_deref()),
+            Step::Refused(r) => {
+                self.count_refused(&r);
+                self.refused(r)
+            }
+            Step::TooManyFailures => {
+                Response::text(401, "Authentication failed", "too many failed attempts\n").closing()
+            }
+            Step::Verify { .. } | Step::Authenticated { .. } => Response::text(
+                500,
+                "Internal Server Error",
+                "the login could not go on; try again\n",
+            )
+            .closing(),
+        }
+    }
+
+    /// Logs what the login flow reports.
+    fn log_login_events(&self, events: Vec<LoginEvent>, peer: SocketAddr) {
+        let window_secs = self.settings.raw.limits.lockout_window_secs;
+        for e in events {
+            self.events.emit(match e {
+                LoginEvent::Failed { user, reason } => Event::AuthenticationFailed {
+                    user,
+                    source_address: peer.to_string(),
+                    reason: reason.to_string(),
+                },
+                LoginEvent::Lockout(Lockout::Source { source, failures }) => Event::LoginLockout {
+                    scope: LockoutScope::Source,
+                    target: source.to_string(),
+                    failures,
+                    window_secs,
+                },
+                LoginEvent::Lockout(Lockout::User { user, failures }) => Event::LoginLockout {
+                    scope: LockoutScope::User,
+                    target: user,
+                    failures,
+                    window_secs,
+                },
+            });
         }
     }
 
@@ -190,51 +219,34 @@ impl Gateway {
         msg: auth_xml::ClientAuth,
         peer: SocketAddr,
     ) -> Response {
-        let handle = msg
-            .handle
-            .clone()
-            .or_else(|| req.cookie("webvpncontext").map(str::to_owned));
-        let state_group = handle.as_ref().and_then(|h| {
-            let logins = self.logins.lock();
-            logins.get(h, Instant::now()).map(|p| p.group.clone())
-        });
-        let (handle, group) = match (handle, state_group) {
-            (Some(h), Some(g)) => (h, g),
-            _ => return self.expired(peer),
+        let reply = Reply {
+            handle: msg
+                .handle
+                .or_else(|| req.cookie("webvpncontext").map(str::to_owned)),
+            group_select: msg.group_select,
+            username: msg.username,
+            password: msg.password,
         };
-        let group = match msg.group_select.as_deref() {
-            None => group,
-            Some(g) => match self.settings.find_group(g) {
-                Some(g) => g.name.clone(),
-                None => {
-                    let g = client_string(g);
-                    return self.form(&handle, &group, Some(&format!("unknown group '{g}'")));
-                }
-            },
-        };
-        let (Some(user), Some(password)) = (msg.username, msg.password) else {
-            return self.form(&handle, &group, Some("enter a username and a password"));
-        };
-        // A name no user can have is a failed login without a password
-        // check, and never reaches the logs whole.
-        if validate_name(&user).is_err() {
-            let shown = client_string(&user);
-            return self.failed_login(&handle, &group, None, &shown, "invalid user name", peer);
-        }
-        let may_try = self.logins.lock().may_try(&user, peer.ip(), Instant::now());
-        if let Err(refused) = may_try {
-            self.count_refused(&refused);
-            return self.refused(refused);
-        }
-        let gw = self.clone();
-        let u = user.clone();
-        let result = match self
-            .verifier
-            .run(move || gw.users.authenticate(&u, &password))
-            .await
+        let mut events = Vec::new();
+        let mut step = self
+            .logins
+            .lock()
+            .reply(reply, login_ctx(peer), &mut events);
+        if let Step::Verify {
+            handle,
+            group,
+            user,
+            password,
+        } = step
         {
-            Ok(r) => r,
-            Err(Busy) => {
+            let gw = self.clone();
+            let u = user.clone();
+            let checked = self
+                .verifier
+                .run(move || gw.users.authenticate(&u, &password))
+                .await;
+            let Ok(result) = checked else {
+                self.log_login_events(events, peer);
                 self.admission
                     .verifications_refused_busy
                     .fetch_add(1, Ordering::Relaxed);
@@ -244,28 +256,27 @@ impl Gateway {
                     "the gateway is busy checking passwords; try again shortly\n",
                 )
                 .closing();
-            }
-        };
-        let group_policy = match result {
-            AuthResult::Ok { group_policy } => group_policy,
-            bad => {
-                let reason = if bad == AuthResult::UnknownUser {
-                    "unknown user"
-                } else {
-                    "wrong password"
-                };
-                return self.failed_login(&handle, &group, Some(&user), &user, reason, peer);
-            }
-        };
-        // One success per login: a handle that ended meanwhile earns nothing.
-        if !self
-            .logins
-            .lock()
-            .succeeded(&handle, &user, peer.ip(), Instant::now())
-        {
-            return self.expired(peer);
+            };
+            let checking = Checking {
+                handle,
+                group,
+                user,
+            };
+            step = self
+                .logins
+                .lock()
+                .verified(checking, result, login_ctx(peer), &mut events);
         }
-        match self.create_session(&user, &group, group_policy) {
+        self.log_login_events(events, peer);
+        let Step::Authenticated {
+            group,
+            user,
+            own_policy,
+        } = step
+        else {
+            return self.answer_login(step);
+        };
+        match self.create_session(&user, &group, own_policy) {
             Ok((session, cookie)) => {
                 tracing::info!(user, session = session.id, "login succeeded");
                 Response::xml(auth_xml::complete(
@@ -290,55 +301,6 @@ impl Gateway {
                     &reason,
                 ))
             }
-        }
-    }
-
-    /// A failed login: counted (per login, source and user, `admission.rs`)
-    /// and logged; the client gets the form again, or 401 at the login's
-    /// failure limit. `user` is the name to count, `None` for a name no
-    /// user can have; `shown` the name for the event log.
-    fn failed_login(
-        &self,
-        handle: &str,
-        group: &str,
-        user: Option<&str>,
-        shown: &str,
-        reason: &str,
-        peer: SocketAddr,
-    ) -> Response {
-        self.events.emit(Event::AuthenticationFailed {
-            user: shown.to_owned(),
-            source_address: peer.to_string(),
-            reason: reason.into(),
-        });
-        let f = self
-            .logins
-            .lock()
-            .failed(handle, user, peer.ip(), Instant::now());
-        let window_secs = self.settings.raw.limits.lockout_window_secs;
-        for l in f.lockouts {
-            let (scope, target, failures) = match l {
-                Lockout::Source { source, failures } => {
-                    (LockoutScope::Source, source.to_string(), failures)
-                }
-                Lockout::User { user, failures } => (LockoutScope::User, user, failures),
-            };
-            self.events.emit(Event::LoginLockout {
-                scope,
-                target,
-                failures,
-                window_secs,
-            });
-        }
-        // The login may have ended while the password was checked
-        // (another request on its handle reached the failure limit or
-        // succeeded, or it expired): to this client, it expired.
-        match f.login_failures {
-            None => self.expired(peer),
-            Some(n) if n >= self.settings.raw.auth.max_failures => {
-                Response::text(401, "Authentication failed", "too many failed attempts\n").closing()
-            }
-            Some(_) => self.form(handle, group, Some("invalid username or password")),
         }
     }
 

@@ -19,8 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use vpn_common::SessionInfo;
 
 use crate::{
-    auth::admission::{self, ConnectionRefused, ConnectionSlot, Connections, LoginGuard, Verifier},
     auth::users::UserDb,
+    auth::{
+        admission::{self, ConnectionRefused, ConnectionSlot, Connections, Verifier},
+        login::LoginFlow,
+    },
     config::{Config, Settings},
     datapath::bpf::{Datapath, SharedDatapath},
     datapath::tun::Tun,
@@ -53,8 +56,8 @@ pub struct Gateway {
     pub datapath: SharedDatapath,
     pub events: Arc<EventLog>,
     pub tun: Arc<Tun>,
-    /// Logins in progress and failed-login accounting.
-    pub(crate) logins: Mutex<LoginGuard>,
+    /// The login flow: logins in progress and failed-login accounting.
+    pub(crate) logins: Mutex<LoginFlow>,
     /// Connections that are not tunnels.
     pub(crate) connections: Arc<Connections>,
     /// Password checks.
@@ -94,7 +97,11 @@ impl Gateway {
             datapath: Arc::new(Mutex::new(datapath)),
             events: Arc::new(events),
             tun,
-            logins: Mutex::new(LoginGuard::new(&settings.raw.limits, &settings.raw.auth)),
+            logins: Mutex::new(LoginFlow::new(
+                &settings.raw.limits,
+                &settings.raw.auth,
+                settings.groups.clone(),
+            )),
             connections: Connections::new(&settings.raw.limits),
             verifier: Verifier::new(&settings.raw.limits),
             admission: Default::default(),

@@ -3,4 +3,5 @@
 //! authentication (`admission`).
 
 pub mod admission;
+pub mod login;
 pub mod users;

@@ -1,0 +1,561 @@
+//! The login flow of the aggregate-auth exchange, without I/O: a client's
+//! `init` and `auth-reply` go in with the time, and a [`Step`] comes out
+//! (show the form, check this password, refused, authenticated), with the
+//! events to log. The caller runs the slow password check and creates the
+//! session; the rules (one success per login, the failure limit, lock-outs,
+//! expiry) are all here and unit-tested in memory.
+//!
+//! ```text
+//!   init ──> Form{handle} ──auth-reply──> Verify ──verified(ok)──> Authenticated
+//!                 ^                          │
+//!                 └── Form{error} <── wrong ─┘ (TooManyFailures at the limit)
+//! ```
+
+use std::{net::IpAddr, time::Instant};
+
+use crate::{
+    auth::{
+        admission::{Lockout, LoginGuard, LoginRefused},
+        users::{AuthResult, validate_name},
+    },
+    config::{AuthConfig, GroupConfig, Limits},
+    proto::client_string,
+};
+
+/// What the caller does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Show the login form of login `handle` for `group`, with an error if
+    /// the last try failed.
+    Form {
+        handle: String,
+        group: String,
+        error: Option<String>,
+    },
+    /// Check `password` for `user` (slow: off the async runtime), then call
+    /// [`LoginFlow::verified`] with the result.
+    Verify {
+        handle: String,
+        group: String,
+        user: String,
+        password: String,
+    },
+    /// Refused before any password check.
+    Refused(LoginRefused),
+    /// The login reached `auth.max_failures`: 401 and close.
+    TooManyFailures,
+    /// The password was right: create `user`'s session in `group`.
+    Authenticated {
+        group: String,
+        user: String,
+        own_policy: Option<String>,
+    },
+}
+
+/// Something the flow wants in the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginEvent {
+    /// A failed login: `user` as it may be shown (cut and escaped).
+    Failed { user: String, reason: FailReason },
+    /// A lock-out began.
+    Lockout(Lockout),
+}
+
+/// Why a login failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    UnknownUser,
+    WrongPassword,
+    /// A name no user can have (refused without a password check).
+    InvalidName,
+}
+
+impl std::fmt::Display for FailReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailReason::UnknownUser => "unknown user",
+            FailReason::WrongPassword => "wrong password",
+            FailReason::InvalidName => "invalid user name",
+        })
+    }
+}
+
+/// What a client's `init` or `auth-reply` says, as far as the flow cares.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    /// The login's handle (`aggauth-handle`, or the `webvpncontext` cookie).
+    pub handle: Option<String>,
+    /// A group the client picked.
+    pub group_select: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Where and when a request comes from, and the handle a new login it
+/// starts would get (random, from the caller).
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub peer: IpAddr,
+    pub now: Instant,
+    pub new_handle: String,
+}
+
+/// A password check in flight: what [`Step::Verify`] asked for, without
+/// the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checking {
+    pub handle: String,
+    pub group: String,
+    pub user: String,
+}
+
+/// The form error a login that ended meanwhile gets.
+pub const EXPIRED: &str = "your login attempt expired; please log in again";
+
+/// The login flow: logins in progress and their failures ([`LoginGuard`]),
+/// and the tunnel groups offered.
+pub struct LoginFlow {
+    guard: LoginGuard,
+    /// The `[[group]]`s; never empty, the first is the default.
+    groups: Vec<GroupConfig>,
+    max_failures: u32,
+}
+
+impl LoginFlow {
+    /// A flow with `groups` (the default group first; at least one).
+    pub fn new(limits: &Limits, auth: &AuthConfig, groups: Vec<GroupConfig>) -> Self {
+        assert!(!groups.is_empty(), "validated settings have a group");
+        LoginFlow {
+            guard: LoginGuard::new(limits, auth),
+            groups,
+            max_failures: auth.max_failures,
+        }
+    }
+
+    /// The group `name` names: its name, else its label in any case
+    /// (clients send either).
+    fn find_group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name).or_else(|| {
+            self.groups.iter().find(|g| {
+                g.label
+                    .as_deref()
+                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
+            })
+        })
+    }
+
+    fn default_group(&self) -> String {
+        self.groups[0].name.clone()
+    }
+
+    /// Logins in progress, sources and users locked out now.
+    pub fn counts(&self, now: Instant) -> (usize, usize, usize) {
+        self.guard.counts(now)
+    }
+
+    /// Starts a login in `group` under the new handle.
+    fn start(&mut self, group: String, ctx: Ctx) -> Step {
+        let handle = ctx.new_handle;
+        match self
+            .guard
+            .start(handle.clone(), group.clone(), ctx.peer, ctx.now)
+        {
+            Ok(()) => Step::Form {
+                handle,
+                group,
+                error: None,
+            },
+            Err(r) => Step::Refused(r),
+        }
+    }
+
+    /// A fresh form for a client whose login is unknown or over.
+    fn expired(&mut self, ctx: Ctx) -> Step {
+        match self.start(self.default_group(), ctx) {
+            Step::Form { handle, group, .. } => Step::Form {
+                handle,
+                group,
+                error: Some(EXPIRED.into()),
+            },
+            other => other,
+        }
+    }
+
+    /// An `init`: a new login, in the group the client picked
+    /// (`<group-select>`, else the URL `path`), or the default one.
+    pub fn init(&mut self, group_select: Option<&str>, path: &str, ctx: Ctx) -> Step {
+        let wanted = group_select.unwrap_or(path.trim_start_matches('/'));
+        let group = self
+            .find_group(wanted)
+            .map_or_else(|| self.default_group(), |g| g.name.clone());
+        self.start(group, ctx)
+    }
+
+    /// An `auth-reply`. A login that is unknown or over gets a new one.
+    /// Failures are counted here; `events` gets what to log.
+    pub fn reply(&mut self, r: Reply, ctx: Ctx, events: &mut Vec<LoginEvent>) -> Step {
+        let pending = r
+            .handle
+            .as_deref()
+            .and_then(|h| self.guard.get(h, ctx.now))
+            .map(|p| p.group.clone());
+        let (Some(handle), Some(group)) = (r.handle, pending) else {
+            return self.expired(ctx);
+        };
+        let group = match r.group_select.as_deref() {
+            None => group,
+            Some(g) => match self.find_group(g) {
+                Some(g) => g.name.clone(),
+                None => {
+                    let error = format!("unknown group '{}'", client_string(g));
+                    return Step::Form {
+                        handle,
+                        group,
+                        error: Some(error),
+                    };
+                }
+            },
+        };
+        let (Some(user), Some(password)) = (r.username, r.password) else {
+            return Step::Form {
+                handle,
+                group,
+                error: Some("enter a username and a password".into()),
+            };
+        };
+        // A name no user can have fails without a password check, and
+        // never reaches the logs whole.
+        if validate_name(&user).is_err() {
+            let check = Checking {
+                handle,
+                group,
+                user: client_string(&user),
+            };
+            return self.failed(check, false, FailReason::InvalidName, ctx, events);
+        }
+        if let Err(refused) = self.guard.may_try(&user, ctx.peer, ctx.now) {
+            return Step::Refused(refused);
+        }
+        Step::Verify {
+            handle,
+            group,
+            user,
+            password,
+        }
+    }
+
+    /// The result of a [`Step::Verify`]. A login may have ended while its
+    /// password was checked (another request on its handle reached the
+    /// failure limit or succeeded, or it expired): then, to this client,
+    /// it expired, and a right password earns nothing.
+    pub fn verified(
+        &mut self,
+        c: Checking,
+        result: AuthResult,
+        ctx: Ctx,
+        events: &mut Vec<LoginEvent>,
+    ) -> Step {
+        let reason = match result {
+            AuthResult::Ok { group_policy } => {
+                if !self.guard.succeeded(&c.handle, &c.user, ctx.peer, ctx.now) {
+                    return self.expired(ctx);
+                }
+                return Step::Authenticated {
+                    group: c.group,
+                    user: c.user,
+                    own_policy: group_policy,
+                };
+            }
+            AuthResult::UnknownUser => FailReason::UnknownUser,
+            AuthResult::BadPassword => FailReason::WrongPassword,
+        };
+        self.failed(c, true, reason, ctx, events)
+    }
+
+    /// Counts a failed login (per login and source, and per user if
+    /// `counts_for_user`: a name no user can have does not) and logs it.
+    fn failed(
+        &mut self,
+        c: Checking,
+        counts_for_user: bool,
+        reason: FailReason,
+        ctx: Ctx,
+        events: &mut Vec<LoginEvent>,
+    ) -> Step {
+        let user = counts_for_user.then_some(c.user.as_str());
+        let f = self.guard.failed(&c.handle, user, ctx.peer, ctx.now);
+        events.push(LoginEvent::Failed {
+            user: c.user,
+            reason,
+        });
+        events.extend(f.lockouts.into_iter().map(LoginEvent::Lockout));
+        match f.login_failures {
+            None => self.expired(ctx),
+            Some(n) if n >= self.max_failures => Step::TooManyFailures,
+            Some(_) => Step::Form {
+                handle: c.handle,
+                group: c.group,
+                error: Some("invalid username or password".into()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn flow(max_failures: u32) -> LoginFlow {
+        LoginFlow::new(
+            &Limits {
+                lockout_source_failures: 5,
+                lockout_user_failures: 0,
+                ..Limits::default()
+            },
+            &AuthConfig {
+                max_failures,
+                ..AuthConfig::default()
+            },
+            vec![
+                GroupConfig {
+                    name: "default".into(),
+                    label: None,
+                },
+                GroupConfig {
+                    name: "eng".into(),
+                    label: Some("Engineering".into()),
+                },
+            ],
+        )
+    }
+
+    fn ctx(now: Instant, handle: &str) -> Ctx {
+        Ctx {
+            peer: "198.18.1.2".parse().unwrap(),
+            now,
+            new_handle: handle.into(),
+        }
+    }
+
+    fn reply(handle: &str, user: &str, password: &str) -> Reply {
+        Reply {
+            handle: Some(handle.into()),
+            group_select: None,
+            username: Some(user.into()),
+            password: Some(password.into()),
+        }
+    }
+
+    /// An init, then a reply with `password` that the caller checks as
+    /// `result`.
+    fn attempt(
+        f: &mut LoginFlow,
+        handle: &str,
+        result: AuthResult,
+        now: Instant,
+        events: &mut Vec<LoginEvent>,
+    ) -> Step {
+        let step = f.reply(reply(handle, "alice", "pw"), ctx(now, "new"), events);
+        let Step::Verify {
+            handle,
+            group,
+            user,
+            ..
+        } = step
+        else {
+            return step;
+        };
+        f.verified(
+            Checking {
+                handle,
+                group,
+                user,
+            },
+            result,
+            ctx(now, "new"),
+            events,
+        )
+    }
+
+    #[test]
+    fn init_picks_the_group_by_select_path_or_label_else_the_default() {
+        let now = Instant::now();
+        let mut f = flow(3);
+        let group = |s: Step| match s {
+            Step::Form { group, .. } => group,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(group(f.init(None, "/", ctx(now, "h1"))), "default");
+        assert_eq!(group(f.init(None, "/eng", ctx(now, "h2"))), "eng");
+        assert_eq!(
+            group(f.init(Some("Engineering"), "/", ctx(now, "h3"))),
+            "eng"
+        );
+        assert_eq!(
+            group(f.init(Some("nope"), "/eng", ctx(now, "h4"))),
+            "default"
+        );
+        assert_eq!(
+            group(f.init(Some("engineering"), "/", ctx(now, "h5"))),
+            "eng"
+        );
+    }
+
+    #[test]
+    fn third_bad_password_locks_the_login_and_a_right_one_succeeds_once() {
+        let now = Instant::now();
+        let mut f = flow(3);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "h"));
+        for _ in 0..2 {
+            assert!(matches!(
+                attempt(&mut f, "h", AuthResult::BadPassword, now, &mut ev),
+                Step::Form { error: Some(e), .. } if e == "invalid username or password"
+            ));
+        }
+        assert_eq!(
+            attempt(&mut f, "h", AuthResult::BadPassword, now, &mut ev),
+            Step::TooManyFailures
+        );
+        assert_eq!(ev.len(), 3);
+        assert!(matches!(
+            &ev[0],
+            LoginEvent::Failed { user, reason: FailReason::WrongPassword } if user == "alice"
+        ));
+        // The login is over: a reply on it starts a new one.
+        assert!(matches!(
+            attempt(&mut f, "h", AuthResult::Ok { group_policy: None }, now, &mut ev),
+            Step::Form { handle, error: Some(e), .. } if handle == "new" && e == EXPIRED
+        ));
+        f.init(None, "/", ctx(now, "k"));
+        assert_eq!(
+            attempt(
+                &mut f,
+                "k",
+                AuthResult::Ok {
+                    group_policy: Some("p".into())
+                },
+                now,
+                &mut ev
+            ),
+            Step::Authenticated {
+                group: "default".into(),
+                user: "alice".into(),
+                own_policy: Some("p".into())
+            }
+        );
+        // Once: the handle is used up.
+        assert!(matches!(
+            attempt(&mut f, "k", AuthResult::Ok { group_policy: None }, now, &mut ev),
+            Step::Form { error: Some(e), .. } if e == EXPIRED
+        ));
+    }
+
+    /// Audit C2, in memory: two replies on one login verify at once; the
+    /// first fails at the limit and ends the login; the second, right or
+    /// wrong, finds it gone.
+    #[test]
+    fn a_login_that_ends_during_a_password_check_is_expired_for_the_other() {
+        let now = Instant::now();
+        let mut f = flow(1);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "h"));
+        let a = f.reply(reply("h", "alice", "x"), ctx(now, "n1"), &mut ev);
+        let b = f.reply(reply("h", "alice", "pw"), ctx(now, "n2"), &mut ev);
+        let check = |s: Step| match s {
+            Step::Verify {
+                handle,
+                group,
+                user,
+                ..
+            } => Checking {
+                handle,
+                group,
+                user,
+            },
+            other => panic!("{other:?}"),
+        };
+        let (a, b) = (check(a), check(b));
+        assert_eq!(
+            f.verified(a, AuthResult::BadPassword, ctx(now, "n3"), &mut ev),
+            Step::TooManyFailures
+        );
+        assert!(matches!(
+            f.verified(b, AuthResult::Ok { group_policy: None }, ctx(now, "n4"), &mut ev),
+            Step::Form { handle, error: Some(e), .. } if handle == "n4" && e == EXPIRED
+        ));
+    }
+
+    #[test]
+    fn a_login_expires_after_the_auth_timeout() {
+        let now = Instant::now();
+        let mut f = flow(3);
+        f.init(None, "/", ctx(now, "h"));
+        let later = now + Duration::from_secs(AuthConfig::default().timeout_secs);
+        let step = f.reply(
+            reply("h", "alice", "pw"),
+            ctx(later, "fresh"),
+            &mut Vec::new(),
+        );
+        assert!(matches!(
+            step,
+            Step::Form { handle, error: Some(e), .. } if handle == "fresh" && e == EXPIRED
+        ));
+    }
+
+    #[test]
+    fn replies_without_credentials_or_with_bad_names_or_groups_get_the_form() {
+        let now = Instant::now();
+        let mut f = flow(3);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "h"));
+        let empty = Reply {
+            handle: Some("h".into()),
+            ..Reply::default()
+        };
+        assert!(matches!(
+            f.reply(empty, ctx(now, "n"), &mut ev),
+            Step::Form { error: Some(e), .. } if e.contains("enter a username")
+        ));
+        let mut bad_group = reply("h", "alice", "pw");
+        bad_group.group_select = Some("x\n".repeat(50));
+        assert!(matches!(
+            f.reply(bad_group, ctx(now, "n"), &mut ev),
+            Step::Form { error: Some(e), .. } if e.starts_with("unknown group 'x\\n") && e.len() < 200
+        ));
+        // A name no user can have: a failure without a password check,
+        // logged cut and escaped.
+        let long = "a\u{1b}".repeat(1000);
+        assert!(matches!(
+            f.reply(reply("h", &long, "pw"), ctx(now, "n"), &mut ev),
+            Step::Form { error: Some(_), .. }
+        ));
+        assert!(matches!(
+            &ev[..],
+            [LoginEvent::Failed { user, reason: FailReason::InvalidName }]
+                if *user == client_string(&long) && user.len() < 1000
+        ));
+    }
+
+    #[test]
+    fn a_source_past_its_failures_is_refused_before_any_password_check() {
+        let now = Instant::now();
+        let mut f = flow(100);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "h"));
+        for _ in 0..5 {
+            attempt(&mut f, "h", AuthResult::BadPassword, now, &mut ev);
+        }
+        assert!(ev.iter().any(|e| matches!(e, LoginEvent::Lockout(_))));
+        assert!(matches!(
+            f.reply(reply("h", "alice", "pw"), ctx(now, "n"), &mut ev),
+            Step::Refused(LoginRefused::SourceLocked { .. })
+        ));
+        assert!(matches!(
+            f.init(None, "/", ctx(now, "n2")),
+            Step::Refused(LoginRefused::SourceLocked { .. })
+        ));
+    }
+}
