@@ -503,13 +503,7 @@ pub struct GroupConfig {
     pub label: Option<String>,
 }
 
-/// How the client routes traffic, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Routing {
-    All,
-    Include(Vec<IpNet>),
-    Exclude(Vec<IpNet>),
-}
+pub use crate::proto::connect::{Routing, TunnelParams};
 
 /// The configuration after validation: what the daemon actually uses.
 #[derive(Debug, Clone)]
@@ -517,8 +511,8 @@ pub struct Settings {
     pub raw: Config,
     pub pool_v4: Ipv4Net,
     pub pool_v6: Option<Ipv6Net>,
-    pub routing: Routing,
-    pub session_timeout: Duration,
+    /// What every client is told at CONNECT (routing, DNS, timers, MTU).
+    pub tunnel: TunnelParams,
     pub groups: Vec<GroupConfig>,
     pub policies: Vec<PolicyDef>,
     /// Destinations an enforcing policy's clients may reach: the included
@@ -863,13 +857,27 @@ impl Config {
                 )
             })?),
         };
+        let tunnel = TunnelParams {
+            mtu: self.tunnel.mtu,
+            netmask_v4: pool_v4.netmask(),
+            prefix_v6: pool_v6.map(|n| n.prefix_len()),
+            dns: self.tunnel.dns.clone(),
+            default_domain: self.tunnel.default_domain.clone(),
+            banner: self.tunnel.banner.clone(),
+            local_lan_access: self.client_routing.local_lan_access,
+            routing,
+            session_timeout,
+            idle_timeout_secs: self.session.idle_timeout_secs,
+            disconnected_timeout_secs: self.session.disconnected_timeout_secs,
+            dpd_secs: self.session.dpd_secs,
+            keepalive_secs: self.session.keepalive_secs,
+        };
         Ok(Settings {
             control_gid,
             raw: self,
+            tunnel,
             pool_v4,
             pool_v6,
-            routing,
-            session_timeout,
             groups,
             policies,
             split_allow,
@@ -1134,7 +1142,7 @@ mod tests {
         let text = include_str!("../../examples/gateway.toml");
         let s = Config::parse(text, Path::new("examples/gateway.toml")).unwrap();
         assert_eq!(s.groups.len(), 2);
-        assert!(matches!(s.routing, Routing::Include(ref n) if n.len() == 2));
+        assert!(matches!(s.tunnel.routing, Routing::Include(ref n) if n.len() == 2));
     }
 
     #[test]
@@ -1193,8 +1201,8 @@ mod tests {
     #[test]
     fn minimal_config_has_safe_defaults() {
         let s = parse("").unwrap();
-        assert_eq!(s.routing, Routing::All);
-        assert_eq!(s.session_timeout, Duration::from_secs(8 * 3600));
+        assert_eq!(s.tunnel.routing, Routing::All);
+        assert_eq!(s.tunnel.session_timeout, Duration::from_secs(8 * 3600));
         assert_eq!(s.gateway_v4(), Ipv4Addr::new(198, 19, 0, 1));
         assert_eq!(s.groups.len(), 1);
         assert_eq!(s.raw.http.max_header_bytes, 16384);

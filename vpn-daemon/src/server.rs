@@ -507,7 +507,7 @@ impl Gateway {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let cfg = &self.settings.raw.session;
         let limits = Timeouts {
-            session: self.settings.session_timeout,
+            session: self.settings.tunnel.session_timeout,
             idle: Duration::from_secs(cfg.idle_timeout_secs),
             disconnected: Duration::from_secs(cfg.disconnected_timeout_secs),
         };

@@ -16,15 +16,18 @@ use tokio::{
 
 use crate::{
     auth::admission::ConnectionSlot,
-    config::Routing,
     datapath::tun::TunSink,
     events::Event,
     mac::format_mac,
-    proto::client_string,
-    proto::cstp::{self, FrameType},
-    proto::http::{Request, Response},
+    proto::{
+        client_string,
+        connect::{self, Addresses, DtlsAnswer, DtlsChoice, NoDtls},
+        cstp::{self, FrameType},
+        http::{Request, Response},
+    },
     server::{ClientTls, Gateway},
     session::{Kick, Pacer, Session, TunnelHandle},
+    transport::dtls::DtlsServer,
 };
 
 /// Packets queued towards one client before new ones are dropped.
@@ -99,9 +102,17 @@ impl Gateway {
             .dtls
             .get()
             .and_then(|d| self.dtls_offer(d, &req, &tls, &session));
-        let head = self.connect_response(
+        let head = connect::response_head(
+            &self.settings.tunnel,
             &req,
-            &session,
+            Addresses {
+                v4: session.lease.v4,
+                v6: session.lease.v6,
+            },
+            self.settings
+                .tunnel
+                .session_timeout
+                .saturating_sub(session.started.elapsed()),
             peer.ip().to_canonical().is_ipv6(),
             dtls_offer.as_ref().map(|(_, a)| a),
         );
@@ -146,230 +157,62 @@ impl Gateway {
         Ok(())
     }
 
-    /// The CONNECT response head: everything the client needs to configure
-    /// its side. Header names are written in the exact case openconnect
-    /// matches.
-    /// Chooses the DTLS mode for this tunnel (PSK-NEGOTIATE when the client
-    /// offers it, else Cisco session resumption with the strongest
-    /// X-DTLS12 suite both know) and registers the offer.
+    /// Chooses the DTLS mode for this tunnel ([`connect::choose_dtls`])
+    /// and registers the offer with the DTLS server: the PSK of
+    /// PSK-NEGOTIATE is this TLS connection's exporter.
     fn dtls_offer(
         &self,
-        d: &Arc<crate::transport::dtls::DtlsServer>,
+        d: &Arc<DtlsServer>,
         req: &Request,
         tls: &ClientTls,
         session: &Arc<Session>,
-    ) -> Option<(Arc<crate::transport::dtls::DtlsServer>, DtlsAnswer)> {
+    ) -> Option<(Arc<DtlsServer>, DtlsAnswer)> {
         tracing::debug!(
             user = session.user,
             dtls = ?req.header("X-DTLS-CipherSuite").map(client_string),
             dtls12 = ?req.header("X-DTLS12-CipherSuite").map(client_string),
             "the client's DTLS offer"
         );
-        if offers_psk_negotiate(req) && self.settings.raw.dtls.psk_negotiate {
-            let mut psk = [0u8; 32];
-            // The PSK: this TLS connection's exporter.
-            if let Err(e) = tls.get_ref().1.export_keying_material(
-                &mut psk,
-                crate::transport::dtls::PSK_LABEL,
-                None,
-            ) {
-                tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
+        let answer = match connect::choose_dtls(req, self.settings.raw.dtls.psk_negotiate) {
+            Err(NoDtls::NotAsked) => return None,
+            Err(e) => {
+                tracing::info!(user = session.user, "no DTLS for this tunnel: {e}");
                 return None;
             }
-            let app_id = d.offer(session.clone(), psk);
-            return Some((
-                d.clone(),
+            Ok(DtlsChoice::Psk) => {
+                let mut psk = [0u8; 32];
+                if let Err(e) = tls.get_ref().1.export_keying_material(
+                    &mut psk,
+                    crate::transport::dtls::PSK_LABEL,
+                    None,
+                ) {
+                    tracing::warn!("no DTLS for this tunnel: exporter failed: {e}");
+                    return None;
+                }
                 DtlsAnswer::Psk {
                     port: d.port(),
-                    app_id,
+                    app_id: d.offer(session.clone(), psk),
+                }
+            }
+            Ok(DtlsChoice::Resume {
+                master,
+                header,
+                name,
+                suite,
+            }) => match d.offer_resumption(session.clone(), &master, suite) {
+                Ok(sid) => DtlsAnswer::Resume {
+                    port: d.port(),
+                    sid,
+                    header,
+                    name,
                 },
-            ));
-        }
-        let master: [u8; 48] = hex::decode(req.header("X-DTLS-Master-Secret")?)
-            .ok()?
-            .try_into()
-            .ok()?;
-        // Cisco's X-DTLS12 list first, else openconnect's legacy names; the
-        // answer goes back in the header the suite came from.
-        let (header, name, suite) = match req
-            .header("X-DTLS12-CipherSuite")
-            .and_then(crate::transport::dtls::pick_dtls12_suite)
-        {
-            Some(s) => ("X-DTLS12-CipherSuite", s.name, s),
-            None => match req
-                .header("X-DTLS-CipherSuite")
-                .and_then(crate::transport::dtls::pick_legacy_suite)
-            {
-                Some((name, s)) => ("X-DTLS-CipherSuite", name, s),
-                None => {
-                    tracing::info!(
-                        user = session.user,
-                        "no DTLS for this tunnel: the client offers no DTLS suite the gateway does (PSK-NEGOTIATE, AES-GCM in DTLS 1.2)"
-                    );
+                Err(e) => {
+                    tracing::warn!("no DTLS for this tunnel: {e:#}");
                     return None;
                 }
             },
         };
-        match d.offer_resumption(session.clone(), &master, suite) {
-            Ok(sid) => Some((
-                d.clone(),
-                DtlsAnswer::Resume {
-                    port: d.port(),
-                    sid,
-                    header,
-                    name,
-                },
-            )),
-            Err(e) => {
-                tracing::warn!("no DTLS for this tunnel: {e:#}");
-                None
-            }
-        }
-    }
-
-    fn connect_response(
-        &self,
-        req: &Request,
-        s: &Session,
-        peer_v6: bool,
-        dtls: Option<&DtlsAnswer>,
-    ) -> String {
-        let st = &self.settings;
-        let cfg = &st.raw;
-        let mut h: Vec<(&str, String)> = Vec::with_capacity(32);
-        h.push(("X-CSTP-Version", "1".into()));
-        h.push((
-            "X-CSTP-Server-Name",
-            format!("vpn-gateway {}", env!("CARGO_PKG_VERSION")),
-        ));
-        h.push(("X-CSTP-Address", s.lease.v4.to_string()));
-        h.push(("X-CSTP-Netmask", st.pool_v4.netmask().to_string()));
-        let wants_v6 = req
-            .header("X-CSTP-Address-Type")
-            .is_none_or(|t| t.split(',').any(|f| f.trim().eq_ignore_ascii_case("IPv6")));
-        let full_v6 = req
-            .header("X-CSTP-Full-IPv6-Capability")
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let v6 = match (s.lease.v6, st.pool_v6) {
-            (Some(a), Some(net)) if wants_v6 && full_v6 => {
-                h.push(("X-CSTP-Address-IP6", format!("{a}/{}", net.prefix_len())));
-                true
-            }
-            _ => false,
-        };
-        for d in &cfg.tunnel.dns {
-            if d.is_ipv4() || v6 {
-                h.push(("X-CSTP-DNS", d.to_string()));
-            }
-        }
-        if let Some(d) = &cfg.tunnel.default_domain {
-            h.push(("X-CSTP-Default-Domain", d.clone()));
-        }
-        if cfg.client_routing.local_lan_access {
-            // Cisco's "local LAN access" flag; it must come first.
-            h.push(("X-CSTP-Split-Exclude", "0.0.0.0/255.255.255.255".into()));
-        }
-        let (name, nets) = match &st.routing {
-            Routing::All => ("", &[][..]),
-            Routing::Include(n) => ("Include", &n[..]),
-            Routing::Exclude(n) => ("Exclude", &n[..]),
-        };
-        for n in nets {
-            match n {
-                ipnet::IpNet::V4(n) => h.push((
-                    if name == "Include" {
-                        "X-CSTP-Split-Include"
-                    } else {
-                        "X-CSTP-Split-Exclude"
-                    },
-                    format!("{}/{}", n.network(), n.netmask()),
-                )),
-                ipnet::IpNet::V6(n) if v6 => h.push((
-                    if name == "Include" {
-                        "X-CSTP-Split-Include-IP6"
-                    } else {
-                        "X-CSTP-Split-Exclude-IP6"
-                    },
-                    n.to_string(),
-                )),
-                ipnet::IpNet::V6(_) => {}
-            }
-        }
-        h.push((
-            "X-CSTP-Tunnel-All-DNS",
-            matches!(st.routing, Routing::All).to_string(),
-        ));
-        if let Some(b) = &cfg.tunnel.banner {
-            h.push(("X-CSTP-Banner", percent_encode_banner(b)));
-        }
-        let session_secs = st.session_timeout.as_secs();
-        let remaining = st
-            .session_timeout
-            .saturating_sub(s.started.elapsed())
-            .as_secs();
-        h.push(("X-CSTP-Session-Timeout", session_secs.to_string()));
-        h.push(("X-CSTP-Session-Timeout-Remaining", remaining.to_string()));
-        h.push(("X-CSTP-Lease-Duration", session_secs.to_string()));
-        h.push((
-            "X-CSTP-Idle-Timeout",
-            match cfg.session.idle_timeout_secs {
-                0 => "none".into(),
-                n => n.to_string(),
-            },
-        ));
-        h.push((
-            "X-CSTP-Disconnected-Timeout",
-            cfg.session.disconnected_timeout_secs.to_string(),
-        ));
-        h.push(("X-CSTP-DPD", cfg.session.dpd_secs.to_string()));
-        h.push(("X-CSTP-Keepalive", cfg.session.keepalive_secs.to_string()));
-        // rustls cannot renegotiate: ask for a fresh tunnel instead (never).
-        h.push(("X-CSTP-Rekey-Method", "none".into()));
-        let base = req
-            .header("X-CSTP-Base-MTU")
-            .and_then(|v| v.parse::<u16>().ok());
-        if let Some(base) = base {
-            h.push(("X-CSTP-Base-MTU", base.to_string()));
-        }
-        let mtu = tunnel_mtu(cfg.tunnel.mtu, base, dtls.is_some(), peer_v6);
-        h.push(("X-CSTP-MTU", mtu.to_string()));
-        h.push(("X-CSTP-Keep", "true".into()));
-        h.push(("X-CSTP-TCP-Keepalive", "true".into()));
-        h.push(("X-CSTP-License", "accept".into()));
-        h.push(("X-CSTP-Client-Bypass-Protocol", "false".into()));
-        if let Some(answer) = dtls {
-            match answer {
-                DtlsAnswer::Psk { port, app_id } => {
-                    h.push(("X-DTLS-Port", port.to_string()));
-                    h.push(("X-DTLS-App-ID", hex::encode(app_id)));
-                    h.push(("X-DTLS-CipherSuite", "PSK-NEGOTIATE".into()));
-                }
-                DtlsAnswer::Resume {
-                    port,
-                    sid,
-                    header,
-                    name,
-                } => {
-                    h.push(("X-DTLS-Port", port.to_string()));
-                    h.push(("X-DTLS-Session-ID", hex::encode_upper(sid)));
-                    h.push((header, name.to_string()));
-                    h.push(("X-DTLS-MTU", mtu.to_string()));
-                }
-            }
-            h.push(("X-DTLS-DPD", cfg.session.dpd_secs.to_string()));
-            h.push(("X-DTLS-Keepalive", cfg.session.keepalive_secs.to_string()));
-            h.push(("X-DTLS-Rekey-Method", "none".into()));
-        }
-
-        let mut out = String::from("HTTP/1.1 200 CONNECTED\r\n");
-        for (n, v) in h {
-            out.push_str(n);
-            out.push_str(": ");
-            out.push_str(&v);
-            out.push_str("\r\n");
-        }
-        out.push_str("\r\n");
-        out
+        Some((d.clone(), answer))
     }
 
     /// Moves packets between the TLS stream and the tunnel device until the
@@ -664,101 +507,5 @@ fn read_outcome(r: std::io::Result<usize>) -> Result<usize, TunnelEnd> {
         Ok(0) => Err(TunnelEnd::Down("connection closed by client".into())),
         Err(e) => Err(TunnelEnd::Down(format!("read error: {e}"))),
         Ok(n) => Ok(n),
-    }
-}
-
-/// The DTLS mode chosen for a tunnel, as announced in the CONNECT answer.
-enum DtlsAnswer {
-    Psk {
-        port: u16,
-        app_id: [u8; 32],
-    },
-    Resume {
-        port: u16,
-        sid: [u8; 32],
-        /// `X-DTLS12-CipherSuite` (Cisco) or `X-DTLS-CipherSuite`
-        /// (openconnect's legacy names): where the suite came from.
-        header: &'static str,
-        /// The suite's name as the client gave it.
-        name: &'static str,
-    },
-}
-
-impl DtlsAnswer {
-    /// The id a ClientHello carries in this mode.
-    fn id(&self) -> &[u8; 32] {
-        match self {
-            DtlsAnswer::Psk { app_id, .. } => app_id,
-            DtlsAnswer::Resume { sid, .. } => sid,
-        }
-    }
-}
-
-/// Whether the client offers DTLS in PSK-NEGOTIATE mode.
-fn offers_psk_negotiate(req: &Request) -> bool {
-    ["X-DTLS-CipherSuite", "X-DTLS12-CipherSuite"]
-        .iter()
-        .filter_map(|h| req.header(h))
-        .any(|v| v.split(':').any(|c| c.trim() == "PSK-NEGOTIATE"))
-}
-
-/// openconnect decodes `%XX` in the banner: escape `%`, control characters
-/// and non-ASCII bytes so multi-line and UTF-8 banners survive a header.
-fn percent_encode_banner(b: &str) -> String {
-    let mut out = String::with_capacity(b.len());
-    for byte in b.bytes() {
-        if byte == b'%' || !(0x20..0x7f).contains(&byte) {
-            out.push_str(&format!("%{byte:02X}"));
-        } else {
-            out.push(byte as char);
-        }
-    }
-    out
-}
-
-/// The tunnel MTU for a client: the configured one, and with DTLS no more
-/// than fits one datagram on the client's path (its `X-CSTP-Base-MTU`
-/// less the outer IP and UDP headers and the record overhead of the GCM
-/// suites we use), so full-size packets are never fragmented.
-///
-/// The client's own `X-CSTP-MTU` is not used (ocserv ignores it too):
-/// openconnect sends an estimate with room for any suite, 1390 on a
-/// 1500-byte path where our AES-GCM records fit 1434, and takes what the
-/// server answers.
-fn tunnel_mtu(configured: u16, base: Option<u16>, dtls: bool, peer_v6: bool) -> u16 {
-    match base {
-        Some(base) if dtls => {
-            let outer = if peer_v6 { 40 + 8 } else { 20 + 8 };
-            configured.min(
-                base.saturating_sub(outer + crate::transport::dtls::DTLS_GCM_OVERHEAD)
-                    .max(576),
-            )
-        }
-        _ => configured,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn banner_encoding() {
-        assert_eq!(percent_encode_banner("50% off\nnow"), "50%25 off%0Anow");
-        assert_eq!(percent_encode_banner("Grüße"), "Gr%C3%BC%C3%9Fe");
-    }
-
-    #[test]
-    fn dtls_mtu_fills_the_path_exactly() {
-        // 1500 - 20 (IPv4) - 8 (UDP) - 13 (record header) - 8 (nonce)
-        // - 16 (tag) - 1 (CSTP type byte).
-        assert_eq!(tunnel_mtu(1500, Some(1500), true, false), 1434);
-        assert_eq!(tunnel_mtu(1500, Some(1500), true, true), 1414);
-        // The configured MTU stays the ceiling; TLS alone has no datagram
-        // to fit; a tiny path still gets the minimum.
-        assert_eq!(tunnel_mtu(1300, Some(1500), true, false), 1300);
-        assert_eq!(tunnel_mtu(1399, Some(1500), false, false), 1399);
-        assert_eq!(tunnel_mtu(1399, None, true, false), 1399);
-        assert_eq!(tunnel_mtu(1399, Some(300), true, false), 576);
     }
 }

@@ -1,9 +1,10 @@
-//! The AnyConnect protocol's wire formats, without I/O: the HTTP exchange
-//! before the tunnel (`http`), the aggregate-auth XML (`auth_xml`) and
-//! CSTP framing (`cstp`). Nothing here imports from the rest of the crate
-//! but other leaves.
+//! The AnyConnect protocol's wire formats and negotiation, without I/O:
+//! the HTTP exchange before the tunnel (`http`), the aggregate-auth XML
+//! (`auth_xml`), CONNECT negotiation (`connect`) and CSTP framing
+//! (`cstp`). Nothing here imports from the rest of the crate.
 
 pub mod auth_xml;
+pub mod connect;
 pub mod cstp;
 pub mod http;
 

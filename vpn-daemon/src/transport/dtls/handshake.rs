@@ -22,6 +22,7 @@
 
 use std::sync::OnceLock;
 
+use crate::proto::connect::{DTLS12_SUITES, ResumeSuite};
 use anyhow::Context as _;
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef, SslSession, SslVersion,
@@ -30,67 +31,6 @@ use openssl::ssl::{
 /// PSK suites of PSK-NEGOTIATE, strongest first (openconnect offers no
 /// (EC)DHE-PSK). AES-GCM only: our record layer does those.
 const PSK_SUITES: &str = "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256";
-
-/// A DTLS 1.2 suite we resume in Cisco mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResumeSuite {
-    /// OpenSSL's name, which is also Cisco's `X-DTLS12-CipherSuite` name.
-    pub name: &'static str,
-    /// The IANA id.
-    pub id: [u8; 2],
-}
-
-/// Cisco DTLS 1.2 suites we resume, strongest first. Only names taken from
-/// the client's own list are ever answered.
-pub const DTLS12_SUITES: [ResumeSuite; 4] = [
-    ResumeSuite {
-        name: "ECDHE-RSA-AES256-GCM-SHA384",
-        id: [0xc0, 0x30],
-    },
-    ResumeSuite {
-        name: "AES256-GCM-SHA384",
-        id: [0x00, 0x9d],
-    },
-    ResumeSuite {
-        name: "ECDHE-RSA-AES128-GCM-SHA256",
-        id: [0xc0, 0x2f],
-    },
-    ResumeSuite {
-        name: "AES128-GCM-SHA256",
-        id: [0x00, 0x9c],
-    },
-];
-
-/// The strongest suite both sides support, from an `X-DTLS12-CipherSuite`
-/// offer.
-pub fn pick_dtls12_suite(offer: &str) -> Option<ResumeSuite> {
-    DTLS12_SUITES
-        .iter()
-        .find(|s| offer.split(':').any(|c| c.trim() == s.name))
-        .copied()
-}
-
-/// openconnect's own names for DTLS 1.2 resumption in
-/// `X-DTLS-CipherSuite`, strongest first, with the suite each stands for
-/// (the shared protocol notes §5.4; ocserv answers them the same way).
-///
-/// Its other legacy names there (`AES128-SHA`, `AES256-SHA`,
-/// `DES-CBC3-SHA`, the `DHE-` ones) mean Cisco's pre-standard DTLS 0.9,
-/// which OpenSSL implements only as a client (its `DTLS1_BAD_VER` method
-/// has no server side), so a client offering only those stays on TLS.
-pub const LEGACY_DTLS12_NAMES: [(&str, ResumeSuite); 2] = [
-    ("OC-DTLS1_2-AES256-GCM", DTLS12_SUITES[1]),
-    ("OC-DTLS1_2-AES128-GCM", DTLS12_SUITES[3]),
-];
-
-/// The strongest of openconnect's legacy DTLS 1.2 names in an
-/// `X-DTLS-CipherSuite` offer, and its suite.
-pub fn pick_legacy_suite(offer: &str) -> Option<(&'static str, ResumeSuite)> {
-    LEGACY_DTLS12_NAMES
-        .iter()
-        .find(|(name, _)| offer.split(':').any(|c| c.trim() == *name))
-        .copied()
-}
 
 /// The handshake a peer that sent an offered id may complete.
 #[derive(Clone)]
@@ -434,20 +374,6 @@ pub(crate) mod tests {
             });
         }
         c
-    }
-
-    #[test]
-    fn legacy_names_pick_the_strongest_gcm_suite() {
-        let offer = "PSK-NEGOTIATE:OC-DTLS1_2-AES256-GCM:OC2-DTLS1_2-CHACHA20-POLY1305:OC-DTLS1_2-AES128-GCM:AES128-SHA";
-        assert_eq!(
-            pick_legacy_suite(offer),
-            Some(("OC-DTLS1_2-AES256-GCM", DTLS12_SUITES[1]))
-        );
-        assert_eq!(
-            pick_legacy_suite("OC-DTLS1_2-AES128-GCM").map(|(_, s)| s.name),
-            Some("AES128-GCM-SHA256")
-        );
-        assert_eq!(pick_legacy_suite("AES128-SHA:AES256-SHA"), None, "DTLS 0.9");
     }
 
     const MASTER: [u8; 48] = [0x11; 48];

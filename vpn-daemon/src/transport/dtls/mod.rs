@@ -30,7 +30,6 @@ pub mod handshake;
 pub mod peers;
 pub mod record;
 
-pub use handshake::{DTLS12_SUITES, ResumeSuite, pick_dtls12_suite, pick_legacy_suite};
 use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
 pub use peers::HandshakeLimits;
 use peers::{HandshakeRefused, Kind, Peers, Route, TrialBudget};
@@ -64,10 +63,6 @@ const BULK_BATCH_BYTES: usize = 12_000;
 
 /// The exporter label openconnect uses for the DTLS PSK.
 pub const PSK_LABEL: &[u8] = b"EXPORTER-openconnect-psk";
-
-/// Per-record overhead of DTLS 1.2 with an AES-GCM PSK suite: 13-byte
-/// header, 8-byte explicit nonce, 16-byte tag, plus the type byte.
-pub const DTLS_GCM_OVERHEAD: u16 = 13 + 8 + 16 + 1;
 
 /// A session's DTLS offer: what a ClientHello with this App-ID (PSK mode)
 /// or session id (resumption mode) gets.
@@ -414,7 +409,7 @@ impl DtlsServer {
         &self,
         session: Arc<Session>,
         master: &[u8; 48],
-        suite: ResumeSuite,
+        suite: crate::proto::connect::ResumeSuite,
     ) -> anyhow::Result<[u8; 32]> {
         let mut sid = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sid);
