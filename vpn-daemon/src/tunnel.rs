@@ -23,6 +23,7 @@ use crate::{
         client_string,
         connect::{self, Addresses, DtlsAnswer, DtlsChoice, NoDtls},
         cstp::{self, FrameType},
+        dpd::{Dpd, DpdAction},
         http::{Request, Response},
     },
     server::{ClientTls, Gateway},
@@ -239,8 +240,7 @@ impl Gateway {
         let dpd = Duration::from_secs(self.settings.raw.session.dpd_secs);
         let (mut rd, wr) = tokio::io::split(tls);
         let mut wr = ClientWriter { wr, limit: dpd * 3 };
-        let mut last_rx = Instant::now();
-        let mut last_dpd_sent = Instant::now();
+        let mut dpd = Dpd::new(dpd, Instant::now());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
         let mut pacer = Pacer::default();
@@ -287,7 +287,7 @@ impl Gateway {
                         Ok(n) => n,
                         Err(end) => break end,
                     };
-                    last_rx = Instant::now();
+                    dpd.received(Instant::now());
                     let mut end = self.handle_frames(&mut inbuf, session, &mut wr, &mut out, &mut pacer, &mut gro).await;
                     // rustls hands out one record per read: take what is
                     // already here before writing, so the coalescer sees
@@ -357,19 +357,18 @@ impl Gateway {
                     }
                     let _ = self.tun.send(&p);
                 }
-                _ = tick.tick() => {
-                    let silent = last_rx.elapsed();
-                    if silent >= dpd * 3 {
+                _ = tick.tick() => match dpd.tick(Instant::now()) {
+                    DpdAction::Nothing => {}
+                    DpdAction::Dead => {
                         break TunnelEnd::Down("dead peer detected (no DPD answer)".into());
                     }
-                    if silent >= dpd && last_dpd_sent.elapsed() >= dpd / 2 {
+                    DpdAction::SendRequest => {
                         cstp::encode(&mut out, FrameType::DpdRequest, &[]);
                         if let Err(end) = wr.send(&out).await {
                             break end;
                         }
-                        last_dpd_sent = Instant::now();
                     }
-                }
+                },
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.wr.shutdown()).await;

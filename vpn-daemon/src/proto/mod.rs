@@ -6,6 +6,7 @@
 pub mod auth_xml;
 pub mod connect;
 pub mod cstp;
+pub mod dpd;
 pub mod http;
 
 /// The longest client-chosen string (a user name, say) an event or log
