@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod datapath;
 pub mod events;
 #[cfg(test)]
@@ -33,3 +34,5 @@ pub mod session;
 pub mod transport;
 pub mod tunnel;
 pub mod unix_users;
+
+pub use daemon::run;

@@ -1,0 +1,149 @@
+//! The daemon's start-up and shutdown: `vpnd` parses its arguments and
+//! calls [`run`].
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+
+use crate::{
+    auth::users::UserDb,
+    config::Settings,
+    control,
+    datapath::{bpf::Datapath, tun::Tun},
+    events::EventLog,
+    net::netlink,
+    server,
+    transport::tls,
+};
+
+/// Runs the gateway with `settings` (read from `config_path`, which
+/// `vpnctl reload` re-reads) until SIGTERM or SIGINT: sets up the TUN
+/// device, the BPF data path, TLS and DTLS, the uplinks and the packet
+/// workers, serves, and on the way out ends every session and removes
+/// what it set up.
+pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()> {
+    let raw = &settings.raw;
+    let events =
+        EventLog::open(raw.server.event_log.as_deref()).context("opening server.event_log")?;
+    let users = UserDb::open(raw.auth.users_file.clone())?;
+    let identity = tls::load_identity(&settings)?;
+    tracing::info!(
+        cert = %identity.cert_path.display(),
+        "server certificate fingerprint {} (openconnect --servercert)",
+        identity.pin
+    );
+    let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
+
+    // A TUN queue and a packet worker per core, and a queue for the TLS
+    // tunnels.
+    let tun = Arc::new(
+        Tun::create(&raw.tunnel.device, crate::transport::workers::tun_queues()).with_context(
+            || format!("creating TUN device {} (tunnel.device)", raw.tunnel.device),
+        )?,
+    );
+    let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
+    if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
+        addrs.push((a.into(), n.prefix_len()));
+    }
+    netlink::configure_tunnel(tun.name(), raw.tunnel.mtu, &addrs).await?;
+    netlink::enable_forwarding(settings.pool_v6.is_some())?;
+    let datapath = Datapath::load(tun.name(), &raw.server.bpf_pin_dir)?;
+    tracing::info!(pins = %raw.server.bpf_pin_dir.display(), "BPF programs attached to {}", tun.name());
+
+    let (listener, acceptor) = server::bind(&settings, tls_config).await?;
+    let control_path = raw.server.control_socket.clone();
+    let control = control::bind(&control_path, settings.control_gid)?;
+    let gw = server::Gateway::new(settings.clone(), config_path, users, datapath, events, tun)?;
+
+    if raw.dtls.enabled {
+        let mut addr = raw.server.listen;
+        addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
+        let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
+        let coalesce = std::time::Duration::from_micros(raw.dtls.rx_coalesce_usecs.into());
+        let dtls = crate::transport::dtls::DtlsServer::bind(
+            addr,
+            crate::transport::workers::count(&gw.tun),
+            gw.tun.clone(),
+            dpd,
+            coalesce,
+            crate::transport::dtls::HandshakeLimits {
+                total: raw.dtls.max_handshakes,
+                per_source: raw.dtls.max_handshakes_per_source,
+            },
+        )
+        .await?;
+        let _ = gw.dtls.set(dtls);
+        let mut dp = gw.datapath.lock();
+        dp.set_guard(vpn_common::GuardConfig {
+            port: u32::from(addr.port()),
+            hello_rate: raw.dtls.hello_rate,
+            hello_burst: raw.dtls.hello_burst,
+            _pad: 0,
+        })?;
+        for iface in &raw.dtls.xdp_interfaces {
+            dp.attach_guard(iface)?;
+            tracing::info!(iface, "XDP guard attached");
+        }
+        drop(dp);
+        tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
+    }
+    // Uplinks: routing tables, rules, the nft table and health checks.
+    // Whatever a crashed run left is removed first, configured or not.
+    crate::net::uplinks::cleanup(&raw.failover)
+        .await
+        .context("removing stale uplink state")?;
+    if !raw.uplinks.is_empty() {
+        let u = crate::net::uplinks::Uplinks::start(
+            &raw.uplinks,
+            &raw.failover,
+            gw.datapath.clone(),
+            gw.events.clone(),
+        )
+        .await?;
+        let _ = gw.uplinks.set(u);
+        tracing::info!(uplinks = raw.uplinks.len(), "uplinks managed");
+    }
+    let wiring = crate::transport::workers::Wiring {
+        tun: gw.tun.clone(),
+        sessions: gw.sessions.clone(),
+        dtls: gw.dtls.get().cloned(),
+    };
+    crate::transport::workers::start(&wiring, &tokio::runtime::Handle::current())
+        .context("starting the packet workers")?;
+    tokio::spawn(gw.clone().reap());
+    tokio::spawn(gw.clone().watch_users());
+    tokio::spawn(gw.clone().follow_schedules());
+    tokio::spawn(control::serve(gw.clone(), control));
+    let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
+    tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut serve = serve;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = hup.recv() => {
+                let gw = gw.clone();
+                match tokio::task::spawn_blocking(move || gw.reload()).await? {
+                    Ok(m) => tracing::info!("SIGHUP: {m}"),
+                    Err(m) => tracing::error!("SIGHUP: {m}"),
+                }
+            }
+            r = &mut serve => { r??; break }
+        }
+    }
+    for s in gw.sessions.all() {
+        gw.end_session(s.id, "gateway shutting down");
+    }
+    // Give tunnels a moment to send their TERMINATE frames.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gw.datapath.lock().unpin();
+    if let Err(e) = crate::net::uplinks::cleanup(&raw.failover).await {
+        tracing::error!("removing uplink state: {e:#}");
+    }
+    let _ = std::fs::remove_file(&control_path);
+    Ok(())
+}
