@@ -163,8 +163,9 @@ pub enum Response {
 
 impl Gateway {
     pub fn session_rows(&self) -> Vec<SessionRow> {
-        let dp = self.datapath.lock();
+        let dp = self.sessions.datapath().lock();
         self.sessions
+            .table()
             .all()
             .iter()
             .map(|s| {
@@ -213,14 +214,14 @@ impl Gateway {
     }
 
     fn stats(&self) -> Stats {
-        let pool = self.pool.lock();
+        let (pool_in_use, pool_capacity) = self.sessions.pool_usage();
         Stats {
-            sessions: self.sessions.len(),
+            sessions: self.sessions.table().len(),
             max_sessions: self.settings.raw.server.max_sessions,
-            pool_in_use: pool.in_use(),
-            pool_capacity: pool.capacity(),
+            pool_in_use,
+            pool_capacity,
             drops: {
-                let dp = self.datapath.lock();
+                let dp = self.sessions.datapath().lock();
                 dp.drops()
                     .into_iter()
                     .map(|(r, n)| (r.name().to_owned(), n))
@@ -231,16 +232,7 @@ impl Gateway {
                     )
                     .collect()
             },
-            daemon_drops: vec![(
-                "spoofed-source".into(),
-                self.ended_spoofed.load(Ordering::Relaxed)
-                    + self
-                        .sessions
-                        .all()
-                        .iter()
-                        .map(|s| s.spoofed_dropped.load(Ordering::Relaxed))
-                        .sum::<u64>(),
-            )],
+            daemon_drops: vec![("spoofed-source".into(), self.sessions.spoofed_total())],
             dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
             dtls_handshakes: self.dtls.get().map(|d| d.handshake_stats()),
@@ -249,33 +241,10 @@ impl Gateway {
         }
     }
 
-    /// Ends the sessions `target` names (user name or VPN address).
-    fn disconnect(&self, target: &str) -> Result<usize, String> {
-        let ip: Option<std::net::IpAddr> = target.parse().ok();
-        let matching: Vec<u64> = self
-            .sessions
-            .all()
-            .iter()
-            .filter(|s| match ip {
-                Some(ip) => s.addresses().any(|a| a == ip),
-                None => s.user == target,
-            })
-            .map(|s| s.id)
-            .collect();
-        if matching.is_empty() {
-            return Err(format!(
-                "no session matches '{target}' (give a user name or a VPN address)"
-            ));
-        }
-        Ok(matching
-            .into_iter()
-            .filter(|id| self.end_session(*id, "disconnected by administrator"))
-            .count())
-    }
-
     fn policy_row(&self, p: &crate::policies::Installed, default: Option<&str>) -> PolicyRow {
         let sessions = self
             .sessions
+            .table()
             .all()
             .iter()
             .filter(|s| s.policy.lock().id == p.id)
@@ -328,7 +297,7 @@ impl Gateway {
                 Err(error) => Response::Error { error },
             },
             Ok(Request::Policies) => {
-                let set = self.policies.lock();
+                let set = self.sessions.policies();
                 let default = set.default_name().map(str::to_owned);
                 let all = set.all();
                 drop(set);
@@ -340,7 +309,7 @@ impl Gateway {
                 }
             }
             Ok(Request::Policy { name }) => {
-                let set = self.policies.lock();
+                let set = self.sessions.policies();
                 let default = set.default_name().map(str::to_owned);
                 let found = set.get(&name);
                 let names: Vec<String> = set.all().iter().map(|p| p.def.name.clone()).collect();
@@ -353,7 +322,7 @@ impl Gateway {
                         ),
                     },
                     Some(p) => {
-                        let dp = self.datapath.lock();
+                        let dp = self.sessions.datapath().lock();
                         let rules = p
                             .def
                             .rules
@@ -374,7 +343,7 @@ impl Gateway {
                     }
                 }
             }
-            Ok(Request::Disconnect { target }) => match self.disconnect(&target) {
+            Ok(Request::Disconnect { target }) => match self.sessions.disconnect(&target) {
                 Ok(n) => Response::Disconnected { disconnected: n },
                 Err(error) => Response::Error { error },
             },

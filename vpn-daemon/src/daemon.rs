@@ -72,8 +72,12 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
             },
         )
         .await?;
+        // A session that ends takes its DTLS channel with it.
+        let channels = dtls.clone();
+        gw.sessions
+            .on_end(Box::new(move |id| channels.close_session(id)));
         let _ = gw.dtls.set(dtls);
-        let mut dp = gw.datapath.lock();
+        let mut dp = gw.sessions.datapath().lock();
         dp.set_guard(vpn_common::GuardConfig {
             port: u32::from(addr.port()),
             hello_rate: raw.dtls.hello_rate,
@@ -96,7 +100,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         let u = crate::net::uplinks::Uplinks::start(
             &raw.uplinks,
             &raw.failover,
-            gw.datapath.clone(),
+            gw.sessions.datapath().clone(),
             gw.events.clone(),
         )
         .await?;
@@ -105,14 +109,14 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     let wiring = crate::transport::workers::Wiring {
         tun: gw.tun.clone(),
-        sessions: gw.sessions.clone(),
+        sessions: gw.sessions.table().clone(),
         dtls: gw.dtls.get().cloned(),
     };
     crate::transport::workers::start(&wiring, &tokio::runtime::Handle::current())
         .context("starting the packet workers")?;
-    tokio::spawn(gw.clone().reap());
-    tokio::spawn(gw.clone().watch_users());
-    tokio::spawn(gw.clone().follow_schedules());
+    tokio::spawn(gw.sessions.clone().reap());
+    tokio::spawn(gw.sessions.clone().watch_users());
+    tokio::spawn(gw.sessions.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
     tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
@@ -135,12 +139,12 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
             r = &mut serve => { r??; break }
         }
     }
-    for s in gw.sessions.all() {
-        gw.end_session(s.id, "gateway shutting down");
+    for s in gw.sessions.table().all() {
+        gw.sessions.end(s.id, "gateway shutting down");
     }
     // Give tunnels a moment to send their TERMINATE frames.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    gw.datapath.lock().unpin();
+    gw.sessions.datapath().lock().unpin();
     if let Err(e) = crate::net::uplinks::cleanup(&raw.failover).await {
         tracing::error!("removing uplink state: {e:#}");
     }

@@ -3,26 +3,19 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Instant, SystemTime},
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
 };
 
-use parking_lot::Mutex;
 use rand::RngCore as _;
-use vpn_common::SessionInfo;
 
 use crate::{
     auth::admission::{Lockout, LoginRefused},
     auth::login::{Checking, Ctx, LoginEvent, Reply, Step},
     events::{Event, LockoutScope},
-    mac::pseudo_mac,
     proto::auth_xml,
     proto::http::{Request, Response},
     server::Gateway,
-    session::{PolicyBinding, Session, TunnelSlot, new_cookie},
 };
 
 /// A request's context for the login flow: a new login it may start gets a
@@ -91,9 +84,9 @@ impl Gateway {
                 if let Some(s) = msg
                     .session_token
                     .as_deref()
-                    .and_then(|t| self.sessions.by_cookie(t))
+                    .and_then(|t| self.sessions.table().by_cookie(t))
                 {
-                    self.end_session(s.id, "user logout");
+                    self.sessions.end(s.id, "user logout");
                 }
                 Response::xml(
                     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<config-auth client=\"vpn\" type=\"complete\" aggregate-auth-version=\"2\"><logout>ok</logout></config-auth>\n".into(),
@@ -276,7 +269,7 @@ impl Gateway {
         else {
             return self.answer_login(step);
         };
-        match self.create_session(&user, &group, own_policy) {
+        match self.sessions.create(&user, &group, own_policy) {
             Ok((session, cookie)) => {
                 tracing::info!(user, session = session.id, "login succeeded");
                 Response::xml(auth_xml::complete(
@@ -302,108 +295,5 @@ impl Gateway {
                 ))
             }
         }
-    }
-
-    /// Creates a session for an authenticated user, or says why not.
-    pub(crate) fn create_session(
-        &self,
-        user: &str,
-        group: &str,
-        group_policy: Option<String>,
-    ) -> Result<(Arc<Session>, String), String> {
-        let max = self.settings.raw.server.max_sessions as usize;
-        let per_user = self.settings.raw.session.max_per_user as usize;
-        if per_user > 0 {
-            // At the limit, the oldest session without a tunnel makes way
-            // (a client that logged in again after losing its network).
-            let mine: Vec<_> = self
-                .sessions
-                .all()
-                .into_iter()
-                .filter(|s| s.user == user)
-                .collect();
-            if mine.len() >= per_user
-                && let Some(idle) = mine.iter().find(|s| s.tunnel.lock().handle.is_none())
-            {
-                self.end_session(idle.id, "replaced by a newer login of the same user");
-            }
-        }
-        // The pool lock also serialises the limit check with the insert.
-        // Lock order: pool, policies, datapath.
-        let mut pool = self.pool.lock();
-        let policies = self.policies.lock();
-        let (binding, (up_rate, down_rate)) = match policies.resolve(group_policy.as_deref()) {
-            Ok(p) => (
-                PolicyBinding {
-                    own: group_policy,
-                    effective: p.as_ref().map(|p| p.def.name.clone()),
-                    id: p.as_ref().map_or(0, |p| p.id),
-                },
-                p.map_or((0, 0), |p| {
-                    (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
-                }),
-            ),
-            Err(e) => {
-                return Err(format!(
-                    "{e}; the login is refused (ask your administrator to fix your account)"
-                ));
-            }
-        };
-        if self.sessions.len() >= max {
-            return Err(format!(
-                "the gateway has reached its limit of {max} concurrent sessions; try again later"
-            ));
-        }
-        // Checked again under the pool lock, which serialises logins: two
-        // at once cannot both take the last place.
-        if per_user > 0 && self.sessions.count_of(user) >= per_user {
-            return Err(format!(
-                "you already have {per_user} sessions, the most this gateway allows per user; disconnect one of them first"
-            ));
-        }
-        let lease = pool
-            .allocate(user)
-            .ok_or_else(|| "no free address in the VPN pool; try again later".to_string())?;
-        let now = Instant::now();
-        let session = Arc::new(Session {
-            id: self.sessions.next_id(),
-            user: user.to_owned(),
-            group: group.to_owned(),
-            policy: Mutex::new(binding.clone()),
-            rate_up_bps: AtomicU64::new(up_rate),
-            rate_down_bps: AtomicU64::new(down_rate),
-            lease,
-            mac: pseudo_mac(user),
-            created: SystemTime::now(),
-            started: now,
-            last_activity_ms: Default::default(),
-            tunnel: Mutex::new(TunnelSlot {
-                down_since: Some(now),
-                ..Default::default()
-            }),
-            spoofed_dropped: AtomicU64::new(0),
-        });
-        {
-            let mut dp = self.datapath.lock();
-            let info = SessionInfo {
-                session_id: session.id,
-                policy_id: binding.id,
-                flags: 0,
-            };
-            for a in session.addresses() {
-                if let Err(e) = dp.add_session(a, info) {
-                    for b in session.addresses() {
-                        dp.remove_session(b);
-                    }
-                    pool.release(lease.v4);
-                    tracing::error!("cannot install session in BPF maps: {e:#}");
-                    return Err("the gateway could not set up the session; try again later".into());
-                }
-            }
-        }
-        drop(policies);
-        let cookie = new_cookie();
-        self.sessions.insert(session.clone(), &cookie);
-        Ok((session, cookie))
     }
 }

@@ -58,7 +58,7 @@ impl Gateway {
         }
         let Some(session) = req
             .cookie("webvpn")
-            .and_then(|c| self.sessions.by_cookie(c))
+            .and_then(|c| self.sessions.table().by_cookie(c))
         else {
             tracing::info!(%peer, "CONNECT with an unknown or expired cookie");
             Response::text(
@@ -138,7 +138,7 @@ impl Gateway {
         }
         match end {
             TunnelEnd::Logout => {
-                self.end_session(session.id, "user logout");
+                self.sessions.end(session.id, "user logout");
             }
             TunnelEnd::Kicked => {}
             TunnelEnd::Down(reason) => {

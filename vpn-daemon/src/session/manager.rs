@@ -1,0 +1,547 @@
+//! The session manager: every session's life, from login to its end, and
+//! the state that goes with it. It owns the session table, the address
+//! pool, the data path's session entries and the policy set, and with them
+//! the lock order, written down here once:
+//!
+//! > pool, then policies, then datapath (and the table's own lock inside
+//! > any of them, never around one).
+//!
+//! Creating a session (a login) reserves an address, resolves the user's
+//! policy and installs the BPF entries; ending one (logout, admin, timeout,
+//! a user removed) removes them, frees the address, tells the client and
+//! logs the event; a reload or a schedule moves live sessions to their new
+//! policies all or none.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use ipnet::IpNet;
+use parking_lot::Mutex;
+use vpn_common::SessionInfo;
+
+use crate::{
+    auth::users::UserDb,
+    config::Settings,
+    datapath::bpf::SharedDatapath,
+    events::{Event, EventLog},
+    mac::pseudo_mac,
+    policies::PolicySet,
+    session::{
+        Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot, new_cookie, pool::Pool,
+    },
+};
+
+/// The limits a manager enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Sessions at once (`server.max_sessions`).
+    pub max_sessions: usize,
+    /// Sessions one user may hold (`session.max_per_user`; 0 = no limit).
+    pub max_per_user: usize,
+    pub timeouts: Timeouts,
+}
+
+impl SessionLimits {
+    pub fn from_settings(s: &Settings) -> Self {
+        let cfg = &s.raw.session;
+        SessionLimits {
+            max_sessions: s.raw.server.max_sessions as usize,
+            max_per_user: cfg.max_per_user as usize,
+            timeouts: Timeouts {
+                session: s.tunnel.session_timeout,
+                idle: Duration::from_secs(cfg.idle_timeout_secs),
+                disconnected: Duration::from_secs(cfg.disconnected_timeout_secs),
+            },
+        }
+    }
+}
+
+/// Called with a session's id when it ends (the DTLS server closes its
+/// channel).
+pub type EndHook = Box<dyn Fn(u64) + Send + Sync>;
+
+/// Every session and what they hold; see the module docs.
+pub struct SessionManager {
+    table: Arc<SessionTable>,
+    pool: Mutex<Pool>,
+    policies: Mutex<PolicySet>,
+    datapath: SharedDatapath,
+    events: Arc<EventLog>,
+    /// Users' own policies (re-read at each rebind) and their changes.
+    users: Arc<UserDb>,
+    limits: SessionLimits,
+    /// What enforcing policies let clients reach (`Settings::split_allow`).
+    split_allow: Vec<IpNet>,
+    on_end: OnceLock<EndHook>,
+    /// Spoofed packets of sessions that have ended (live sessions count
+    /// their own).
+    ended_spoofed: AtomicU64,
+}
+
+impl SessionManager {
+    /// A manager for `settings`' pools and limits, with its policies
+    /// installed.
+    pub fn new(
+        settings: &Settings,
+        datapath: SharedDatapath,
+        events: Arc<EventLog>,
+        users: Arc<UserDb>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let m = Arc::new(SessionManager {
+            table: Arc::default(),
+            pool: Mutex::new(Pool::new(settings.pool_v4, settings.pool_v6)),
+            policies: Mutex::new(PolicySet::default()),
+            datapath,
+            events,
+            users,
+            limits: SessionLimits::from_settings(settings),
+            split_allow: settings.split_allow.clone(),
+            on_end: OnceLock::new(),
+            ended_spoofed: AtomicU64::new(0),
+        });
+        m.apply_policies(settings)?;
+        Ok(m)
+    }
+
+    /// Calls `hook` with each session's id when it ends (set once).
+    pub fn on_end(&self, hook: EndHook) {
+        let _ = self.on_end.set(hook);
+    }
+
+    /// The session table (lookups by cookie, address, id).
+    pub fn table(&self) -> &Arc<SessionTable> {
+        &self.table
+    }
+
+    /// The data path the sessions' entries live in.
+    pub fn datapath(&self) -> &SharedDatapath {
+        &self.datapath
+    }
+
+    /// The installed policies.
+    pub fn policies(&self) -> parking_lot::MutexGuard<'_, PolicySet> {
+        self.policies.lock()
+    }
+
+    /// Addresses in use and in the pool.
+    pub fn pool_usage(&self) -> (usize, u32) {
+        let pool = self.pool.lock();
+        (pool.in_use(), pool.capacity())
+    }
+
+    /// Packets clients sent with another source than their own, all told.
+    pub fn spoofed_total(&self) -> u64 {
+        self.ended_spoofed.load(Ordering::Relaxed)
+            + self
+                .table
+                .all()
+                .iter()
+                .map(|s| s.spoofed_dropped.load(Ordering::Relaxed))
+                .sum::<u64>()
+    }
+
+    /// Installs the policies of `settings` (at start and on reload): all
+    /// or nothing. If a session cannot be moved to its new policy, the
+    /// sessions already moved go back and the new versions are removed,
+    /// so "rejected, the running configuration stays" is true.
+    pub fn apply_policies(&self, settings: &Settings) -> anyhow::Result<()> {
+        let mut policies = self.policies.lock();
+        let applied = policies.apply(
+            &mut self.datapath.lock(),
+            &settings.policies,
+            settings.raw.policy.default.clone(),
+            // The split list clients were given at connect time.
+            &self.split_allow,
+            settings.raw.policy.max_entries,
+        )?;
+        // Re-resolve every session against the new set (users may have
+        // new policies too), then drop the versions nobody uses.
+        match self.rebind(&policies) {
+            Ok(orphans) => {
+                policies.retire(&mut self.datapath.lock(), applied.old);
+                drop(policies);
+                self.end_orphans(orphans);
+                Ok(())
+            }
+            Err(e) => {
+                policies.rollback(&mut self.datapath.lock(), applied);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the sessions [`Self::rebind_sessions`] found without a policy
+    /// (fail closed: never leave a session on a policy that is gone, nor
+    /// silently widen its access). Called without the policy lock, which
+    /// `end_session`'s locks must not nest in.
+    fn end_orphans(&self, orphans: Vec<(u64, String)>) {
+        for (id, why) in orphans {
+            self.end(id, &why);
+        }
+    }
+
+    /// Re-resolves every session's policy (users' own policies re-read,
+    /// schedules evaluated now) and moves the sessions whose policy
+    /// changed, all or none: if one BPF update fails, those done are
+    /// undone and the error returned. Returns the sessions whose policy no
+    /// longer exists, for [`Self::end_orphans`].
+    fn rebind(&self, policies: &PolicySet) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut moves = Vec::new();
+        let mut writes = Vec::new();
+        let mut orphans = Vec::new();
+        for s in self.table.all() {
+            let own = match self.users.policy_of(&s.user) {
+                Some(own) => own,
+                None => s.policy.lock().own.clone(),
+            };
+            match policies.resolve(own.as_deref()) {
+                Ok(p) => {
+                    let rates = p.as_ref().map_or((0, 0), |p| {
+                        (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
+                    });
+                    let binding = PolicyBinding {
+                        own,
+                        effective: p.as_ref().map(|p| p.def.name.clone()),
+                        id: p.map_or(0, |p| p.id),
+                    };
+                    let old_id = s.policy.lock().id;
+                    if binding.id != old_id {
+                        let info = |policy_id| SessionInfo {
+                            session_id: s.id,
+                            policy_id,
+                            flags: 0,
+                        };
+                        for a in s.addresses() {
+                            writes.push((a, info(binding.id), info(old_id)));
+                        }
+                    }
+                    moves.push((s, binding, rates));
+                }
+                Err(e) => orphans.push((s.id, format!("{e} any more"))),
+            }
+        }
+        {
+            let mut dp = self.datapath.lock();
+            write_all_or_none(&writes, |a, info| dp.set_session(a, info))?;
+        }
+        for (s, binding, (up, down)) in moves {
+            s.rate_up_bps.store(up, Ordering::Relaxed);
+            s.rate_down_bps.store(down, Ordering::Relaxed);
+            let mut current = s.policy.lock();
+            if *current != binding {
+                tracing::info!(user = s.user, policy = ?binding.effective, "session policy changed");
+                *current = binding;
+            }
+        }
+        Ok(orphans)
+    }
+
+    /// Switches sessions between scheduled policies and their fallbacks
+    /// when a schedule window opens or closes (checked every 15 s).
+    pub async fn follow_schedules(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        let mut last = Vec::new();
+        loop {
+            tick.tick().await;
+            let now = crate::policy::local_now();
+            let policies = self.policies.lock();
+            let state = policies.schedule_state(now);
+            if state != last {
+                last = state;
+                let r = self.rebind(&policies);
+                drop(policies);
+                match r {
+                    Ok(orphans) => self.end_orphans(orphans),
+                    Err(e) => tracing::error!("applying policy schedules: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Creates a session for an authenticated user, or says why not.
+    pub fn create(
+        &self,
+        user: &str,
+        group: &str,
+        group_policy: Option<String>,
+    ) -> Result<(Arc<Session>, String), String> {
+        let max = self.limits.max_sessions;
+        let per_user = self.limits.max_per_user;
+        if per_user > 0 {
+            // At the limit, the oldest session without a tunnel makes way
+            // (a client that logged in again after losing its network).
+            let mine: Vec<_> = self
+                .table
+                .all()
+                .into_iter()
+                .filter(|s| s.user == user)
+                .collect();
+            if mine.len() >= per_user
+                && let Some(idle) = mine.iter().find(|s| s.tunnel.lock().handle.is_none())
+            {
+                self.end(idle.id, "replaced by a newer login of the same user");
+            }
+        }
+        // The pool lock also serialises the limit check with the insert.
+        // Lock order: pool, policies, datapath.
+        let mut pool = self.pool.lock();
+        let policies = self.policies.lock();
+        let (binding, (up_rate, down_rate)) = match policies.resolve(group_policy.as_deref()) {
+            Ok(p) => (
+                PolicyBinding {
+                    own: group_policy,
+                    effective: p.as_ref().map(|p| p.def.name.clone()),
+                    id: p.as_ref().map_or(0, |p| p.id),
+                },
+                p.map_or((0, 0), |p| {
+                    (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
+                }),
+            ),
+            Err(e) => {
+                return Err(format!(
+                    "{e}; the login is refused (ask your administrator to fix your account)"
+                ));
+            }
+        };
+        if self.table.len() >= max {
+            return Err(format!(
+                "the gateway has reached its limit of {max} concurrent sessions; try again later"
+            ));
+        }
+        // Checked again under the pool lock, which serialises logins: two
+        // at once cannot both take the last place.
+        if per_user > 0 && self.table.count_of(user) >= per_user {
+            return Err(format!(
+                "you already have {per_user} sessions, the most this gateway allows per user; disconnect one of them first"
+            ));
+        }
+        let lease = pool
+            .allocate(user)
+            .ok_or_else(|| "no free address in the VPN pool; try again later".to_string())?;
+        let now = Instant::now();
+        let session = Arc::new(Session {
+            id: self.table.next_id(),
+            user: user.to_owned(),
+            group: group.to_owned(),
+            policy: Mutex::new(binding.clone()),
+            rate_up_bps: AtomicU64::new(up_rate),
+            rate_down_bps: AtomicU64::new(down_rate),
+            lease,
+            mac: pseudo_mac(user),
+            created: SystemTime::now(),
+            started: now,
+            last_activity_ms: Default::default(),
+            tunnel: Mutex::new(TunnelSlot {
+                down_since: Some(now),
+                ..Default::default()
+            }),
+            spoofed_dropped: AtomicU64::new(0),
+        });
+        {
+            let mut dp = self.datapath.lock();
+            let info = SessionInfo {
+                session_id: session.id,
+                policy_id: binding.id,
+                flags: 0,
+            };
+            for a in session.addresses() {
+                if let Err(e) = dp.add_session(a, info) {
+                    for b in session.addresses() {
+                        dp.remove_session(b);
+                    }
+                    pool.release(lease.v4);
+                    tracing::error!("cannot install session in BPF maps: {e:#}");
+                    return Err("the gateway could not set up the session; try again later".into());
+                }
+            }
+        }
+        drop(policies);
+        let cookie = new_cookie();
+        self.table.insert(session.clone(), &cookie);
+        Ok((session, cookie))
+    }
+    /// Ends the sessions `target` names (user name or VPN address).
+    pub fn disconnect(&self, target: &str) -> Result<usize, String> {
+        let ip: Option<std::net::IpAddr> = target.parse().ok();
+        let matching: Vec<u64> = self
+            .table
+            .all()
+            .iter()
+            .filter(|s| match ip {
+                Some(ip) => s.addresses().any(|a| a == ip),
+                None => s.user == target,
+            })
+            .map(|s| s.id)
+            .collect();
+        if matching.is_empty() {
+            return Err(format!(
+                "no session matches '{target}' (give a user name or a VPN address)"
+            ));
+        }
+        Ok(matching
+            .into_iter()
+            .filter(|id| self.end(*id, "disconnected by administrator"))
+            .count())
+    }
+
+    /// Ends a session for good: closes its tunnel (telling the client),
+    /// frees its address and BPF entries and logs the event. Idempotent.
+    pub fn end(&self, id: u64, reason: &str) -> bool {
+        let Some(s) = self.table.remove(id) else {
+            return false;
+        };
+        tracing::debug!(session = id, "ending session: {reason}");
+        if let Some(h) = s.tunnel.lock().handle.take()
+            && let Some(k) = h.kick
+        {
+            let _ = k.send(Kick::Terminate(reason.to_owned()));
+        }
+        if let Some(hook) = self.on_end.get() {
+            hook(s.id);
+        }
+        let mut stats = vpn_common::SessionStats::default();
+        {
+            let mut dp = self.datapath.lock();
+            for a in s.addresses() {
+                stats.add(&dp.remove_session(a));
+            }
+            dp.forget_rate_state(s.id);
+        }
+        self.pool.lock().release(s.lease.v4);
+        self.ended_spoofed
+            .fetch_add(s.spoofed_dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.events.emit(Event::ClientDisconnected {
+            session_id: s.id,
+            user: s.user.clone(),
+            vpn_address: s.lease.v4.to_string(),
+            reason: reason.to_owned(),
+            duration_secs: s.started.elapsed().as_secs(),
+            bytes_in: stats.rx_bytes,
+            bytes_out: stats.tx_bytes,
+        });
+        true
+    }
+
+    /// Follows the user database: a user removed, or whose password
+    /// changed, loses their sessions at once (and their cookies with
+    /// them); a changed own policy applies to their sessions. Checks the
+    /// file's modification time every second.
+    pub async fn watch_users(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let gw = self.clone();
+            let Ok(changes) = tokio::task::spawn_blocking(move || gw.users.take_changes()).await
+            else {
+                continue;
+            };
+            if changes.is_empty() {
+                continue;
+            }
+            for s in self.table.all() {
+                let reason = if changes.removed.contains(&s.user) {
+                    "user removed from the user database"
+                } else if changes.password_changed.contains(&s.user) {
+                    "password changed"
+                } else {
+                    continue;
+                };
+                self.end(s.id, reason);
+            }
+            if !changes.policy_changed.is_empty() {
+                let policies = self.policies.lock();
+                let r = self.rebind(&policies);
+                drop(policies);
+                match r {
+                    Ok(orphans) => self.end_orphans(orphans),
+                    Err(e) => tracing::error!("applying users' new group policies: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Ends sessions past their session timeout, idle timeout, or the time a
+    /// session may stay without a tunnel. Runs every second.
+    pub async fn reap(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let limits = self.limits.timeouts;
+        loop {
+            let now = tick.tick().await.into_std();
+            for s in self.table.all() {
+                if let Some(reason) = s.expiry(&limits, now) {
+                    self.end(s.id, reason);
+                }
+            }
+        }
+    }
+}
+
+/// Writes every `(address, new, old)` with `set`; if one write fails, the
+/// writes done are undone with their `old` values (newest first) and the
+/// error returned: all of them or none.
+fn write_all_or_none<E: std::fmt::Display>(
+    writes: &[(IpAddr, SessionInfo, SessionInfo)],
+    mut set: impl FnMut(IpAddr, SessionInfo) -> Result<(), E>,
+) -> Result<(), E> {
+    for (i, (a, new, _)) in writes.iter().enumerate() {
+        if let Err(e) = set(*a, *new) {
+            for (a, _, old) in writes[..i].iter().rev() {
+                if let Err(undo) = set(*a, *old) {
+                    tracing::error!(address = %a, "cannot move a session back to its policy: {undo}");
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// A reload whose n-th BPF update fails leaves every session as it was.
+    #[test]
+    fn session_moves_are_all_or_none() {
+        let info = |session_id, policy_id| SessionInfo {
+            session_id,
+            policy_id,
+            flags: 0,
+        };
+        let addr = |i: u8| IpAddr::from([198, 19, 0, i]);
+        let writes: Vec<_> = (1..=4u8)
+            .map(|i| (addr(i), info(u64::from(i), 7), info(u64::from(i), 3)))
+            .collect();
+        for fail_at in 0..writes.len() {
+            let mut map: HashMap<IpAddr, SessionInfo> =
+                writes.iter().map(|(a, _, old)| (*a, *old)).collect();
+            let before = map.clone();
+            let mut calls = 0;
+            let r = write_all_or_none(&writes, |a, i| {
+                calls += 1;
+                if calls == fail_at + 1 {
+                    return Err("map update failed");
+                }
+                map.insert(a, i);
+                Ok(())
+            });
+            assert_eq!(r, Err("map update failed"));
+            assert_eq!(map, before, "failing at write {fail_at}: rolled back");
+        }
+        let mut map = HashMap::new();
+        write_all_or_none(&writes, |a, i| {
+            map.insert(a, i);
+            Ok::<(), &str>(())
+        })
+        .unwrap();
+        assert!(map.values().all(|i| i.policy_id == 7));
+    }
+}
