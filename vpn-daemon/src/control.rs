@@ -21,7 +21,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::{mac::format_mac, server::Gateway};
+use crate::{gateway::Gateway, mac::format_mac};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -173,7 +173,7 @@ impl Gateway {
                 for a in s.addresses() {
                     st.add(&dp.session_stats(a));
                 }
-                let link = self.dtls.get().and_then(|d| d.link_for(s.id));
+                let link = self.dtls.as_ref().and_then(|d| d.link_for(s.id));
                 let slot = s.tunnel.lock();
                 SessionRow {
                     id: s.id,
@@ -233,10 +233,10 @@ impl Gateway {
                     .collect()
             },
             daemon_drops: vec![("spoofed-source".into(), self.sessions.spoofed_total())],
-            dtls_rx: self.dtls.get().map(|d| d.rx_stats()),
-            dtls_flow_control: self.dtls.get().map(|d| d.flow_control_stats()),
-            dtls_handshakes: self.dtls.get().map(|d| d.handshake_stats()),
-            tls_reads: self.tls_reads.snapshot(),
+            dtls_rx: self.dtls.as_ref().map(|d| d.rx_stats()),
+            dtls_flow_control: self.dtls.as_ref().map(|d| d.flow_control_stats()),
+            dtls_handshakes: self.dtls.as_ref().map(|d| d.handshake_stats()),
+            tls_reads: self.tunnels.read_stats(),
             admission: self.admission_stats(),
         }
     }

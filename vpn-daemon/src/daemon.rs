@@ -11,9 +11,11 @@ use crate::{
     control,
     datapath::{bpf::Datapath, tun::Tun},
     events::EventLog,
+    gateway::Gateway,
+    login::LoginService,
     net::netlink,
-    server,
-    transport::tls,
+    session::manager::SessionManager,
+    transport::{listener::Listener, tls, tls_tunnel::TunnelService},
 };
 
 /// Runs the gateway with `settings` (read from `config_path`, which
@@ -50,20 +52,27 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     let datapath = Datapath::load(tun.name(), &raw.server.bpf_pin_dir)?;
     tracing::info!(pins = %raw.server.bpf_pin_dir.display(), "BPF programs attached to {}", tun.name());
 
-    let (listener, acceptor) = server::bind(&settings, tls_config).await?;
+    let (tcp, acceptor) = crate::transport::listener::bind(&settings, tls_config).await?;
     let control_path = raw.server.control_socket.clone();
     let control = control::bind(&control_path, settings.control_gid)?;
-    let gw = server::Gateway::new(settings.clone(), config_path, users, datapath, events, tun)?;
 
-    if raw.dtls.enabled {
+    let users = Arc::new(users);
+    let events = Arc::new(events);
+    let sessions = SessionManager::new(
+        &settings,
+        Arc::new(parking_lot::Mutex::new(datapath)),
+        events.clone(),
+        users.clone(),
+    )?;
+    let dtls = if raw.dtls.enabled {
         let mut addr = raw.server.listen;
         addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
         let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
         let coalesce = std::time::Duration::from_micros(raw.dtls.rx_coalesce_usecs.into());
         let dtls = crate::transport::dtls::DtlsServer::bind(
             addr,
-            crate::transport::workers::count(&gw.tun),
-            gw.tun.clone(),
+            crate::transport::workers::count(&tun),
+            tun.clone(),
             dpd,
             coalesce,
             crate::transport::dtls::HandshakeLimits {
@@ -74,10 +83,8 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         .await?;
         // A session that ends takes its DTLS channel with it.
         let channels = dtls.clone();
-        gw.sessions
-            .on_end(Box::new(move |id| channels.close_session(id)));
-        let _ = gw.dtls.set(dtls);
-        let mut dp = gw.sessions.datapath().lock();
+        sessions.on_end(Box::new(move |id| channels.close_session(id)));
+        let mut dp = sessions.datapath().lock();
         dp.set_guard(vpn_common::GuardConfig {
             port: u32::from(addr.port()),
             hello_rate: raw.dtls.hello_rate,
@@ -90,7 +97,49 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         }
         drop(dp);
         tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
-    }
+        Some(dtls)
+    } else {
+        None
+    };
+    let admission = Arc::new(crate::auth::admission::Counters::default());
+    let connections = crate::auth::admission::Connections::new(&raw.limits);
+    let login = LoginService::new(
+        &settings,
+        users.clone(),
+        sessions.clone(),
+        events.clone(),
+        admission.clone(),
+    );
+    let tunnels = TunnelService::new(
+        &settings,
+        sessions.clone(),
+        dtls.clone(),
+        tun.clone(),
+        events.clone(),
+    );
+    let listener = Listener::new(
+        &settings,
+        connections.clone(),
+        admission.clone(),
+        login.clone(),
+        tunnels.clone(),
+    );
+    let gw = Arc::new(Gateway {
+        settings: settings.clone(),
+        config_path,
+        users,
+        events,
+        tun,
+        sessions,
+        login,
+        tunnels,
+        listener,
+        connections,
+        admission,
+        dtls,
+        uplinks: std::sync::OnceLock::new(),
+    });
+
     // Uplinks: routing tables, rules, the nft table and health checks.
     // Whatever a crashed run left is removed first, configured or not.
     crate::net::uplinks::cleanup(&raw.failover)
@@ -110,7 +159,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     let wiring = crate::transport::workers::Wiring {
         tun: gw.tun.clone(),
         sessions: gw.sessions.table().clone(),
-        dtls: gw.dtls.get().cloned(),
+        dtls: gw.dtls.clone(),
     };
     crate::transport::workers::start(&wiring, &tokio::runtime::Handle::current())
         .context("starting the packet workers")?;
@@ -118,7 +167,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     tokio::spawn(gw.sessions.clone().watch_users());
     tokio::spawn(gw.sessions.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));
-    let serve = tokio::spawn(gw.clone().serve(listener, acceptor));
+    let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
     tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
 
     use tokio::signal::unix::{SignalKind, signal};

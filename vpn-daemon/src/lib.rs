@@ -17,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod events;
+pub mod gateway;
 #[cfg(test)]
 mod hostile_input_tests;
 #[cfg(test)]
@@ -29,10 +30,8 @@ pub mod paths;
 pub mod policies;
 pub mod policy;
 pub mod proto;
-pub mod server;
 pub mod session;
 pub mod transport;
-pub mod tunnel;
 pub mod unix_users;
 
 pub use daemon::run;

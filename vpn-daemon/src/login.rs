@@ -1,5 +1,7 @@
-//! The authentication phase: the HTTP requests before CONNECT, the XML
-//! aggregate-auth exchange, and creating the session a login earns.
+//! The login portal: the HTTP requests before CONNECT, answered by the
+//! login flow (`auth::login`, which holds the rules) with the password
+//! checks run off the runtime, and the session a login earns created by
+//! the session manager.
 
 use std::{
     net::SocketAddr,
@@ -7,15 +9,23 @@ use std::{
     time::Instant,
 };
 
+use parking_lot::Mutex;
 use rand::RngCore as _;
 
 use crate::{
     auth::admission::{Lockout, LoginRefused},
     auth::login::{Checking, Ctx, LoginEvent, Reply, Step},
+    auth::{
+        admission::{self, Verifier},
+        login::LoginFlow,
+        users::UserDb,
+    },
+    config::{GroupConfig, Settings},
+    events::EventLog,
     events::{Event, LockoutScope},
     proto::auth_xml,
     proto::http::{Request, Response},
-    server::Gateway,
+    session::manager::SessionManager,
 };
 
 /// A request's context for the login flow: a new login it may start gets a
@@ -30,9 +40,64 @@ fn login_ctx(peer: SocketAddr) -> Ctx {
     }
 }
 
-impl Gateway {
+/// The login portal's service: what answering a login takes.
+pub struct LoginService {
+    flow: Mutex<LoginFlow>,
+    verifier: Verifier,
+    users: Arc<UserDb>,
+    sessions: Arc<SessionManager>,
+    events: Arc<EventLog>,
+    /// Login and password-check refusals (`vpnctl stats`).
+    counters: Arc<admission::Counters>,
+    /// The groups shown in the form's selector.
+    groups: Vec<GroupConfig>,
+    /// The form's title (`server.name`).
+    title: String,
+    /// Shown after a login (`tunnel.banner`).
+    banner: Option<String>,
+    /// How long a login may take (`auth.timeout_secs`): the login cookie's
+    /// age.
+    login_secs: u64,
+    lockout_window_secs: u64,
+}
+
+impl LoginService {
+    pub fn new(
+        settings: &Settings,
+        users: Arc<UserDb>,
+        sessions: Arc<SessionManager>,
+        events: Arc<EventLog>,
+        counters: Arc<admission::Counters>,
+    ) -> Arc<Self> {
+        let raw = &settings.raw;
+        Arc::new(LoginService {
+            flow: Mutex::new(LoginFlow::new(
+                &raw.limits,
+                &raw.auth,
+                settings.groups.clone(),
+            )),
+            verifier: Verifier::new(&raw.limits),
+            users,
+            sessions,
+            events,
+            counters,
+            groups: settings.groups.clone(),
+            title: raw.server.name.clone(),
+            banner: raw.tunnel.banner.clone(),
+            login_secs: raw.auth.timeout_secs,
+            lockout_window_secs: raw.limits.lockout_window_secs,
+        })
+    }
+
+    /// Logins in progress, sources and users locked out, password checks
+    /// running or waiting, now.
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let (pending, sources, users) = self.flow.lock().counts(Instant::now());
+        (pending, sources, users, self.verifier.in_progress())
+    }
+
     /// Answers a request of the authentication phase.
-    pub(crate) async fn route(self: &Arc<Self>, req: &Request, peer: SocketAddr) -> Response {
+    pub async fn route(self: &Arc<Self>, req: &Request, peer: SocketAddr) -> Response {
         match req.method.as_str() {
             "POST" => self.post(req, peer).await,
             "GET" => match req.path.as_str() {
@@ -72,11 +137,10 @@ impl Gateway {
             "init" => {
                 // The URL path picks the group (group URL), an explicit
                 // <group-select> overrides it.
-                let step = self.logins.lock().init(
-                    msg.group_select.as_deref(),
-                    &req.path,
-                    login_ctx(peer),
-                );
+                let step =
+                    self.flow
+                        .lock()
+                        .init(msg.group_select.as_deref(), &req.path, login_ctx(peer));
                 self.answer_login(step)
             }
             "auth-reply" => self.auth_reply(req, msg, peer).await,
@@ -103,7 +167,7 @@ impl Gateway {
     }
 
     fn count_refused(&self, r: &LoginRefused) {
-        let c = &self.admission;
+        let c = &self.counters;
         match r {
             LoginRefused::Busy => &c.logins_refused_busy,
             LoginRefused::SourceBusy => &c.logins_refused_source_busy,
@@ -121,10 +185,9 @@ impl Gateway {
             LoginRefused::Busy | LoginRefused::SourceBusy => {
                 Response::text(503, "Service Unavailable", format!("{}\n", r.message())).closing()
             }
-            LoginRefused::SourceLocked { .. } | LoginRefused::UserLocked { .. } => Response::xml(
-                auth_xml::fatal_error(&self.settings.raw.server.name, &r.message()),
-            )
-            .closing(),
+            LoginRefused::SourceLocked { .. } | LoginRefused::UserLocked { .. } => {
+                Response::xml(auth_xml::fatal_error(&self.title, &r.message())).closing()
+            }
         }
     }
 
@@ -155,7 +218,7 @@ impl Gateway {
 
     /// Logs what the login flow reports.
     fn log_login_events(&self, events: Vec<LoginEvent>, peer: SocketAddr) {
-        let window_secs = self.settings.raw.limits.lockout_window_secs;
+        let window_secs = self.lockout_window_secs;
         for e in events {
             self.events.emit(match e {
                 LoginEvent::Failed { user, reason } => Event::AuthenticationFailed {
@@ -181,7 +244,6 @@ impl Gateway {
 
     fn form(&self, handle: &str, group: &str, error: Option<&str>) -> Response {
         let groups: Vec<auth_xml::GroupOption<'_>> = self
-            .settings
             .groups
             .iter()
             .map(|g| auth_xml::GroupOption {
@@ -191,7 +253,7 @@ impl Gateway {
             .collect();
         let body = auth_xml::login_form(&auth_xml::LoginForm {
             handle,
-            title: &self.settings.raw.server.name,
+            title: &self.title,
             message: "Please enter your username and password.",
             error,
             groups: &groups,
@@ -201,7 +263,7 @@ impl Gateway {
             "Set-Cookie",
             format!(
                 "webvpncontext={handle}; Max-Age={}; Secure; HttpOnly",
-                self.settings.raw.auth.timeout_secs
+                self.login_secs
             ),
         )
     }
@@ -221,10 +283,7 @@ impl Gateway {
             password: msg.password,
         };
         let mut events = Vec::new();
-        let mut step = self
-            .logins
-            .lock()
-            .reply(reply, login_ctx(peer), &mut events);
+        let mut step = self.flow.lock().reply(reply, login_ctx(peer), &mut events);
         if let Step::Verify {
             handle,
             group,
@@ -240,7 +299,7 @@ impl Gateway {
                 .await;
             let Ok(result) = checked else {
                 self.log_login_events(events, peer);
-                self.admission
+                self.counters
                     .verifications_refused_busy
                     .fetch_add(1, Ordering::Relaxed);
                 return Response::text(
@@ -256,7 +315,7 @@ impl Gateway {
                 user,
             };
             step = self
-                .logins
+                .flow
                 .lock()
                 .verified(checking, result, login_ctx(peer), &mut events);
         }
@@ -275,7 +334,7 @@ impl Gateway {
                 Response::xml(auth_xml::complete(
                     session.id,
                     &cookie,
-                    self.settings.raw.tunnel.banner.as_deref(),
+                    self.banner.as_deref(),
                 ))
                 .header("Set-Cookie", format!("webvpn={cookie}; Secure; HttpOnly"))
                 .header(
@@ -289,10 +348,7 @@ impl Gateway {
                     source_address: peer.to_string(),
                     reason: reason.clone(),
                 });
-                Response::xml(auth_xml::fatal_error(
-                    &self.settings.raw.server.name,
-                    &reason,
-                ))
+                Response::xml(auth_xml::fatal_error(&self.title, &reason))
             }
         }
     }

@@ -4,6 +4,8 @@
 //! DTLS channels (`workers`).
 
 pub mod dtls;
+pub mod listener;
 pub mod read_batch;
 pub mod tls;
+pub mod tls_tunnel;
 pub mod workers;

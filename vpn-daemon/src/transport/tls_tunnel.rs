@@ -16,9 +16,13 @@ use tokio::{
 
 use crate::{
     auth::admission::ConnectionSlot,
+    config::Settings,
+    datapath::tun::Tun,
     datapath::tun::TunSink,
     events::Event,
+    events::EventLog,
     mac::format_mac,
+    proto::connect::TunnelParams,
     proto::{
         client_string,
         connect::{self, Addresses, DtlsAnswer, DtlsChoice, NoDtls},
@@ -26,9 +30,13 @@ use crate::{
         dpd::{Dpd, DpdAction},
         http::{Request, Response},
     },
-    server::{ClientTls, Gateway},
+    session::manager::SessionManager,
     session::{Kick, Pacer, Session, TunnelHandle},
     transport::dtls::DtlsServer,
+    transport::{
+        read_batch::{Counters, ReadStats},
+        tls::ClientTls,
+    },
 };
 
 /// Packets queued towards one client before new ones are dropped.
@@ -38,10 +46,50 @@ const CLIENT_QUEUE: usize = 512;
 /// before it writes to the tunnel device and lets other tasks run.
 const READ_BURST: usize = 256 * 1024;
 
-impl Gateway {
+/// What running TLS tunnels takes.
+pub struct TunnelService {
+    sessions: Arc<SessionManager>,
+    dtls: Option<Arc<DtlsServer>>,
+    tun: Arc<Tun>,
+    events: Arc<EventLog>,
+    /// What every client is told at CONNECT.
+    params: TunnelParams,
+    /// Offer PSK-NEGOTIATE to clients that can (`dtls.psk_negotiate`).
+    psk_negotiate: bool,
+    /// Batch the reads of fast senders (`tls.read_batching`).
+    read_batching: bool,
+    /// How TLS tunnels' reads were batched (`vpnctl stats`).
+    reads: Counters,
+}
+
+impl TunnelService {
+    pub fn new(
+        settings: &Settings,
+        sessions: Arc<SessionManager>,
+        dtls: Option<Arc<DtlsServer>>,
+        tun: Arc<Tun>,
+        events: Arc<EventLog>,
+    ) -> Arc<Self> {
+        Arc::new(TunnelService {
+            sessions,
+            dtls,
+            tun,
+            events,
+            params: settings.tunnel.clone(),
+            psk_negotiate: settings.raw.dtls.psk_negotiate,
+            read_batching: settings.raw.tls.read_batching.unwrap_or(true),
+            reads: Counters::default(),
+        })
+    }
+
+    /// How TLS tunnels' reads were batched so far.
+    pub fn read_stats(&self) -> ReadStats {
+        self.reads.snapshot()
+    }
+
     /// `CONNECT /CSCOSSLC/tunnel`: validates the cookie, attaches a tunnel
     /// to the session (taking it over from an older one) and runs it.
-    pub(crate) async fn connect(
+    pub async fn connect(
         self: Arc<Self>,
         mut tls: ClientTls,
         leftover: BytesMut,
@@ -101,17 +149,16 @@ impl Gateway {
 
         let dtls_offer = self
             .dtls
-            .get()
+            .as_ref()
             .and_then(|d| self.dtls_offer(d, &req, &tls, &session));
         let head = connect::response_head(
-            &self.settings.tunnel,
+            &self.params,
             &req,
             Addresses {
                 v4: session.lease.v4,
                 v6: session.lease.v6,
             },
-            self.settings
-                .tunnel
+            self.params
                 .session_timeout
                 .saturating_sub(session.started.elapsed()),
             peer.ip().to_canonical().is_ipv6(),
@@ -174,7 +221,7 @@ impl Gateway {
             dtls12 = ?req.header("X-DTLS12-CipherSuite").map(client_string),
             "the client's DTLS offer"
         );
-        let answer = match connect::choose_dtls(req, self.settings.raw.dtls.psk_negotiate) {
+        let answer = match connect::choose_dtls(req, self.psk_negotiate) {
             Err(NoDtls::NotAsked) => return None,
             Err(e) => {
                 tracing::info!(user = session.user, "no DTLS for this tunnel: {e}");
@@ -232,12 +279,12 @@ impl Gateway {
         // `tls` keep the socket open.
         let mut batch = crate::transport::read_batch::ReadBatching::new(
             std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0.get_ref()),
-            self.settings.raw.tls.read_batching.unwrap_or(true),
-            &self.tls_reads,
+            self.read_batching,
+            &self.reads,
         );
         let tail = tokio::time::sleep(crate::transport::read_batch::TAIL);
         tokio::pin!(tail);
-        let dpd = Duration::from_secs(self.settings.raw.session.dpd_secs);
+        let dpd = Duration::from_secs(self.params.dpd_secs);
         let (mut rd, wr) = tokio::io::split(tls);
         let mut wr = ClientWriter { wr, limit: dpd * 3 };
         let mut dpd = Dpd::new(dpd, Instant::now());
@@ -330,7 +377,7 @@ impl Gateway {
                             }
                             // A rate-limited client on DTLS gets its paced
                             // packets there.
-                            if let Some(d) = self.dtls.get()
+                            if let Some(d) = self.dtls.as_ref()
                                 && let Some(link) = d.link_for(session.id)
                             {
                                 d.send_one(&link, &p);
@@ -397,7 +444,7 @@ impl Gateway {
             match frame.ty {
                 FrameType::Data => {
                     session.touch();
-                    if let Some(d) = self.dtls.get() {
+                    if let Some(d) = self.dtls.as_ref() {
                         d.fall_back_if_silent(session.id);
                     }
                     if !crate::packet::ip::valid_ip_packet(&frame.payload)

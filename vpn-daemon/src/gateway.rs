@@ -1,0 +1,127 @@
+//! The gateway: the services, wired together once at start-up
+//! ([`crate::run`]), and what spans them (reload, the admission figures).
+//! It holds no protocol logic of its own.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+};
+
+use crate::{
+    auth::{
+        admission::{self, Connections},
+        users::UserDb,
+    },
+    config::{Config, Settings},
+    datapath::tun::Tun,
+    events::{Event, EventLog},
+    login::LoginService,
+    net::uplinks::Uplinks,
+    session::manager::SessionManager,
+    transport::{dtls::DtlsServer, listener::Listener, tls_tunnel::TunnelService},
+};
+
+/// The services of a running gateway.
+pub struct Gateway {
+    pub settings: Settings,
+    /// The file `reload` re-reads.
+    pub config_path: PathBuf,
+    pub users: Arc<UserDb>,
+    pub events: Arc<EventLog>,
+    pub tun: Arc<Tun>,
+    /// Sessions and what they hold (pool, data-path entries, policies).
+    pub sessions: Arc<SessionManager>,
+    pub login: Arc<LoginService>,
+    pub tunnels: Arc<TunnelService>,
+    pub listener: Arc<Listener>,
+    /// Connections that are not tunnels.
+    pub connections: Arc<Connections>,
+    /// What the limits before authentication refused.
+    pub admission: Arc<admission::Counters>,
+    /// The DTLS server, when `[dtls] enabled`.
+    pub dtls: Option<Arc<DtlsServer>>,
+    /// The uplinks, when `[[uplink]]`s are configured.
+    pub uplinks: std::sync::OnceLock<Arc<Uplinks>>,
+}
+
+impl Gateway {
+    /// The admission limits' state and counters.
+    pub fn admission_stats(&self) -> admission::AdmissionStats {
+        let l = &self.settings.raw.limits;
+        let c = &self.admission;
+        let (pending, sources_locked, users_locked, verifications) = self.login.counts();
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        admission::AdmissionStats {
+            connections: self.connections.open(),
+            max_connections: l.max_connections,
+            max_connections_per_source: l.max_connections_per_source,
+            connections_refused_total: n(&c.connections_refused_total),
+            connections_refused_source: n(&c.connections_refused_source),
+            connections_closed_requests: n(&c.connections_closed_requests),
+            connections_closed_lifetime: n(&c.connections_closed_lifetime),
+            pending_logins: pending,
+            max_pending_logins: l.max_pending_logins,
+            logins_refused_busy: n(&c.logins_refused_busy),
+            logins_refused_source_busy: n(&c.logins_refused_source_busy),
+            logins_refused_source_locked: n(&c.logins_refused_source_locked),
+            logins_refused_user_locked: n(&c.logins_refused_user_locked),
+            sources_locked,
+            users_locked,
+            verifications_refused_busy: n(&c.verifications_refused_busy),
+            verifications_in_progress: verifications,
+        }
+    }
+
+    /// `vpnctl reload` / SIGHUP: re-reads the config file. A file that does
+    /// not validate is rejected and the running config stays. Group
+    /// policies and the default policy change live; other sections need a
+    /// restart and are reported as such.
+    pub fn reload(&self) -> Result<String, String> {
+        let new = Config::load(&self.config_path).map_err(|e| {
+            let msg = format!("reload rejected, the running configuration stays: {e}");
+            self.events.emit(Event::ConfigReloadFailed {
+                reason: e.to_string(),
+            });
+            msg
+        })?;
+        self.sessions.apply_policies(&new).map_err(|e| {
+            let msg = format!("reload rejected, the running configuration stays: {e:#}");
+            self.events.emit(Event::ConfigReloadFailed {
+                reason: format!("{e:#}"),
+            });
+            msg
+        })?;
+        let mut restart = Vec::new();
+        let (a, b) = (&self.settings.raw, &new.raw);
+        for (name, same) in [
+            ("server", a.server == b.server),
+            ("tls", a.tls == b.tls),
+            ("http", a.http == b.http),
+            ("tunnel", a.tunnel == b.tunnel),
+            ("client_routing", a.client_routing == b.client_routing),
+            ("session", a.session == b.session),
+            ("auth", a.auth == b.auth),
+            ("group", a.groups == b.groups),
+            ("dtls", a.dtls == b.dtls),
+            ("uplink", a.uplinks == b.uplinks),
+            ("failover", a.failover == b.failover),
+        ] {
+            if !same {
+                restart.push(name);
+            }
+        }
+        let n = new.policies.len();
+        self.events.emit(Event::ConfigReloaded {
+            policies: n,
+            needs_restart: restart.iter().map(|s| s.to_string()).collect(),
+        });
+        Ok(if restart.is_empty() {
+            format!("reloaded: {n} group policies applied")
+        } else {
+            format!(
+                "reloaded: {n} group policies applied; changes to [{}] take effect after a restart",
+                restart.join("], [")
+            )
+        })
+    }
+}

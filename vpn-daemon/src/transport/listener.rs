@@ -1,0 +1,180 @@
+//! The TLS listener: accepts connections within the limits before
+//! authentication, runs the HTTP exchange (the login portal answers it)
+//! until a `CONNECT` hands the connection to the tunnel service.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::BytesMut;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    auth::admission::{self, ConnectionRefused, ConnectionSlot, Connections},
+    config::Settings,
+    login::LoginService,
+    proto::http::{self, Response},
+    transport::{tls::TLS_IO_BUFFER, tls_tunnel::TunnelService},
+};
+
+/// The listener's service: what serving a connection takes.
+pub struct Listener {
+    connections: Arc<Connections>,
+    /// Connection refusals and closings (`vpnctl stats`).
+    counters: Arc<admission::Counters>,
+    http: http::Limits,
+    max_requests: u32,
+    lifetime: Duration,
+    login: Arc<LoginService>,
+    tunnels: Arc<TunnelService>,
+}
+
+impl Listener {
+    pub fn new(
+        settings: &Settings,
+        connections: Arc<Connections>,
+        counters: Arc<admission::Counters>,
+        login: Arc<LoginService>,
+        tunnels: Arc<TunnelService>,
+    ) -> Arc<Self> {
+        let l = &settings.raw.limits;
+        Arc::new(Listener {
+            connections,
+            counters,
+            http: settings.raw.http.clone(),
+            max_requests: l.max_requests_per_connection,
+            lifetime: Duration::from_secs(l.max_connection_secs),
+            login,
+            tunnels,
+        })
+    }
+
+    /// Accepts TLS connections until the listener fails.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+    ) -> anyhow::Result<()> {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let slot = match self.connections.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    let c = &self.counters;
+                    match refused {
+                        ConnectionRefused::Total => &c.connections_refused_total,
+                        ConnectionRefused::Source => &c.connections_refused_source,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "connection refused: {refused:?} limit reached");
+                    continue;
+                }
+            };
+            let gw = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Err(e) = gw.handle_connection(tcp, peer, acceptor, slot).await {
+                    tracing::debug!(%peer, "connection ended: {e:#}");
+                }
+            });
+        }
+    }
+
+    async fn handle_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+        slot: ConnectionSlot,
+    ) -> anyhow::Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let (max_requests, lifetime) = (self.max_requests, self.lifetime);
+        let opened = tokio::time::Instant::now();
+        let timeout = Duration::from_secs(self.http.request_timeout_secs);
+        let tcp = tokio::io::BufStream::with_capacity(TLS_IO_BUFFER, TLS_IO_BUFFER, tcp);
+        let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake failed")?;
+        // Each CSTP frame must go out as exactly one TLS record: with no
+        // buffer limit, rustls takes every write whole and seals it as one
+        // record (frames are smaller than the record size limit).
+        tls.get_mut().1.set_buffer_limit(None);
+        let limits = &self.http;
+        let keepalive = Duration::from_secs(limits.keepalive_timeout_secs);
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut requests = 0u32;
+        loop {
+            let left = lifetime.saturating_sub(opened.elapsed());
+            if left.is_zero() {
+                self.counters
+                    .connections_closed_lifetime
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = tls.shutdown().await;
+                return Ok(());
+            }
+            let idle = if requests == 0 { timeout } else { keepalive }.min(left);
+            let req = match http::read_request(&mut tls, &mut buf, limits, idle).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some((code, reason)) = e.status() {
+                        tracing::info!(%peer, "bad request: {e}");
+                        let _ = Response::text(code, reason, format!("{e}\n"))
+                            .closing()
+                            .write_to(&mut tls)
+                            .await;
+                        let _ = tls.shutdown().await;
+                    }
+                    return Ok(());
+                }
+            };
+            requests += 1;
+            if req.method == "CONNECT" {
+                return self
+                    .tunnels
+                    .clone()
+                    .connect(tls, buf, req, peer, slot)
+                    .await;
+            }
+            let mut resp = self.login.route(&req, peer).await;
+            if requests >= max_requests && !resp.close {
+                self.counters
+                    .connections_closed_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                resp = resp.closing();
+            }
+            resp.write_to(&mut tls).await?;
+            if resp.close || req.wants_close() {
+                let _ = tls.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The listener and TLS acceptor for the configured address.
+pub async fn bind(
+    settings: &Settings,
+    tls: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<(TcpListener, TlsAcceptor)> {
+    let addr = settings.raw.server.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (server.listen)"))?;
+    Ok((listener, TlsAcceptor::from(tls)))
+}
