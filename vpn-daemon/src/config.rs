@@ -1122,10 +1122,6 @@ impl Settings {
     pub fn policy(&self, name: &str) -> Option<&PolicyDef> {
         self.policies.iter().find(|p| p.name == name)
     }
-
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.raw.http.request_timeout_secs)
-    }
 }
 
 #[cfg(test)]

@@ -869,7 +869,9 @@ mod tests {
     }
 }
 
-/// Random rule sets and packets for the differential tests (unit and BPF).
+/// Random rule sets and packets for the differential tests (unit and BPF;
+/// feature `testing` for the tests and bench crates).
+#[cfg(any(test, feature = "testing"))]
 pub mod testgen {
     use super::*;
 

@@ -14,14 +14,14 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
+#[cfg(feature = "testing")]
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
     },
-    programs::{
-        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode, tc,
-    },
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use vpn_common::{
     ClassKey, DropReason, ExemptKey, GuardConfig, GuardDrop, Interval, IntervalRange, PolicyInfo,
@@ -187,6 +187,7 @@ impl Datapath {
     /// Loads the programs without attaching or pinning them, with the IP
     /// header after a 14-byte Ethernet header, as `BPF_PROG_TEST_RUN` hands
     /// packets to TC programs. For tests and benchmarks.
+    #[cfg(feature = "testing")]
     pub fn load_for_test_run() -> anyhow::Result<Self> {
         ensure_bpffs()?;
         raise_memlock();
@@ -202,6 +203,7 @@ impl Datapath {
     /// [`Datapath::load_for_test_run`] to an Ethernet device's TC ingress in
     /// the calling thread's namespace: the forwarding benchmark runs the
     /// classifier on a veth that way.
+    #[cfg(feature = "testing")]
     pub fn attach_ingress_for_bench(&mut self, iface: &str) -> anyhow::Result<()> {
         let _ = tc::qdisc_add_clsact(iface);
         let p: &mut SchedClassifier = self
@@ -243,6 +245,7 @@ impl Datapath {
     /// Runs a program once over `frame` (Ethernet + IP, see
     /// [`Datapath::load_for_test_run`]); returns its TC verdict and the
     /// kernel's time per run over `repeat` runs.
+    #[cfg(feature = "testing")]
     pub fn test_run(
         &self,
         ingress: bool,
@@ -465,6 +468,7 @@ impl Datapath {
     }
 
     /// Runs the XDP guard once over an Ethernet frame; returns its action.
+    #[cfg(feature = "testing")]
     pub fn test_run_xdp(&self, frame: &[u8]) -> Result<u32, ProgramError> {
         let p: &Xdp = self
             .ebpf

@@ -71,10 +71,6 @@ impl Tun {
         &self.name
     }
 
-    pub fn queues(&self) -> usize {
-        self.queues.len()
-    }
-
     /// Queue `q` (non-blocking): its data path thread polls and reads it.
     pub fn queue(&self, q: usize) -> &File {
         &self.queues[q]

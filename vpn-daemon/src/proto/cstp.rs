@@ -68,13 +68,6 @@ pub fn encode(out: &mut Vec<u8>, ty: FrameType, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// Encodes into a fresh buffer.
-pub fn frame(ty: FrameType, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    encode(&mut v, ty, payload);
-    v
-}
-
 /// A decoded frame: its type and payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
@@ -111,6 +104,13 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Encodes into a fresh buffer.
+    fn frame(ty: FrameType, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode(&mut v, ty, payload);
+        v
+    }
 
     #[test]
     fn roundtrip() {

@@ -219,10 +219,6 @@ impl Channel {
         }
     }
 
-    pub fn epoch(&self) -> u16 {
-        self.epoch
-    }
-
     /// Seals `buf[PREFIX_LEN..PREFIX_LEN + len]` in place into one record;
     /// `buf` must have `TAG_LEN` spare bytes after the plaintext. Returns
     /// the record's length.
