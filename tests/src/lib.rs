@@ -60,6 +60,7 @@ pub fn load_test_lock() -> std::sync::MutexGuard<'static, ()> {
 /// Fails unless running as root: the tests need namespaces, TUN and BPF.
 pub fn require_root() {
     assert!(
+        // SAFETY: geteuid cannot fail and touches no memory.
         unsafe { libc::geteuid() } == 0,
         "integration tests need root (network namespaces, TUN, BPF); run `cargo xtask test` as root"
     );

@@ -473,43 +473,68 @@ impl DropReason {
     }
 }
 
+// Every shared-memory type has the size the BPF programs and the daemon
+// agree on, checked at compile time: no implicit padding, so `Pod` below
+// holds and both sides read the same bytes.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<SessionKey>() == 16);
+    assert!(size_of::<SessionInfo>() == 16);
+    assert!(size_of::<SessionStats>() == 48);
+    assert!(size_of::<ClassKey>() == 24);
+    assert!(size_of::<SplitKey>() == 24);
+    assert!(size_of::<ExemptKey>() == 24);
+    assert!(size_of::<PortsKey>() == 12);
+    assert!(size_of::<IntervalRange>() == 8);
+    assert!(size_of::<Interval>() == 12);
+    assert!(size_of::<Verdict>() == 8);
+    assert!(size_of::<PolicyInfo>() == 56);
+    assert!(size_of::<RateState>() == 16);
+    assert!(size_of::<GuardConfig>() == 16);
+    assert!(size_of::<HelloBucket>() == 16);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all are repr(C), Copy, contain only integers and have no padding.
+    // SAFETY (each): the type is repr(C) and Copy, holds only integers and
+    // integer arrays, and has no padding (its size is checked against the
+    // sum of its fields above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for SessionKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SessionInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SessionStats {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ClassKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SplitKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ExemptKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PortsKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for IntervalRange {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Interval {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Verdict {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PolicyInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for RateState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for GuardConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for HelloBucket {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
 
     #[test]
-    fn no_padding() {
-        assert_eq!(size_of::<SessionKey>(), 16);
-        assert_eq!(size_of::<SessionInfo>(), 16);
-        assert_eq!(size_of::<SessionStats>(), 48);
-        assert_eq!(size_of::<ClassKey>(), 24);
-        assert_eq!(size_of::<SplitKey>(), 24);
-        assert_eq!(size_of::<PortsKey>(), 12);
-        assert_eq!(size_of::<IntervalRange>(), 8);
-        assert_eq!(size_of::<Interval>(), 12);
-        assert_eq!(size_of::<Verdict>(), 8);
-        assert_eq!(size_of::<PolicyInfo>(), 56);
+    fn split_key_fixed_bits() {
         assert_eq!(SPLIT_KEY_FIXED_BITS, 8 * 8);
     }
 

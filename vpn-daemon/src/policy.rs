@@ -162,7 +162,9 @@ impl Schedule {
 
 /// The gateway's local weekday (0 = Monday) and minute of the day.
 pub fn local_now() -> (u8, u16) {
+    // SAFETY: time() with a null pointer only returns the time.
     let t = unsafe { libc::time(std::ptr::null_mut()) };
+    // SAFETY: all-zero is a valid `struct tm` (integers, a null zone name).
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: localtime_r writes into `tm`, which we own.
     unsafe { libc::localtime_r(&t, &mut tm) };

@@ -39,6 +39,7 @@ mod prog {
 
     /// Bytes before the IP header: 0 on the TUN device, 14 under
     /// `BPF_PROG_TEST_RUN`. Set by the loader.
+    // SAFETY: the loader sets this symbol by name before loading; nothing else has the name.
     #[unsafe(no_mangle)]
     static L2_LEN: u32 = 0;
 
@@ -106,6 +107,7 @@ mod prog {
     /// exact over time, not per packet.
     #[inline(always)]
     fn police(session_id: u64, up: bool, len: u64, rate_bps: u64) -> bool {
+        // SAFETY: a helper without arguments.
         let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
         let st = match RATE_STATE.get_ptr_mut(&session_id) {
             Some(p) => p,
@@ -117,6 +119,7 @@ mod prog {
                 }
             }
         };
+        // SAFETY: `st` is this session's RATE_STATE value, non-null; CPUs may race on it (RATE_STATE's docs): an update lost at worst.
         let (tat, tolerance) = unsafe {
             if up {
                 ((*st).up_tat, RATE_TOLERANCE_NS)
@@ -129,6 +132,7 @@ mod prog {
         }
         let cost = len * 8 * 1_000_000_000 / rate_bps;
         let next = if tat > now { tat } else { now } + cost;
+        // SAFETY: as above.
         unsafe {
             if up {
                 (*st).up_tat = next;
@@ -281,6 +285,7 @@ mod prog {
     fn count_drop(reason: DropReason) {
         if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
             // Per-CPU slot: no other CPU writes it.
+            // SAFETY: a per-CPU slot the map returned, non-null: no other CPU writes it.
             unsafe { *n += 1 };
         }
     }
@@ -342,6 +347,7 @@ mod prog {
                 _pad: 0,
                 addr: mask(remote, lens[i]),
             };
+            // SAFETY: the value is read at once; the daemon never changes a policy version in place (a new one gets a new id).
             if let Some(c) = unsafe { POLICY_CLASS.get(&key) } {
                 class = *c;
                 break;
@@ -350,6 +356,7 @@ mod prog {
         if class == 0 {
             return None;
         }
+        // SAFETY: as for POLICY_CLASS: read at once, never changed in place.
         let range = unsafe {
             *POLICY_PORTS.get(&PortsKey {
                 policy,
@@ -371,6 +378,7 @@ mod prog {
             } else {
                 let v = iv.verdict;
                 if let Some(n) = RULE_HITS.get_ptr_mut(v.slot) {
+                    // SAFETY: a per-CPU slot the map returned, non-null: no other CPU writes it.
                     unsafe { *n += 1 };
                 }
                 return Some(v);
@@ -385,6 +393,7 @@ mod prog {
         let p = parse(ctx).map_err(|_| DropReason::Malformed)?;
         let key = Packet::key(p.family, &p.src);
         let info = SESSIONS.get_ptr(&key).ok_or(DropReason::UnknownSource)?;
+        // SAFETY: `info` is the value the map returned, non-null; two words read at once.
         let (policy, session_id) = unsafe { ((*info).policy_id, (*info).session_id) };
         // Before the policy's branches: marking there multiplies the
         // verifier's states past its limit (a dropped packet's mark is moot).
@@ -394,11 +403,13 @@ mod prog {
             && let Err(reason) = enforce_outbound(policy, session_id, u64::from(ctx.len()), &p)
         {
             if let Some(s) = stats {
+                // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
                 unsafe { (*s).rx_denied += 1 };
             }
             return Err(reason);
         }
         if let Some(s) = stats {
+            // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
             unsafe {
                 (*s).rx_packets += 1;
                 (*s).rx_bytes += u64::from(ctx.len());
@@ -421,6 +432,7 @@ mod prog {
         let mut active = mut_active;
         // A policy's pinned uplink, while it is healthy.
         if policy != 0
+            // SAFETY: read at once; a policy's entry never changes in place.
             && let Some(info) = unsafe { POLICIES.get(&policy) }
         {
             let pinned = u32::from(info.uplink);
@@ -458,6 +470,7 @@ mod prog {
     ) -> Result<(), DropReason> {
         // The daemon inserts a policy's entry last and removes it only
         // after no session points at it: a miss cannot happen mid-update.
+        // SAFETY: read at once; a policy's entry never changes in place.
         let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
             return Ok(());
         };
@@ -499,17 +512,20 @@ mod prog {
         let info = SESSIONS
             .get_ptr(&key)
             .ok_or(DropReason::UnknownDestination)?;
+        // SAFETY: `info` is the value the map returned, non-null; two words read at once.
         let (policy, session_id) = unsafe { ((*info).policy_id, (*info).session_id) };
         let stats = SESSION_STATS.get_ptr_mut(&key);
         if policy != 0
             && let Err(reason) = enforce_inbound(ctx, policy, session_id, &p)
         {
             if let Some(s) = stats {
+                // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
                 unsafe { (*s).tx_denied += 1 };
             }
             return Err(reason);
         }
         if let Some(s) = stats {
+            // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
             unsafe {
                 (*s).tx_packets += 1;
                 (*s).tx_bytes += u64::from(ctx.len());
@@ -527,6 +543,7 @@ mod prog {
         session_id: u64,
         p: &Packet,
     ) -> Result<(), DropReason> {
+        // SAFETY: read at once; a policy's entry never changes in place.
         let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
             return Ok(());
         };
@@ -587,6 +604,7 @@ mod prog {
         if p + 1 > ctx.data_end() {
             return Err(());
         }
+        // SAFETY: `p` is inside the packet: checked against data_end just above, as the verifier requires.
         Ok(unsafe { *(p as *const u8) })
     }
 
@@ -602,6 +620,7 @@ mod prog {
     #[inline(always)]
     fn hello_allowed(src: &SessionKey, cfg: &GuardConfig) -> bool {
         const SCALE: u64 = 1_000_000_000;
+        // SAFETY: a helper without arguments.
         let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
         let cap = u64::from(cfg.hello_burst) * SCALE;
         let b = match HELLO_BUCKETS.get_ptr_mut(src) {
@@ -618,6 +637,8 @@ mod prog {
                 }
             }
         };
+        // SAFETY: `b` is this source's bucket, non-null; CPUs may race on
+        // it, which lets a hello more or fewer through at worst.
         unsafe {
             // Capped so the product stays far below 2^64 (no 128-bit
             // multiply in BPF): a 10 s refill already fills any bucket.
@@ -721,6 +742,7 @@ mod prog {
             Ok(()) | Err(None) => xdp_action::XDP_PASS,
             Err(Some(reason)) => {
                 if let Some(n) = GUARD_DROPS.get_ptr_mut(reason as u32) {
+                    // SAFETY: a per-CPU slot the map returned, non-null: no other CPU writes it.
                     unsafe { *n += 1 };
                 }
                 xdp_action::XDP_DROP
@@ -733,6 +755,7 @@ mod prog {
         loop {}
     }
 
+    // SAFETY: the kernel reads the license from this section; nothing else uses the name.
     #[unsafe(link_section = "license")]
     #[unsafe(no_mangle)]
     static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -74,10 +74,14 @@ pub fn key_for(ip: IpAddr) -> SessionKey {
 /// Mounts bpffs on /sys/fs/bpf if nothing is mounted there yet.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     let root = c"/sys/fs/bpf";
+    // SAFETY: all-zero is a valid `struct statfs` (integers only).
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a C string path and a struct we own for the result.
     if unsafe { libc::statfs(root.as_ptr(), &mut st) } == 0 && st.f_type == BPF_FS_MAGIC {
         return Ok(());
     }
+    // SAFETY: C string arguments and no data; mount changes nothing of
+    // this process's memory.
     let r = unsafe {
         libc::mount(
             c"bpf".as_ptr(),
@@ -98,6 +102,7 @@ fn raise_memlock() {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
+    // SAFETY: a valid rlimit for the call to read.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; relying on memcg accounting");
     }

@@ -34,12 +34,15 @@ const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 /// The largest read: a virtio-net header and a 64 KiB packet.
 pub const READ_MAX: usize = crate::packet::gro::VNET_HDR_LEN + 65_536;
 
+/// `struct ifreq` as TUNSETIFF uses it: the name, then the flags in the
+/// union, which is 24 bytes long.
 #[repr(C)]
 struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
     _pad: [u8; 22],
 }
+const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
 
 /// An open TUN device (non-blocking queues).
 pub struct Tun {
@@ -143,6 +146,7 @@ fn writev(f: &File, hdr: &[u8], pkt: &[u8]) -> io::Result<()> {
 }
 
 fn open_queue(name: &str) -> io::Result<File> {
+    // SAFETY: open() with a C string path; the result is checked below.
     let raw = unsafe {
         libc::open(
             c"/dev/net/tun".as_ptr(),
@@ -152,6 +156,8 @@ fn open_queue(name: &str) -> io::Result<File> {
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `raw` is a descriptor open() just returned, owned by no one
+    // else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
@@ -159,11 +165,15 @@ fn open_queue(name: &str) -> io::Result<File> {
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; IfReq has its
+    // layout (name[16], flags, padding to 40 bytes, checked at compile
+    // time), and the name fits (config checks at most 15 bytes).
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // Large TCP packets and partial checksums: `gso.rs` finishes them.
     let offload = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+    // SAFETY: TUNSETOFFLOAD takes its flags as an integer argument.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offload) } < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -242,7 +242,10 @@ impl RecvBatch {
     /// messages (up to [`RECV_BATCH`]); an empty queue is `WouldBlock`.
     pub fn recv(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
         let max = max.min(RECV_BATCH);
+        // SAFETY: all-zero is a valid iovec and mmsghdr (null pointers,
+        // zero lengths); the ones recvmmsg gets are filled below.
         let mut iov: [libc::iovec; RECV_BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
+        // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         for i in 0..max {
             iov[i] = libc::iovec {
@@ -331,6 +334,7 @@ impl Default for SendBatch {
             buf: vec![0; BATCH * SLOT],
             ctrl: vec![[0; CTRL]; BATCH],
             sources: vec![None; BATCH],
+            // SAFETY: all-zero is a valid sockaddr_storage (family 0).
             addrs: vec![(unsafe { MaybeUninit::zeroed().assume_init() }, 0); BATCH],
             lens: vec![0; BATCH],
             n: 0,
@@ -368,7 +372,10 @@ impl SendBatch {
     /// into datagrams late); what the socket buffer cannot take is dropped,
     /// as the network would. Returns the number of datagrams handed over.
     pub fn flush(&mut self, fd: RawFd) -> usize {
+        // SAFETY: all-zero is a valid iovec and mmsghdr (null pointers,
+        // zero lengths); the ones sendmmsg gets are filled below.
         let mut iov: [libc::iovec; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
+        // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
         // Message k covers datagrams starts[k]..starts[k + 1].
         let mut starts = [0usize; BATCH + 1];

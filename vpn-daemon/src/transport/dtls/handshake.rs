@@ -223,6 +223,9 @@ mod ffi {
     use openssl_sys::{SSL, SSL_CIPHER, SSL_SESSION};
 
     // Present in OpenSSL 1.1.1 and 3; openssl-sys does not declare them.
+    // SAFETY: the signatures are those of OpenSSL 3's <openssl/ssl.h>
+    // (unsigned int id lengths, size_t master-key length), unchanged
+    // since 1.1.1.
     unsafe extern "C" {
         pub fn SSL_SESSION_new() -> *mut SSL_SESSION;
         pub fn SSL_SESSION_set1_master_key(

@@ -77,6 +77,8 @@ mod ffi {
 
     use openssl_sys::SSL;
 
+    // SAFETY: SSL_ctrl's signature in OpenSSL 1.1.1 and 3
+    // (<openssl/ssl.h>); openssl-sys does not export it.
     unsafe extern "C" {
         pub fn SSL_ctrl(ssl: *mut SSL, cmd: c_int, larg: c_long, parg: *mut c_void) -> c_long;
     }
