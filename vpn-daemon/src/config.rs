@@ -254,8 +254,10 @@ pub struct ServerConfig {
     /// mode 0660 and that group's); without it only root may (mode 0600).
     /// Each connection's credentials are checked too. Default none.
     pub control_group: Option<String>,
-    /// File that receives one JSON object per event (connect, disconnect,
-    /// authentication failure). Optional; events also go to the log.
+    /// File that receives one JSON object per event (`events.rs` lists
+    /// them: connects, disconnects with the reason, failed and refused
+    /// logins, lock-outs, tunnels going down, reloads, uplink changes).
+    /// Optional; events also go to the log.
     pub event_log: Option<PathBuf>,
     /// Maximum concurrent sessions. Further logins are refused with a
     /// message; existing sessions are untouched. Default 250.
@@ -541,7 +543,7 @@ impl Config {
         raw.validate()
     }
 
-    /// Checks every value and derives [`Settings`].
+    /// Checks the uplinks and failover settings.
     fn validate_uplinks(&self) -> Result<(), ConfigError> {
         let max = vpn_common::MAX_UPLINKS as usize;
         if self.uplinks.len() > max {
@@ -612,6 +614,8 @@ impl Config {
         Ok(())
     }
 
+    /// Checks every value and derives [`Settings`]; an error names the key,
+    /// the bad value and what would be valid.
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let pool_v4: Ipv4Net = self.tunnel.pool_v4.parse().map_err(|_| {
             invalid(

@@ -1,7 +1,7 @@
 //! Group policies: the rule model, the reference evaluator that defines
-//! what a rule set means, and the compiler to the BPF maps (two LPM lookups
-//! per packet whatever the rule count; the scheme is described in
-//! `vpn-common`).
+//! what a rule set means, and the compiler to the BPF maps (one hash lookup
+//! per distinct prefix length, then a binary search over port intervals,
+//! whatever the rule count; the scheme is described in `vpn-common`).
 //!
 //! Semantics (the reference, [`evaluate`]):
 //! - rules are ordered; the first matching rule decides; no match = allow;
@@ -47,7 +47,8 @@ pub struct PolicyDef {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GroupPolicyConfig {
-    /// Name users and RADIUS Filter-ID refer to.
+    /// The name users refer to (the local user database now; RADIUS
+    /// Filter-Id and LDAP groups are planned).
     pub name: String,
     /// Layer-3 firewall rules, in order (`[[group_policy.rule]]`).
     #[serde(default, rename = "rule")]

@@ -46,7 +46,7 @@ pub struct TunnelHandle {
 /// Which group policy a session has and why.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyBinding {
-    /// The user's own policy (local user database now; RADIUS Filter-ID
+    /// The user's own policy (local user database now; RADIUS Filter-Id
     /// and LDAP groups later); `None` = the default applies.
     pub own: Option<String>,
     /// The policy in force (own or default); `None` = no policy.
@@ -175,10 +175,8 @@ impl Session {
         std::iter::once(IpAddr::V4(self.lease.v4)).chain(self.lease.v6.map(IpAddr::V6))
     }
 
-    /// Queues a packet for the client in the tunnel's paced queue (TLS, or
-    /// DTLS for a rate-limited client). Full queues drop, as an interface
-    /// queue would.
-    /// Queues an upload of a rate-limited client for its pacer.
+    /// Queues an upload of a rate-limited DTLS client for its tunnel's
+    /// pacer. A full queue drops, as an interface queue would.
     pub fn paced_upload(&self, pkt: &[u8]) {
         let slot = self.tunnel.lock();
         if let Some(h) = &slot.handle {
@@ -186,6 +184,9 @@ impl Session {
         }
     }
 
+    /// Queues a packet for the client in its tunnel's queue (TLS, or DTLS
+    /// for a rate-limited client). A full queue drops, as an interface
+    /// queue would.
     pub fn deliver(&self, pkt: Vec<u8>) {
         let slot = self.tunnel.lock();
         if let Some(h) = &slot.handle {

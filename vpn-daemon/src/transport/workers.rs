@@ -10,7 +10,7 @@
 //! queue.
 //!
 //! The TLS tunnels run on the async runtime and write to a queue of their
-//! own, the last, which a task on the runtime reads ([`tls_reader`]): the
+//! own, the last, which a task on the runtime reads (`tls_reader`): the
 //! kernel steers their flows' replies there (`tun.rs`), so a server's ACK
 //! reaches its tunnel task without waking another thread.
 //!

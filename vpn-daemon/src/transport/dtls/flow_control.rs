@@ -153,7 +153,7 @@ impl LinkWindow {
     }
 
     /// A TCP packet from the client on `flow` saying it has everything
-    /// before `high` ([`tcp_ack`]).
+    /// before `high` (`client_ack`).
     pub fn on_ack(&self, flow: u64, high: u32, now: Instant) {
         let mut s = self.lock();
         let s = &mut *s;
