@@ -330,7 +330,7 @@ impl LoginService {
         };
         match self.sessions.create(&user, &group, own_policy) {
             Ok((session, cookie)) => {
-                tracing::info!(user, session = session.id, "login succeeded");
+                tracing::info!(parent: &session.span, %peer, "login succeeded");
                 Response::xml(auth_xml::complete(
                     session.id,
                     &cookie,

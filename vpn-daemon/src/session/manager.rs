@@ -325,8 +325,9 @@ impl SessionManager {
             .allocate(user)
             .ok_or_else(|| "no free address in the VPN pool; try again later".to_string())?;
         let now = Instant::now();
+        let id = self.table.next_id();
         let session = Arc::new(Session {
-            id: self.table.next_id(),
+            id,
             user: user.to_owned(),
             group: group.to_owned(),
             policy: Mutex::new(binding.clone()),
@@ -342,6 +343,7 @@ impl SessionManager {
                 ..Default::default()
             }),
             spoofed_dropped: AtomicU64::new(0),
+            span: crate::session::session_span(id, user, lease.v4),
         });
         {
             let mut dp = self.datapath.lock();
@@ -396,7 +398,7 @@ impl SessionManager {
         let Some(s) = self.table.remove(id) else {
             return false;
         };
-        tracing::debug!(session = id, "ending session: {reason}");
+        tracing::debug!(parent: &s.span, "ending session: {reason}");
         if let Some(h) = s.tunnel.lock().handle.take()
             && let Some(k) = h.kick
         {

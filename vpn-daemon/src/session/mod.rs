@@ -87,6 +87,14 @@ pub struct Session {
     /// Packets from the client whose source was not one of the session's
     /// own addresses, dropped ([`Session::owns_source`]).
     pub spoofed_dropped: AtomicU64,
+    /// See [`Session::span`].
+    pub span: tracing::Span,
+}
+
+/// A session's span ([`Session::span`]), made once at login, outside any
+/// other span.
+pub fn session_span(id: u64, user: &str, v4: std::net::Ipv4Addr) -> tracing::Span {
+    tracing::info_span!(parent: None, "session", id, user = %user, vpn = %v4)
 }
 
 /// The limits [`Session::expiry`] checks.
@@ -161,13 +169,18 @@ impl Session {
         };
         if !local && self.spoofed_dropped.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
-                user = self.user,
-                session = self.id,
+                parent: &self.span,
                 %src,
                 "dropping packets from the client whose source is not its own VPN address"
             );
         }
         false
+    }
+
+    /// The span every log line about this session runs in: its id, user
+    /// and VPN address, so one session's lines are found together.
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
     }
 
     /// The session's tunnel addresses.
@@ -342,6 +355,7 @@ mod tests {
             last_activity_ms: AtomicU64::new(0),
             tunnel: Mutex::new(TunnelSlot::default()),
             spoofed_dropped: AtomicU64::new(0),
+            span: tracing::Span::none(),
         })
     }
 

@@ -13,6 +13,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::{mpsc, oneshot},
 };
+use tracing::Instrument as _;
 
 use crate::{
     auth::admission::ConnectionSlot,
@@ -122,6 +123,23 @@ impl TunnelService {
         };
         // A tunnel no longer counts against the login phase's limits.
         slot.into_tunnel();
+        let span = session.span();
+        self.tunnel(tls, leftover, req, peer, session)
+            .instrument(span)
+            .await
+    }
+
+    /// Attaches a tunnel to `session` (taking it over from an older one),
+    /// answers the CONNECT and runs the tunnel until it ends.
+    async fn tunnel(
+        self: Arc<Self>,
+        mut tls: ClientTls,
+        leftover: BytesMut,
+        req: Request,
+        peer: SocketAddr,
+        session: Arc<Session>,
+    ) -> anyhow::Result<()> {
+        tracing::debug!(%peer, "tunnel starts");
 
         let (to_client, from_gw) = mpsc::channel(CLIENT_QUEUE);
         let (paced_up, paced_up_rx) = mpsc::channel(CLIENT_QUEUE);
@@ -216,7 +234,6 @@ impl TunnelService {
         session: &Arc<Session>,
     ) -> Option<(Arc<DtlsServer>, DtlsAnswer)> {
         tracing::debug!(
-            user = session.user,
             dtls = ?req.header("X-DTLS-CipherSuite").map(client_string),
             dtls12 = ?req.header("X-DTLS12-CipherSuite").map(client_string),
             "the client's DTLS offer"
@@ -224,7 +241,7 @@ impl TunnelService {
         let answer = match connect::choose_dtls(req, self.psk_negotiate) {
             Err(NoDtls::NotAsked) => return None,
             Err(e) => {
-                tracing::info!(user = session.user, "no DTLS for this tunnel: {e}");
+                tracing::info!("no DTLS for this tunnel: {e}");
                 return None;
             }
             Ok(DtlsChoice::Psk) => {
@@ -296,7 +313,6 @@ impl TunnelService {
         let mut gro = crate::packet::gro::Coalescer::default();
         inbuf.reserve(32 * 1024);
 
-        tracing::debug!(session = session.id, "tunnel loop starts");
         let end = loop {
             tokio::select! {
                 // A kick comes first: when a session ends, its packet queue
@@ -307,7 +323,7 @@ impl TunnelService {
                     batch.stop();
                     match k {
                         Ok(Kick::Terminate(reason)) => {
-                            tracing::info!(user = session.user, "terminating tunnel: {reason}");
+                            tracing::info!("terminating tunnel: {reason}");
                             cstp::encode(&mut out, FrameType::Terminate, &[]);
                             let _ = wr.send(&out).await;
                             // Let the client read the frame and hang up first:
@@ -437,7 +453,7 @@ impl TunnelService {
                 Ok(Some(f)) => f,
                 Ok(None) => return None,
                 Err(e) => {
-                    tracing::info!(user = session.user, "ending tunnel: {e}");
+                    tracing::info!("ending tunnel: {e}");
                     return Some(TunnelEnd::Down(e.to_string()));
                 }
             };

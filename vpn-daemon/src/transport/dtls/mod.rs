@@ -52,6 +52,7 @@ use parking_lot::{Mutex, RwLock};
 use std::net::UdpSocket;
 
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::{proto::cstp::FrameType, session::Session};
 
@@ -599,18 +600,22 @@ impl DtlsServer {
             }
         };
         let me = self.clone();
-        tokio::spawn(async move {
-            let peer = Handshaking {
-                from,
-                local,
-                id,
-                task: tx,
-            };
-            let reason = me.run_peer(peer, session.clone(), offered, rx).await;
-            tracing::info!(user = session.user, %from, "DTLS channel closed: {reason}");
-            // A handshake that never became a channel is forgotten here.
-            me.peers.lock().end_handshake(from, id);
-        });
+        let span = session.span();
+        tokio::spawn(
+            async move {
+                let peer = Handshaking {
+                    from,
+                    local,
+                    id,
+                    task: tx,
+                };
+                let reason = me.run_peer(peer, session.clone(), offered, rx).await;
+                tracing::info!(%from, "DTLS channel closed: {reason}");
+                // A handshake that never became a channel is forgotten here.
+                me.peers.lock().end_handshake(from, id);
+            }
+            .instrument(span),
+        );
     }
 
     /// Opens the records of a datagram from an established peer.
@@ -811,14 +816,14 @@ impl DtlsServer {
             self.handshake_counters
                 .refused_after
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(user = session.user, %from, "DTLS handshake refused: {e}");
+            tracing::warn!(%from, "DTLS handshake refused: {e}");
             return format!("handshake refused: {e}");
         }
         let link = match Link::from_handshake(&s, from, session) {
             Ok(l) => Arc::new(l),
             Err(e) => return format!("unusable DTLS channel: {e}"),
         };
-        tracing::info!(user = session.user, %from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
+        tracing::info!(%from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
         let tls_ip = session.tunnel.lock().peer.map(|p| p.ip());
         let established = self.peers.lock().establish(
             from,
