@@ -269,7 +269,9 @@ impl Gateway {
         if matches!(serde_json::from_str(&line), Ok(Request::Reload)) {
             return match tokio::task::spawn_blocking(move || self.reload()).await {
                 Ok(Ok(reloaded)) => Response::Reloaded { reloaded },
-                Ok(Err(error)) => Response::Error { error },
+                Ok(Err(e)) => Response::Error {
+                    error: e.to_string(),
+                },
                 Err(e) => Response::Error {
                     error: format!("reload failed: {e}"),
                 },
@@ -294,7 +296,9 @@ impl Gateway {
             },
             Ok(Request::Reload) => match self.reload() {
                 Ok(reloaded) => Response::Reloaded { reloaded },
-                Err(error) => Response::Error { error },
+                Err(e) => Response::Error {
+                    error: e.to_string(),
+                },
             },
             Ok(Request::Policies) => {
                 let set = self.sessions.policies();
@@ -345,7 +349,9 @@ impl Gateway {
             }
             Ok(Request::Disconnect { target }) => match self.sessions.disconnect(&target) {
                 Ok(n) => Response::Disconnected { disconnected: n },
-                Err(error) => Response::Error { error },
+                Err(e) => Response::Error {
+                    error: e.to_string(),
+                },
             },
         }
     }

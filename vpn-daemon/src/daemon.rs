@@ -189,7 +189,8 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         }
     }
     for s in gw.sessions.table().all() {
-        gw.sessions.end(s.id, "gateway shutting down");
+        gw.sessions
+            .end(s.id, crate::session::EndReason::GatewayShutdown);
     }
     // Give tunnels a moment to send their TERMINATE frames.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

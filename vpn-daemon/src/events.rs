@@ -24,7 +24,7 @@ pub enum Event {
         session_id: u64,
         user: String,
         vpn_address: String,
-        reason: String,
+        reason: EndReason,
         duration_secs: u64,
         bytes_in: u64,
         bytes_out: u64,
@@ -51,7 +51,7 @@ pub enum Event {
     TunnelDown {
         session_id: u64,
         user: String,
-        reason: String,
+        reason: DownReason,
     },
     ConfigReloaded {
         policies: usize,
@@ -81,6 +81,97 @@ pub enum Event {
 pub enum LockoutScope {
     Source,
     User,
+}
+
+/// Why a session ended: one name per reason, in the event log
+/// (`client_disconnected`) and to the client (CSTP TERMINATE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client logged out (CSTP DISCONNECT 0xb0, or the XML logout).
+    UserLogout,
+    /// `vpnctl disconnect`.
+    Administrator,
+    SessionTimeout,
+    IdleTimeout,
+    /// No tunnel for `disconnected_timeout_secs`.
+    DisconnectedTimeout,
+    GatewayShutdown,
+    UserRemoved,
+    PasswordChanged,
+    /// The user logged in again at their session limit.
+    ReplacedByNewerLogin,
+    /// The session's policy no longer exists (fail closed).
+    PolicyGone(String),
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::UserLogout => f.write_str("user logout"),
+            EndReason::Administrator => f.write_str("disconnected by administrator"),
+            EndReason::SessionTimeout => f.write_str("session timeout"),
+            EndReason::IdleTimeout => f.write_str("idle timeout"),
+            EndReason::DisconnectedTimeout => f.write_str("disconnected timeout"),
+            EndReason::GatewayShutdown => f.write_str("gateway shutting down"),
+            EndReason::UserRemoved => f.write_str("user removed from the user database"),
+            EndReason::PasswordChanged => f.write_str("password changed"),
+            EndReason::ReplacedByNewerLogin => {
+                f.write_str("replaced by a newer login of the same user")
+            }
+            EndReason::PolicyGone(p) => write!(f, "group policy '{p}' does not exist any more"),
+        }
+    }
+}
+
+impl serde::Serialize for EndReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Why a tunnel went down while its session stays resumable with the
+/// cookie (`tunnel_down`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DownReason {
+    ClosedByClient,
+    ReadError(String),
+    WriteError(String),
+    /// A write waited this long: the client stopped reading.
+    StoppedReading {
+        waited_secs: u64,
+    },
+    /// Silent for three DPD intervals.
+    DeadPeer,
+    /// A DISCONNECT without logout (Cisco clients, on a network change).
+    TemporaryDisconnect,
+    ClientTerminate,
+    CompressedFrame,
+    /// A frame that is not CSTP.
+    BadFrame(String),
+}
+
+impl std::fmt::Display for DownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownReason::ClosedByClient => f.write_str("connection closed by client"),
+            DownReason::ReadError(e) => write!(f, "read error: {e}"),
+            DownReason::WriteError(e) => write!(f, "write error: {e}"),
+            DownReason::StoppedReading { waited_secs } => {
+                write!(f, "client stopped reading (a write waited {waited_secs} s)")
+            }
+            DownReason::DeadPeer => f.write_str("dead peer detected (no DPD answer)"),
+            DownReason::TemporaryDisconnect => f.write_str("client disconnected temporarily"),
+            DownReason::ClientTerminate => f.write_str("client sent terminate"),
+            DownReason::CompressedFrame => f.write_str("compressed frame without negotiation"),
+            DownReason::BadFrame(e) => f.write_str(e),
+        }
+    }
+}
+
+impl serde::Serialize for DownReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Serialize)]

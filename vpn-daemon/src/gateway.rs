@@ -12,7 +12,7 @@ use crate::{
         admission::{self, Connections},
         users::UserDb,
     },
-    config::{Config, Settings},
+    config::{Config, ConfigError, Settings},
     datapath::tun::Tun,
     events::{Event, EventLog},
     login::LoginService,
@@ -20,6 +20,28 @@ use crate::{
     session::manager::SessionManager,
     transport::{dtls::DtlsServer, listener::Listener, tls_tunnel::TunnelService},
 };
+
+/// Why a reload was rejected; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not read or validate.
+    #[error("reload rejected, the running configuration stays: {0}")]
+    Config(ConfigError),
+    /// The new policies could not be installed, or sessions not moved to
+    /// them (everything was rolled back).
+    #[error("reload rejected, the running configuration stays: {0}")]
+    Policies(String),
+}
+
+impl ReloadError {
+    /// What went wrong, for the event log.
+    fn cause(&self) -> String {
+        match self {
+            ReloadError::Config(e) => e.to_string(),
+            ReloadError::Policies(e) => e.clone(),
+        }
+    }
+}
 
 /// The services of a running gateway.
 pub struct Gateway {
@@ -76,21 +98,16 @@ impl Gateway {
     /// not validate is rejected and the running config stays. Group
     /// policies and the default policy change live; other sections need a
     /// restart and are reported as such.
-    pub fn reload(&self) -> Result<String, String> {
-        let new = Config::load(&self.config_path).map_err(|e| {
-            let msg = format!("reload rejected, the running configuration stays: {e}");
-            self.events.emit(Event::ConfigReloadFailed {
-                reason: e.to_string(),
-            });
-            msg
-        })?;
-        self.sessions.apply_policies(&new).map_err(|e| {
-            let msg = format!("reload rejected, the running configuration stays: {e:#}");
-            self.events.emit(Event::ConfigReloadFailed {
-                reason: format!("{e:#}"),
-            });
-            msg
-        })?;
+    pub fn reload(&self) -> Result<String, ReloadError> {
+        let fail = |e: ReloadError| {
+            self.events
+                .emit(Event::ConfigReloadFailed { reason: e.cause() });
+            e
+        };
+        let new = Config::load(&self.config_path).map_err(|e| fail(ReloadError::Config(e)))?;
+        self.sessions
+            .apply_policies(&new)
+            .map_err(|e| fail(ReloadError::Policies(format!("{e:#}"))))?;
         let mut restart = Vec::new();
         let (a, b) = (&self.settings.raw, &new.raw);
         for (name, same) in [

@@ -150,7 +150,8 @@ impl LoginService {
                     .as_deref()
                     .and_then(|t| self.sessions.table().by_cookie(t))
                 {
-                    self.sessions.end(s.id, "user logout");
+                    self.sessions
+                        .end(s.id, crate::session::EndReason::UserLogout);
                 }
                 Response::xml(
                     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<config-auth client=\"vpn\" type=\"complete\" aggregate-auth-version=\"2\"><logout>ok</logout></config-auth>\n".into(),
@@ -342,7 +343,8 @@ impl LoginService {
                     "webvpncontext=; Max-Age=0; Secure; HttpOnly".to_string(),
                 )
             }
-            Err(reason) => {
+            Err(refused) => {
+                let reason = refused.to_string();
                 self.events.emit(Event::LoginRefused {
                     user,
                     source_address: peer.to_string(),

@@ -31,9 +31,10 @@ use crate::{
     datapath::bpf::SharedDatapath,
     events::{Event, EventLog},
     mac::pseudo_mac,
-    policies::PolicySet,
+    policies::{MissingPolicy, PolicySet},
     session::{
-        Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot, new_cookie, pool::Pool,
+        EndReason, Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot, new_cookie,
+        pool::Pool,
     },
 };
 
@@ -61,6 +62,28 @@ impl SessionLimits {
         }
     }
 }
+
+/// Why a login earns no session: what the client is told.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionRefused {
+    #[error("{0}; the login is refused (ask your administrator to fix your account)")]
+    NoPolicy(MissingPolicy),
+    #[error("the gateway has reached its limit of {max} concurrent sessions; try again later")]
+    GatewayFull { max: usize },
+    #[error(
+        "you already have {max} sessions, the most this gateway allows per user; disconnect one of them first"
+    )]
+    UserLimit { max: usize },
+    #[error("no free address in the VPN pool; try again later")]
+    PoolExhausted,
+    #[error("the gateway could not set up the session; try again later")]
+    Datapath,
+}
+
+/// `vpnctl disconnect TARGET` found nothing to end.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("no session matches '{0}' (give a user name or a VPN address)")]
+pub struct NoSessionMatches(pub String);
 
 /// Called with a session's id when it ends (the DTLS server closes its
 /// channel).
@@ -180,9 +203,9 @@ impl SessionManager {
     /// (fail closed: never leave a session on a policy that is gone, nor
     /// silently widen its access). Called without the policy lock, which
     /// `end_session`'s locks must not nest in.
-    fn end_orphans(&self, orphans: Vec<(u64, String)>) {
+    fn end_orphans(&self, orphans: Vec<(u64, EndReason)>) {
         for (id, why) in orphans {
-            self.end(id, &why);
+            self.end(id, why);
         }
     }
 
@@ -191,7 +214,7 @@ impl SessionManager {
     /// changed, all or none: if one BPF update fails, those done are
     /// undone and the error returned. Returns the sessions whose policy no
     /// longer exists, for [`Self::end_orphans`].
-    fn rebind(&self, policies: &PolicySet) -> anyhow::Result<Vec<(u64, String)>> {
+    fn rebind(&self, policies: &PolicySet) -> anyhow::Result<Vec<(u64, EndReason)>> {
         let mut moves = Vec::new();
         let mut writes = Vec::new();
         let mut orphans = Vec::new();
@@ -223,7 +246,7 @@ impl SessionManager {
                     }
                     moves.push((s, binding, rates));
                 }
-                Err(e) => orphans.push((s.id, format!("{e} any more"))),
+                Err(e) => orphans.push((s.id, EndReason::PolicyGone(e.0))),
             }
         }
         {
@@ -270,7 +293,7 @@ impl SessionManager {
         user: &str,
         group: &str,
         group_policy: Option<String>,
-    ) -> Result<(Arc<Session>, String), String> {
+    ) -> Result<(Arc<Session>, String), SessionRefused> {
         let max = self.limits.max_sessions;
         let per_user = self.limits.max_per_user;
         if per_user > 0 {
@@ -285,7 +308,7 @@ impl SessionManager {
             if mine.len() >= per_user
                 && let Some(idle) = mine.iter().find(|s| s.tunnel.lock().handle.is_none())
             {
-                self.end(idle.id, "replaced by a newer login of the same user");
+                self.end(idle.id, EndReason::ReplacedByNewerLogin);
             }
         }
         // The pool lock also serialises the limit check with the insert.
@@ -303,27 +326,17 @@ impl SessionManager {
                     (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
                 }),
             ),
-            Err(e) => {
-                return Err(format!(
-                    "{e}; the login is refused (ask your administrator to fix your account)"
-                ));
-            }
+            Err(e) => return Err(SessionRefused::NoPolicy(e)),
         };
         if self.table.len() >= max {
-            return Err(format!(
-                "the gateway has reached its limit of {max} concurrent sessions; try again later"
-            ));
+            return Err(SessionRefused::GatewayFull { max });
         }
         // Checked again under the pool lock, which serialises logins: two
         // at once cannot both take the last place.
         if per_user > 0 && self.table.count_of(user) >= per_user {
-            return Err(format!(
-                "you already have {per_user} sessions, the most this gateway allows per user; disconnect one of them first"
-            ));
+            return Err(SessionRefused::UserLimit { max: per_user });
         }
-        let lease = pool
-            .allocate(user)
-            .ok_or_else(|| "no free address in the VPN pool; try again later".to_string())?;
+        let lease = pool.allocate(user).ok_or(SessionRefused::PoolExhausted)?;
         let now = Instant::now();
         let id = self.table.next_id();
         let session = Arc::new(Session {
@@ -359,7 +372,7 @@ impl SessionManager {
                     }
                     pool.release(lease.v4);
                     tracing::error!("cannot install session in BPF maps: {e:#}");
-                    return Err("the gateway could not set up the session; try again later".into());
+                    return Err(SessionRefused::Datapath);
                 }
             }
         }
@@ -369,7 +382,7 @@ impl SessionManager {
         Ok((session, cookie))
     }
     /// Ends the sessions `target` names (user name or VPN address).
-    pub fn disconnect(&self, target: &str) -> Result<usize, String> {
+    pub fn disconnect(&self, target: &str) -> Result<usize, NoSessionMatches> {
         let ip: Option<std::net::IpAddr> = target.parse().ok();
         let matching: Vec<u64> = self
             .table
@@ -382,19 +395,17 @@ impl SessionManager {
             .map(|s| s.id)
             .collect();
         if matching.is_empty() {
-            return Err(format!(
-                "no session matches '{target}' (give a user name or a VPN address)"
-            ));
+            return Err(NoSessionMatches(target.to_owned()));
         }
         Ok(matching
             .into_iter()
-            .filter(|id| self.end(*id, "disconnected by administrator"))
+            .filter(|id| self.end(*id, EndReason::Administrator))
             .count())
     }
 
     /// Ends a session for good: closes its tunnel (telling the client),
     /// frees its address and BPF entries and logs the event. Idempotent.
-    pub fn end(&self, id: u64, reason: &str) -> bool {
+    pub fn end(&self, id: u64, reason: EndReason) -> bool {
         let Some(s) = self.table.remove(id) else {
             return false;
         };
@@ -402,7 +413,7 @@ impl SessionManager {
         if let Some(h) = s.tunnel.lock().handle.take()
             && let Some(k) = h.kick
         {
-            let _ = k.send(Kick::Terminate(reason.to_owned()));
+            let _ = k.send(Kick::Terminate(reason.clone()));
         }
         if let Some(hook) = self.on_end.get() {
             hook(s.id);
@@ -422,7 +433,7 @@ impl SessionManager {
             session_id: s.id,
             user: s.user.clone(),
             vpn_address: s.lease.v4.to_string(),
-            reason: reason.to_owned(),
+            reason,
             duration_secs: s.started.elapsed().as_secs(),
             bytes_in: stats.rx_bytes,
             bytes_out: stats.tx_bytes,
@@ -448,9 +459,9 @@ impl SessionManager {
             }
             for s in self.table.all() {
                 let reason = if changes.removed.contains(&s.user) {
-                    "user removed from the user database"
+                    EndReason::UserRemoved
                 } else if changes.password_changed.contains(&s.user) {
-                    "password changed"
+                    EndReason::PasswordChanged
                 } else {
                     continue;
                 };

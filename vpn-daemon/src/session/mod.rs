@@ -23,11 +23,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::session::pool::Lease;
 
+pub use crate::events::EndReason;
+
 /// Why a tunnel is being closed from the server side.
 #[derive(Debug, Clone)]
 pub enum Kick {
     /// End the session: tell the client (TERMINATE) and close.
-    Terminate(String),
+    Terminate(EndReason),
     /// A newer CONNECT took the session over: close quietly.
     Replaced,
 }
@@ -110,20 +112,20 @@ pub struct Timeouts {
 
 impl Session {
     /// Why the session must end at `now`, if it must.
-    pub fn expiry(&self, t: &Timeouts, now: Instant) -> Option<&'static str> {
+    pub fn expiry(&self, t: &Timeouts, now: Instant) -> Option<EndReason> {
         let age = now.saturating_duration_since(self.started);
         let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
         if age >= t.session {
-            Some("session timeout")
+            Some(EndReason::SessionTimeout)
         } else if !t.idle.is_zero() && age.saturating_sub(last) >= t.idle {
-            Some("idle timeout")
+            Some(EndReason::IdleTimeout)
         } else if self
             .tunnel
             .lock()
             .down_since
             .is_some_and(|d| now.saturating_duration_since(d) >= t.disconnected)
         {
-            Some("disconnected timeout")
+            Some(EndReason::DisconnectedTimeout)
         } else {
             None
         }
@@ -373,7 +375,7 @@ mod tests {
         assert_eq!(s.expiry(&t, start + Duration::from_secs(299)), None);
         assert_eq!(
             s.expiry(&t, start + Duration::from_secs(300)),
-            Some("disconnected timeout")
+            Some(EndReason::DisconnectedTimeout)
         );
         // Tunnel up, traffic 100 s in: idle counts from the last packet.
         s.tunnel.lock().down_since = None;
@@ -381,13 +383,13 @@ mod tests {
         assert_eq!(s.expiry(&t, start + Duration::from_secs(699)), None);
         assert_eq!(
             s.expiry(&t, start + Duration::from_secs(700)),
-            Some("idle timeout")
+            Some(EndReason::IdleTimeout)
         );
         // The session timeout wins over everything.
         s.last_activity_ms.store(8 * 3600 * 1000, Ordering::Relaxed);
         assert_eq!(
             s.expiry(&t, start + Duration::from_secs(8 * 3600)),
-            Some("session timeout")
+            Some(EndReason::SessionTimeout)
         );
         // idle = 0 disables the idle timeout.
         let never = Timeouts {

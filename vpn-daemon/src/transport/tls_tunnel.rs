@@ -20,8 +20,8 @@ use crate::{
     config::Settings,
     datapath::tun::Tun,
     datapath::tun::TunSink,
-    events::Event,
     events::EventLog,
+    events::{DownReason, Event},
     mac::format_mac,
     proto::connect::TunnelParams,
     proto::{
@@ -203,7 +203,8 @@ impl TunnelService {
         }
         match end {
             TunnelEnd::Logout => {
-                self.sessions.end(session.id, "user logout");
+                self.sessions
+                    .end(session.id, crate::events::EndReason::UserLogout);
             }
             TunnelEnd::Kicked => {}
             TunnelEnd::Down(reason) => {
@@ -423,7 +424,7 @@ impl TunnelService {
                 _ = tick.tick() => match dpd.tick(Instant::now()) {
                     DpdAction::Nothing => {}
                     DpdAction::Dead => {
-                        break TunnelEnd::Down("dead peer detected (no DPD answer)".into());
+                        break TunnelEnd::Down(DownReason::DeadPeer);
                     }
                     DpdAction::SendRequest => {
                         cstp::encode(&mut out, FrameType::DpdRequest, &[]);
@@ -454,7 +455,7 @@ impl TunnelService {
                 Ok(None) => return None,
                 Err(e) => {
                     tracing::info!("ending tunnel: {e}");
-                    return Some(TunnelEnd::Down(e.to_string()));
+                    return Some(TunnelEnd::Down(DownReason::BadFrame(e.to_string())));
                 }
             };
             match frame.ty {
@@ -493,17 +494,15 @@ impl TunnelService {
                     }
                     // Cisco clients disconnect without 0xb0 for a network
                     // change: keep the session resumable.
-                    return Some(TunnelEnd::Down("client disconnected temporarily".into()));
+                    return Some(TunnelEnd::Down(DownReason::TemporaryDisconnect));
                 }
                 FrameType::DpdResponse | FrameType::Keepalive => {}
                 FrameType::Compressed => {
                     // Never negotiated; a client sending it is broken.
-                    return Some(TunnelEnd::Down(
-                        "compressed frame without negotiation".into(),
-                    ));
+                    return Some(TunnelEnd::Down(DownReason::CompressedFrame));
                 }
                 FrameType::Terminate => {
-                    return Some(TunnelEnd::Down("client sent terminate".into()));
+                    return Some(TunnelEnd::Down(DownReason::ClientTerminate));
                 }
             }
         }
@@ -521,16 +520,15 @@ struct ClientWriter<W> {
 
 impl<W: tokio::io::AsyncWrite + Unpin> ClientWriter<W> {
     fn stalled(&self) -> TunnelEnd {
-        TunnelEnd::Down(format!(
-            "client stopped reading (a write waited {} s)",
-            self.limit.as_secs()
-        ))
+        TunnelEnd::Down(DownReason::StoppedReading {
+            waited_secs: self.limit.as_secs(),
+        })
     }
 
     async fn write(&mut self, buf: &[u8]) -> Result<(), TunnelEnd> {
         match tokio::time::timeout(self.limit, self.wr.write_all(buf)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TunnelEnd::Down(format!("write error: {e}"))),
+            Ok(Err(e)) => Err(TunnelEnd::Down(DownReason::WriteError(e.to_string()))),
             Err(_) => Err(self.stalled()),
         }
     }
@@ -538,7 +536,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> ClientWriter<W> {
     async fn flush(&mut self) -> Result<(), TunnelEnd> {
         match tokio::time::timeout(self.limit, self.wr.flush()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TunnelEnd::Down(format!("write error: {e}"))),
+            Ok(Err(e)) => Err(TunnelEnd::Down(DownReason::WriteError(e.to_string()))),
             Err(_) => Err(self.stalled()),
         }
     }
@@ -559,15 +557,15 @@ enum TunnelEnd {
     Kicked,
     /// The connection failed or the peer went silent: the session stays
     /// resumable.
-    Down(String),
+    Down(DownReason),
 }
 
 /// A read from the client's TLS stream: the bytes it brought, or how the
 /// tunnel ends.
 fn read_outcome(r: std::io::Result<usize>) -> Result<usize, TunnelEnd> {
     match r {
-        Ok(0) => Err(TunnelEnd::Down("connection closed by client".into())),
-        Err(e) => Err(TunnelEnd::Down(format!("read error: {e}"))),
+        Ok(0) => Err(TunnelEnd::Down(DownReason::ClosedByClient)),
+        Err(e) => Err(TunnelEnd::Down(DownReason::ReadError(e.to_string()))),
         Ok(n) => Ok(n),
     }
 }
