@@ -427,7 +427,7 @@ impl Default for AuthConfig {
 }
 
 /// `[limits]`: what someone without credentials may make the gateway hold
-/// or do (`admission.rs`). Each is a bound an attacker hits long before
+/// or do (`auth/admission.rs`). Each is a bound an attacker hits long before
 /// the machine does, and that legitimate clients, who log in once and
 /// then hold one tunnel, never notice.
 #[derive(Debug, Clone, Deserialize, PartialEq)]

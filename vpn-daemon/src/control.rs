@@ -122,11 +122,11 @@ pub struct Stats {
     /// Download flow control towards DTLS clients (absent with DTLS off).
     #[serde(default)]
     pub dtls_flow_control: Option<crate::transport::dtls::FlowControlStats>,
-    /// Reads of TLS tunnels (read_batch.rs).
+    /// Reads of TLS tunnels (`transport/read_batch.rs`).
     #[serde(default)]
     pub tls_reads: crate::transport::read_batch::ReadStats,
     /// Limits before authentication: what is in use and what was refused
-    /// (`[limits]`, admission.rs).
+    /// (`[limits]`, `auth/admission.rs`).
     #[serde(default)]
     pub admission: crate::auth::admission::AdmissionStats,
 }

@@ -37,7 +37,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vp
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The data path as services share it: each takes the lock for one
-/// change or read (lock order in `server.rs`).
+/// change or read (lock order in `session/manager.rs`).
 pub type SharedDatapath = std::sync::Arc<parking_lot::Mutex<Datapath>>;
 
 /// The loaded programs and the maps the daemon writes.

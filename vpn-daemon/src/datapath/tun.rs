@@ -1,7 +1,7 @@
 //! The TUN device: one layer-3 device for all sessions. The daemon writes
 //! packets from clients into it and reads packets routed to clients from it.
 //!
-//! The device is multi-queue: each packet worker (`workers.rs`) has a
+//! The device is multi-queue: each packet worker (`transport/workers.rs`) has a
 //! queue, and the TLS tunnels one more, the last. The kernel sends a flow's
 //! packets to the queue its packets were last written on (the TUN driver's
 //! automatic steering), so whoever writes a client's uploads also reads its
@@ -9,8 +9,8 @@
 //!
 //! Every packet read or written starts with a virtio-net header
 //! ([`crate::packet::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
-//! TCP segments are handed to the kernel for segmentation (`gro.rs`), and
-//! how the kernel hands us large TCP packets to segment (`gso.rs`): the
+//! TCP segments are handed to the kernel for segmentation (`packet/gro.rs`), and
+//! how the kernel hands us large TCP packets to segment (`packet/gso.rs`): the
 //! device offers TSO and checksum offload, so a read can return up to
 //! 64 KiB ([`READ_MAX`]).
 
@@ -171,7 +171,7 @@ fn open_queue(name: &str) -> io::Result<File> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // Large TCP packets and partial checksums: `gso.rs` finishes them.
+    // Large TCP packets and partial checksums: `packet/gso.rs` finishes them.
     let offload = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
     // SAFETY: TUNSETOFFLOAD takes its flags as an integer argument.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offload) } < 0 {

@@ -88,7 +88,7 @@ impl Default for Coalescer {
 }
 
 /// A TCP segment's fields that decide merging and thinning (and download
-/// flow control, `flow_control.rs`).
+/// flow control, `transport/dtls/flow_control.rs`).
 pub(crate) struct Seg {
     /// IP header length (20 for IPv4, 40 for IPv6).
     pub(crate) ihl: usize,

@@ -5,7 +5,7 @@
 //! ```
 //!
 //! openconnect reads one TLS record per frame, so the sender must write each
-//! frame with exactly one TLS write (see `server.rs`). The receiver side here
+//! frame with exactly one TLS write (see `transport/tls_tunnel.rs`). The receiver side here
 //! is a byte-stream decoder: frames may arrive split or coalesced in any way.
 
 use bytes::{Buf, BytesMut};

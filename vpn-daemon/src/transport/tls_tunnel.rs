@@ -292,7 +292,7 @@ impl TunnelService {
         mut paced_up: mpsc::Receiver<Vec<u8>>,
         mut kick: oneshot::Receiver<Kick>,
     ) -> TunnelEnd {
-        // Larger reads while the client sends fast (read_batch.rs). `batch`
+        // Larger reads while the client sends fast (`read_batch.rs`). `batch`
         // makes system calls only inside the loop below, while the halves of
         // `tls` keep the socket open.
         let mut batch = crate::transport::read_batch::ReadBatching::new(
@@ -310,7 +310,7 @@ impl TunnelService {
         let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
         let mut pacer = Pacer::default();
         let mut down_pacer = Pacer::default();
-        // TCP segments merged, ACKs thinned across one read (see gro.rs).
+        // TCP segments merged, ACKs thinned across one read (see `packet/gro.rs`).
         let mut gro = crate::packet::gro::Coalescer::default();
         inbuf.reserve(32 * 1024);
 

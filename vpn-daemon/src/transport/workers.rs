@@ -2,16 +2,16 @@
 //! move packets between the tunnel device and the clients' DTLS channels.
 //!
 //! A worker polls its TUN queue and its DTLS socket (one per worker, the
-//! kernel spreads clients over them, `dtls.rs`), and takes turns: a batch
+//! kernel spreads clients over them, `dtls/mod.rs`), and takes turns: a batch
 //! of datagrams from clients (opened and written to its queue), then what
 //! the device has for clients. A packet for a DTLS client is cut into the
-//! client's packets (`gso.rs`), sealed in a send slot and sent with the
+//! client's packets (`packet/gso.rs`), sealed in a send slot and sent with the
 //! others in one `sendmmsg`; one for a TLS client goes to its tunnel's
 //! queue.
 //!
 //! The TLS tunnels run on the async runtime and write to a queue of their
 //! own, the last, which a task on the runtime reads (`tls_reader`): the
-//! kernel steers their flows' replies there (`tun.rs`), so a server's ACK
+//! kernel steers their flows' replies there (`datapath/tun.rs`), so a server's ACK
 //! reaches its tunnel task without waking another thread.
 //!
 //! One thread for both directions is what makes a download cheap. The
@@ -21,7 +21,7 @@
 //! Separate receive and read threads cost two context switches and a futex
 //! hand-over for every ACK that opened the client's window.
 //!
-//! Download flow control (`flow_control.rs`) holds new TCP data while the
+//! Download flow control (`dtls/flow_control.rs`) holds new TCP data while the
 //! client's window is full: the worker keeps that packet, stops reading its
 //! queue, and serves the socket until the client's ACKs make room, at most
 //! [`MAX_WAIT`], after which it sends anyway.
@@ -114,7 +114,7 @@ fn run(gw: &Wiring, q: usize) {
     let mut reader = Reader::new(q);
     let tun_fd = gw.tun.queue(q).as_raw_fd();
     let udp_fd = rx.as_ref().map_or(-1, |rx| rx.fd());
-    // Receive coalescing (`dtls.rs`): the socket rests until then; the
+    // Receive coalescing (`dtls/mod.rs`): the socket rests until then; the
     // queue is served meanwhile.
     let mut rest_until: Option<Instant> = None;
     loop {

@@ -15,7 +15,7 @@ use std::{
 };
 
 /// Records per `sendmmsg`. More would make the bursts towards one client
-/// longer than its socket takes (see flow_control.rs).
+/// longer than its socket takes (see `flow_control.rs`).
 pub const BATCH: usize = 32;
 /// Messages per `recvmmsg` at most. During an upload a packet worker
 /// waits for a batch to gather (`rx_coalesce_usecs`); 64 rather than 32

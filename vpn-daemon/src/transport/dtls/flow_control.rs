@@ -16,7 +16,7 @@
 //! The client's own TCP says what it has taken: its ACKs (and SACK blocks,
 //! which say what arrived after a loss). Each [`LinkWindow`] tracks, per
 //! TCP flow to the client, the highest sequence number sent and the highest
-//! the client has, and a packet worker (`workers.rs`) about to send new data
+//! the client has, and a packet worker (`transport/workers.rs`) about to send new data
 //! beyond the client's window holds it for ACKs first (at most
 //! [`MAX_WAIT`]). The server's TCP then meets queueing in the TUN device
 //! instead of losses at the client. Retransmissions never wait: they fill

@@ -17,7 +17,7 @@
 //! handshake: rustls has no DTLS. Each handshaking peer is a task driving a
 //! non-blocking `SslStream` over [`DatagramIo`]. Once established, the
 //! channel's keys go to our own record layer ([`record`]) and packets no
-//! longer leave the packet worker that received them (`workers.rs`): it
+//! longer leave the packet worker that received them (`transport/workers.rs`): it
 //! reads datagrams in batches (`recvmmsg`), opens records in place and
 //! writes the packets to the tunnel device, and seals packets the device
 //! has for clients in place and sends them in batches (`sendmmsg`). A
@@ -208,20 +208,20 @@ pub struct RxStats {
     pub datagrams: u64,
     /// Waits of `rx_coalesce_usecs` after a bulk batch.
     pub coalesce_waits: u64,
-    /// Pure ACKs from clients dropped as redundant (gro.rs).
+    /// Pure ACKs from clients dropped as redundant (`packet/gro.rs`).
     pub acks_thinned: u64,
     /// Datagrams of application data dropped because the lengths in their
     /// record headers do not tile them with legal records.
     #[serde(default)]
     pub malformed: u64,
-    /// Each packet worker's share (`workers.rs`).
+    /// Each packet worker's share (`transport/workers.rs`).
     #[serde(default)]
     pub workers: Vec<WorkerStats>,
 }
 
 /// What one packet worker carried for DTLS clients. A client's datagrams
 /// reach one worker's socket, and its downloads come back to the same
-/// worker (`tun.rs`), so both figures grow together.
+/// worker (`datapath/tun.rs`), so both figures grow together.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerStats {
     /// Datagrams received on its socket.
