@@ -330,8 +330,9 @@ fn bandwidth_limits_hold_within_ten_percent() {
         &[alice],
     )
     .unwrap();
-    // Both transports: TLS paces by backpressure, DTLS through the
-    // tunnel's paced queues.
+    // Both transports: TLS paces in its tunnel's task (backpressure on
+    // uploads), DTLS on the packet workers (their paced queues).
+    let paced = |what: &str| gw.stats().unwrap()["dtls_pacing"][what].as_u64().unwrap();
     for (transport, flags) in [("dtls", &[][..]), ("tls", &["--no-dtls"][..])] {
         let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, flags).unwrap();
         c.wait_connected(Duration::from_secs(20)).unwrap();
@@ -360,6 +361,18 @@ fn bandwidth_limits_hold_within_ten_percent() {
             (3.6e6..=4.4e6).contains(&down),
             "{transport}: down {down} bit/s not within 10% of 4 Mbit/s"
         );
+        let (up_paced, down_paced) = (paced("up_delayed"), paced("down_delayed"));
+        eprintln!(
+            "{transport}: paced by the workers so far: {up_paced} up, {down_paced} down, {} dropped",
+            paced("dropped")
+        );
+        if transport == "dtls" {
+            // Thousands of packets each way waited on a worker.
+            assert!(
+                up_paced > 1000 && down_paced > 1000,
+                "{up_paced} {down_paced}"
+            );
+        }
         drop(c);
     }
     // The daemon shaped both directions below the BPF policer, which is the

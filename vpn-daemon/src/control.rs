@@ -122,6 +122,10 @@ pub struct Stats {
     /// Download flow control towards DTLS clients (absent with DTLS off).
     #[serde(default)]
     pub dtls_flow_control: Option<crate::transport::dtls::FlowControlStats>,
+    /// Rate-limited DTLS clients' packets paced by the workers (absent
+    /// with DTLS off).
+    #[serde(default)]
+    pub dtls_pacing: Option<crate::transport::dtls::PacingStats>,
     /// Reads of TLS tunnels (`transport/read_batch.rs`).
     #[serde(default)]
     pub tls_reads: crate::transport::read_batch::ReadStats,
@@ -235,6 +239,7 @@ impl Gateway {
             daemon_drops: vec![("spoofed-source".into(), self.sessions.spoofed_total())],
             dtls_rx: self.dtls.as_ref().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.as_ref().map(|d| d.flow_control_stats()),
+            dtls_pacing: self.dtls.as_ref().map(|d| d.pacing_stats()),
             dtls_handshakes: self.dtls.as_ref().map(|d| d.handshake_stats()),
             tls_reads: self.tunnels.read_stats(),
             admission: self.admission_stats(),

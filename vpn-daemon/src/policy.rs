@@ -54,6 +54,7 @@ pub struct GroupPolicyConfig {
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
     /// Bandwidth limit from each client in kbit/s; 0 or absent = unlimited.
+    /// Paced by vpnd (`transport/pacing.rs`), policed in BPF.
     #[serde(default)]
     pub bandwidth_up_kbps: u64,
     /// Bandwidth limit to each client in kbit/s; 0 or absent = unlimited.

@@ -39,9 +39,6 @@ pub struct TunnelHandle {
     pub generation: u64,
     /// Packets routed to this client.
     pub to_client: mpsc::Sender<Vec<u8>>,
-    /// Packets from a rate-limited client that arrived over DTLS, for the
-    /// tunnel's upload pacer.
-    pub paced_up: mpsc::Sender<Vec<u8>>,
     pub kick: Option<oneshot::Sender<Kick>>,
 }
 
@@ -76,7 +73,7 @@ pub struct Session {
     /// The group policy in force, changed by reloads.
     pub policy: Mutex<PolicyBinding>,
     /// Its upload and download limits in bit/s (0 = none), read per packet
-    /// by the tunnel's pacers.
+    /// by the pacers (`transport/pacing.rs`).
     pub rate_up_bps: AtomicU64,
     pub rate_down_bps: AtomicU64,
     pub lease: Lease,
@@ -190,57 +187,13 @@ impl Session {
         std::iter::once(IpAddr::V4(self.lease.v4)).chain(self.lease.v6.map(IpAddr::V6))
     }
 
-    /// Queues an upload of a rate-limited DTLS client for its tunnel's
-    /// pacer. A full queue drops, as an interface queue would.
-    pub fn paced_upload(&self, pkt: &[u8]) {
-        let slot = self.tunnel.lock();
-        if let Some(h) = &slot.handle {
-            let _ = h.paced_up.try_send(pkt.to_vec());
-        }
-    }
-
-    /// Queues a packet for the client in its tunnel's queue (TLS, or DTLS
-    /// for a rate-limited client). A full queue drops, as an interface
-    /// queue would.
+    /// Queues a packet for the client in its TLS tunnel's queue. A full
+    /// queue drops, as an interface queue would.
     pub fn deliver(&self, pkt: Vec<u8>) {
         let slot = self.tunnel.lock();
         if let Some(h) = &slot.handle {
             let _ = h.to_client.try_send(pkt);
         }
-    }
-}
-
-/// Paces a session's packets to its bandwidth limit in the daemon, so TCP
-/// inside the tunnel meets delay instead of the BPF policer's drops: from
-/// the client before they enter the tunnel device (the outer connection is
-/// not read meanwhile: backpressure), to the client from its queue (full
-/// queue = drop, as in any shaper). Same GCRA as the policer with half the
-/// upload tolerance, so paced traffic always conforms there.
-#[derive(Debug)]
-pub struct Pacer {
-    tat: Instant,
-}
-
-impl Default for Pacer {
-    fn default() -> Self {
-        Pacer {
-            tat: Instant::now(),
-        }
-    }
-}
-
-impl Pacer {
-    pub const TOLERANCE: Duration = Duration::from_nanos(vpn_common::RATE_TOLERANCE_NS / 2);
-
-    /// How long to wait before sending `len` bytes at `rate_bps`.
-    pub fn delay(&mut self, len: usize, rate_bps: u64, now: Instant) -> Duration {
-        if rate_bps == 0 {
-            return Duration::ZERO;
-        }
-        let tat = self.tat.max(now);
-        let wait = (tat - now).saturating_sub(Self::TOLERANCE);
-        self.tat = tat + Duration::from_nanos(len as u64 * 8 * 1_000_000_000 / rate_bps);
-        wait
     }
 }
 
@@ -401,27 +354,6 @@ mod tests {
             s.expiry(&never, start + Duration::from_secs(7 * 3600)),
             None
         );
-    }
-
-    #[test]
-    fn pacer_holds_the_rate_after_the_tolerance() {
-        let mut p = Pacer::default();
-        let t0 = p.tat;
-        // 1,000,000 bit/s: a 1250-byte packet is 10 ms.
-        let mut now = t0;
-        let mut sent = 0;
-        for _ in 0..200 {
-            now += p.delay(1250, 1_000_000, now);
-            sent += 1250;
-        }
-        // 200 packets = 2 s of traffic, the first 50 ms of it as a burst.
-        let elapsed = now - t0;
-        assert!(
-            elapsed >= Duration::from_millis(1940) && elapsed <= Duration::from_millis(1960),
-            "{elapsed:?}"
-        );
-        assert_eq!(sent, 250_000);
-        assert_eq!(p.delay(1250, 0, now), Duration::ZERO, "no limit, no wait");
     }
 
     #[test]

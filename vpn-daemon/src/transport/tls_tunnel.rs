@@ -32,8 +32,9 @@ use crate::{
         http::{Request, Response},
     },
     session::manager::SessionManager,
-    session::{Kick, Pacer, Session, TunnelHandle},
+    session::{Kick, Session, TunnelHandle},
     transport::dtls::DtlsServer,
+    transport::pacing::Pacer,
     transport::{
         read_batch::{Counters, ReadStats},
         tls::ClientTls,
@@ -142,7 +143,6 @@ impl TunnelService {
         tracing::debug!(%peer, "tunnel starts");
 
         let (to_client, from_gw) = mpsc::channel(CLIENT_QUEUE);
-        let (paced_up, paced_up_rx) = mpsc::channel(CLIENT_QUEUE);
         let (kick_tx, kick_rx) = oneshot::channel();
         let (generation, resumed) = {
             let mut slot = session.tunnel.lock();
@@ -158,7 +158,6 @@ impl TunnelService {
             slot.handle = Some(TunnelHandle {
                 generation: slot.generation,
                 to_client,
-                paced_up,
                 kick: Some(kick_tx),
             });
             (slot.generation, resumed)
@@ -195,7 +194,7 @@ impl TunnelService {
         });
 
         let end = self
-            .run_tunnel(tls, leftover, &session, from_gw, paced_up_rx, kick_rx)
+            .run_tunnel(tls, leftover, &session, from_gw, kick_rx)
             .await;
         // The DTLS offer belongs to this TLS connection (its PSK does).
         if let Some((d, answer)) = &dtls_offer {
@@ -289,7 +288,6 @@ impl TunnelService {
         mut inbuf: BytesMut,
         session: &Arc<Session>,
         mut from_gw: mpsc::Receiver<Vec<u8>>,
-        mut paced_up: mpsc::Receiver<Vec<u8>>,
         mut kick: oneshot::Receiver<Kick>,
     ) -> TunnelEnd {
         // Larger reads while the client sends fast (`read_batch.rs`). `batch`
@@ -392,13 +390,7 @@ impl TunnelService {
                                 wr.flush().await?;
                                 tokio::time::sleep(wait).await;
                             }
-                            // A rate-limited client on DTLS gets its paced
-                            // packets there.
-                            if let Some(d) = self.dtls.as_ref()
-                                && let Some(link) = d.link_for(session.id)
-                            {
-                                d.send_one(&link, &p);
-                            } else if p.len() <= cstp::MAX_PAYLOAD {
+                            if p.len() <= cstp::MAX_PAYLOAD {
                                 cstp::encode(&mut out, FrameType::Data, &p);
                                 wr.write(&out).await?;
                             }
@@ -410,16 +402,6 @@ impl TunnelService {
                     if let Err(end) = sent {
                         break end;
                     }
-                }
-                // Uploads over DTLS of a rate-limited client, paced here
-                // like the TLS ones (UDP has no backpressure to apply).
-                Some(p) = paced_up.recv() => {
-                    let rate = session.rate_up_bps.load(Ordering::Relaxed);
-                    let wait = pacer.delay(p.len(), rate, Instant::now());
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    let _ = self.tun.send(&p);
                 }
                 _ = tick.tick() => match dpd.tick(Instant::now()) {
                     DpdAction::Nothing => {}

@@ -42,7 +42,7 @@ use crate::{
     packet::ip::packet_dst,
     session::SessionTable,
     transport::dtls::flow_control::MAX_WAIT,
-    transport::dtls::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, batch::SendBatch},
+    transport::dtls::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, Paced, batch::SendBatch},
 };
 
 /// Device reads before a worker looks at the socket again.
@@ -143,10 +143,11 @@ fn run(gw: &Wiring, q: usize) {
                 revents: 0,
             },
         ];
-        let wake = match (reader.deadline(), rest_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let paced_due = rx.as_mut().and_then(|rx| rx.paced().next_due());
+        let wake = [reader.deadline(), rest_until, paced_due]
+            .into_iter()
+            .flatten()
+            .min();
         let timeout = wake.map(|d| {
             let left = d.saturating_duration_since(now);
             libc::timespec {
@@ -165,6 +166,11 @@ fn run(gw: &Wiring, q: usize) {
             }
             continue;
         }
+        // Rate-limited clients' packets whose time has come, first: a
+        // client's later packets must not overtake them.
+        if let (Some(d), Some(rx)) = (&dtls, &mut rx) {
+            d.release_paced(rx.paced(), &mut reader.out, q, Some(q), Instant::now());
+        }
         if let (Some(d), Some(rx)) = (&dtls, &mut rx)
             && fds[1].revents != 0
             && d.receive(rx) == Some(true)
@@ -172,7 +178,7 @@ fn run(gw: &Wiring, q: usize) {
             rest_until = Some(Instant::now() + d.coalesce());
         }
         if fds[0].revents != 0 || reader.held.is_some() {
-            reader.run(gw, dtls.as_ref());
+            reader.run(gw, dtls.as_ref(), rx.as_mut().map(|rx| rx.paced()));
         }
     }
 }
@@ -217,7 +223,7 @@ impl Reader {
     /// Sends the held packet once its client's window has room (or it has
     /// waited [`MAX_WAIT`]), then reads the queue until it is empty, a
     /// packet has to wait, or [`READ_BURST`] reads.
-    fn run(&mut self, gw: &Wiring, dtls: Option<&Arc<DtlsServer>>) {
+    fn run(&mut self, gw: &Wiring, dtls: Option<&Arc<DtlsServer>>, mut paced: Option<&mut Paced>) {
         if let (Some(h), Some(d)) = (&self.held, dtls) {
             let now = Instant::now();
             let overdue = now >= h.since + MAX_WAIT;
@@ -256,7 +262,14 @@ impl Reader {
                 }
             };
             let read = &self.buf[..n];
-            self.held = dispatch(gw, dtls, read, &mut self.out, Some(self.queue));
+            self.held = dispatch(
+                gw,
+                dtls,
+                read,
+                &mut self.out,
+                paced.as_deref_mut(),
+                Some(self.queue),
+            );
             if self.held.is_some() {
                 break;
             }
@@ -270,12 +283,14 @@ impl Reader {
 /// Passes a packet read from the device (`read`: virtio-net header and
 /// packet, which may be one large TCP packet) on to its client; `Some` if
 /// it has to wait for the client's window. Only a packet `worker` may hold
-/// a packet (the TLS queue's reader, `None`, sends at once).
+/// a packet (the TLS queue's reader, `None`, sends at once). A DTLS client
+/// with a download limit gets its packets through `paced`.
 fn dispatch(
     gw: &Wiring,
     dtls: Option<&Arc<DtlsServer>>,
     read: &[u8],
     out: &mut SendBatch,
+    paced: Option<&mut Paced>,
     worker: Option<usize>,
 ) -> Option<Held> {
     let (vnet, pkt) = read.split_at(VNET_HDR_LEN);
@@ -289,10 +304,19 @@ fn dispatch(
     };
     let s = gw.sessions.by_addr(&packet_dst(pkts.packet())?)?;
     s.touch();
-    // Rate-limited clients go through their tunnel's pacer.
-    let limited = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed) != 0;
+    let rate = s.rate_down_bps.load(std::sync::atomic::Ordering::Relaxed);
     match dtls.and_then(|d| Some((d, d.link_for(s.id)?))) {
-        Some((d, link)) if !limited => {
+        // Rate-limited: each packet now or when it conforms.
+        Some((d, link)) if rate != 0 => {
+            let paced = paced?;
+            let now = Instant::now();
+            let mut p = vec![0u8; pkts.max_len()];
+            for i in 0..pkts.count() {
+                let len = pkts.write(i, &mut p);
+                d.pace_down(&link, &p[..len], rate, now, paced, out, worker);
+            }
+        }
+        Some((d, link)) => {
             // New TCP data waits while the client's window is full.
             if let Some((flow, start, data)) =
                 crate::transport::dtls::flow_control::tcp_data(pkts.packet())
@@ -316,7 +340,8 @@ fn dispatch(
             }
             seal(d, worker, &link, &pkts, out);
         }
-        _ => {
+        // TLS: its tunnel's queue (and pacer).
+        None => {
             for i in 0..pkts.count() {
                 let mut p = vec![0u8; pkts.max_len()];
                 let len = pkts.write(i, &mut p);
@@ -330,7 +355,8 @@ fn dispatch(
 
 /// Reads the TLS tunnels' queue on the runtime. What it finds for a DTLS
 /// client (a flow the kernel spread here because no worker has written
-/// any of it lately) is sent without waiting for the client's window.
+/// any of it lately) is sent without waiting for the client's window, or
+/// paced here if the client is rate-limited.
 async fn tls_reader(gw: Wiring, q: usize) {
     // SAFETY: the duplicate is ours and closes only with the AsyncFd.
     let fd = gw.tun.queue(q).try_clone();
@@ -343,11 +369,21 @@ async fn tls_reader(gw: Wiring, q: usize) {
     };
     let dtls = gw.dtls.clone();
     let mut out = SendBatch::default();
+    let mut paced = Paced::default();
     let mut buf = vec![0u8; READ_MAX];
     loop {
-        let mut guard = match fd.readable().await {
-            Ok(g) => g,
-            Err(e) => {
+        let due = paced.next_due();
+        let readable = tokio::select! {
+            r = fd.readable() => Some(r),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => None,
+        };
+        if let Some(d) = &dtls {
+            d.release_paced(&mut paced, &mut out, q, None, Instant::now());
+        }
+        let mut guard = match readable {
+            None => continue,
+            Some(Ok(g)) => g,
+            Some(Err(e)) => {
                 tracing::error!("reading {}: {e}", gw.tun.name());
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -364,7 +400,14 @@ async fn tls_reader(gw: Wiring, q: usize) {
                 // Drained; readiness re-armed.
                 Err(_would_block) => break,
             };
-            dispatch(&gw, dtls.as_ref(), &buf[..n], &mut out, None);
+            dispatch(
+                &gw,
+                dtls.as_ref(),
+                &buf[..n],
+                &mut out,
+                Some(&mut paced),
+                None,
+            );
         }
         if let Some(d) = &dtls {
             d.flush(&mut out);

@@ -170,6 +170,12 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             p.holds_stopped
         );
     }
+    if let Some(p) = &stats.dtls_pacing {
+        println!(
+            "DTLS rate limits: {} uploads and {} downloads paced by the packet workers, {} dropped (over 200 ms of queue)",
+            p.up_delayed, p.down_delayed, p.dropped
+        );
+    }
     let r = &stats.tls_reads;
     println!(
         "TLS tunnel reads: {} wake-ups, {:.1} KB each, batching started {} times, {} tail stalls",

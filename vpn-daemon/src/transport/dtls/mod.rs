@@ -27,10 +27,12 @@
 pub mod batch;
 pub mod flow_control;
 pub mod handshake;
+pub mod paced;
 pub mod peers;
 pub mod record;
 
 use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
+pub use paced::{Paced, PacingStats};
 pub use peers::HandshakeLimits;
 use peers::{HandshakeRefused, Kind, Peers, Route, TrialBudget};
 
@@ -123,6 +125,7 @@ pub struct DtlsServer {
     counters: RxCounters,
     handshake_counters: HandshakeCounters,
     flow_control: FlowControlCounters,
+    pacing: paced::PacingCounters,
     per_worker: Vec<WorkerCounters>,
 }
 
@@ -278,6 +281,7 @@ impl DtlsServer {
             counters: RxCounters::default(),
             handshake_counters: HandshakeCounters::default(),
             flow_control: FlowControlCounters::default(),
+            pacing: Default::default(),
             per_worker: (0..workers.max(1)).map(|_| Default::default()).collect(),
         }))
     }
@@ -459,6 +463,7 @@ impl DtlsServer {
                 gro: crate::packet::gro::Coalescer::default(),
                 now: Instant::now(),
                 worker,
+                paced: Paced::default(),
             },
             max: recv_max(false),
         }
@@ -657,8 +662,9 @@ impl DtlsServer {
                 {
                     link.window.on_ack(flow, high, w.now);
                 }
-                if link.session.rate_up_bps.load(Ordering::Relaxed) != 0 {
-                    link.session.paced_upload(payload);
+                let rate = link.session.rate_up_bps.load(Ordering::Relaxed);
+                if rate != 0 {
+                    self.pace_up(link, payload, rate, w.now, &mut w.paced, w.worker);
                     return;
                 }
                 // TCP segments of one flow are merged across the batch,
@@ -923,19 +929,6 @@ impl DtlsServer {
         }
     }
 
-    /// Seals and sends one packet (the paced path of rate-limited clients),
-    /// as large as a worker's send slot takes.
-    pub fn send_one(&self, link: &Link, pkt: &[u8]) {
-        if pkt.len() > PACKET_MAX {
-            return;
-        }
-        let mut buf = [0u8; batch::SLOT];
-        buf[PACKET_OFFSET..PACKET_OFFSET + pkt.len()].copy_from_slice(pkt);
-        let n = link.seal_frame(&mut buf, FrameType::Data, pkt.len());
-        let (to, src) = link.path();
-        batch::send_one(self.socket().as_raw_fd(), &buf[..n], to, src);
-    }
-
     /// Sends what a worker sealed, if anything.
     pub fn flush(&self, out: &mut batch::SendBatch) {
         if !out.is_empty() {
@@ -974,6 +967,16 @@ impl Receiver {
     pub fn fd(&self) -> RawFd {
         self.fd
     }
+
+    /// The worker's paced queue (rate-limited clients, both ways).
+    pub fn paced(&mut self) -> &mut Paced {
+        &mut self.w.paced
+    }
+
+    /// The worker's TUN queue.
+    pub fn worker(&self) -> usize {
+        self.w.worker
+    }
 }
 
 /// The dispatcher's reusable buffers.
@@ -989,6 +992,8 @@ struct Work {
     /// The worker, and the TUN queue packets are written to: its own, so
     /// the kernel steers the flows' replies back to it.
     worker: usize,
+    /// Rate-limited clients' packets waiting for their time, both ways.
+    paced: Paced,
 }
 
 /// A handshake in progress, as its task knows it.
@@ -1016,6 +1021,9 @@ pub struct Link {
     closed: tokio::sync::Notify,
     /// Download flow control from the client's TCP ACKs.
     pub(crate) window: crate::transport::dtls::flow_control::LinkWindow,
+    /// The session's rate limits, each way (`paced.rs`).
+    pace_up: Mutex<crate::transport::pacing::Pacer>,
+    pace_down: Mutex<crate::transport::pacing::Pacer>,
 }
 
 impl Link {
@@ -1037,6 +1045,8 @@ impl Link {
             is_closed: AtomicBool::new(false),
             closed: tokio::sync::Notify::new(),
             window: Default::default(),
+            pace_up: Default::default(),
+            pace_down: Default::default(),
         })
     }
 
