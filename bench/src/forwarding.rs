@@ -134,8 +134,7 @@ pub fn run() -> anyhow::Result<String> {
                 .expect("valid rule")
             })
             .collect();
-        let compiled =
-            policy::compile(1, &rules, 0, &[], 10_000_000).map_err(anyhow::Error::msg)?;
+        let compiled = policy::compile(1, &rules, 0, &[], 10_000_000)?;
         let gw_name = t.gw.name.clone();
         let dp = in_netns(&t.gw, move || -> anyhow::Result<Datapath> {
             let mut dp = Datapath::load_for_test_run()?;

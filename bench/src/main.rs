@@ -56,8 +56,7 @@ fn classifier() -> anyhow::Result<String> {
         let rules: Vec<Rule> = (0..n).map(rule).collect();
         let id = k as u32 + 1;
         let t = Instant::now();
-        let compiled =
-            policy::compile(id, &rules, 0, &[], 10_000_000).map_err(anyhow::Error::msg)?;
+        let compiled = policy::compile(id, &rules, 0, &[], 10_000_000)?;
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         dp.install_policy(id, PolicyInfo::default(), &compiled, 0)?;

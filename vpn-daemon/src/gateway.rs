@@ -17,6 +17,7 @@ use crate::{
     events::{Event, EventLog},
     login::LoginService,
     net::uplinks::Uplinks,
+    policies::PolicyError,
     session::manager::SessionManager,
     transport::{dtls::DtlsServer, listener::Listener, tls_tunnel::TunnelService},
 };
@@ -30,7 +31,7 @@ pub enum ReloadError {
     /// The new policies could not be installed, or sessions not moved to
     /// them (everything was rolled back).
     #[error("reload rejected, the running configuration stays: {0}")]
-    Policies(String),
+    Policies(PolicyError),
 }
 
 impl ReloadError {
@@ -38,7 +39,7 @@ impl ReloadError {
     fn cause(&self) -> String {
         match self {
             ReloadError::Config(e) => e.to_string(),
-            ReloadError::Policies(e) => e.clone(),
+            ReloadError::Policies(e) => e.to_string(),
         }
     }
 }
@@ -107,7 +108,7 @@ impl Gateway {
         let new = Config::load(&self.config_path).map_err(|e| fail(ReloadError::Config(e)))?;
         self.sessions
             .apply_policies(&new)
-            .map_err(|e| fail(ReloadError::Policies(format!("{e:#}"))))?;
+            .map_err(|e| fail(ReloadError::Policies(e)))?;
         let mut restart = Vec::new();
         let (a, b) = (&self.settings.raw, &new.raw);
         for (name, same) in [

@@ -12,9 +12,9 @@ use ipnet::IpNet;
 use vpn_common::{MAX_INTERVALS, MAX_RULE_SLOTS};
 
 use crate::{
-    datapath::bpf::Datapath,
+    datapath::bpf::{Datapath, MapWriteError},
     policy::PolicyDef,
-    policy::{self, Compiled},
+    policy::{self, CompileError, Compiled},
 };
 
 /// One installed policy version.
@@ -91,6 +91,25 @@ impl Default for PolicySet {
     }
 }
 
+/// Why a policy set could not be installed (nothing changed) or its
+/// sessions not moved to it (everything was rolled back).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy '{policy}' {cause}")]
+    Compile { policy: String, cause: CompileError },
+    #[error("policy '{policy}': no room for {rules} more rule counters (all {max} in use)", max = MAX_RULE_SLOTS)]
+    NoRuleCounters { policy: String, rules: usize },
+    #[error("policy '{policy}': no room for {intervals} more port intervals (all {max} in use)", max = MAX_INTERVALS)]
+    NoIntervals { policy: String, intervals: usize },
+    #[error("policy '{policy}': {cause}")]
+    Install {
+        policy: String,
+        cause: MapWriteError,
+    },
+    #[error("moving sessions to their new policies: {0}")]
+    MoveSessions(MapWriteError),
+}
+
 /// Why a policy name could not be resolved: the login is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("group policy '{0}' does not exist")]
@@ -110,7 +129,7 @@ impl PolicySet {
         default: Option<String>,
         split: &[IpNet],
         max_entries: usize,
-    ) -> anyhow::Result<Applied> {
+    ) -> Result<Applied, PolicyError> {
         let mut fresh: Vec<Arc<Installed>> = Vec::new();
         let mut next = HashMap::new();
         for def in defs {
@@ -163,30 +182,38 @@ impl PolicySet {
         def: &PolicyDef,
         split: &[IpNet],
         max_entries: usize,
-    ) -> anyhow::Result<Installed> {
-        let first_slot = self.slots.alloc(def.rules.len()).ok_or_else(|| {
-            anyhow::anyhow!(
-                "policy '{}': no room for {} more rule counters",
-                def.name,
-                def.rules.len()
-            )
-        })?;
+    ) -> Result<Installed, PolicyError> {
+        let first_slot =
+            self.slots
+                .alloc(def.rules.len())
+                .ok_or_else(|| PolicyError::NoRuleCounters {
+                    policy: def.name.clone(),
+                    rules: def.rules.len(),
+                })?;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let mut first_interval = None;
         let built = policy::compile(id, &def.rules, first_slot, split, max_entries)
-            .map_err(|m| anyhow::anyhow!("policy '{}' {m}", def.name))
+            .map_err(|cause| PolicyError::Compile {
+                policy: def.name.clone(),
+                cause,
+            })
             .and_then(|compiled| {
                 let start = self.intervals.alloc(compiled.intervals()).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "policy '{}': no room for {} more port intervals",
-                        def.name,
-                        compiled.intervals()
-                    )
+                    PolicyError::NoIntervals {
+                        policy: def.name.clone(),
+                        intervals: compiled.intervals(),
+                    }
                 })?;
                 first_interval = Some((start, compiled.intervals()));
-                dp.reset_hits(first_slot..first_slot + def.rules.len() as u32)?;
-                dp.install_policy(id, def.info, &compiled, start)?;
+                let install = |cause| PolicyError::Install {
+                    policy: def.name.clone(),
+                    cause,
+                };
+                dp.reset_hits(first_slot..first_slot + def.rules.len() as u32)
+                    .map_err(install)?;
+                dp.install_policy(id, def.info, &compiled, start)
+                    .map_err(install)?;
                 Ok(compiled)
             });
         match built {

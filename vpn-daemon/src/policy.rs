@@ -33,6 +33,51 @@ use vpn_common::{
     SPLIT_KEY_FIXED_BITS, SplitKey, Verdict,
 };
 
+/// A `[[group_policy.rule]]` that does not parse: the field's value and
+/// what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("action '{0}' is not valid: use 'allow' or 'deny'")]
+    Action(String),
+    #[error("protocol '{0}' is not valid: use any, tcp, udp, icmp or icmp6")]
+    Protocol(String),
+    #[error("destination '{0}' is not 'any' or a CIDR subnet (198.18.2.0/24, fd00:2::/64)")]
+    Destination(String),
+    #[error("port '{0}' is not 'any', a port (443) or a range (8000-8100)")]
+    Port(String),
+    #[error("port '{port}' cannot be combined with protocol '{protocol}': ICMP has no ports")]
+    PortWithIcmp { port: String, protocol: String },
+    #[error("protocol 'icmp' is IPv4 but destination '{0}' is IPv6: use icmp6")]
+    IcmpToIpv6(String),
+    #[error("protocol 'icmp6' is IPv6 but destination '{0}' is IPv4: use icmp")]
+    Icmp6ToIpv4(String),
+}
+
+/// A `[group_policy.schedule]` that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("day '{0}' is not valid: use mon, tue, wed, thu, fri, sat or sun")]
+    Day(String),
+    #[error("{field} '{value}' is not a time of day HH:MM (00:00 to 24:00)")]
+    Time { field: &'static str, value: String },
+    #[error("from '{from}' equals to '{to}': the window would be empty")]
+    EmptyWindow { from: String, to: String },
+}
+
+/// A policy too large for the data path ([`compile`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "uses {lens} distinct {family} destination prefix lengths; at most {max} are supported (including 'any')",
+        max = MAX_PREFIX_LENS
+    )]
+    TooManyPrefixLengths { family: &'static str, lens: usize },
+    #[error(
+        "compiles to more than {max} map entries (policy.max_entries); use fewer or broader rules, or raise the limit"
+    )]
+    TooManyEntries { max: usize },
+}
+
 /// A group policy, validated and compiled once to check its size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyDef {
@@ -115,23 +160,24 @@ pub struct Schedule {
 
 impl Schedule {
     /// Parses a schedule, naming the bad field and value on error.
-    pub fn parse(c: &ScheduleConfig) -> Result<Schedule, String> {
+    pub fn parse(c: &ScheduleConfig) -> Result<Schedule, ScheduleError> {
         const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
         let mut days = 0u8;
         for d in &c.days {
             let i = NAMES
                 .iter()
                 .position(|n| n.eq_ignore_ascii_case(d))
-                .ok_or_else(|| {
-                    format!("day '{d}' is not valid: use mon, tue, wed, thu, fri, sat or sun")
-                })?;
+                .ok_or_else(|| ScheduleError::Day(d.clone()))?;
             days |= 1 << i;
         }
         if c.days.is_empty() {
             days = 0x7f;
         }
-        let minutes = |what: &str, v: &str| -> Result<u16, String> {
-            let bad = || format!("{what} '{v}' is not a time of day HH:MM (00:00 to 24:00)");
+        let minutes = |field: &'static str, v: &str| -> Result<u16, ScheduleError> {
+            let bad = || ScheduleError::Time {
+                field,
+                value: v.to_owned(),
+            };
             let (h, m) = v.split_once(':').ok_or_else(bad)?;
             let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
             if m > 59 || h > 24 || (h == 24 && m != 0) {
@@ -142,10 +188,10 @@ impl Schedule {
         let from = minutes("from", &c.from)?;
         let to = minutes("to", &c.to)?;
         if from == to {
-            return Err(format!(
-                "from '{}' equals to '{}': the window would be empty",
-                c.from, c.to
-            ));
+            return Err(ScheduleError::EmptyWindow {
+                from: c.from.clone(),
+                to: c.to.clone(),
+            });
         }
         Ok(Schedule { days, from, to })
     }
@@ -229,11 +275,11 @@ pub struct Rule {
 
 impl Rule {
     /// Parses a rule, naming the bad field and value on error.
-    pub fn parse(c: &RuleConfig) -> Result<Rule, String> {
+    pub fn parse(c: &RuleConfig) -> Result<Rule, RuleError> {
         let action = match c.action.as_str() {
             "allow" => Action::Allow,
             "deny" => Action::Deny,
-            a => return Err(format!("action '{a}' is not valid: use 'allow' or 'deny'")),
+            a => return Err(RuleError::Action(a.to_owned())),
         };
         let proto = match c.protocol.as_str() {
             "any" => Proto::Any,
@@ -241,25 +287,20 @@ impl Rule {
             "udp" => Proto::Udp,
             "icmp" => Proto::Icmp,
             "icmp6" => Proto::Icmp6,
-            p => {
-                return Err(format!(
-                    "protocol '{p}' is not valid: use any, tcp, udp, icmp or icmp6"
-                ));
-            }
+            p => return Err(RuleError::Protocol(p.to_owned())),
         };
         let dst = match c.destination.as_str() {
             "any" => None,
             d => Some(
                 d.parse::<IpNet>()
-                    .map_err(|_| format!("destination '{d}' is not 'any' or a CIDR subnet (198.18.2.0/24, fd00:2::/64)"))?
+                    .map_err(|_| RuleError::Destination(d.to_owned()))?
                     .trunc(),
             ),
         };
         let ports = match c.port.as_str() {
             "any" => None,
             p => {
-                let bad =
-                    || format!("port '{p}' is not 'any', a port (443) or a range (8000-8100)");
+                let bad = || RuleError::Port(p.to_owned());
                 let (lo, hi) = match p.split_once('-') {
                     Some((a, b)) => (
                         a.trim().parse::<u16>().map_err(|_| bad())?,
@@ -277,23 +318,17 @@ impl Rule {
             }
         };
         if ports.is_some() && matches!(proto, Proto::Icmp | Proto::Icmp6) {
-            return Err(format!(
-                "port '{}' cannot be combined with protocol '{}': ICMP has no ports",
-                c.port, c.protocol
-            ));
+            return Err(RuleError::PortWithIcmp {
+                port: c.port.clone(),
+                protocol: c.protocol.clone(),
+            });
         }
         match (proto, dst) {
             (Proto::Icmp, Some(IpNet::V6(_))) => {
-                return Err(format!(
-                    "protocol 'icmp' is IPv4 but destination '{}' is IPv6: use icmp6",
-                    c.destination
-                ));
+                return Err(RuleError::IcmpToIpv6(c.destination.clone()));
             }
             (Proto::Icmp6, Some(IpNet::V4(_))) => {
-                return Err(format!(
-                    "protocol 'icmp6' is IPv6 but destination '{}' is IPv4: use icmp",
-                    c.destination
-                ));
+                return Err(RuleError::Icmp6ToIpv4(c.destination.clone()));
             }
             _ => {}
         }
@@ -481,7 +516,7 @@ pub fn compile(
     first_slot: u32,
     split: &[IpNet],
     max_entries: usize,
-) -> Result<Compiled, String> {
+) -> Result<Compiled, CompileError> {
     let mut out = Compiled::default();
     let mut class_id = 0u32;
     let mut entries = 0usize;
@@ -507,15 +542,14 @@ pub fn compile(
         lens.sort_unstable_by(|a, b| b.cmp(a));
         lens.dedup();
         if lens.len() > MAX_PREFIX_LENS {
-            return Err(format!(
-                "uses {} distinct {} destination prefix lengths; at most {MAX_PREFIX_LENS} are supported (including 'any')",
-                lens.len(),
-                if family == FAMILY_V4 as u8 {
+            return Err(CompileError::TooManyPrefixLengths {
+                family: if family == FAMILY_V4 as u8 {
                     "IPv4"
                 } else {
                     "IPv6"
-                }
-            ));
+                },
+                lens: lens.len(),
+            });
         }
         let mut classes: Vec<IpNet> = by_prefix.keys().copied().collect();
         classes.push(root);
@@ -599,9 +633,7 @@ pub fn compile(
             }
             entries += 1;
             if entries > max_entries {
-                return Err(format!(
-                    "compiles to more than {max_entries} map entries (policy.max_entries); use fewer or broader rules, or raise the limit"
-                ));
+                return Err(CompileError::TooManyEntries { max: max_entries });
             }
         }
         if family == FAMILY_V4 as u8 {
@@ -732,12 +764,26 @@ mod tests {
             })
             .unwrap_err()
         };
-        assert!(bad("gre", "any", "any").contains("'gre'"));
-        assert!(bad("tcp", "198.18.2.0/33", "any").contains("'198.18.2.0/33'"));
-        assert!(bad("tcp", "any", "90-80").contains("'90-80'"));
-        assert!(bad("tcp", "any", "70000").contains("'70000'"));
-        assert!(bad("icmp", "any", "80").contains("ICMP has no ports"));
-        assert!(bad("icmp", "fd00::/8", "any").contains("use icmp6"));
+        assert_eq!(bad("gre", "any", "any"), RuleError::Protocol("gre".into()));
+        assert_eq!(
+            bad("tcp", "198.18.2.0/33", "any"),
+            RuleError::Destination("198.18.2.0/33".into())
+        );
+        assert_eq!(bad("tcp", "any", "90-80"), RuleError::Port("90-80".into()));
+        assert_eq!(bad("tcp", "any", "70000"), RuleError::Port("70000".into()));
+        assert!(matches!(
+            bad("icmp", "any", "80"),
+            RuleError::PortWithIcmp { .. }
+        ));
+        assert_eq!(
+            bad("icmp", "fd00::/8", "any"),
+            RuleError::IcmpToIpv6("fd00::/8".into())
+        );
+        // The message names the value and what would be valid.
+        assert_eq!(
+            bad("icmp", "any", "80").to_string(),
+            "port '80' cannot be combined with protocol 'icmp': ICMP has no ports"
+        );
     }
 
     #[test]
@@ -789,17 +835,21 @@ mod tests {
         assert!(!night.active(4, 5 * 60), "but not Friday early morning");
         let all = sched(&[], "00:00", "24:00").unwrap();
         assert!(all.active(6, 24 * 60 - 1));
-        assert!(
-            sched(&["funday"], "00:00", "24:00")
-                .unwrap_err()
-                .contains("'funday'")
+        assert_eq!(
+            sched(&["funday"], "00:00", "24:00").unwrap_err(),
+            ScheduleError::Day("funday".into())
         );
-        assert!(
-            sched(&[], "25:00", "24:00")
-                .unwrap_err()
-                .contains("'25:00'")
+        assert_eq!(
+            sched(&[], "25:00", "24:00").unwrap_err(),
+            ScheduleError::Time {
+                field: "from",
+                value: "25:00".into()
+            }
         );
-        assert!(sched(&[], "09:00", "09:00").unwrap_err().contains("empty"));
+        assert!(matches!(
+            sched(&[], "09:00", "09:00").unwrap_err(),
+            ScheduleError::EmptyWindow { .. }
+        ));
         let (d, m) = local_now();
         assert!(d < 7 && m < 24 * 60);
     }
@@ -869,7 +919,8 @@ mod tests {
             .map(|i| rule("deny", "tcp", &format!("198.18.{i}.0/24"), "1000-2000"))
             .collect();
         let e = compile(1, &rules, 0, &[], 50).unwrap_err();
-        assert!(e.contains("more than 50 map entries"), "{e}");
+        assert_eq!(e, CompileError::TooManyEntries { max: 50 });
+        assert!(e.to_string().contains("more than 50 map entries"), "{e}");
     }
 }
 

@@ -40,6 +40,33 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// change or read (lock order in `session/manager.rs`).
 pub type SharedDatapath = std::sync::Arc<parking_lot::Mutex<Datapath>>;
 
+/// A map write the kernel refused while the gateway runs (a full map, no
+/// memory): what was being written, and the kernel's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum MapWriteError {
+    #[error("{what}: {cause}")]
+    Map {
+        what: String,
+        cause: Box<aya::maps::MapError>,
+    },
+    #[error("per-CPU values: {0}")]
+    PerCpu(std::io::Error),
+}
+
+/// Names a refused write.
+fn writing(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> MapWriteError {
+    move |cause| MapWriteError::Map {
+        what: what.into(),
+        cause: Box::new(cause),
+    }
+}
+
+/// Zeroed per-CPU values.
+fn per_cpu_zero<T: aya::Pod + Default + Clone>() -> Result<PerCpuValues<T>, MapWriteError> {
+    let ncpus = aya::util::nr_cpus().map_err(|(_, e)| MapWriteError::PerCpu(e))?;
+    PerCpuValues::try_from(vec![T::default(); ncpus]).map_err(MapWriteError::PerCpu)
+}
+
 /// The loaded programs and the maps the daemon writes.
 pub struct Datapath {
     /// Keeps the programs (and their TCX links) alive.
@@ -276,17 +303,14 @@ impl Datapath {
     }
 
     /// Lets packets from and to `ip` through, counted for this session.
-    pub fn add_session(&mut self, ip: IpAddr, info: SessionInfo) -> anyhow::Result<()> {
+    pub fn add_session(&mut self, ip: IpAddr, info: SessionInfo) -> Result<(), MapWriteError> {
         let key = key_for(ip);
-        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let zero = PerCpuValues::try_from(vec![SessionStats::default(); ncpus])?;
         self.stats
-            .insert(key, zero, 0)
-            .context("creating session counters")?;
+            .insert(key, per_cpu_zero()?, 0)
+            .map_err(writing(format!("creating the counters of session {ip}")))?;
         self.sessions
             .insert(key, info, 0)
-            .context("inserting session")?;
-        Ok(())
+            .map_err(writing(format!("inserting session {ip}")))
     }
 
     /// Removes a session's entries; its packets are dropped from now on.
@@ -335,8 +359,8 @@ impl Datapath {
         info: PolicyInfo,
         c: &Compiled,
         first_interval: u32,
-    ) -> anyhow::Result<()> {
-        let result = (|| -> anyhow::Result<()> {
+    ) -> Result<(), MapWriteError> {
+        let result = (|| -> Result<(), aya::maps::MapError> {
             let mut next = first_interval;
             for (k, ivs) in &c.ports {
                 let start = next;
@@ -365,7 +389,10 @@ impl Datapath {
         if result.is_err() {
             self.remove_policy(id, c);
         }
-        result.with_context(|| format!("installing policy id {id} ({} map entries)", c.entries()))
+        result.map_err(writing(format!(
+            "installing policy id {id} ({} map entries)",
+            c.entries()
+        )))
     }
 
     /// Removes a policy version no session points at any more (its
@@ -385,30 +412,30 @@ impl Datapath {
 
     /// Points an installed session at another policy: one map update, so
     /// the switch is atomic for every packet.
-    pub fn set_session(&mut self, ip: IpAddr, info: SessionInfo) -> anyhow::Result<()> {
+    pub fn set_session(&mut self, ip: IpAddr, info: SessionInfo) -> Result<(), MapWriteError> {
         self.sessions
             .insert(key_for(ip), info, 0)
-            .context("updating session")
+            .map_err(writing(format!("updating session {ip}")))
     }
 
     /// Sets the uplink client packets are marked for (1-based; 0 = none,
     /// packets unmarked). One map write: the switch is atomic.
-    pub fn set_active_uplink(&mut self, number: u32) -> anyhow::Result<()> {
+    pub fn set_active_uplink(&mut self, number: u32) -> Result<(), MapWriteError> {
         self.uplink_active
             .set(0, number, 0)
-            .context("setting the active uplink")
+            .map_err(writing("setting the active uplink"))
     }
 
     /// Tells the data path which uplinks are healthy (bit n-1 = uplink n),
     /// for policies pinned to an uplink.
-    pub fn set_healthy_uplinks(&mut self, mask: u32) -> anyhow::Result<()> {
+    pub fn set_healthy_uplinks(&mut self, mask: u32) -> Result<(), MapWriteError> {
         self.uplink_active
             .set(1, mask, 0)
-            .context("setting healthy uplinks")
+            .map_err(writing("setting healthy uplinks"))
     }
 
     /// Replaces the NAT-exemption prefixes: `(uplink number, prefix)`.
-    pub fn set_exempt(&mut self, entries: &[(u32, ipnet::IpNet)]) -> anyhow::Result<()> {
+    pub fn set_exempt(&mut self, entries: &[(u32, ipnet::IpNet)]) -> Result<(), MapWriteError> {
         for (plen, k) in std::mem::take(&mut self.exempt_installed) {
             let _ = self.exempt.remove(&Key::new(plen, k));
         }
@@ -431,17 +458,17 @@ impl Datapath {
             let plen = vpn_common::EXEMPT_KEY_FIXED_BITS + u32::from(bits);
             self.exempt
                 .insert(&Key::new(plen, k), 1, 0)
-                .with_context(|| format!("adding NAT exemption {net}"))?;
+                .map_err(writing(format!("adding NAT exemption {net}")))?;
             self.exempt_installed.push((plen, k));
         }
         Ok(())
     }
 
     /// Sets the XDP guard's port and ClientHello limits (port 0 = off).
-    pub fn set_guard(&mut self, cfg: GuardConfig) -> anyhow::Result<()> {
+    pub fn set_guard(&mut self, cfg: GuardConfig) -> Result<(), MapWriteError> {
         self.guard_config
             .set(0, cfg, 0)
-            .context("setting the XDP guard")
+            .map_err(writing("setting the XDP guard"))
     }
 
     /// Attaches the XDP guard to an uplink (in the calling thread's netns).
@@ -497,11 +524,11 @@ impl Datapath {
     }
 
     /// Zeroes a range of rule slots before a new policy version uses them.
-    pub fn reset_hits(&mut self, slots: std::ops::Range<u32>) -> anyhow::Result<()> {
-        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    pub fn reset_hits(&mut self, slots: std::ops::Range<u32>) -> Result<(), MapWriteError> {
         for s in slots {
             self.hits
-                .set(s, PerCpuValues::try_from(vec![0u64; ncpus])?, 0)?;
+                .set(s, per_cpu_zero::<u64>()?, 0)
+                .map_err(writing(format!("zeroing rule counter {s}")))?;
         }
         Ok(())
     }

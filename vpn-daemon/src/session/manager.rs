@@ -31,7 +31,7 @@ use crate::{
     datapath::bpf::SharedDatapath,
     events::{Event, EventLog},
     mac::pseudo_mac,
-    policies::{MissingPolicy, PolicySet},
+    policies::{MissingPolicy, PolicyError, PolicySet},
     session::{
         EndReason, Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot, new_cookie,
         pool::Pool,
@@ -115,7 +115,7 @@ impl SessionManager {
         datapath: SharedDatapath,
         events: Arc<EventLog>,
         users: Arc<UserDb>,
-    ) -> anyhow::Result<Arc<Self>> {
+    ) -> Result<Arc<Self>, PolicyError> {
         let m = Arc::new(SessionManager {
             table: Arc::default(),
             pool: Mutex::new(Pool::new(settings.pool_v4, settings.pool_v6)),
@@ -173,7 +173,7 @@ impl SessionManager {
     /// or nothing. If a session cannot be moved to its new policy, the
     /// sessions already moved go back and the new versions are removed,
     /// so "rejected, the running configuration stays" is true.
-    pub fn apply_policies(&self, settings: &Settings) -> anyhow::Result<()> {
+    pub fn apply_policies(&self, settings: &Settings) -> Result<(), PolicyError> {
         let mut policies = self.policies.lock();
         let applied = policies.apply(
             &mut self.datapath.lock(),
@@ -214,7 +214,7 @@ impl SessionManager {
     /// changed, all or none: if one BPF update fails, those done are
     /// undone and the error returned. Returns the sessions whose policy no
     /// longer exists, for [`Self::end_orphans`].
-    fn rebind(&self, policies: &PolicySet) -> anyhow::Result<Vec<(u64, EndReason)>> {
+    fn rebind(&self, policies: &PolicySet) -> Result<Vec<(u64, EndReason)>, PolicyError> {
         let mut moves = Vec::new();
         let mut writes = Vec::new();
         let mut orphans = Vec::new();
@@ -251,7 +251,8 @@ impl SessionManager {
         }
         {
             let mut dp = self.datapath.lock();
-            write_all_or_none(&writes, |a, info| dp.set_session(a, info))?;
+            write_all_or_none(&writes, |a, info| dp.set_session(a, info))
+                .map_err(PolicyError::MoveSessions)?;
         }
         for (s, binding, (up, down)) in moves {
             s.rate_up_bps.store(up, Ordering::Relaxed);
@@ -371,7 +372,7 @@ impl SessionManager {
                         dp.remove_session(b);
                     }
                     pool.release(lease.v4);
-                    tracing::error!("cannot install session in BPF maps: {e:#}");
+                    tracing::error!("cannot install session in BPF maps: {e}");
                     return Err(SessionRefused::Datapath);
                 }
             }
