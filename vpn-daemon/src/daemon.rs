@@ -185,7 +185,8 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
                     Err(m) => tracing::error!("SIGHUP: {m}"),
                 }
             }
-            r = &mut serve => { r??; break }
+            // The listener never returns; a panic in it ends the daemon.
+            r = &mut serve => match r? {},
         }
     }
     for s in gw.sessions.table().all() {

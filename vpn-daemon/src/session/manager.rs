@@ -282,7 +282,7 @@ impl SessionManager {
                 drop(policies);
                 match r {
                     Ok(orphans) => self.end_orphans(orphans),
-                    Err(e) => tracing::error!("applying policy schedules: {e:#}"),
+                    Err(e) => tracing::error!("applying policy schedules: {e}"),
                 }
             }
         }
@@ -474,7 +474,7 @@ impl SessionManager {
                 drop(policies);
                 match r {
                     Ok(orphans) => self.end_orphans(orphans),
-                    Err(e) => tracing::error!("applying users' new group policies: {e:#}"),
+                    Err(e) => tracing::error!("applying users' new group policies: {e}"),
                 }
             }
         }

@@ -56,12 +56,13 @@ impl Listener {
         })
     }
 
-    /// Accepts TLS connections until the listener fails.
+    /// Accepts TLS connections for the daemon's life (a failed accept
+    /// backs off and goes on).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         acceptor: TlsAcceptor,
-    ) -> anyhow::Result<()> {
+    ) -> std::convert::Infallible {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -89,7 +90,7 @@ impl Listener {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Err(e) = gw.handle_connection(tcp, peer, acceptor, slot).await {
-                    tracing::debug!(%peer, "connection ended: {e:#}");
+                    tracing::debug!(%peer, "connection ended: {e}");
                 }
             });
         }
@@ -101,7 +102,7 @@ impl Listener {
         peer: SocketAddr,
         acceptor: TlsAcceptor,
         slot: ConnectionSlot,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ConnectionError> {
         let _ = tcp.set_nodelay(true);
         let (max_requests, lifetime) = (self.max_requests, self.lifetime);
         let opened = tokio::time::Instant::now();
@@ -109,8 +110,8 @@ impl Listener {
         let tcp = tokio::io::BufStream::with_capacity(TLS_IO_BUFFER, TLS_IO_BUFFER, tcp);
         let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
             .await
-            .context("TLS handshake timed out")?
-            .context("TLS handshake failed")?;
+            .map_err(|_| ConnectionError::HandshakeTimeout(timeout))?
+            .map_err(ConnectionError::Handshake)?;
         // Each CSTP frame must go out as exactly one TLS record: with no
         // buffer limit, rustls takes every write whole and seals it as one
         // record (frames are smaller than the record size limit).
@@ -145,11 +146,11 @@ impl Listener {
             };
             requests += 1;
             if req.method == "CONNECT" {
-                return self
+                return Ok(self
                     .tunnels
                     .clone()
                     .connect(tls, buf, req, peer, slot)
-                    .await;
+                    .await?);
             }
             let mut resp = self.login.route(&req, peer).await;
             if requests >= max_requests && !resp.close {
@@ -165,6 +166,18 @@ impl Listener {
             }
         }
     }
+}
+
+/// Why a client's connection ended early (logged at debug: clients hang
+/// up, scanners fail handshakes).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("TLS handshake timed out after {} s", .0.as_secs())]
+    HandshakeTimeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// The listener and TLS acceptor for the configured address.

@@ -98,7 +98,7 @@ impl TunnelService {
         req: Request,
         peer: SocketAddr,
         slot: ConnectionSlot,
-    ) -> anyhow::Result<()> {
+    ) -> std::io::Result<()> {
         if req.path != "/CSCOSSLC/tunnel" {
             Response::text(404, "Not Found", "the tunnel path is /CSCOSSLC/tunnel\n")
                 .closing()
@@ -139,7 +139,7 @@ impl TunnelService {
         req: Request,
         peer: SocketAddr,
         session: Arc<Session>,
-    ) -> anyhow::Result<()> {
+    ) -> std::io::Result<()> {
         tracing::debug!(%peer, "tunnel starts");
 
         let (to_client, from_gw) = mpsc::channel(CLIENT_QUEUE);
@@ -272,7 +272,7 @@ impl TunnelService {
                     name,
                 },
                 Err(e) => {
-                    tracing::warn!("no DTLS for this tunnel: {e:#}");
+                    tracing::warn!("no DTLS for this tunnel: {e}");
                     return None;
                 }
             },

@@ -278,7 +278,7 @@ impl Uplinks {
         if self.healthy_mask.swap(mask, Ordering::Relaxed) != mask
             && let Err(e) = self.datapath.lock().set_healthy_uplinks(mask)
         {
-            tracing::error!("updating uplink health: {e:#}");
+            tracing::error!("updating uplink health: {e}");
         }
         let Some(switch) = failover::decide(&health, *active, hold, Instant::now()) else {
             return;
@@ -293,7 +293,7 @@ impl Uplinks {
         let from = active.map(|a| self.cfg[a].name.clone());
         let to = self.cfg[switch.to].name.clone();
         if let Err(e) = self.datapath.lock().set_active_uplink(switch.to as u32 + 1) {
-            tracing::error!("switching uplinks: {e:#}");
+            tracing::error!("switching uplinks: {e}");
             return;
         }
         *active = Some(switch.to);
@@ -387,7 +387,7 @@ impl Uplinks {
 
     /// Carrier changes, from rtnetlink link events.
     async fn watch_links(self: Arc<Self>) {
-        let result: anyhow::Result<()> = async {
+        let result: std::io::Result<()> = async {
             let (mut conn, _, mut messages) = rtnetlink::new_connection()?;
             conn.socket_mut()
                 .socket_mut()
@@ -431,7 +431,7 @@ impl Uplinks {
         }
         .await;
         if let Err(e) = result {
-            tracing::error!("watching uplink carriers: {e:#}");
+            tracing::error!("watching uplink carriers: {e}");
         }
     }
 

@@ -147,6 +147,20 @@ pub fn server_context() -> anyhow::Result<SslContext> {
     Ok(b.build())
 }
 
+/// Why a resumption offer could not be prepared (the tunnel goes on
+/// without DTLS).
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("OpenSSL: {0}")]
+    Openssl(#[from] openssl::error::ErrorStack),
+    #[error("OpenSSL lacks DTLS suite {0}")]
+    MissingSuite(&'static str),
+    #[error("building the DTLS session failed")]
+    Build,
+    #[error("OpenSSL's session cache refused the DTLS session")]
+    CacheRefused,
+}
+
 /// A DTLS 1.2 session with the client's `master` secret, session id `sid`
 /// and `suite`, placed in `ctx`'s cache so that the client's ClientHello
 /// resumes it (Cisco mode). The caller removes it when the offer ends.
@@ -155,7 +169,7 @@ pub fn resumption_session(
     master: &[u8; 48],
     sid: &[u8; 32],
     suite: ResumeSuite,
-) -> anyhow::Result<SslSession> {
+) -> Result<SslSession, ResumeError> {
     use foreign_types::ForeignType;
     let probe = Ssl::new(ctx)?;
     // SAFETY: plain OpenSSL calls on objects we own; the SSL_SESSION is
@@ -163,18 +177,26 @@ pub fn resumption_session(
     // below).
     unsafe {
         let cipher = ffi::SSL_CIPHER_find(probe.as_ptr(), suite.id.as_ptr());
-        anyhow::ensure!(!cipher.is_null(), "OpenSSL lacks DTLS suite {}", suite.name);
+        if cipher.is_null() {
+            return Err(ResumeError::MissingSuite(suite.name));
+        }
         let raw = ffi::SSL_SESSION_new();
-        anyhow::ensure!(!raw.is_null(), "SSL_SESSION_new failed");
+        if raw.is_null() {
+            return Err(ResumeError::Build);
+        }
         let sess = SslSession::from_ptr(raw);
         let ok = ffi::SSL_SESSION_set1_master_key(raw, master.as_ptr(), master.len()) == 1
             && ffi::SSL_SESSION_set1_id(raw, sid.as_ptr(), sid.len() as u32) == 1
             && ffi::SSL_SESSION_set1_id_context(raw, SID_CTX.as_ptr(), SID_CTX.len() as u32) == 1
             && ffi::SSL_SESSION_set_cipher(raw, cipher) == 1
             && ffi::SSL_SESSION_set_protocol_version(raw, DTLS1_2_VERSION) == 1;
-        anyhow::ensure!(ok, "building the DTLS session failed");
+        if !ok {
+            return Err(ResumeError::Build);
+        }
         ffi::SSL_SESSION_set_timeout(raw, 7 * 86400);
-        anyhow::ensure!(ctx.add_session(&sess), "OpenSSL refused the DTLS session");
+        if !ctx.add_session(&sess) {
+            return Err(ResumeError::CacheRefused);
+        }
         Ok(sess)
     }
 }

@@ -98,6 +98,57 @@ mod ffi {
     }
 }
 
+/// Why a DTLS peer's task ended (logged; the client's tunnel goes on over
+/// TLS until it tries DTLS again).
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelEnd {
+    #[error("OpenSSL: {0}")]
+    Setup(openssl::error::ErrorStack),
+    #[error("handshake failed: {0}")]
+    HandshakeFailed(openssl::ssl::Error),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("handshake refused: {0}")]
+    Refused(handshake::HandshakeRefused),
+    #[error("unusable DTLS channel: {0}")]
+    Unusable(UnusableChannel),
+    #[error("superseded by another handshake")]
+    Superseded,
+    #[error("its queue closed")]
+    QueueClosed,
+    /// The gateway closed it (the session ended, or fell back to TLS).
+    #[error("closed")]
+    Closed,
+    #[error("closed by client")]
+    ClosedByClient,
+    #[error("read error: {0}")]
+    Read(openssl::ssl::Error),
+    #[error("silent for {} s (3 x DTLS DPD)", .0.as_secs())]
+    Silent(Duration),
+}
+
+impl<S> From<HandshakeError<S>> for ChannelEnd {
+    fn from(e: HandshakeError<S>) -> Self {
+        match e {
+            HandshakeError::SetupFailure(e) => ChannelEnd::Setup(e),
+            HandshakeError::Failure(m) | HandshakeError::WouldBlock(m) => {
+                ChannelEnd::HandshakeFailed(m.into_error())
+            }
+        }
+    }
+}
+
+/// A completed handshake whose keys our record layer cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum UnusableChannel {
+    #[error("cipher {0} is not an AES-GCM suite")]
+    NotAesGcm(String),
+    #[error("no session after the handshake")]
+    NoSession,
+    #[error("master secret of {0} bytes, not 48")]
+    MasterSecret(usize),
+}
+
 /// The UDP side of the gateway.
 pub struct DtlsServer {
     /// One socket per packet worker, all bound to the port
@@ -417,7 +468,7 @@ impl DtlsServer {
         session: Arc<Session>,
         master: &[u8; 48],
         suite: crate::proto::connect::ResumeSuite,
-    ) -> anyhow::Result<[u8; 32]> {
+    ) -> Result<[u8; 32], handshake::ResumeError> {
         let mut sid = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sid);
         let cached = handshake::resumption_session(&self.ctx, master, &sid, suite)?;
@@ -753,11 +804,11 @@ impl DtlsServer {
         session: Arc<Session>,
         offered: Offered,
         mut inbox: mpsc::Receiver<Vec<u8>>,
-    ) -> String {
+    ) -> ChannelEnd {
         let (from, local) = (peer.from, peer.local);
         let mut ssl = match offered.ssl(&self.ctx) {
             Ok(s) => s,
-            Err(e) => return format!("OpenSSL: {e}"),
+            Err(e) => return ChannelEnd::Setup(e),
         };
         let _ = ssl.set_mtu(1400);
         let io = DatagramIo {
@@ -776,15 +827,15 @@ impl DtlsServer {
                     .await;
             }
             Err(HandshakeError::WouldBlock(m)) => m,
-            Err(e) => return format!("handshake failed: {e}"),
+            Err(e) => return e.into(),
         };
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         loop {
             let wake = (Instant::now() + Duration::from_millis(250)).min(deadline);
             match tokio::time::timeout_at(wake.into(), inbox.recv()).await {
                 Ok(Some(d)) => mid.get_mut().inbox.push_back(d),
-                Ok(None) => return "its queue closed".into(),
-                Err(_) if Instant::now() >= deadline => return "handshake timed out".into(),
+                Ok(None) => return ChannelEnd::QueueClosed,
+                Err(_) if Instant::now() >= deadline => return ChannelEnd::HandshakeTimeout,
                 Err(_) => {
                     // SAFETY: a valid SSL object owned by `mid`.
                     unsafe {
@@ -800,7 +851,7 @@ impl DtlsServer {
                         .await;
                 }
                 Err(HandshakeError::WouldBlock(m)) => mid = m,
-                Err(e) => return format!("handshake failed: {e}"),
+                Err(e) => return e.into(),
             }
         }
     }
@@ -816,18 +867,18 @@ impl DtlsServer {
         session: &Arc<Session>,
         offered: &Offered,
         inbox: &mut mpsc::Receiver<Vec<u8>>,
-    ) -> String {
+    ) -> ChannelEnd {
         let from = peer.from;
         if let Err(e) = offered.check(s.ssl()) {
             self.handshake_counters
                 .refused_after
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%from, "DTLS handshake refused: {e}");
-            return format!("handshake refused: {e}");
+            return ChannelEnd::Refused(e);
         }
         let link = match Link::from_handshake(&s, from, session) {
             Ok(l) => Arc::new(l),
-            Err(e) => return format!("unusable DTLS channel: {e}"),
+            Err(e) => return ChannelEnd::Unusable(e),
         };
         tracing::info!(%from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
         let tls_ip = session.tunnel.lock().peer.map(|p| p.ip());
@@ -840,7 +891,7 @@ impl DtlsServer {
             tls_ip,
         );
         match established {
-            None => return "superseded by another handshake".into(),
+            None => return ChannelEnd::Superseded,
             // The channel this address had before: this one replaces it.
             Some(Some(old)) => old.close(),
             Some(None) => {}
@@ -865,32 +916,32 @@ impl DtlsServer {
         s: &mut SslStream<DatagramIo>,
         link: &Link,
         inbox: &mut mpsc::Receiver<Vec<u8>>,
-    ) -> String {
+    ) -> ChannelEnd {
         let mut rec = vec![0u8; 16384];
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             if link.is_closed() {
-                return "closed".into();
+                return ChannelEnd::Closed;
             }
             tokio::select! {
                 d = inbox.recv() => {
-                    let Some(d) = d else { return "its queue closed".into() };
+                    let Some(d) = d else { return ChannelEnd::QueueClosed };
                     s.get_mut().inbox.push_back(d);
                     loop {
                         match s.ssl_read(&mut rec) {
-                            Ok(0) => return "closed by client".into(),
+                            Ok(0) => return ChannelEnd::ClosedByClient,
                             // Application data all goes through `Link`.
                             Ok(_) => {}
                             Err(e) if e.code() == ErrorCode::WANT_READ => break,
-                            Err(e) if e.code() == ErrorCode::ZERO_RETURN => return "closed by client".into(),
-                            Err(e) => return format!("read error: {e}"),
+                            Err(e) if e.code() == ErrorCode::ZERO_RETURN => return ChannelEnd::ClosedByClient,
+                            Err(e) => return ChannelEnd::Read(e),
                         }
                     }
                 }
                 _ = link.closed.notified() => {}
                 _ = tick.tick() => {
                     if link.silent_for() > self.dpd * 3 {
-                        return format!("silent for {} s (3 x DTLS DPD)", (self.dpd * 3).as_secs());
+                        return ChannelEnd::Silent(self.dpd * 3);
                     }
                 }
             }
@@ -1031,7 +1082,7 @@ impl Link {
         s: &SslStream<DatagramIo>,
         from: SocketAddr,
         session: &Arc<Session>,
-    ) -> anyhow::Result<Link> {
+    ) -> Result<Link, UnusableChannel> {
         let first_seq = s.get_ref().last_epoch1_seq.map_or(0, |q| q + 1);
         let channel = channel_from(s.ssl(), first_seq)?;
         static IDS: AtomicU64 = AtomicU64::new(1);
@@ -1158,14 +1209,19 @@ fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
 
 /// The record layer of a completed handshake, continuing after sequence
 /// number `first_seq` of epoch 1.
-fn channel_from(ssl: &openssl::ssl::SslRef, first_seq: u64) -> anyhow::Result<record::Channel> {
+fn channel_from(
+    ssl: &openssl::ssl::SslRef,
+    first_seq: u64,
+) -> Result<record::Channel, UnusableChannel> {
     let name = ssl.current_cipher().map(|c| c.name()).unwrap_or("none");
     let suite = record::Suite::from_openssl_name(name)
-        .with_context(|| format!("cipher {name} is not an AES-GCM suite"))?;
-    let sess = ssl.session().context("no session after the handshake")?;
+        .ok_or_else(|| UnusableChannel::NotAesGcm(name.to_owned()))?;
+    let sess = ssl.session().ok_or(UnusableChannel::NoSession)?;
     let mut master = [0u8; 48];
     let n = sess.master_key(&mut master);
-    anyhow::ensure!(n == 48, "master secret of {n} bytes");
+    if n != 48 {
+        return Err(UnusableChannel::MasterSecret(n));
+    }
     let (mut cr, mut sr) = ([0u8; 32], [0u8; 32]);
     ssl.client_random(&mut cr);
     ssl.server_random(&mut sr);
