@@ -462,7 +462,7 @@ pool_v6 = "{POOL6}"
             .spawn()
             .context("starting vpnd")?;
         let settings = vpn_daemon::config::Config::parse(&config, &config_path)?;
-        let server = &settings.raw.server;
+        let server = &settings.server;
         let mut gw = Gateway {
             child: Some(child),
             socket: server.control_socket.clone(),

@@ -508,20 +508,91 @@ pub struct GroupConfig {
 pub use crate::proto::connect::{Routing, TunnelParams};
 
 /// The configuration after validation: what the daemon actually uses.
+/// Every value is final here (defaults applied, names resolved, times as
+/// durations); nothing else reads the file's raw form.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub raw: Config,
+    /// The file as read: only to tell which sections a reload changed
+    /// ([`Settings::needs_restart`]).
+    raw: Config,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `server.control_group`'s gid.
+    pub control_gid: Option<u32>,
+    pub tls: TlsSettings,
+    /// `[http]`.
+    pub http: crate::proto::http::Limits,
+    /// The tunnel device (`tunnel.device`, `tunnel.mtu`).
+    pub device: DeviceSettings,
     pub pool_v4: Ipv4Net,
     pub pool_v6: Option<Ipv6Net>,
     /// What every client is told at CONNECT (routing, DNS, timers, MTU).
     pub tunnel: TunnelParams,
+    pub session: SessionSettings,
+    /// `[auth]`.
+    pub auth: AuthConfig,
+    /// `[limits]`.
+    pub limits: Limits,
     pub groups: Vec<GroupConfig>,
     pub policies: Vec<PolicyDef>,
+    /// `policy.default`.
+    pub default_policy: Option<String>,
+    /// `policy.max_entries`.
+    pub max_policy_entries: usize,
     /// Destinations an enforcing policy's clients may reach: the included
     /// subnets, the pushed DNS servers and the gateway's tunnel addresses.
     pub split_allow: Vec<IpNet>,
-    /// `server.control_group`'s gid.
-    pub control_gid: Option<u32>,
+    /// `[dtls]`, when enabled.
+    pub dtls: Option<DtlsSettings>,
+    /// `[[uplink]]`.
+    pub uplinks: Vec<UplinkConfig>,
+    /// `[failover]`.
+    pub failover: FailoverConfig,
+}
+
+/// `[tls]`, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub hostnames: Vec<String>,
+    pub tls13: bool,
+    pub read_batching: bool,
+}
+
+/// The tunnel device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSettings {
+    pub name: String,
+    pub mtu: u16,
+}
+
+/// `[session]` and `server.max_sessions`, as the session manager and the
+/// tunnels use them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionSettings {
+    pub max_sessions: usize,
+    /// 0 = no limit.
+    pub max_per_user: usize,
+    /// Zero = never.
+    pub idle: Duration,
+    pub disconnected: Duration,
+    /// The dead-peer interval, TLS and DTLS.
+    pub dpd: Duration,
+}
+
+/// `[dtls]` of an enabled DTLS server, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DtlsSettings {
+    /// `server.listen` with `dtls.port`.
+    pub listen: SocketAddr,
+    pub psk_negotiate: bool,
+    pub xdp_interfaces: Vec<String>,
+    pub hello_rate: u32,
+    pub hello_burst: u32,
+    pub coalesce: Duration,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: u32,
 }
 
 impl Config {
@@ -876,15 +947,56 @@ impl Config {
             dpd_secs: self.session.dpd_secs,
             keepalive_secs: self.session.keepalive_secs,
         };
+        let dtls = self.dtls.enabled.then(|| {
+            let mut listen = self.server.listen;
+            listen.set_port(self.dtls.port.unwrap_or(listen.port()));
+            DtlsSettings {
+                listen,
+                psk_negotiate: self.dtls.psk_negotiate,
+                xdp_interfaces: self.dtls.xdp_interfaces.clone(),
+                hello_rate: self.dtls.hello_rate,
+                hello_burst: self.dtls.hello_burst,
+                coalesce: Duration::from_micros(self.dtls.rx_coalesce_usecs.into()),
+                max_handshakes: self.dtls.max_handshakes,
+                max_handshakes_per_source: self.dtls.max_handshakes_per_source,
+            }
+        });
         Ok(Settings {
+            server: self.server.clone(),
             control_gid,
-            raw: self,
-            tunnel,
+            tls: TlsSettings {
+                cert_file: self.tls.cert_file.clone(),
+                key_file: self.tls.key_file.clone(),
+                hostnames: self.tls.hostnames.clone(),
+                tls13: self.tls.tls13.unwrap_or(true),
+                read_batching: self.tls.read_batching.unwrap_or(true),
+            },
+            http: self.http.clone(),
+            device: DeviceSettings {
+                name: self.tunnel.device.clone(),
+                mtu: self.tunnel.mtu,
+            },
             pool_v4,
             pool_v6,
+            tunnel,
+            session: SessionSettings {
+                max_sessions: self.server.max_sessions as usize,
+                max_per_user: self.session.max_per_user as usize,
+                idle: Duration::from_secs(self.session.idle_timeout_secs),
+                disconnected: Duration::from_secs(self.session.disconnected_timeout_secs),
+                dpd: Duration::from_secs(self.session.dpd_secs),
+            },
+            auth: self.auth.clone(),
+            limits: self.limits.clone(),
             groups,
             policies,
+            default_policy: self.policy.default.clone(),
+            max_policy_entries: self.policy.max_entries,
             split_allow,
+            dtls,
+            uplinks: self.uplinks.clone(),
+            failover: self.failover.clone(),
+            raw: self,
         })
     }
 }
@@ -1109,6 +1221,29 @@ pub fn parse_session_timeout(s: &str) -> Result<Duration, ConfigError> {
 }
 
 impl Settings {
+    /// The sections that differ in `new` and only take effect after a
+    /// restart (group policies and the default policy change live).
+    pub fn needs_restart(&self, new: &Settings) -> Vec<&'static str> {
+        let (a, b) = (&self.raw, &new.raw);
+        [
+            ("server", a.server == b.server),
+            ("tls", a.tls == b.tls),
+            ("http", a.http == b.http),
+            ("tunnel", a.tunnel == b.tunnel),
+            ("client_routing", a.client_routing == b.client_routing),
+            ("session", a.session == b.session),
+            ("auth", a.auth == b.auth),
+            ("limits", a.limits == b.limits),
+            ("group", a.groups == b.groups),
+            ("dtls", a.dtls == b.dtls),
+            ("uplink", a.uplinks == b.uplinks),
+            ("failover", a.failover == b.failover),
+        ]
+        .into_iter()
+        .filter_map(|(name, same)| (!same).then_some(name))
+        .collect()
+    }
+
     /// The gateway's own address on the tunnel device (first host of the pool).
     pub fn gateway_v4(&self) -> Ipv4Addr {
         self.pool_v4
@@ -1157,10 +1292,10 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let s = parse(&uplinks).unwrap();
-        assert_eq!(s.raw.uplinks.len(), 2);
-        assert_eq!(s.raw.uplinks[0].probe.interval_ms, 500);
-        assert_eq!(s.raw.uplinks[1].priority, 20);
-        assert!(s.raw.uplinks[1].masquerade);
+        assert_eq!(s.uplinks.len(), 2);
+        assert_eq!(s.uplinks[0].probe.interval_ms, 500);
+        assert_eq!(s.uplinks[1].priority, 20);
+        assert!(s.uplinks[1].masquerade);
 
         let two = |a: &str, b: &str| {
             format!(
@@ -1205,7 +1340,7 @@ mod tests {
         assert_eq!(s.tunnel.session_timeout, Duration::from_secs(8 * 3600));
         assert_eq!(s.gateway_v4(), Ipv4Addr::new(198, 19, 0, 1));
         assert_eq!(s.groups.len(), 1);
-        assert_eq!(s.raw.http.max_header_bytes, 16384);
+        assert_eq!(s.http.max_header_bytes, 16384);
     }
 
     #[test]
@@ -1240,16 +1375,38 @@ mod tests {
     }
 
     #[test]
-    fn rx_coalescing_defaults_on_and_is_bounded() {
-        assert_eq!(parse("").unwrap().raw.dtls.rx_coalesce_usecs, 200);
+    fn settings_hold_final_values() {
+        let s = parse("").unwrap();
+        assert!(s.tls.tls13 && s.tls.read_batching, "both default on");
         assert_eq!(
-            parse("[dtls]\nrx_coalesce_usecs = 0\n")
-                .unwrap()
-                .raw
-                .dtls
-                .rx_coalesce_usecs,
-            0
+            s.dtls.as_ref().unwrap().listen.port(),
+            s.server.listen.port()
         );
+        assert_eq!(s.session.dpd, Duration::from_secs(s.tunnel.dpd_secs));
+        let s = parse("[tls]\ntls13 = false\n[dtls]\nport = 4443\n").unwrap();
+        assert!(!s.tls.tls13);
+        assert_eq!(s.dtls.unwrap().listen.port(), 4443);
+        assert!(parse("[dtls]\nenabled = false\n").unwrap().dtls.is_none());
+    }
+
+    #[test]
+    fn a_reload_names_the_sections_that_need_a_restart() {
+        let old = parse("").unwrap();
+        let policy_only =
+            parse("[[group_policy]]\nname = \"p\"\n[policy]\ndefault = \"p\"\n").unwrap();
+        assert!(
+            old.needs_restart(&policy_only).is_empty(),
+            "policies change live"
+        );
+        let new = parse("[limits]\nmax_connections = 10\n[session]\ndpd_secs = 5\n").unwrap();
+        assert_eq!(old.needs_restart(&new), ["session", "limits"]);
+    }
+
+    #[test]
+    fn rx_coalescing_defaults_on_and_is_bounded() {
+        let coalesce = |text: &str| parse(text).unwrap().dtls.unwrap().coalesce;
+        assert_eq!(coalesce(""), Duration::from_micros(200));
+        assert_eq!(coalesce("[dtls]\nrx_coalesce_usecs = 0\n"), Duration::ZERO);
         let e = parse("[dtls]\nrx_coalesce_usecs = 5000\n")
             .unwrap_err()
             .to_string();

@@ -221,7 +221,7 @@ impl Gateway {
         let (pool_in_use, pool_capacity) = self.sessions.pool_usage();
         Stats {
             sessions: self.sessions.table().len(),
-            max_sessions: self.settings.raw.server.max_sessions,
+            max_sessions: self.settings.server.max_sessions,
             pool_in_use,
             pool_capacity,
             drops: {

@@ -24,36 +24,42 @@ use crate::{
 /// workers, serves, and on the way out ends every session and removes
 /// what it set up.
 pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()> {
-    let raw = &settings.raw;
     let events =
-        EventLog::open(raw.server.event_log.as_deref()).context("opening server.event_log")?;
-    let users = UserDb::open(raw.auth.users_file.clone())?;
+        EventLog::open(settings.server.event_log.as_deref()).context("opening server.event_log")?;
+    let users = UserDb::open(settings.auth.users_file.clone())?;
     let identity = tls::load_identity(&settings)?;
     tracing::info!(
         cert = %identity.cert_path.display(),
         "server certificate fingerprint {} (openconnect --servercert)",
         identity.pin
     );
-    let tls_config = tls::server_config(&identity, raw.tls.tls13.unwrap_or(true))?;
+    let tls_config = tls::server_config(&identity, settings.tls.tls13)?;
 
     // A TUN queue and a packet worker per core, and a queue for the TLS
     // tunnels.
     let tun = Arc::new(
-        Tun::create(&raw.tunnel.device, crate::transport::workers::tun_queues()).with_context(
-            || format!("creating TUN device {} (tunnel.device)", raw.tunnel.device),
-        )?,
+        Tun::create(
+            &settings.device.name,
+            crate::transport::workers::tun_queues(),
+        )
+        .with_context(|| {
+            format!(
+                "creating TUN device {} (tunnel.device)",
+                settings.device.name
+            )
+        })?,
     );
     let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
     if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
         addrs.push((a.into(), n.prefix_len()));
     }
-    netlink::configure_tunnel(tun.name(), raw.tunnel.mtu, &addrs).await?;
+    netlink::configure_tunnel(tun.name(), settings.device.mtu, &addrs).await?;
     netlink::enable_forwarding(settings.pool_v6.is_some())?;
-    let datapath = Datapath::load(tun.name(), &raw.server.bpf_pin_dir)?;
-    tracing::info!(pins = %raw.server.bpf_pin_dir.display(), "BPF programs attached to {}", tun.name());
+    let datapath = Datapath::load(tun.name(), &settings.server.bpf_pin_dir)?;
+    tracing::info!(pins = %settings.server.bpf_pin_dir.display(), "BPF programs attached to {}", tun.name());
 
     let (tcp, acceptor) = crate::transport::listener::bind(&settings, tls_config).await?;
-    let control_path = raw.server.control_socket.clone();
+    let control_path = settings.server.control_socket.clone();
     let control = control::bind(&control_path, settings.control_gid)?;
 
     let users = Arc::new(users);
@@ -64,20 +70,17 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         events.clone(),
         users.clone(),
     )?;
-    let dtls = if raw.dtls.enabled {
-        let mut addr = raw.server.listen;
-        addr.set_port(raw.dtls.port.unwrap_or(addr.port()));
-        let dpd = std::time::Duration::from_secs(raw.session.dpd_secs);
-        let coalesce = std::time::Duration::from_micros(raw.dtls.rx_coalesce_usecs.into());
+    let dtls = if let Some(cfg) = &settings.dtls {
+        let addr = cfg.listen;
         let dtls = crate::transport::dtls::DtlsServer::bind(
             addr,
             crate::transport::workers::count(&tun),
             tun.clone(),
-            dpd,
-            coalesce,
+            settings.session.dpd,
+            cfg.coalesce,
             crate::transport::dtls::HandshakeLimits {
-                total: raw.dtls.max_handshakes,
-                per_source: raw.dtls.max_handshakes_per_source,
+                total: cfg.max_handshakes,
+                per_source: cfg.max_handshakes_per_source,
             },
         )
         .await?;
@@ -87,11 +90,11 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         let mut dp = sessions.datapath().lock();
         dp.set_guard(vpn_common::GuardConfig {
             port: u32::from(addr.port()),
-            hello_rate: raw.dtls.hello_rate,
-            hello_burst: raw.dtls.hello_burst,
+            hello_rate: cfg.hello_rate,
+            hello_burst: cfg.hello_burst,
             _pad: 0,
         })?;
-        for iface in &raw.dtls.xdp_interfaces {
+        for iface in &cfg.xdp_interfaces {
             dp.attach_guard(iface)?;
             tracing::info!(iface, "XDP guard attached");
         }
@@ -102,7 +105,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         None
     };
     let admission = Arc::new(crate::auth::admission::Counters::default());
-    let connections = crate::auth::admission::Connections::new(&raw.limits);
+    let connections = crate::auth::admission::Connections::new(&settings.limits);
     let login = LoginService::new(
         &settings,
         users.clone(),
@@ -142,19 +145,19 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
 
     // Uplinks: routing tables, rules, the nft table and health checks.
     // Whatever a crashed run left is removed first, configured or not.
-    crate::net::uplinks::cleanup(&raw.failover)
+    crate::net::uplinks::cleanup(&settings.failover)
         .await
         .context("removing stale uplink state")?;
-    if !raw.uplinks.is_empty() {
+    if !settings.uplinks.is_empty() {
         let u = crate::net::uplinks::Uplinks::start(
-            &raw.uplinks,
-            &raw.failover,
+            &settings.uplinks,
+            &settings.failover,
             gw.sessions.datapath().clone(),
             gw.events.clone(),
         )
         .await?;
         let _ = gw.uplinks.set(u);
-        tracing::info!(uplinks = raw.uplinks.len(), "uplinks managed");
+        tracing::info!(uplinks = settings.uplinks.len(), "uplinks managed");
     }
     let wiring = crate::transport::workers::Wiring {
         tun: gw.tun.clone(),
@@ -168,7 +171,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     tokio::spawn(gw.sessions.clone().follow_schedules());
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
-    tracing::info!(listen = %settings.raw.server.listen, control = %control_path.display(), "vpnd ready");
+    tracing::info!(listen = %settings.server.listen, control = %control_path.display(), "vpnd ready");
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -196,7 +199,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     // Give tunnels a moment to send their TERMINATE frames.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     gw.sessions.datapath().lock().unpin();
-    if let Err(e) = crate::net::uplinks::cleanup(&raw.failover).await {
+    if let Err(e) = crate::net::uplinks::cleanup(&settings.failover).await {
         tracing::error!("removing uplink state: {e:#}");
     }
     let _ = std::fs::remove_file(&control_path);

@@ -70,7 +70,7 @@ pub struct Gateway {
 impl Gateway {
     /// The admission limits' state and counters.
     pub fn admission_stats(&self) -> admission::AdmissionStats {
-        let l = &self.settings.raw.limits;
+        let l = &self.settings.limits;
         let c = &self.admission;
         let (pending, sources_locked, users_locked, verifications) = self.login.counts();
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -109,25 +109,7 @@ impl Gateway {
         self.sessions
             .apply_policies(&new)
             .map_err(|e| fail(ReloadError::Policies(e)))?;
-        let mut restart = Vec::new();
-        let (a, b) = (&self.settings.raw, &new.raw);
-        for (name, same) in [
-            ("server", a.server == b.server),
-            ("tls", a.tls == b.tls),
-            ("http", a.http == b.http),
-            ("tunnel", a.tunnel == b.tunnel),
-            ("client_routing", a.client_routing == b.client_routing),
-            ("session", a.session == b.session),
-            ("auth", a.auth == b.auth),
-            ("group", a.groups == b.groups),
-            ("dtls", a.dtls == b.dtls),
-            ("uplink", a.uplinks == b.uplinks),
-            ("failover", a.failover == b.failover),
-        ] {
-            if !same {
-                restart.push(name);
-            }
-        }
+        let restart = self.settings.needs_restart(&new);
         let n = new.policies.len();
         self.events.emit(Event::ConfigReloaded {
             policies: n,

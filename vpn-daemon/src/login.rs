@@ -69,23 +69,22 @@ impl LoginService {
         events: Arc<EventLog>,
         counters: Arc<admission::Counters>,
     ) -> Arc<Self> {
-        let raw = &settings.raw;
         Arc::new(LoginService {
             flow: Mutex::new(LoginFlow::new(
-                &raw.limits,
-                &raw.auth,
+                &settings.limits,
+                &settings.auth,
                 settings.groups.clone(),
             )),
-            verifier: Verifier::new(&raw.limits),
+            verifier: Verifier::new(&settings.limits),
             users,
             sessions,
             events,
             counters,
             groups: settings.groups.clone(),
-            title: raw.server.name.clone(),
-            banner: raw.tunnel.banner.clone(),
-            login_secs: raw.auth.timeout_secs,
-            lockout_window_secs: raw.limits.lockout_window_secs,
+            title: settings.server.name.clone(),
+            banner: settings.tunnel.banner.clone(),
+            login_secs: settings.auth.timeout_secs,
+            lockout_window_secs: settings.limits.lockout_window_secs,
         })
     }
 

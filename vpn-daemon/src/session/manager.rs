@@ -50,14 +50,13 @@ pub struct SessionLimits {
 
 impl SessionLimits {
     pub fn from_settings(s: &Settings) -> Self {
-        let cfg = &s.raw.session;
         SessionLimits {
-            max_sessions: s.raw.server.max_sessions as usize,
-            max_per_user: cfg.max_per_user as usize,
+            max_sessions: s.session.max_sessions,
+            max_per_user: s.session.max_per_user,
             timeouts: Timeouts {
                 session: s.tunnel.session_timeout,
-                idle: Duration::from_secs(cfg.idle_timeout_secs),
-                disconnected: Duration::from_secs(cfg.disconnected_timeout_secs),
+                idle: s.session.idle,
+                disconnected: s.session.disconnected,
             },
         }
     }
@@ -178,10 +177,10 @@ impl SessionManager {
         let applied = policies.apply(
             &mut self.datapath.lock(),
             &settings.policies,
-            settings.raw.policy.default.clone(),
+            settings.default_policy.clone(),
             // The split list clients were given at connect time.
             &self.split_allow,
-            settings.raw.policy.max_entries,
+            settings.max_policy_entries,
         )?;
         // Re-resolve every session against the new set (users may have
         // new policies too), then drop the versions nobody uses.

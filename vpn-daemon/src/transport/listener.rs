@@ -44,11 +44,11 @@ impl Listener {
         login: Arc<LoginService>,
         tunnels: Arc<TunnelService>,
     ) -> Arc<Self> {
-        let l = &settings.raw.limits;
+        let l = &settings.limits;
         Arc::new(Listener {
             connections,
             counters,
-            http: settings.raw.http.clone(),
+            http: settings.http.clone(),
             max_requests: l.max_requests_per_connection,
             lifetime: Duration::from_secs(l.max_connection_secs),
             login,
@@ -185,7 +185,7 @@ pub async fn bind(
     settings: &Settings,
     tls: Arc<rustls::ServerConfig>,
 ) -> anyhow::Result<(TcpListener, TlsAcceptor)> {
-    let addr = settings.raw.server.listen;
+    let addr = settings.server.listen;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} (server.listen)"))?;

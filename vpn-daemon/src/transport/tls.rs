@@ -65,10 +65,10 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 /// Loads the configured certificate or the generated one, generating it on
 /// first use.
 pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
-    let (cert_path, key_path) = match (&s.raw.tls.cert_file, &s.raw.tls.key_file) {
+    let (cert_path, key_path) = match (&s.tls.cert_file, &s.tls.key_file) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => {
-            let dir = &s.raw.server.state_dir;
+            let dir = &s.server.state_dir;
             let c = dir.join(GENERATED_CERT);
             let k = dir.join(GENERATED_KEY);
             if !c.exists() || !k.exists() {
@@ -90,12 +90,12 @@ pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
 
 fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut names = if s.raw.tls.hostnames.is_empty() {
+    let mut names = if s.tls.hostnames.is_empty() {
         vec!["vpn-gateway".to_owned()]
     } else {
-        s.raw.tls.hostnames.clone()
+        s.tls.hostnames.clone()
     };
-    let ip = s.raw.server.listen.ip();
+    let ip = s.server.listen.ip();
     if !ip.is_unspecified() {
         names.push(ip.to_string());
     }

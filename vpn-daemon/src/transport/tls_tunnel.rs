@@ -78,8 +78,8 @@ impl TunnelService {
             tun,
             events,
             params: settings.tunnel.clone(),
-            psk_negotiate: settings.raw.dtls.psk_negotiate,
-            read_batching: settings.raw.tls.read_batching.unwrap_or(true),
+            psk_negotiate: settings.dtls.as_ref().is_some_and(|d| d.psk_negotiate),
+            read_batching: settings.tls.read_batching,
             reads: Counters::default(),
         })
     }
