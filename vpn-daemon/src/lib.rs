@@ -1,6 +1,31 @@
 //! vpn-gateway's daemon library: everything `vpnd` does lives here, the
 //! binaries in `src/bin/` only parse arguments and dispatch.
 //!
+//! # Layout, in the order a client and its packets meet it
+//!
+//! - [`daemon::run`] starts everything; [`gateway`] wires the services
+//!   together and reloads.
+//! - [`transport::listener`] accepts TLS within the limits of
+//!   [`auth::admission`]; [`login`] answers the login portal with the pure
+//!   flow of [`auth::login`]; [`session::manager`] gives a login its
+//!   session (address from [`session::pool`], entries in [`datapath::bpf`],
+//!   its policy from [`policies`]).
+//! - [`transport::tls_tunnel`] runs the CONNECT ([`proto::connect`]) and
+//!   the CSTP tunnel; [`transport::dtls`] the UDP channel; the packet
+//!   workers ([`transport::workers`]) move packets between the tunnel
+//!   device ([`datapath::tun`]) and the DTLS channels, with the packet
+//!   surgery of [`packet`].
+//! - [`net::uplinks`] routes the clients' traffic out, [`control`] answers
+//!   `vpnctl`, [`events`] writes the event log.
+//!
+//! # Errors
+//!
+//! Typed (`thiserror`) at each boundary, with the facts in the variants:
+//! the bad value and what would be valid for config and policies, the map
+//! write the kernel refused, why a login earns no session or a tunnel
+//! ended. Event reasons have one `Display` each. `anyhow` is for start-up
+//! (loading BPF, binding sockets, reading certificates) and the binaries.
+//!
 //! # Lock policy
 //!
 //! Every lock is `parking_lot`'s (`clippy.toml` forbids the std ones). They
