@@ -1,5 +1,6 @@
 //! The control socket `vpnctl` talks to: one JSON request per line, one JSON
-//! response per line, on a Unix socket.
+//! response per line, on a Unix socket (the messages are
+//! [`crate::api`]'s).
 //!
 //! Who may talk to it is checked twice: the socket file is created with its
 //! final mode (0600, or 0660 with `server.control_group`), never briefly
@@ -15,155 +16,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 
+use crate::api::{PolicyRow, Request, Response, RuleRow, SessionRow, Stats};
 use crate::{gateway::Gateway, mac::format_mac};
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Sessions,
-    /// Ends every session of a user name, or the session holding an address.
-    Disconnect {
-        target: String,
-    },
-    Stats,
-    /// Re-read the config file (see `Gateway::reload`).
-    Reload,
-    /// Installed group policies.
-    Policies,
-    /// One policy with its rules and their hit counters.
-    Policy {
-        name: String,
-    },
-    /// The uplinks: health, role, traffic.
-    Uplinks,
-}
-
-/// One row of `vpnctl policy list`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PolicyRow {
-    pub name: String,
-    pub id: u32,
-    pub rules: usize,
-    pub sessions: usize,
-    pub default: bool,
-    pub client_isolation: bool,
-    pub split_enforcement: bool,
-    pub bandwidth_up_kbps: u64,
-    pub bandwidth_down_kbps: u64,
-    pub map_entries: usize,
-}
-
-/// One rule of `vpnctl policy show`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RuleRow {
-    pub index: usize,
-    pub rule: String,
-    pub comment: Option<String>,
-    pub hits: u64,
-}
-
-/// One row of `vpnctl sessions`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionRow {
-    pub id: u64,
-    pub user: String,
-    pub group: String,
-    pub vpn_address: String,
-    pub vpn_address6: Option<String>,
-    pub public_address: Option<String>,
-    pub public_port: Option<u16>,
-    /// The client's UDP address and port while DTLS is up (it can differ
-    /// from the TLS one behind NAT, and moves on NAT rebinding).
-    #[serde(default)]
-    pub dtls_peer: Option<String>,
-    /// RFC 3339 time of login.
-    pub since: String,
-    /// `connected`, or `disconnected` (resumable with the cookie).
-    pub state: String,
-    pub transport: String,
-    /// The group policy in force, if any.
-    pub group_policy: Option<String>,
-    pub denied_in: u64,
-    pub denied_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub pseudo_mac: String,
-    /// Packets from the client with another source than its own VPN
-    /// address, dropped before the tunnel device.
-    #[serde(default)]
-    pub spoofed_dropped: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Stats {
-    pub sessions: usize,
-    pub max_sessions: u32,
-    pub pool_in_use: usize,
-    pub pool_capacity: u32,
-    /// Packets dropped by the BPF programs, per reason.
-    pub drops: Vec<(String, u64)>,
-    /// Packets the daemon dropped before the tunnel device, per reason.
-    #[serde(default)]
-    pub daemon_drops: Vec<(String, u64)>,
-    /// The DTLS receive counters (absent with DTLS off).
-    #[serde(default)]
-    pub dtls_rx: Option<crate::transport::dtls::RxStats>,
-    /// DTLS handshakes and rebindings (absent with DTLS off).
-    #[serde(default)]
-    pub dtls_handshakes: Option<crate::transport::dtls::HandshakeStats>,
-    /// Download flow control towards DTLS clients (absent with DTLS off).
-    #[serde(default)]
-    pub dtls_flow_control: Option<crate::transport::dtls::FlowControlStats>,
-    /// Rate-limited DTLS clients' packets paced by the workers (absent
-    /// with DTLS off).
-    #[serde(default)]
-    pub dtls_pacing: Option<crate::transport::dtls::PacingStats>,
-    /// Reads of TLS tunnels (`transport/read_batch.rs`).
-    #[serde(default)]
-    pub tls_reads: crate::transport::read_batch::ReadStats,
-    /// Limits before authentication: what is in use and what was refused
-    /// (`[limits]`, `auth/admission.rs`).
-    #[serde(default)]
-    pub admission: crate::auth::admission::AdmissionStats,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Response {
-    Sessions {
-        sessions: Vec<SessionRow>,
-    },
-    Disconnected {
-        disconnected: usize,
-    },
-    Stats {
-        stats: Box<Stats>,
-    },
-    Reloaded {
-        reloaded: String,
-    },
-    Policies {
-        policies: Vec<PolicyRow>,
-    },
-    Policy {
-        policy: PolicyRow,
-        rules: Vec<RuleRow>,
-    },
-    Uplinks {
-        uplinks: Vec<crate::net::uplinks::UplinkRow>,
-    },
-    Error {
-        error: String,
-    },
-}
 
 impl Gateway {
     pub fn session_rows(&self) -> Vec<SessionRow> {

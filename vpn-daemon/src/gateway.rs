@@ -69,12 +69,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// The admission limits' state and counters.
-    pub fn admission_stats(&self) -> admission::AdmissionStats {
+    pub fn admission_stats(&self) -> crate::api::AdmissionStats {
         let l = &self.settings.limits;
         let c = &self.admission;
         let (pending, sources_locked, users_locked, verifications) = self.login.counts();
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        admission::AdmissionStats {
+        crate::api::AdmissionStats {
             connections: self.connections.open(),
             max_connections: l.max_connections,
             max_connections_per_source: l.max_connections_per_source,

@@ -16,7 +16,8 @@
 //!   device ([`datapath::tun`]) and the DTLS channels, with the packet
 //!   surgery of [`packet`].
 //! - [`net::uplinks`] routes the clients' traffic out, [`control`] answers
-//!   `vpnctl`, [`events`] writes the event log.
+//!   `vpnctl` (the messages and figures are [`api`]'s, plain data),
+//!   [`events`] writes the event log.
 //!
 //! # Errors
 //!
@@ -36,6 +37,7 @@
 //! data consistent at every step, holds no `.await`, and contains nothing
 //! that panics on input from the network: a lookup that can miss is an
 //! `Option` handled there, never an `expect`.
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod control;

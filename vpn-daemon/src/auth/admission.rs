@@ -51,44 +51,6 @@ pub struct Counters {
     pub verifications_refused_busy: AtomicU64,
 }
 
-/// A snapshot of the admission state and counters.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct AdmissionStats {
-    /// Connections that are not tunnels, now.
-    pub connections: usize,
-    pub max_connections: usize,
-    pub max_connections_per_source: u32,
-    /// Connections refused because all `max_connections` were in use.
-    pub connections_refused_total: u64,
-    /// Connections refused because their source held
-    /// `max_connections_per_source`.
-    pub connections_refused_source: u64,
-    /// Connections closed after `max_requests_per_connection` requests.
-    pub connections_closed_requests: u64,
-    /// Connections closed after `max_connection_secs` without a tunnel.
-    pub connections_closed_lifetime: u64,
-    /// Logins in progress now.
-    pub pending_logins: usize,
-    pub max_pending_logins: usize,
-    /// Logins refused because `max_pending_logins` were in progress.
-    pub logins_refused_busy: u64,
-    /// Logins refused because their source had
-    /// `max_pending_logins_per_source` in progress.
-    pub logins_refused_source_busy: u64,
-    /// Login attempts refused because their source was locked out.
-    pub logins_refused_source_locked: u64,
-    /// Login attempts refused because their user was locked out (from an
-    /// address the user had not logged in from).
-    pub logins_refused_user_locked: u64,
-    /// Sources and users locked out now.
-    pub sources_locked: usize,
-    pub users_locked: usize,
-    /// Password checks refused because `max_queued_verifications` waited.
-    pub verifications_refused_busy: u64,
-    /// Password checks running or waiting now.
-    pub verifications_in_progress: usize,
-}
-
 /// Connections that are not (yet) tunnels, in total and per source.
 pub struct Connections {
     max_total: usize,

@@ -26,6 +26,7 @@
 //! and starts again from 5 ms. The kernel also wakes the reader before
 //! the mark when its receive window runs out or memory is short.
 
+use crate::api::ReadStats;
 use std::{
     os::fd::RawFd,
     sync::atomic::{AtomicU64, Ordering},
@@ -60,19 +61,6 @@ pub struct Counters {
     bytes: AtomicU64,
     entries: AtomicU64,
     stalls: AtomicU64,
-}
-
-/// A snapshot of [`Counters`].
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ReadStats {
-    /// Wake-ups of TLS tunnels that read data.
-    pub wakeups: u64,
-    /// Bytes of TLS plaintext those wake-ups read.
-    pub bytes: u64,
-    /// Times a tunnel started batching its reads.
-    pub batching_started: u64,
-    /// Tail waits that found data waiting (each starts a hold-off).
-    pub tail_stalls: u64,
 }
 
 impl Counters {

@@ -16,6 +16,7 @@ use tokio::{
 use tracing::Instrument as _;
 
 use crate::{
+    api::ReadStats,
     auth::admission::ConnectionSlot,
     config::Settings,
     datapath::tun::Tun,
@@ -35,10 +36,7 @@ use crate::{
     session::{Kick, Session, TunnelHandle},
     transport::dtls::DtlsServer,
     transport::pacing::Pacer,
-    transport::{
-        read_batch::{Counters, ReadStats},
-        tls::ClientTls,
-    },
+    transport::{read_batch::Counters, tls::ClientTls},
 };
 
 /// Packets queued towards one client before new ones are dropped.

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use vpn_daemon::control::{Request, Response};
+use vpn_daemon::api::{Request, Response};
 
 use crate::{args::PolicyCommand, sessions::call};
 

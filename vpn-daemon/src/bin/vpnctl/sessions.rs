@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use anyhow::bail;
-use vpn_daemon::control::{self, Request, Response};
+use vpn_daemon::{
+    api::{Request, Response},
+    control,
+};
 
 pub fn call(socket: &Path, req: Request) -> anyhow::Result<Response> {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -31,6 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::api::UplinkRow;
 use anyhow::{Context as _, anyhow};
 use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
@@ -40,7 +41,6 @@ use netlink_packet_route::{
 };
 use netlink_sys::AsyncSocket as _;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use vpn_common::{MARK_BASE, MARK_EXEMPT, MARK_MASK, MARK_UPLINK, MAX_UPLINKS};
 
@@ -62,27 +62,6 @@ const RULE_SPAN: u32 = 1 + 2 * MAX_UPLINKS;
 /// The mark of packets for uplink `number` (1-based).
 pub fn mark(number: u32) -> u32 {
     MARK_BASE | number
-}
-
-/// What `vpnctl uplinks` shows of one uplink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UplinkRow {
-    pub name: String,
-    pub interface: String,
-    pub priority: u32,
-    /// `active` or `standby`.
-    pub role: String,
-    /// `up` or `down` (carrier and probe).
-    pub state: String,
-    pub carrier: bool,
-    pub probe_target: String,
-    pub consecutive_failures: u32,
-    pub last_rtt_ms: Option<f64>,
-    pub probes_sent: u64,
-    pub probes_lost: u64,
-    pub address: Option<String>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
 }
 
 #[derive(Debug, Default)]

@@ -32,7 +32,7 @@ pub mod peers;
 pub mod record;
 
 use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
-pub use paced::{Paced, PacingStats};
+pub use paced::Paced;
 pub use peers::HandshakeLimits;
 use peers::{HandshakeRefused, Kind, Peers, Route, TrialBudget};
 
@@ -56,7 +56,11 @@ use std::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use crate::{proto::cstp::FrameType, session::Session};
+use crate::{
+    api::{FlowControlStats, HandshakeStats, RxStats, WorkerStats},
+    proto::cstp::FrameType,
+    session::Session,
+};
 
 /// Requested UDP socket buffer size (the kernel caps it at rmem_max/wmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
@@ -208,80 +212,12 @@ struct HandshakeCounters {
     rebinds: AtomicU64,
 }
 
-/// A snapshot of the handshake counters, for `vpnctl stats`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct HandshakeStats {
-    /// Handshakes in progress now.
-    pub in_progress: usize,
-    pub max: usize,
-    pub max_per_source: u32,
-    /// ClientHellos refused: all `max_handshakes` in progress.
-    pub refused_total: u64,
-    /// ClientHellos refused: their source had `max_handshakes_per_source`.
-    pub refused_per_source: u64,
-    /// ClientHellos refused: their offer had
-    /// [`peers::MAX_HANDSHAKES_PER_OFFER`] in progress.
-    pub refused_per_offer: u64,
-    /// Completed handshakes refused because they were not the one their
-    /// offer allows (`handshake.rs`).
-    pub refused_after: u64,
-    /// Channels that followed their client to a new address.
-    pub rebinds: u64,
-    /// Records from unknown addresses not tried: their source's trial
-    /// budget was spent.
-    pub rebind_trials_refused: u64,
-}
-
 /// How often workers held packets for clients' ACKs (`flow_control.rs`).
 #[derive(Default)]
 struct FlowControlCounters {
     waits: AtomicU64,
     wait_us: AtomicU64,
     holds_stopped: AtomicU64,
-}
-
-/// A snapshot of the download flow-control counters.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FlowControlStats {
-    /// Packets a worker held because their client's window was full.
-    pub waits: u64,
-    /// Microseconds they were held in all.
-    pub wait_us: u64,
-    /// Times a client's packets stopped being held for a while because its
-    /// window kept not opening (`flow_control::OVERDUE_PER_SEC`).
-    #[serde(default)]
-    pub holds_stopped: u64,
-}
-
-/// A snapshot of the DTLS receive counters.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RxStats {
-    /// `recvmmsg` calls that returned datagrams.
-    pub batches: u64,
-    /// Datagrams received (each one of a GRO-merged message counts).
-    pub datagrams: u64,
-    /// Waits of `rx_coalesce_usecs` after a bulk batch.
-    pub coalesce_waits: u64,
-    /// Pure ACKs from clients dropped as redundant (`packet/gro.rs`).
-    pub acks_thinned: u64,
-    /// Datagrams of application data dropped because the lengths in their
-    /// record headers do not tile them with legal records.
-    #[serde(default)]
-    pub malformed: u64,
-    /// Each packet worker's share (`transport/workers.rs`).
-    #[serde(default)]
-    pub workers: Vec<WorkerStats>,
-}
-
-/// What one packet worker carried for DTLS clients. A client's datagrams
-/// reach one worker's socket, and its downloads come back to the same
-/// worker (`datapath/tun.rs`), so both figures grow together.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct WorkerStats {
-    /// Datagrams received on its socket.
-    pub datagrams_in: u64,
-    /// Packets it sealed and sent to clients.
-    pub packets_out: u64,
 }
 
 /// Messages the next `recvmmsg` takes: a full batch after bulk data (an

@@ -14,6 +14,7 @@ use std::{
 
 use super::{DtlsServer, Link, PACKET_MAX, PACKET_OFFSET, batch::SendBatch};
 use crate::{
+    api::PacingStats,
     packet::gro::VNET_HDR_LEN,
     transport::pacing::{Direction, MAX_PACE_WAIT, PacedQueue},
 };
@@ -26,18 +27,6 @@ pub(super) struct PacingCounters {
     up_delayed: AtomicU64,
     down_delayed: AtomicU64,
     dropped: AtomicU64,
-}
-
-/// What the workers did with rate-limited DTLS clients' packets.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PacingStats {
-    /// Uploads that waited in a worker's paced queue.
-    pub up_delayed: u64,
-    /// Downloads that waited in a worker's paced queue.
-    pub down_delayed: u64,
-    /// Packets dropped: they would have waited longer than the paced
-    /// queue's 200 ms, or the queue was full.
-    pub dropped: u64,
 }
 
 impl DtlsServer {
