@@ -23,33 +23,46 @@
 //! has for clients in place and sends them in batches (`sendmmsg`). A
 //! client whose address changes (NAT rebinding) is followed once a record
 //! from the new address authenticates.
+//!
+//! Here: the server, its sockets and offers, and the receive path the
+//! workers run (datagram → channel, handshake task or rebinding trial →
+//! opened packet → tunnel device). Beside it: [`handshake`] (what each
+//! offer allows, the ClientHello parse), [`task`] (the per-peer task
+//! running OpenSSL), [`link`] (an established channel), [`peers`] (who is
+//! who by address), [`record`] (the record layer), [`batch`]
+//! (`recvmmsg`/`sendmmsg`), [`flow_control`] and [`paced`].
 
 pub mod batch;
 pub mod flow_control;
 pub mod handshake;
+pub mod link;
 pub mod paced;
 pub mod peers;
 pub mod record;
+pub mod task;
 
 use handshake::{Offered, client_hello_session_id, is_client_hello, server_context};
+pub use link::{Link, UnusableChannel};
 pub use paced::Paced;
 pub use peers::HandshakeLimits;
 use peers::{HandshakeRefused, Kind, Peers, Route, TrialBudget};
+use task::Handshaking;
+pub use task::{ChannelEnd, DatagramIo};
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use openssl::ssl::{ErrorCode, HandshakeError, SslContext, SslStream};
+use openssl::ssl::SslContext;
 use parking_lot::{Mutex, RwLock};
 use std::net::UdpSocket;
 
@@ -77,80 +90,6 @@ struct Offer {
     session: Arc<Session>,
     /// The one handshake it allows.
     handshake: Offered,
-}
-
-mod ffi {
-    use std::ffi::{c_int, c_long, c_void};
-
-    use openssl_sys::SSL;
-
-    // SAFETY: SSL_ctrl's signature in OpenSSL 1.1.1 and 3
-    // (<openssl/ssl.h>); openssl-sys does not export it.
-    unsafe extern "C" {
-        pub fn SSL_ctrl(ssl: *mut SSL, cmd: c_int, larg: c_long, parg: *mut c_void) -> c_long;
-    }
-
-    const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
-
-    /// `DTLSv1_handle_timeout` (a macro in C): retransmits the last flight
-    /// if its timer expired.
-    ///
-    /// # Safety
-    /// `ssl` must be a valid SSL object.
-    pub unsafe fn handle_timeout(ssl: *mut SSL) {
-        unsafe { SSL_ctrl(ssl, DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
-    }
-}
-
-/// Why a DTLS peer's task ended (logged; the client's tunnel goes on over
-/// TLS until it tries DTLS again).
-#[derive(Debug, thiserror::Error)]
-pub enum ChannelEnd {
-    #[error("OpenSSL: {0}")]
-    Setup(openssl::error::ErrorStack),
-    #[error("handshake failed: {0}")]
-    HandshakeFailed(openssl::ssl::Error),
-    #[error("handshake timed out")]
-    HandshakeTimeout,
-    #[error("handshake refused: {0}")]
-    Refused(handshake::HandshakeRefused),
-    #[error("unusable DTLS channel: {0}")]
-    Unusable(UnusableChannel),
-    #[error("superseded by another handshake")]
-    Superseded,
-    #[error("its queue closed")]
-    QueueClosed,
-    /// The gateway closed it (the session ended, or fell back to TLS).
-    #[error("closed")]
-    Closed,
-    #[error("closed by client")]
-    ClosedByClient,
-    #[error("read error: {0}")]
-    Read(openssl::ssl::Error),
-    #[error("silent for {} s (3 x DTLS DPD)", .0.as_secs())]
-    Silent(Duration),
-}
-
-impl<S> From<HandshakeError<S>> for ChannelEnd {
-    fn from(e: HandshakeError<S>) -> Self {
-        match e {
-            HandshakeError::SetupFailure(e) => ChannelEnd::Setup(e),
-            HandshakeError::Failure(m) | HandshakeError::WouldBlock(m) => {
-                ChannelEnd::HandshakeFailed(m.into_error())
-            }
-        }
-    }
-}
-
-/// A completed handshake whose keys our record layer cannot take.
-#[derive(Debug, thiserror::Error)]
-pub enum UnusableChannel {
-    #[error("cipher {0} is not an AES-GCM suite")]
-    NotAesGcm(String),
-    #[error("no session after the handshake")]
-    NoSession,
-    #[error("master secret of {0} bytes, not 48")]
-    MasterSecret(usize),
 }
 
 /// The UDP side of the gateway.
@@ -734,156 +673,6 @@ impl DtlsServer {
         }
     }
 
-    async fn run_peer(
-        &self,
-        peer: Handshaking,
-        session: Arc<Session>,
-        offered: Offered,
-        mut inbox: mpsc::Receiver<Vec<u8>>,
-    ) -> ChannelEnd {
-        let (from, local) = (peer.from, peer.local);
-        let mut ssl = match offered.ssl(&self.ctx) {
-            Ok(s) => s,
-            Err(e) => return ChannelEnd::Setup(e),
-        };
-        let _ = ssl.set_mtu(1400);
-        let io = DatagramIo {
-            inbox: VecDeque::new(),
-            socket: self.socket().clone(),
-            peer: from,
-            local,
-            last_epoch1_seq: None,
-        };
-        // Handshake: feed datagrams until OpenSSL is done, letting its
-        // timer retransmit our flight when the client's answer is lost.
-        let mut mid = match ssl.accept(io) {
-            Ok(s) => {
-                return self
-                    .run_channel(s, peer, &session, &offered, &mut inbox)
-                    .await;
-            }
-            Err(HandshakeError::WouldBlock(m)) => m,
-            Err(e) => return e.into(),
-        };
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        loop {
-            let wake = (Instant::now() + Duration::from_millis(250)).min(deadline);
-            match tokio::time::timeout_at(wake.into(), inbox.recv()).await {
-                Ok(Some(d)) => mid.get_mut().inbox.push_back(d),
-                Ok(None) => return ChannelEnd::QueueClosed,
-                Err(_) if Instant::now() >= deadline => return ChannelEnd::HandshakeTimeout,
-                Err(_) => {
-                    // SAFETY: a valid SSL object owned by `mid`.
-                    unsafe {
-                        ffi::handle_timeout(foreign_types::ForeignTypeRef::as_ptr(mid.ssl()))
-                    };
-                    continue;
-                }
-            }
-            match mid.handshake() {
-                Ok(s) => {
-                    return self
-                        .run_channel(s, peer, &session, &offered, &mut inbox)
-                        .await;
-                }
-                Err(HandshakeError::WouldBlock(m)) => mid = m,
-                Err(e) => return e.into(),
-            }
-        }
-    }
-
-    /// The established channel: its records are the packet workers' (see
-    /// [`Link`]); this task keeps OpenSSL for what
-    /// remains of the protocol (alerts, handshake retransmissions) and
-    /// watches for silence.
-    async fn run_channel(
-        &self,
-        mut s: SslStream<DatagramIo>,
-        peer: Handshaking,
-        session: &Arc<Session>,
-        offered: &Offered,
-        inbox: &mut mpsc::Receiver<Vec<u8>>,
-    ) -> ChannelEnd {
-        let from = peer.from;
-        if let Err(e) = offered.check(s.ssl()) {
-            self.handshake_counters
-                .refused_after
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%from, "DTLS handshake refused: {e}");
-            return ChannelEnd::Refused(e);
-        }
-        let link = match Link::from_handshake(&s, from, session) {
-            Ok(l) => Arc::new(l),
-            Err(e) => return ChannelEnd::Unusable(e),
-        };
-        tracing::info!(%from, cipher = s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"), "DTLS established");
-        let tls_ip = session.tunnel.lock().peer.map(|p| p.ip());
-        let established = self.peers.lock().establish(
-            from,
-            peer.id,
-            link.clone(),
-            link.id,
-            peer.task.clone(),
-            tls_ip,
-        );
-        match established {
-            None => return ChannelEnd::Superseded,
-            // The channel this address had before: this one replaces it.
-            Some(Some(old)) => old.close(),
-            Some(None) => {}
-        }
-        if let Some(old) = self.links.write().insert(session.id, link.clone()) {
-            old.close();
-        }
-        let reason = self.channel_loop(&mut s, &link, inbox).await;
-        link.close();
-        {
-            let mut links = self.links.write();
-            if links.get(&session.id).is_some_and(|l| l.id == link.id) {
-                links.remove(&session.id);
-            }
-        }
-        self.peers.lock().close_channel(link.id, link.addr());
-        reason
-    }
-
-    async fn channel_loop(
-        &self,
-        s: &mut SslStream<DatagramIo>,
-        link: &Link,
-        inbox: &mut mpsc::Receiver<Vec<u8>>,
-    ) -> ChannelEnd {
-        let mut rec = vec![0u8; 16384];
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            if link.is_closed() {
-                return ChannelEnd::Closed;
-            }
-            tokio::select! {
-                d = inbox.recv() => {
-                    let Some(d) = d else { return ChannelEnd::QueueClosed };
-                    s.get_mut().inbox.push_back(d);
-                    loop {
-                        match s.ssl_read(&mut rec) {
-                            Ok(0) => return ChannelEnd::ClosedByClient,
-                            // Application data all goes through `Link`.
-                            Ok(_) => {}
-                            Err(e) if e.code() == ErrorCode::WANT_READ => break,
-                            Err(e) if e.code() == ErrorCode::ZERO_RETURN => return ChannelEnd::ClosedByClient,
-                            Err(e) => return ChannelEnd::Read(e),
-                        }
-                    }
-                }
-                _ = link.closed.notified() => {}
-                _ = tick.tick() => {
-                    if link.silent_for() > self.dpd * 3 {
-                        return ChannelEnd::Silent(self.dpd * 3);
-                    }
-                }
-            }
-        }
-    }
-
     /// Seals a packet for `link` into `out`'s next slot, where the caller
     /// read it at [`PACKET_OFFSET`], and commits it for `path` (the link's
     /// [`Link::path`], looked up once for all segments of a read). Flushes
@@ -930,7 +719,6 @@ pub const PACKET_OFFSET: usize = record::PREFIX_LEN + 1;
 /// The largest packet a slot takes (room for the tag).
 pub const PACKET_MAX: usize = batch::SLOT - PACKET_OFFSET - record::TAG_LEN;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A DATA frame over TLS while DTLS is silent this long means the client
 /// has fallen back to TLS (UDP blocked): send over TLS too.
 pub const DTLS_FALLBACK_SILENCE: Duration = Duration::from_secs(5);
@@ -983,139 +771,6 @@ struct Work {
     paced: Paced,
 }
 
-/// A handshake in progress, as its task knows it.
-struct Handshaking {
-    from: SocketAddr,
-    local: Option<IpAddr>,
-    /// Its id in [`Peers`].
-    id: u64,
-    /// Its queue's sending end (the channel keeps it when established).
-    task: mpsc::Sender<Vec<u8>>,
-}
-
-/// An established DTLS channel as the data path sees it.
-pub struct Link {
-    pub id: u64,
-    pub session: Arc<Session>,
-    channel: record::Channel,
-    /// The client's current address (moves on NAT rebinding), and our
-    /// local address it sends to (answers leave from there).
-    addr: Mutex<(SocketAddr, Option<IpAddr>)>,
-    since: Instant,
-    /// Milliseconds after `since` of the last authenticated record.
-    last_rx_ms: AtomicU64,
-    is_closed: AtomicBool,
-    closed: tokio::sync::Notify,
-    /// Download flow control from the client's TCP ACKs.
-    pub(crate) window: crate::transport::dtls::flow_control::LinkWindow,
-    /// The session's rate limits, each way (`paced.rs`).
-    pace_up: Mutex<crate::transport::pacing::Pacer>,
-    pace_down: Mutex<crate::transport::pacing::Pacer>,
-}
-
-impl Link {
-    fn from_handshake(
-        s: &SslStream<DatagramIo>,
-        from: SocketAddr,
-        session: &Arc<Session>,
-    ) -> Result<Link, UnusableChannel> {
-        let first_seq = s.get_ref().last_epoch1_seq.map_or(0, |q| q + 1);
-        let channel = channel_from(s.ssl(), first_seq)?;
-        static IDS: AtomicU64 = AtomicU64::new(1);
-        Ok(Link {
-            id: IDS.fetch_add(1, Ordering::Relaxed),
-            session: session.clone(),
-            channel,
-            addr: Mutex::new((from, s.get_ref().local)),
-            since: Instant::now(),
-            last_rx_ms: AtomicU64::new(0),
-            is_closed: AtomicBool::new(false),
-            closed: tokio::sync::Notify::new(),
-            window: Default::default(),
-            pace_up: Default::default(),
-            pace_down: Default::default(),
-        })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr.lock().0
-    }
-
-    /// Seals the `len` payload bytes at [`PACKET_OFFSET`] of `buf` as one
-    /// record holding a frame of type `ty`; returns the record's length.
-    fn seal_frame(&self, buf: &mut [u8], ty: FrameType, len: usize) -> usize {
-        buf[record::PREFIX_LEN] = ty as u8;
-        self.channel.seal(buf, len + 1)
-    }
-
-    /// Where records go: the client's address and our source address.
-    pub fn path(&self) -> (SocketAddr, Option<IpAddr>) {
-        *self.addr.lock()
-    }
-
-    fn touch(&self) {
-        self.last_rx_ms
-            .store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Time since the client's last authenticated record.
-    pub fn silent_for(&self) -> Duration {
-        self.since.elapsed().saturating_sub(Duration::from_millis(
-            self.last_rx_ms.load(Ordering::Relaxed),
-        ))
-    }
-
-    /// Ends the channel (its task exits and forgets the peer).
-    pub fn close(&self) {
-        self.is_closed.store(true, Ordering::Relaxed);
-        self.closed.notify_one();
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.is_closed.load(Ordering::Relaxed)
-    }
-}
-
-/// OpenSSL's side of a peer: one datagram per read, one per write. Only
-/// handshakes and alerts pass here.
-#[derive(Debug)]
-pub struct DatagramIo {
-    inbox: VecDeque<Vec<u8>>,
-    socket: Arc<UdpSocket>,
-    peer: SocketAddr,
-    local: Option<IpAddr>,
-    /// The last sequence number OpenSSL used in epoch 1 (its Finished):
-    /// our record layer continues from there.
-    last_epoch1_seq: Option<u64>,
-}
-
-impl io::Read for DatagramIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inbox.pop_front() {
-            None => Err(io::ErrorKind::WouldBlock.into()),
-            Some(d) => {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
-            }
-        }
-    }
-}
-
-impl io::Write for DatagramIo {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(q) = record::last_seq_in(buf, 1) {
-            self.last_epoch1_seq = self.last_epoch1_seq.max(Some(q));
-        }
-        // A full socket buffer drops the datagram, as the network would.
-        batch::send_one(self.socket.as_raw_fd(), buf, self.peer, self.local);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A UDP socket bound to `addr` in a `SO_REUSEPORT` group, set up for the
 /// data path: large buffers (bursts from many clients must not overflow
 /// the default ~200 KB, where ocserv loses datagrams), the destination
@@ -1141,118 +796,4 @@ fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     batch::enable_pktinfo(socket.as_raw_fd());
     batch::enable_gro(socket.as_raw_fd());
     Ok(socket)
-}
-
-/// The record layer of a completed handshake, continuing after sequence
-/// number `first_seq` of epoch 1.
-fn channel_from(
-    ssl: &openssl::ssl::SslRef,
-    first_seq: u64,
-) -> Result<record::Channel, UnusableChannel> {
-    let name = ssl.current_cipher().map(|c| c.name()).unwrap_or("none");
-    let suite = record::Suite::from_openssl_name(name)
-        .ok_or_else(|| UnusableChannel::NotAesGcm(name.to_owned()))?;
-    let sess = ssl.session().ok_or(UnusableChannel::NoSession)?;
-    let mut master = [0u8; 48];
-    let n = sess.master_key(&mut master);
-    if n != 48 {
-        return Err(UnusableChannel::MasterSecret(n));
-    }
-    let (mut cr, mut sr) = ([0u8; 32], [0u8; 32]);
-    ssl.client_random(&mut cr);
-    ssl.server_random(&mut sr);
-    let (client, server) = record::key_block(suite, &master, &cr, &sr);
-    Ok(record::Channel::new(suite, 1, &client, &server, first_seq))
-}
-
-#[cfg(test)]
-mod tests {
-    use openssl::ssl::{Ssl, SslContextBuilder, SslMethod, SslOptions, SslVersion};
-
-    use super::{handshake::tests::Mem, *};
-
-    /// Our record layer against OpenSSL's DTLS client: after a real PSK
-    /// handshake, records we seal are read by OpenSSL and records OpenSSL
-    /// writes open here, in both AES-GCM suites, over many records (the
-    /// client's replay window must accept where our sequence continues).
-    #[test]
-    fn record_layer_interoperates_with_openssl() {
-        for suite in ["PSK-AES256-GCM-SHA384", "PSK-AES128-GCM-SHA256"] {
-            let a = std::rc::Rc::new(std::cell::RefCell::new(VecDeque::new()));
-            let b = std::rc::Rc::new(std::cell::RefCell::new(VecDeque::new()));
-            let psk = [0x5a; 32];
-            let mut cctx = SslContextBuilder::new(SslMethod::dtls()).unwrap();
-            cctx.set_cipher_list(suite).unwrap();
-            cctx.set_max_proto_version(Some(SslVersion::DTLS1_2))
-                .unwrap();
-            cctx.set_options(SslOptions::NO_QUERY_MTU);
-            cctx.set_psk_client_callback(move |_, _, identity, key| {
-                identity[..4].copy_from_slice(b"psk\0");
-                key[..32].copy_from_slice(&psk);
-                Ok(32)
-            });
-            let cctx = cctx.build();
-            let mut sssl = Offered::Psk(psk).ssl(&server_context().unwrap()).unwrap();
-            sssl.set_mtu(1400).unwrap();
-            let mut server = SslStream::new(
-                sssl,
-                Mem {
-                    rx: a.clone(),
-                    tx: b.clone(),
-                    last_epoch1_seq: None,
-                },
-            )
-            .unwrap();
-            let mut cssl = Ssl::new(&cctx).unwrap();
-            cssl.set_mtu(1400).unwrap();
-            let mut client = SslStream::new(
-                cssl,
-                Mem {
-                    rx: b.clone(),
-                    tx: a.clone(),
-                    last_epoch1_seq: None,
-                },
-            )
-            .unwrap();
-            let (mut c_done, mut s_done) = (false, false);
-            for _ in 0..20 {
-                if !c_done {
-                    match client.connect() {
-                        Ok(()) => c_done = true,
-                        Err(e) => assert_eq!(e.code(), ErrorCode::WANT_READ, "client: {e}"),
-                    }
-                }
-                if !s_done {
-                    match server.accept() {
-                        Ok(()) => s_done = true,
-                        Err(e) => assert_eq!(e.code(), ErrorCode::WANT_READ, "server: {e}"),
-                    }
-                }
-            }
-            assert!(c_done && s_done, "handshake with {suite}");
-            assert_eq!(client.ssl().current_cipher().unwrap().name(), suite);
-            // Whatever the handshake left in flight is consumed.
-            while client.ssl_read(&mut [0u8; 64]).is_ok() {}
-            let first = server.get_ref().last_epoch1_seq.map_or(0, |q| q + 1);
-            let ch = channel_from(server.ssl(), first).unwrap();
-
-            for i in 0..200u32 {
-                // Client to us.
-                let msg = format!("\0packet {i} from the client");
-                client.ssl_write(msg.as_bytes()).unwrap();
-                let mut d = a.borrow_mut().pop_front().unwrap();
-                assert_eq!(ch.open(&mut d).unwrap(), msg.as_bytes());
-                // Us to the client.
-                let reply = format!("\0packet {i} to the client");
-                let mut buf = vec![0u8; 200];
-                buf[record::PREFIX_LEN..record::PREFIX_LEN + reply.len()]
-                    .copy_from_slice(reply.as_bytes());
-                let n = ch.seal(&mut buf, reply.len());
-                b.borrow_mut().push_back(buf[..n].to_vec());
-                let mut got = [0u8; 200];
-                let n = client.ssl_read(&mut got).expect("OpenSSL reads our record");
-                assert_eq!(&got[..n], reply.as_bytes());
-            }
-        }
-    }
 }
