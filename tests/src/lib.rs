@@ -24,6 +24,7 @@ use std::{
 };
 
 pub mod packets;
+pub mod radius;
 
 use anyhow::{Context as _, anyhow, bail};
 

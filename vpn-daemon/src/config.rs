@@ -56,6 +56,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// RADIUS servers (`[radius]`), used when `auth.method = "radius"`.
+    #[serde(default)]
+    pub radius: RadiusConfig,
     /// Tunnel groups offered at login (`[[group]]`). With more than one, the
     /// login form has a group selector; with none, one group called
     /// "default" exists.
@@ -414,6 +417,150 @@ pub struct AuthConfig {
     pub max_failures: u32,
     /// Seconds a started login may take. Default 240.
     pub timeout_secs: u64,
+    /// Who checks passwords: `"local"` (the users file, default) or
+    /// `"radius"` (the servers of `[radius]`; the users file is not
+    /// read for logins then).
+    pub method: AuthMethod,
+}
+
+/// `auth.method`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    #[default]
+    Local,
+    Radius,
+}
+
+/// `[radius]`: the RADIUS servers that check passwords when
+/// `auth.method = "radius"` (PAP inside the TLS connection, with
+/// Access-Challenge for second factors). An Access-Accept's Filter-Id
+/// names the user's group policy (exactly, as a `[[group_policy]]` name);
+/// Session-Timeout and Idle-Timeout shorten the session's timers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RadiusConfig {
+    /// The servers, tried in order: the next when one does not answer
+    /// (`[[radius.server]]`).
+    #[serde(rename = "server")]
+    pub servers: Vec<RadiusServerConfig>,
+    /// Milliseconds to wait for an answer to one try. Default 3000.
+    pub timeout_ms: u64,
+    /// Tries per server before the next one is asked. Default 2.
+    pub tries: u32,
+    /// NAS-Identifier sent with every request. Default "vpn-gateway".
+    pub nas_identifier: String,
+}
+
+impl Default for RadiusConfig {
+    fn default() -> Self {
+        RadiusConfig {
+            servers: Vec::new(),
+            timeout_ms: 3000,
+            tries: 2,
+            nas_identifier: "vpn-gateway".into(),
+        }
+    }
+}
+
+/// `[[radius.server]]`: one RADIUS server.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RadiusServerConfig {
+    /// `IP:port` of its authentication service, e.g. "198.18.2.2:1812".
+    pub address: String,
+    /// The shared secret (the `secret` of this gateway's `client` entry
+    /// on the server). Keep the config file mode 0600.
+    pub secret: String,
+    /// Refuse replies without a Message-Authenticator (the defence
+    /// against forged replies, CVE-2024-3596). Default true; FreeRADIUS
+    /// before 3.2.5 sends it only when told to (`update reply {
+    /// &Message-Authenticator := 0x00 }` in post-auth).
+    #[serde(default = "yes")]
+    pub require_message_authenticator: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[radius]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RadiusSettings {
+    pub servers: Vec<RadiusServer>,
+    /// One try's wait.
+    pub timeout: Duration,
+    pub tries: u32,
+    pub nas_identifier: String,
+}
+
+/// One `[[radius.server]]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RadiusServer {
+    pub address: SocketAddr,
+    pub secret: String,
+    pub require_message_authenticator: bool,
+}
+
+impl RadiusConfig {
+    fn validate(&self, method: AuthMethod) -> Result<Option<RadiusSettings>, ConfigError> {
+        if method != AuthMethod::Radius {
+            return Ok(None);
+        }
+        if self.servers.is_empty() {
+            return Err(invalid(
+                "radius.server",
+                "auth.method is \"radius\" but no [[radius.server]] is configured: add one with address and secret",
+            ));
+        }
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| {
+                let address: SocketAddr = s.address.parse().map_err(|_| {
+                    invalid(
+                        "radius.server.address",
+                        format!(
+                            "'{}' is not IP:port (for example \"198.18.2.2:1812\")",
+                            s.address
+                        ),
+                    )
+                })?;
+                if s.secret.is_empty() {
+                    return Err(invalid(
+                        "radius.server.secret",
+                        format!("the secret for {address} is empty"),
+                    ));
+                }
+                Ok(RadiusServer {
+                    address,
+                    secret: s.secret.clone(),
+                    require_message_authenticator: s.require_message_authenticator,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return Err(invalid(
+                "radius.timeout_ms",
+                format!("{} is out of range: use 100 to 60000", self.timeout_ms),
+            ));
+        }
+        if !(1..=10).contains(&self.tries) {
+            return Err(invalid(
+                "radius.tries",
+                format!("{} is out of range: use 1 to 10", self.tries),
+            ));
+        }
+        if self.nas_identifier.is_empty() || self.nas_identifier.len() > 253 {
+            return Err(invalid("radius.nas_identifier", "use 1 to 253 characters"));
+        }
+        Ok(Some(RadiusSettings {
+            servers,
+            timeout: Duration::from_millis(self.timeout_ms),
+            tries: self.tries,
+            nas_identifier: self.nas_identifier.clone(),
+        }))
+    }
 }
 
 impl Default for AuthConfig {
@@ -422,6 +569,7 @@ impl Default for AuthConfig {
             users_file: PathBuf::from(crate::paths::USERS_FILE),
             max_failures: 3,
             timeout_secs: 240,
+            method: AuthMethod::Local,
         }
     }
 }
@@ -533,6 +681,8 @@ pub struct Settings {
     pub auth: AuthConfig,
     /// `[limits]`.
     pub limits: Limits,
+    /// `[radius]`, when `auth.method = "radius"`.
+    pub radius: Option<RadiusSettings>,
     pub groups: Vec<GroupConfig>,
     pub policies: Vec<PolicyDef>,
     /// `policy.default`.
@@ -988,6 +1138,7 @@ impl Config {
             },
             auth: self.auth.clone(),
             limits: self.limits.clone(),
+            radius: self.radius.validate(self.auth.method)?,
             groups,
             policies,
             default_policy: self.policy.default.clone(),
@@ -1234,6 +1385,7 @@ impl Settings {
             ("session", a.session == b.session),
             ("auth", a.auth == b.auth),
             ("limits", a.limits == b.limits),
+            ("radius", a.radius == b.radius),
             ("group", a.groups == b.groups),
             ("dtls", a.dtls == b.dtls),
             ("uplink", a.uplinks == b.uplinks),
@@ -1331,6 +1483,41 @@ mod tests {
             e.contains("group_policy.uplink") && e.contains("'isp9'") && e.contains("a, b"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn radius_settings_are_validated_and_mistakes_named() {
+        let ok = parse(
+            "[auth]\nmethod = \"radius\"\n[radius]\ntimeout_ms = 800\n\
+             [[radius.server]]\naddress = \"198.18.2.2:1812\"\nsecret = \"s\"\n\
+             [[radius.server]]\naddress = \"[fd00::2]:1812\"\nsecret = \"t\"\n\
+             require_message_authenticator = false\n",
+        )
+        .unwrap();
+        let r = ok.radius.unwrap();
+        assert_eq!(r.servers.len(), 2);
+        assert_eq!(r.timeout, Duration::from_millis(800));
+        assert_eq!(r.tries, 2);
+        assert!(r.servers[0].require_message_authenticator);
+        assert!(!r.servers[1].require_message_authenticator);
+        // Servers listed but not used: no RADIUS settings.
+        assert!(
+            parse("[[radius.server]]\naddress = \"198.18.2.2:1812\"\nsecret = \"s\"\n")
+                .unwrap()
+                .radius
+                .is_none()
+        );
+        let err = |t: &str| parse(t).unwrap_err().to_string();
+        assert!(err("[auth]\nmethod = \"radius\"\n").contains("radius.server"));
+        assert!(
+            err("[auth]\nmethod = \"radius\"\n[[radius.server]]\naddress = \"radius1\"\nsecret = \"s\"\n")
+                .contains("'radius1' is not IP:port")
+        );
+        assert!(
+            err("[auth]\nmethod = \"radius\"\n[[radius.server]]\naddress = \"198.18.2.2:1812\"\nsecret = \"\"\n")
+                .contains("secret for 198.18.2.2:1812 is empty")
+        );
+        assert!(err("[auth]\nmethod = \"ldap\"\n").contains("ldap"));
     }
 
     #[test]

@@ -39,6 +39,13 @@ pub enum Event {
         source_address: String,
         reason: String,
     },
+    /// No authentication server could check a login: each server and why
+    /// (`198.18.2.2:1812: no answer to 2 tries of 3s each; ...`).
+    AuthenticationUnavailable {
+        user: String,
+        source_address: String,
+        servers: String,
+    },
     /// Failed logins reached a limit (`[limits]`): the source, or the user
     /// from unfamiliar addresses, may not try again until the window ends.
     LoginLockout {

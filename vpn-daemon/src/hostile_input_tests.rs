@@ -72,6 +72,7 @@ fn every_parser(r: &mut Rng, p: &[u8]) {
     let _ = dtls::record::Channel::tiles(p);
     let _ = dtls::handshake::client_hello_session_id(p);
     let _ = crate::proto::auth_xml::parse_client_auth(&String::from_utf8_lossy(p));
+    let _ = crate::proto::radius::verify_reply(p, 0, &[0; 16], b"secret", true);
     let mut buf = BytesMut::from(p);
     while let Ok(Some(_)) = cstp::decode(&mut buf) {}
     let vnet = r.bytes(gro::VNET_HDR_LEN);

@@ -1,7 +1,8 @@
 //! The login portal: the HTTP requests before CONNECT, answered by the
 //! login flow (`auth::login`, which holds the rules) with the password
-//! checks run off the runtime, and the session a login earns created by
-//! the session manager.
+//! checks run off the runtime (argon2 on the verifier's threads, or a
+//! RADIUS exchange), and the session a login earns created by the session
+//! manager.
 
 use std::{
     net::SocketAddr,
@@ -14,10 +15,11 @@ use rand::RngCore as _;
 
 use crate::{
     auth::admission::{Lockout, LoginRefused},
-    auth::login::{Checking, Ctx, LoginEvent, Reply, Step},
+    auth::login::{Checking, Ctx, LoginEvent, Reply, Step, Verdict},
     auth::{
         admission::{self, Verifier},
         login::LoginFlow,
+        radius::{AccessRequest, RadiusClient},
         users::UserDb,
     },
     config::{GroupConfig, Settings},
@@ -45,6 +47,8 @@ pub struct LoginService {
     flow: Mutex<LoginFlow>,
     verifier: Verifier,
     users: Arc<UserDb>,
+    /// Checks passwords instead of `users` when `auth.method = "radius"`.
+    radius: Option<RadiusClient>,
     sessions: Arc<SessionManager>,
     events: Arc<EventLog>,
     /// Login and password-check refusals (`vpnctl stats`).
@@ -77,6 +81,7 @@ impl LoginService {
             )),
             verifier: Verifier::new(&settings.limits),
             users,
+            radius: settings.radius.clone().map(RadiusClient::new),
             sessions,
             events,
             counters,
@@ -207,6 +212,18 @@ impl LoginService {
             Step::TooManyFailures => {
                 Response::text(401, "Authentication failed", "too many failed attempts\n").closing()
             }
+            Step::Challenge {
+                handle,
+                group,
+                prompt,
+                error,
+            } => Response::xml(auth_xml::challenge_form(
+                &handle,
+                &self.title,
+                &group,
+                &prompt,
+                error.as_deref(),
+            )),
             Step::Verify { .. } | Step::Authenticated { .. } => Response::text(
                 500,
                 "Internal Server Error",
@@ -281,6 +298,7 @@ impl LoginService {
             group_select: msg.group_select,
             username: msg.username,
             password: msg.password,
+            answer: msg.answer,
         };
         let mut events = Vec::new();
         let mut step = self.flow.lock().reply(reply, login_ctx(peer), &mut events);
@@ -289,25 +307,15 @@ impl LoginService {
             group,
             user,
             password,
+            state,
         } = step
         {
-            let gw = self.clone();
-            let u = user.clone();
-            let checked = self
-                .verifier
-                .run(move || gw.users.authenticate(&u, &password))
-                .await;
-            let Ok(result) = checked else {
-                self.log_login_events(events, peer);
-                self.counters
-                    .verifications_refused_busy
-                    .fetch_add(1, Ordering::Relaxed);
-                return Response::text(
-                    503,
-                    "Service Unavailable",
-                    "the gateway is busy checking passwords; try again shortly\n",
-                )
-                .closing();
+            let verdict = match self.check(&user, password, state, peer).await {
+                Ok(v) => v,
+                Err(busy) => {
+                    self.log_login_events(events, peer);
+                    return busy;
+                }
             };
             let checking = Checking {
                 handle,
@@ -317,18 +325,13 @@ impl LoginService {
             step = self
                 .flow
                 .lock()
-                .verified(checking, result, login_ctx(peer), &mut events);
+                .verified(checking, verdict, login_ctx(peer), &mut events);
         }
         self.log_login_events(events, peer);
-        let Step::Authenticated {
-            group,
-            user,
-            own_policy,
-        } = step
-        else {
+        let Step::Authenticated { group, user, grant } = step else {
             return self.answer_login(step);
         };
-        match self.sessions.create(&user, &group, own_policy) {
+        match self.sessions.create(&user, &group, &grant) {
             Ok((session, cookie)) => {
                 tracing::info!(parent: &session.span, %peer, "login succeeded");
                 Response::xml(auth_xml::complete(
@@ -350,6 +353,58 @@ impl LoginService {
                     reason: reason.clone(),
                 });
                 Response::xml(auth_xml::fatal_error(&self.title, &reason))
+            }
+        }
+    }
+
+    /// Checks `password` for `user` with the configured method (`state`:
+    /// it answers a RADIUS challenge). `Err` is the answer when the
+    /// password checks are saturated (503, try again).
+    async fn check(
+        self: &Arc<Self>,
+        user: &str,
+        password: String,
+        state: Option<Vec<u8>>,
+        peer: SocketAddr,
+    ) -> Result<Verdict, Response> {
+        if let Some(radius) = &self.radius {
+            let req = AccessRequest {
+                user,
+                password: &password,
+                state: state.as_deref(),
+                client: peer.ip(),
+            };
+            return Ok(match radius.access(&req).await {
+                Ok(v) => v,
+                Err(unavailable) => {
+                    tracing::error!(%peer, "login of {user} not checked: {unavailable}");
+                    self.events.emit(Event::AuthenticationUnavailable {
+                        user: crate::proto::client_string(user),
+                        source_address: peer.to_string(),
+                        servers: unavailable.to_string(),
+                    });
+                    Verdict::Unavailable
+                }
+            });
+        }
+        let gw = self.clone();
+        let u = user.to_owned();
+        match self
+            .verifier
+            .run(move || gw.users.authenticate(&u, &password))
+            .await
+        {
+            Ok(result) => Ok(result.into()),
+            Err(_) => {
+                self.counters
+                    .verifications_refused_busy
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(Response::text(
+                    503,
+                    "Service Unavailable",
+                    "the gateway is busy checking passwords; try again shortly\n",
+                )
+                .closing())
             }
         }
     }

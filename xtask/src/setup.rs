@@ -12,18 +12,20 @@ use crate::run;
 
 /// Debian packages: the real peers and tools the tests drive.
 const PACKAGES: &[&str] = &[
-    "openconnect",  // the client the tests connect with
-    "vpnc-scripts", // openconnect's default script (the demo and admins use it)
-    "iperf3",       // throughput through the tunnel
-    "bpftool",      // reading pinned maps
-    "nftables",     // masquerade (uplinks issue) and UDP blocking in tests
-    "iproute2",     // ip netns, veth
-    "iputils-ping", // ping through the tunnel
-    "util-linux",   // nsenter
-    "procps",       // sysctl
-    "libssl-dev",   // OpenSSL 3 for the DTLS server (openssl crate)
-    "pkg-config",   // how openssl-sys finds it
-    "ocserv",       // the peer the tunnel benchmark compares against
+    "openconnect",      // the client the tests connect with
+    "vpnc-scripts",     // openconnect's default script (the demo and admins use it)
+    "iperf3",           // throughput through the tunnel
+    "bpftool",          // reading pinned maps
+    "nftables",         // masquerade (uplinks issue) and UDP blocking in tests
+    "iproute2",         // ip netns, veth
+    "iputils-ping",     // ping through the tunnel
+    "util-linux",       // nsenter
+    "procps",           // sysctl
+    "libssl-dev",       // OpenSSL 3 for the DTLS server (openssl crate)
+    "pkg-config",       // how openssl-sys finds it
+    "ocserv",           // the peer the tunnel benchmark compares against
+    "freeradius",       // the RADIUS server the authentication tests log in against
+    "freeradius-utils", // radclient, for checking a RADIUS setup by hand
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

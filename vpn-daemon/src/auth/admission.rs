@@ -143,9 +143,20 @@ pub struct PendingLogin {
     pub group: String,
     /// Wrong passwords so far in this login.
     pub failures: u32,
+    /// A second factor asked for and not answered yet.
+    pub challenge: Option<Challenge>,
     /// The source that started it (counted against its limit).
     key: IpAddr,
     started: Instant,
+}
+
+/// A second factor a login waits for (RADIUS Access-Challenge): the next
+/// reply answers it for `user`, with `state` sent back to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub user: String,
+    pub prompt: String,
+    pub state: Vec<u8>,
 }
 
 /// Why a login is refused before its password is checked.
@@ -300,6 +311,7 @@ impl LoginGuard {
             PendingLogin {
                 group,
                 failures: 0,
+                challenge: None,
                 key,
                 started: now,
             },
@@ -313,6 +325,18 @@ impl LoginGuard {
         self.pending
             .get(handle)
             .filter(|p| now.saturating_duration_since(p.started) < ttl)
+    }
+
+    /// Sets or clears the challenge login `handle` waits for; whether the
+    /// login is in progress.
+    pub fn set_challenge(&mut self, handle: &str, challenge: Option<Challenge>) -> bool {
+        match self.pending.get_mut(handle) {
+            Some(p) => {
+                p.challenge = challenge;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether `user` may try a password from `source` now (checked before

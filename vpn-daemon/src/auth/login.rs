@@ -1,21 +1,25 @@
 //! The login flow of the aggregate-auth exchange, without I/O: a client's
 //! `init` and `auth-reply` go in with the time, and a [`Step`] comes out
-//! (show the form, check this password, refused, authenticated), with the
-//! events to log. The caller runs the slow password check and creates the
-//! session; the rules (one success per login, the failure limit, lock-outs,
-//! expiry) are all here and unit-tested in memory.
+//! (show the form, check this password, ask for a second factor, refused,
+//! authenticated), with the events to log. The caller runs the slow
+//! password check (argon2 locally, or a RADIUS exchange) and creates the
+//! session; the rules (one success per login, the failure limit,
+//! lock-outs, expiry, challenges) are all here and unit-tested in memory.
 //!
 //! ```text
-//!   init ──> Form{handle} ──auth-reply──> Verify ──verified(ok)──> Authenticated
-//!                 ^                          │
-//!                 └── Form{error} <── wrong ─┘ (TooManyFailures at the limit)
+//!   init ──> Form{handle} ──auth-reply──> Verify ──Accept──> Authenticated
+//!                 ^                         │  ^
+//!                 │                         │  └─answer── Challenge{prompt}
+//!                 │                         ├──Challenge──────┘
+//!                 └── Form{error} <── wrong / unavailable (TooManyFailures at the limit)
 //! ```
 
 use std::{net::IpAddr, time::Instant};
 
 use crate::{
     auth::{
-        admission::{Lockout, LoginGuard, LoginRefused},
+        Grant,
+        admission::{Challenge, Lockout, LoginGuard, LoginRefused},
         users::{AuthResult, validate_name},
     },
     config::{AuthConfig, GroupConfig, Limits},
@@ -33,23 +37,68 @@ pub enum Step {
         error: Option<String>,
     },
     /// Check `password` for `user` (slow: off the async runtime), then call
-    /// [`LoginFlow::verified`] with the result.
+    /// [`LoginFlow::verified`] with the result. `state` is set when the
+    /// password answers a challenge (send it back to the server).
     Verify {
         handle: String,
         group: String,
         user: String,
         password: String,
+        state: Option<Vec<u8>>,
+    },
+    /// Ask for a second factor: show `prompt` and one hidden input.
+    Challenge {
+        handle: String,
+        group: String,
+        prompt: String,
+        error: Option<String>,
     },
     /// Refused before any password check.
     Refused(LoginRefused),
     /// The login reached `auth.max_failures`: 401 and close.
     TooManyFailures,
-    /// The password was right: create `user`'s session in `group`.
+    /// The password was right: create `user`'s session in `group` with
+    /// what the authentication source granted.
     Authenticated {
         group: String,
         user: String,
-        own_policy: Option<String>,
+        grant: Grant,
     },
+}
+
+/// What checking a password found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accept(Grant),
+    UnknownUser,
+    WrongPassword,
+    /// The authentication server said no (RADIUS Access-Reject), with the
+    /// message it gave for the user, if any.
+    Rejected {
+        message: Option<String>,
+    },
+    /// The server wants another factor: show `prompt`, send `state` back
+    /// with the answer.
+    Challenge {
+        prompt: String,
+        state: Vec<u8>,
+    },
+    /// Nobody could check (no RADIUS server answered): not the user's
+    /// fault, not counted as a failure.
+    Unavailable,
+}
+
+impl From<AuthResult> for Verdict {
+    fn from(r: AuthResult) -> Self {
+        match r {
+            AuthResult::Ok { group_policy } => Verdict::Accept(Grant {
+                own_policy: group_policy,
+                ..Grant::default()
+            }),
+            AuthResult::UnknownUser => Verdict::UnknownUser,
+            AuthResult::BadPassword => Verdict::WrongPassword,
+        }
+    }
 }
 
 /// Something the flow wants in the event log.
@@ -68,6 +117,9 @@ pub enum FailReason {
     WrongPassword,
     /// A name no user can have (refused without a password check).
     InvalidName,
+    /// The authentication server refused (RADIUS Access-Reject: a wrong
+    /// password, a wrong code, or a disabled account).
+    Rejected,
 }
 
 impl std::fmt::Display for FailReason {
@@ -76,6 +128,7 @@ impl std::fmt::Display for FailReason {
             FailReason::UnknownUser => "unknown user",
             FailReason::WrongPassword => "wrong password",
             FailReason::InvalidName => "invalid user name",
+            FailReason::Rejected => "rejected by the authentication server",
         })
     }
 }
@@ -89,6 +142,8 @@ pub struct Reply {
     pub group_select: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The answer to a challenge form.
+    pub answer: Option<String>,
 }
 
 /// Where and when a request comes from, and the handle a new login it
@@ -111,6 +166,13 @@ pub struct Checking {
 
 /// The form error a login that ended meanwhile gets.
 pub const EXPIRED: &str = "your login attempt expired; please log in again";
+
+/// The form error when nobody could check the password.
+pub const UNAVAILABLE: &str =
+    "the authentication service is unavailable; please try again in a few minutes";
+
+/// The form error after a failed password (no server message).
+pub const INVALID: &str = "invalid username or password";
 
 /// The login flow: logins in progress and their failures ([`LoginGuard`]),
 /// and the tunnel groups offered.
@@ -198,10 +260,32 @@ impl LoginFlow {
             .handle
             .as_deref()
             .and_then(|h| self.guard.get(h, ctx.now))
-            .map(|p| p.group.clone());
-        let (Some(handle), Some(group)) = (r.handle, pending) else {
+            .map(|p| (p.group.clone(), p.challenge.clone()));
+        let (Some(handle), Some((group, challenge))) = (r.handle, pending) else {
             return self.expired(ctx);
         };
+        if let Some(ch) = challenge {
+            // The reply answers the challenge; the user is the one who
+            // passed the first factor.
+            let Some(answer) = r.answer.or(r.password).filter(|a| !a.is_empty()) else {
+                return Step::Challenge {
+                    handle,
+                    group,
+                    prompt: ch.prompt,
+                    error: Some("enter the code".into()),
+                };
+            };
+            if let Err(refused) = self.guard.may_try(&ch.user, ctx.peer, ctx.now) {
+                return Step::Refused(refused);
+            }
+            return Step::Verify {
+                handle,
+                group,
+                user: ch.user,
+                password: answer,
+                state: Some(ch.state),
+            };
+        }
         let group = match r.group_select.as_deref() {
             None => group,
             Some(g) => match self.find_group(g) {
@@ -223,15 +307,13 @@ impl LoginFlow {
                 error: Some("enter a username and a password".into()),
             };
         };
-        // A name no user can have fails without a password check, and
-        // never reaches the logs whole.
         if validate_name(&user).is_err() {
             let check = Checking {
                 handle,
                 group,
                 user: client_string(&user),
             };
-            return self.failed(check, false, FailReason::InvalidName, ctx, events);
+            return self.failed(check, false, FailReason::InvalidName, None, ctx, events);
         }
         if let Err(refused) = self.guard.may_try(&user, ctx.peer, ctx.now) {
             return Step::Refused(refused);
@@ -241,49 +323,76 @@ impl LoginFlow {
             group,
             user,
             password,
+            state: None,
         }
     }
 
-    /// The result of a [`Step::Verify`]. A login may have ended while its
-    /// password was checked (another request on its handle reached the
-    /// failure limit or succeeded, or it expired): then, to this client,
-    /// it expired, and a right password earns nothing.
     pub fn verified(
         &mut self,
         c: Checking,
-        result: AuthResult,
+        verdict: impl Into<Verdict>,
         ctx: Ctx,
         events: &mut Vec<LoginEvent>,
     ) -> Step {
-        let reason = match result {
-            AuthResult::Ok { group_policy } => {
+        let (reason, message) = match verdict.into() {
+            Verdict::Accept(grant) => {
                 if !self.guard.succeeded(&c.handle, &c.user, ctx.peer, ctx.now) {
                     return self.expired(ctx);
                 }
                 return Step::Authenticated {
                     group: c.group,
                     user: c.user,
-                    own_policy: group_policy,
+                    grant,
                 };
             }
-            AuthResult::UnknownUser => FailReason::UnknownUser,
-            AuthResult::BadPassword => FailReason::WrongPassword,
+            Verdict::Challenge { prompt, state } => {
+                let challenge = Challenge {
+                    user: c.user,
+                    prompt: prompt.clone(),
+                    state,
+                };
+                if !self.guard.set_challenge(&c.handle, Some(challenge)) {
+                    return self.expired(ctx);
+                }
+                return Step::Challenge {
+                    handle: c.handle,
+                    group: c.group,
+                    prompt,
+                    error: None,
+                };
+            }
+            Verdict::Unavailable => {
+                if !self.guard.set_challenge(&c.handle, None) {
+                    return self.expired(ctx);
+                }
+                return Step::Form {
+                    handle: c.handle,
+                    group: c.group,
+                    error: Some(UNAVAILABLE.into()),
+                };
+            }
+            Verdict::UnknownUser => (FailReason::UnknownUser, None),
+            Verdict::WrongPassword => (FailReason::WrongPassword, None),
+            Verdict::Rejected { message } => (FailReason::Rejected, message),
         };
-        self.failed(c, true, reason, ctx, events)
+        self.failed(c, true, reason, message, ctx, events)
     }
 
-    /// Counts a failed login (per login and source, and per user if
-    /// `counts_for_user`: a name no user can have does not) and logs it.
+    /// A failed try: counted, and the form again (the username and
+    /// password form: a failed challenge starts over) with `message` or
+    /// the usual error.
     fn failed(
         &mut self,
         c: Checking,
         counts_for_user: bool,
         reason: FailReason,
+        message: Option<String>,
         ctx: Ctx,
         events: &mut Vec<LoginEvent>,
     ) -> Step {
         let user = counts_for_user.then_some(c.user.as_str());
         let f = self.guard.failed(&c.handle, user, ctx.peer, ctx.now);
+        self.guard.set_challenge(&c.handle, None);
         events.push(LoginEvent::Failed {
             user: c.user,
             reason,
@@ -295,7 +404,7 @@ impl LoginFlow {
             Some(_) => Step::Form {
                 handle: c.handle,
                 group: c.group,
-                error: Some("invalid username or password".into()),
+                error: Some(message.map_or_else(|| INVALID.into(), |m| client_string(&m))),
             },
         }
     }
@@ -345,6 +454,7 @@ mod tests {
             group_select: None,
             username: Some(user.into()),
             password: Some(password.into()),
+            answer: None,
         }
     }
 
@@ -443,7 +553,10 @@ mod tests {
             Step::Authenticated {
                 group: "default".into(),
                 user: "alice".into(),
-                own_policy: Some("p".into())
+                grant: Grant {
+                    own_policy: Some("p".into()),
+                    ..Grant::default()
+                }
             }
         );
         // Once: the handle is used up.
@@ -557,5 +670,136 @@ mod tests {
             f.init(None, "/", ctx(now, "n2")),
             Step::Refused(LoginRefused::SourceLocked { .. })
         ));
+    }
+
+    fn verify(f: &mut LoginFlow, step: Step, verdict: Verdict, ev: &mut Vec<LoginEvent>) -> Step {
+        let Step::Verify {
+            handle,
+            group,
+            user,
+            ..
+        } = step
+        else {
+            panic!("expected a password check, got {step:?}");
+        };
+        let now = Instant::now();
+        f.verified(
+            Checking {
+                handle,
+                group,
+                user,
+            },
+            verdict,
+            ctx(now, "new"),
+            ev,
+        )
+    }
+
+    #[test]
+    fn a_challenge_asks_for_the_code_and_sends_the_state_back_for_the_same_user() {
+        let now = Instant::now();
+        let mut f = flow(3);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "k"));
+        let step = f.reply(reply("k", "alice", "pw"), ctx(now, "n"), &mut ev);
+        let challenge = Verdict::Challenge {
+            prompt: "Enter the code".into(),
+            state: b"s1".to_vec(),
+        };
+        assert_eq!(
+            verify(&mut f, step, challenge.clone(), &mut ev),
+            Step::Challenge {
+                handle: "k".into(),
+                group: "default".into(),
+                prompt: "Enter the code".into(),
+                error: None
+            }
+        );
+        // The answer comes in the challenge field; a user name sent along
+        // is ignored: the code is checked for the user who passed the
+        // first factor.
+        let mut answer = reply("k", "mallory", "");
+        answer.answer = Some("123456".into());
+        let step = f.reply(answer.clone(), ctx(now, "n"), &mut ev);
+        assert_eq!(
+            step,
+            Step::Verify {
+                handle: "k".into(),
+                group: "default".into(),
+                user: "alice".into(),
+                password: "123456".into(),
+                state: Some(b"s1".to_vec()),
+            }
+        );
+        // Challenges may follow each other (a new PIN, then a code).
+        let step = verify(&mut f, step, challenge, &mut ev);
+        assert!(matches!(step, Step::Challenge { .. }));
+        let step = f.reply(answer, ctx(now, "n"), &mut ev);
+        assert!(matches!(
+            verify(&mut f, step, Verdict::Accept(Grant::default()), &mut ev),
+            Step::Authenticated { user, .. } if user == "alice"
+        ));
+        assert!(ev.is_empty(), "{ev:?}");
+    }
+
+    #[test]
+    fn a_wrong_code_counts_and_starts_over_with_the_password_form() {
+        let now = Instant::now();
+        let mut f = flow(3);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "k"));
+        let step = f.reply(reply("k", "alice", "pw"), ctx(now, "n"), &mut ev);
+        let challenge = Verdict::Challenge {
+            prompt: "Code?".into(),
+            state: b"s1".to_vec(),
+        };
+        verify(&mut f, step, challenge, &mut ev);
+        // An empty answer: asked again, nothing counted.
+        let step = f.reply(reply("k", "alice", ""), ctx(now, "n"), &mut ev);
+        assert!(matches!(step, Step::Challenge { error: Some(_), .. }));
+        let mut answer = reply("k", "", "");
+        answer.answer = Some("000000".into());
+        let step = f.reply(answer, ctx(now, "n"), &mut ev);
+        let rejected = Verdict::Rejected {
+            message: Some("Wrong code".into()),
+        };
+        assert_eq!(
+            verify(&mut f, step, rejected, &mut ev),
+            Step::Form {
+                handle: "k".into(),
+                group: "default".into(),
+                error: Some("Wrong code".into())
+            }
+        );
+        assert_eq!(
+            ev,
+            vec![LoginEvent::Failed {
+                user: "alice".into(),
+                reason: FailReason::Rejected
+            }]
+        );
+        // The next reply is a username and password again.
+        let step = f.reply(reply("k", "alice", "pw"), ctx(now, "n"), &mut ev);
+        assert!(matches!(step, Step::Verify { state: None, .. }));
+    }
+
+    #[test]
+    fn an_unavailable_server_is_not_a_failure() {
+        let now = Instant::now();
+        let mut f = flow(1);
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "k"));
+        for _ in 0..3 {
+            let step = f.reply(reply("k", "alice", "pw"), ctx(now, "n"), &mut ev);
+            assert_eq!(
+                verify(&mut f, step, Verdict::Unavailable, &mut ev),
+                Step::Form {
+                    handle: "k".into(),
+                    group: "default".into(),
+                    error: Some(UNAVAILABLE.into())
+                }
+            );
+        }
+        assert!(ev.is_empty());
     }
 }

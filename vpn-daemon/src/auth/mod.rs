@@ -1,7 +1,30 @@
 //! Who may log in, and how much a stranger may make the gateway do before
-//! that: the local user database (`users`) and the limits before
-//! authentication (`admission`).
+//! that: the login flow (`login`), the local user database (`users`), the
+//! RADIUS client (`radius`) and the limits before authentication
+//! (`admission`).
+
+use std::{net::Ipv4Addr, time::Duration};
 
 pub mod admission;
 pub mod login;
+pub mod radius;
 pub mod users;
+
+/// What a successful login grants beyond the user's name, as the
+/// authentication source said it: the session is created with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// The user's own group policy (the local user's `group_policy`,
+    /// RADIUS Filter-Id), over the group's default. A name no policy has
+    /// refuses the session (fail closed).
+    pub own_policy: Option<String>,
+    /// The address the server assigned (RADIUS Framed-IP-Address), used
+    /// when it is free in the pool.
+    pub framed_v4: Option<Ipv4Addr>,
+    /// Shorter session and idle timeouts than the configured ones (RADIUS
+    /// Session-Timeout, Idle-Timeout).
+    pub session_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    /// RADIUS Class values, echoed in accounting.
+    pub class: Vec<Vec<u8>>,
+}

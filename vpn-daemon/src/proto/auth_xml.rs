@@ -13,6 +13,8 @@ pub struct ClientAuth {
     pub kind: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The answer to a challenge form ([`challenge_form`]).
+    pub answer: Option<String>,
     pub group_select: Option<String>,
     /// Our `aggauth-handle`, echoed back from the `<opaque>` block.
     pub handle: Option<String>,
@@ -65,6 +67,7 @@ pub fn parse_client_auth(body: &str) -> Result<ClientAuth, XmlError> {
                 match names.as_slice() {
                     ["config-auth", "auth", "username"] => out.username = Some(text),
                     ["config-auth", "auth", "password"] => out.password = Some(text),
+                    ["config-auth", "auth", CHALLENGE_FIELD] => out.answer = Some(text),
                     ["config-auth", "group-select"] => out.group_select = Some(text),
                     ["config-auth", "opaque", "aggauth-handle"] => out.handle = Some(text),
                     ["config-auth", "session-token"] => out.session_token = Some(text),
@@ -77,6 +80,7 @@ pub fn parse_client_auth(body: &str) -> Result<ClientAuth, XmlError> {
                 match names.as_slice() {
                     ["config-auth", "auth", "username"] => out.username = Some(text),
                     ["config-auth", "auth", "password"] => out.password = Some(text),
+                    ["config-auth", "auth", CHALLENGE_FIELD] => out.answer = Some(text),
                     _ => {}
                 }
             }
@@ -191,6 +195,47 @@ pub fn login_form(f: &LoginForm<'_>) -> String {
         }
         x.push_str("</select>\n");
     }
+    x.push_str("</form>\n</auth>\n</config-auth>\n");
+    x
+}
+
+/// The field a challenge form asks for: openconnect's name for a second
+/// password, which its `--token-mode` fills in too.
+pub const CHALLENGE_FIELD: &str = "secondary_password";
+
+/// A challenge form (a second factor: RADIUS Access-Challenge): the
+/// server's `prompt` and one hidden input, in login `handle`. The auth id
+/// `challenge` is what openconnect's `--form-entry challenge:...` and
+/// `--token-mode` key on.
+pub fn challenge_form(
+    handle: &str,
+    title: &str,
+    group: &str,
+    prompt: &str,
+    error: Option<&str>,
+) -> String {
+    let mut x = String::with_capacity(768);
+    x.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    x.push_str("<config-auth client=\"vpn\" type=\"auth-request\" aggregate-auth-version=\"2\">\n");
+    x.push_str("<version who=\"sg\">vpn-gateway</version>\n");
+    x.push_str(&format!(
+        "<opaque is-for=\"sg\"><tunnel-group>{g}</tunnel-group><group-alias>{g}</group-alias><aggauth-handle>{h}</aggauth-handle><config-hash>1</config-hash></opaque>\n",
+        g = esc(group),
+        h = esc(handle)
+    ));
+    x.push_str("<auth id=\"challenge\">\n");
+    x.push_str(&format!("<title>{}</title>\n", esc(title)));
+    x.push_str(&format!("<message>{}</message>\n", esc(prompt)));
+    if let Some(e) = error {
+        x.push_str(&format!(
+            "<error id=\"88\" param1=\"{}\" param2=\"\">Login failed: %s</error>\n",
+            esc(e)
+        ));
+    }
+    x.push_str("<form method=\"post\" action=\"/auth\">\n");
+    x.push_str(&format!(
+        "<input type=\"password\" name=\"{CHALLENGE_FIELD}\" label=\"Code:\"/>\n"
+    ));
     x.push_str("</form>\n</auth>\n</config-auth>\n");
     x
 }
@@ -324,5 +369,22 @@ mod tests {
         });
         assert!(!x.contains("group_list"));
         assert!(!x.contains("<error"));
+    }
+
+    #[test]
+    fn challenge_form_and_its_answer() {
+        let form = challenge_form("h1", "VPN", "default", "Enter <code>", Some("Wrong"));
+        assert!(form.contains("<auth id=\"challenge\">"));
+        assert!(form.contains("<message>Enter &lt;code&gt;</message>"));
+        assert!(form.contains("name=\"secondary_password\""));
+        assert!(form.contains("<aggauth-handle>h1</aggauth-handle>"));
+        // What openconnect sends back (see ../shared/protocol/anyconnect.md §2.7).
+        let reply = parse_client_auth(
+            "<?xml version=\"1.0\"?><config-auth client=\"vpn\" type=\"auth-reply\"><opaque is-for=\"sg\"><aggauth-handle>h1</aggauth-handle></opaque><auth><secondary_password>123456</secondary_password></auth></config-auth>",
+        )
+        .unwrap();
+        assert_eq!(reply.answer.as_deref(), Some("123456"));
+        assert_eq!(reply.handle.as_deref(), Some("h1"));
+        assert_eq!(reply.password, None);
     }
 }

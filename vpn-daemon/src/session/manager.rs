@@ -26,15 +26,15 @@ use parking_lot::Mutex;
 use vpn_common::SessionInfo;
 
 use crate::{
-    auth::users::UserDb,
+    auth::{Grant, users::UserDb},
     config::Settings,
     datapath::bpf::SharedDatapath,
     events::{Event, EventLog},
     mac::pseudo_mac,
     policies::{MissingPolicy, PolicyError, PolicySet},
     session::{
-        EndReason, Kick, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot, new_cookie,
-        pool::Pool,
+        EndReason, Kick, OwnTimeouts, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot,
+        new_cookie, pool::Pool,
     },
 };
 
@@ -292,8 +292,9 @@ impl SessionManager {
         &self,
         user: &str,
         group: &str,
-        group_policy: Option<String>,
+        grant: &Grant,
     ) -> Result<(Arc<Session>, String), SessionRefused> {
+        let group_policy = grant.own_policy.clone();
         let max = self.limits.max_sessions;
         let per_user = self.limits.max_per_user;
         if per_user > 0 {
@@ -336,7 +337,17 @@ impl SessionManager {
         if per_user > 0 && self.table.count_of(user) >= per_user {
             return Err(SessionRefused::UserLimit { max: per_user });
         }
-        let lease = pool.allocate(user).ok_or(SessionRefused::PoolExhausted)?;
+        let lease = pool
+            .allocate_wanted(user, grant.framed_v4)
+            .ok_or(SessionRefused::PoolExhausted)?;
+        if let Some(wanted) = grant.framed_v4
+            && wanted != lease.v4
+        {
+            tracing::warn!(
+                "{user}: the assigned address {wanted} is not a free address of the pool; {} instead",
+                lease.v4
+            );
+        }
         let now = Instant::now();
         let id = self.table.next_id();
         let session = Arc::new(Session {
@@ -356,6 +367,11 @@ impl SessionManager {
                 ..Default::default()
             }),
             spoofed_dropped: AtomicU64::new(0),
+            own_timeouts: OwnTimeouts {
+                session: grant.session_timeout,
+                idle: grant.idle_timeout,
+            },
+            class: grant.class.clone(),
             span: crate::session::session_span(id, user, lease.v4),
         });
         {

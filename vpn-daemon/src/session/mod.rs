@@ -45,8 +45,8 @@ pub struct TunnelHandle {
 /// Which group policy a session has and why.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyBinding {
-    /// The user's own policy (local user database now; RADIUS Filter-Id
-    /// and LDAP groups later); `None` = the default applies.
+    /// The user's own policy (the local user's `group_policy`, RADIUS
+    /// Filter-Id); `None` = the default applies.
     pub own: Option<String>,
     /// The policy in force (own or default); `None` = no policy.
     pub effective: Option<String>,
@@ -86,8 +86,35 @@ pub struct Session {
     /// Packets from the client whose source was not one of the session's
     /// own addresses, dropped ([`Session::owns_source`]).
     pub spoofed_dropped: AtomicU64,
+    /// Timeouts of its own, shorter than the configured ones (RADIUS
+    /// Session-Timeout and Idle-Timeout).
+    pub own_timeouts: OwnTimeouts,
+    /// RADIUS Class values from the Access-Accept, for accounting.
+    pub class: Vec<Vec<u8>>,
     /// See [`Session::span`].
     pub span: tracing::Span,
+}
+
+/// A session's own limits over the configured [`Timeouts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnTimeouts {
+    pub session: Option<Duration>,
+    pub idle: Option<Duration>,
+}
+
+impl OwnTimeouts {
+    /// `t` with these applied: the shorter of each.
+    pub fn apply(&self, t: &Timeouts) -> Timeouts {
+        let min = |a: Duration, b: Option<Duration>| b.map_or(a, |b| a.min(b));
+        Timeouts {
+            session: min(t.session, self.session),
+            idle: match (t.idle.is_zero(), self.idle) {
+                (true, own) => own.unwrap_or_default(),
+                (false, own) => min(t.idle, own),
+            },
+            disconnected: t.disconnected,
+        }
+    }
 }
 
 /// A session's span ([`Session::span`]), made once at login, outside any
@@ -110,6 +137,7 @@ pub struct Timeouts {
 impl Session {
     /// Why the session must end at `now`, if it must.
     pub fn expiry(&self, t: &Timeouts, now: Instant) -> Option<EndReason> {
+        let t = &self.own_timeouts.apply(t);
         let age = now.saturating_duration_since(self.started);
         let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
         if age >= t.session {
@@ -126,6 +154,29 @@ impl Session {
         } else {
             None
         }
+    }
+
+    /// What this session's client is told at CONNECT: `base` with the
+    /// session's own timeouts.
+    pub fn tunnel_params<'a>(
+        &self,
+        base: &'a crate::proto::connect::TunnelParams,
+    ) -> std::borrow::Cow<'a, crate::proto::connect::TunnelParams> {
+        let own = self.own_timeouts;
+        if own == OwnTimeouts::default() {
+            return std::borrow::Cow::Borrowed(base);
+        }
+        let mut p = base.clone();
+        if let Some(s) = own.session {
+            p.session_timeout = p.session_timeout.min(s);
+        }
+        if let Some(i) = own.idle {
+            p.idle_timeout_secs = match p.idle_timeout_secs {
+                0 => i.as_secs(),
+                n => n.min(i.as_secs()),
+            };
+        }
+        std::borrow::Cow::Owned(p)
     }
 
     pub fn touch(&self) {
@@ -310,6 +361,8 @@ mod tests {
             last_activity_ms: AtomicU64::new(0),
             tunnel: Mutex::new(TunnelSlot::default()),
             spoofed_dropped: AtomicU64::new(0),
+            own_timeouts: OwnTimeouts::default(),
+            class: Vec::new(),
             span: tracing::Span::none(),
         })
     }

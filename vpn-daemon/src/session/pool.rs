@@ -64,6 +64,20 @@ impl Pool {
         (off >= self.first && off < self.first + self.count).then_some(off)
     }
 
+    /// Allocates `wanted` (an address the authentication server assigned)
+    /// when it is a free client address of the pool, else as
+    /// [`Pool::allocate`] does.
+    pub fn allocate_wanted(&mut self, user: &str, wanted: Option<Ipv4Addr>) -> Option<Lease> {
+        if let Some(off) = wanted
+            .and_then(|a| self.offset_of(a))
+            .filter(|o| !self.used.contains(o))
+        {
+            self.used.insert(off);
+            return Some(self.lease_at(off));
+        }
+        self.allocate(user)
+    }
+
     /// Allocates an address for `user`, or `None` when the pool is full.
     pub fn allocate(&mut self, user: &str) -> Option<Lease> {
         let preferred = self.last_by_user.get(user).copied();

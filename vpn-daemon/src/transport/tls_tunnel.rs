@@ -166,14 +166,15 @@ impl TunnelService {
             .dtls
             .as_ref()
             .and_then(|d| self.dtls_offer(d, &req, &tls, &session));
+        let params = session.tunnel_params(&self.params);
         let head = connect::response_head(
-            &self.params,
+            &params,
             &req,
             Addresses {
                 v4: session.lease.v4,
                 v6: session.lease.v6,
             },
-            self.params
+            params
                 .session_timeout
                 .saturating_sub(session.started.elapsed()),
             peer.ip().to_canonical().is_ipv6(),

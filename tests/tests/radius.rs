@@ -1,0 +1,190 @@
+//! RADIUS authentication against a real FreeRADIUS in the server
+//! namespace, with the real openconnect logging in: Filter-Id picks the
+//! policy, Framed-IP-Address and the timeouts reach the client, a second
+//! factor by Access-Challenge, failover between servers, and a clear
+//! message when none answers.
+
+use std::time::Duration;
+
+use vpn_tests::{radius::*, *};
+
+/// The gateway's config with `auth.method = "radius"` and `servers`
+/// (`(address, secret)`) in order.
+fn radius_config(servers: &[(&str, &str)]) -> String {
+    let mut rest = String::from(
+        "[radius]\ntimeout_ms = 500\ntries = 2\n\n\
+         [[group_policy]]\nname = \"engineering\"\n\n\
+         [[group_policy]]\nname = \"staff\"\n\n\
+         [policy]\ndefault = \"staff\"\n",
+    );
+    for (address, secret) in servers {
+        rest.push_str(&format!(
+            "\n[[radius.server]]\naddress = \"{address}\"\nsecret = \"{secret}\"\n"
+        ));
+    }
+    rest
+}
+
+fn start_gateway(topo: &Topology, servers: &[(&str, &str)]) -> Gateway {
+    let rest = radius_config(servers);
+    Gateway::start_with(
+        topo,
+        |dir| {
+            Gateway::base_config(
+                dir,
+                topo,
+                &ConfigParts {
+                    rest: &rest,
+                    ..Default::default()
+                },
+            )
+            .replacen("[auth]\n", "[auth]\nmethod = \"radius\"\n", 1)
+        },
+        // The local users file has none of these users: RADIUS decides.
+        &[],
+    )
+    .unwrap()
+}
+
+fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {
+    gw.events()
+        .into_iter()
+        .filter(|e| e["event"] == kind)
+        .collect()
+}
+
+#[test]
+fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+
+    let mut alice = Client::start(&topo, &gw, "alice", "alice-pw", &[]).unwrap();
+    let env = alice.wait_connected(Duration::from_secs(20)).unwrap();
+    // Framed-IP-Address is the client's address; Idle-Timeout 900 is
+    // shorter than the configured 1800, so the client is told 900.
+    assert_eq!(env["INTERNAL_IP4_ADDRESS"], ALICE_FRAMED_IP);
+    assert_eq!(env["IDLE_TIMEOUT"], "900");
+    assert!(topo.client.ping(SERVER, 2), "traffic through the tunnel");
+    let s = gw.sessions().unwrap();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["user"], "alice");
+    // Filter-Id names the policy, over the default "staff".
+    assert_eq!(s[0]["group_policy"], "engineering");
+
+    // A user without Filter-Id gets the default policy.
+    let mut bob = Client::start_in(&topo.client2, &gw, "bob", "bob-pw", &[]).unwrap();
+    bob.wait_connected(Duration::from_secs(20)).unwrap();
+    let s = gw.sessions().unwrap();
+    let bob_row = s.iter().find(|r| r["user"] == "bob").unwrap();
+    assert_eq!(bob_row["group_policy"], "staff");
+    assert_ne!(bob_row["vpn_address"], ALICE_FRAMED_IP);
+}
+
+#[test]
+fn radius_rejects_wrong_passwords_and_unknown_policies_fail_closed() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+
+    let mut c = Client::start(&topo, &gw, "alice", "not-her-password", &[]).unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        c.log().contains("invalid username or password"),
+        "{}",
+        c.log()
+    );
+    let failed = events_of(&gw, "authentication_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["user"], "alice");
+    assert_eq!(failed[0]["reason"], "rejected by the authentication server");
+
+    // Filter-Id naming a policy the gateway does not have: no session.
+    let mut g = Client::start(&topo, &gw, "ghost", "ghost-pw", &[]).unwrap();
+    assert!(!g.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(g.log().contains("no-such-policy"), "{}", g.log());
+    assert!(gw.sessions().unwrap().is_empty());
+    let refused = events_of(&gw, "login_refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["user"], "ghost");
+}
+
+#[test]
+fn radius_challenge_asks_openconnect_for_a_second_factor() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+
+    // The challenge form's field, filled by openconnect non-interactively.
+    let code = format!("--form-entry=challenge:secondary_password={MFA_CODE}");
+    let mut c = Client::start(&topo, &gw, "mfa", "mfa-pw", &[&code]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(
+        c.log().contains("Enter the code from your token"),
+        "{}",
+        c.log()
+    );
+    assert_eq!(gw.sessions().unwrap()[0]["user"], "mfa");
+    drop(c);
+
+    // A wrong code: the server's message, and back to the password form.
+    let wrong = "--form-entry=challenge:secondary_password=000000";
+    let mut c = Client::start_in(&topo.client2, &gw, "mfa", "mfa-pw", &[wrong]).unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(c.log().contains("Wrong code"), "{}", c.log());
+    assert!(
+        events_of(&gw, "authentication_failed")
+            .iter()
+            .any(|e| e["user"] == "mfa")
+    );
+}
+
+#[test]
+fn radius_fails_over_and_says_when_no_server_answers() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    // First a port nothing listens on (ICMP unreachable), then the server.
+    let closed = format!("{SERVER}:1999");
+    let good = format!("{SERVER}:1812");
+    let gw = start_gateway(&topo, &[(&closed, SECRET), (&good, SECRET)]);
+    let mut c = Client::start(&topo, &gw, "bob", "bob-pw", &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(gw.log().contains("now asking 198.18.2.2:1812 first"));
+    drop(c);
+    drop(gw);
+
+    // Nobody answers: the closed port, and the real server with a wrong
+    // secret (FreeRADIUS drops requests whose Message-Authenticator it
+    // cannot verify, and says so).
+    let gw = start_gateway(&topo, &[(&closed, SECRET), (&good, "wrong-secret")]);
+    let mut c = Client::start(&topo, &gw, "bob", "bob-pw", &[]).unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+    let log = c.log();
+    assert!(
+        log.contains("authentication service is unavailable"),
+        "{log}"
+    );
+    assert!(!log.contains("invalid username or password"), "{log}");
+    let down = events_of(&gw, "authentication_unavailable");
+    assert_eq!(down.len(), 1, "{down:?}");
+    let servers = down[0]["servers"].as_str().unwrap();
+    assert!(
+        servers.contains("198.18.2.2:1999: nothing listens"),
+        "{servers}"
+    );
+    assert!(
+        servers.contains("198.18.2.2:1812: no answer to 2 tries"),
+        "{servers}"
+    );
+    // Not counted as a failed login.
+    assert!(events_of(&gw, "authentication_failed").is_empty());
+    assert!(
+        radius.log().contains("Message-Authenticator"),
+        "{}",
+        radius.log()
+    );
+}
