@@ -12,6 +12,7 @@
 //! | ghost | ghost-pw | Filter-Id "no-such-policy" |
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     process::{Child, Stdio},
     time::Duration,
@@ -100,6 +101,21 @@ impl FreeRadius {
 
     fn detail_path(&self) -> PathBuf {
         self.dir.path().join("detail")
+    }
+
+    /// The accounting records received, each as its attributes (name to
+    /// value as FreeRADIUS prints them, quotes removed).
+    pub fn accounting(&self) -> Vec<HashMap<String, String>> {
+        self.detail()
+            .split("\n\n")
+            .filter(|r| !r.trim().is_empty())
+            .map(|r| {
+                r.lines()
+                    .filter_map(|l| l.trim().split_once(" = "))
+                    .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                    .collect()
+            })
+            .collect()
     }
 }
 

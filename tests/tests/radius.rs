@@ -12,7 +12,7 @@ use vpn_tests::{radius::*, *};
 /// (`(address, secret)`) in order.
 fn radius_config(servers: &[(&str, &str)]) -> String {
     let mut rest = String::from(
-        "[radius]\ntimeout_ms = 500\ntries = 2\n\n\
+        "[radius]\ntimeout_ms = 500\ntries = 2\ninterim_secs = 2\n\n\
          [[group_policy]]\nname = \"engineering\"\n\n\
          [[group_policy]]\nname = \"staff\"\n\n\
          [policy]\ndefault = \"staff\"\n",
@@ -57,7 +57,7 @@ fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {
 fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
     require_root();
     let topo = Topology::new().unwrap();
-    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
     let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
 
     let mut alice = Client::start(&topo, &gw, "alice", "alice-pw", &[]).unwrap();
@@ -80,6 +80,47 @@ fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
     let bob_row = s.iter().find(|r| r["user"] == "bob").unwrap();
     assert_eq!(bob_row["group_policy"], "staff");
     assert_ne!(bob_row["vpn_address"], ALICE_FRAMED_IP);
+
+    // Accounting: a Start with who holds which address, Interim-Updates
+    // with the counters, and a Stop that says why.
+    let of_alice = |status: &str| {
+        radius
+            .accounting()
+            .into_iter()
+            .filter(|r| {
+                r.get("User-Name").map(String::as_str) == Some("alice")
+                    && r.get("Acct-Status-Type").map(String::as_str) == Some(status)
+            })
+            .collect::<Vec<_>>()
+    };
+    let start = wait_for(Duration::from_secs(5), || of_alice("Start").pop())
+        .unwrap_or_else(|| panic!("no Start:\n{}", radius.detail()));
+    assert_eq!(start["Framed-IP-Address"], ALICE_FRAMED_IP);
+    assert_eq!(start["Calling-Station-Id"], CLIENT_OUTSIDE);
+    assert_eq!(start["Class"], format!("0x{}", hex("acct-class-1")));
+    assert_eq!(start["NAS-Port-Type"], "Virtual");
+    let octets = |r: &std::collections::HashMap<String, String>, k: &str| -> u64 {
+        r.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let interim = wait_for(Duration::from_secs(8), || {
+        of_alice("Interim-Update")
+            .into_iter()
+            .find(|r| octets(r, "Acct-Input-Octets") > 0)
+    })
+    .unwrap_or_else(|| panic!("no Interim-Update with traffic:\n{}", radius.detail()));
+    assert_eq!(interim["Acct-Session-Id"], start["Acct-Session-Id"]);
+    gw.vpnctl(&["disconnect", "alice"]).unwrap();
+    let stop = wait_for(Duration::from_secs(5), || of_alice("Stop").pop())
+        .unwrap_or_else(|| panic!("no Stop:\n{}", radius.detail()));
+    assert_eq!(stop["Acct-Session-Id"], start["Acct-Session-Id"]);
+    assert_eq!(stop["Acct-Terminate-Cause"], "Admin-Reset");
+    assert!(octets(&stop, "Acct-Input-Octets") >= octets(&interim, "Acct-Input-Octets"));
+    assert!(octets(&stop, "Acct-Output-Packets") >= 2, "{stop:?}");
+    assert_eq!(stop["Class"], start["Class"]);
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

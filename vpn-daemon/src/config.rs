@@ -450,6 +450,13 @@ pub struct RadiusConfig {
     pub tries: u32,
     /// NAS-Identifier sent with every request. Default "vpn-gateway".
     pub nas_identifier: String,
+    /// Accounting (RFC 2866): Start when a RADIUS session begins, Stop
+    /// when it ends (with its octets and packets, from the BPF counters,
+    /// and why), to the servers' `accounting_port`. Default true.
+    pub accounting: bool,
+    /// Seconds between Interim-Updates of each session; 0 = none. Default
+    /// 600 (RFC 2869 advises at least 60).
+    pub interim_secs: u64,
 }
 
 impl Default for RadiusConfig {
@@ -459,6 +466,8 @@ impl Default for RadiusConfig {
             timeout_ms: 3000,
             tries: 2,
             nas_identifier: "vpn-gateway".into(),
+            accounting: true,
+            interim_secs: 600,
         }
     }
 }
@@ -478,10 +487,18 @@ pub struct RadiusServerConfig {
     /// &Message-Authenticator := 0x00 }` in post-auth).
     #[serde(default = "yes")]
     pub require_message_authenticator: bool,
+    /// The port of its accounting service on the same address; 0 = send
+    /// it no accounting. Default 1813.
+    #[serde(default = "accounting_port")]
+    pub accounting_port: u16,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn accounting_port() -> u16 {
+    1813
 }
 
 /// `[radius]`, validated.
@@ -492,6 +509,9 @@ pub struct RadiusSettings {
     pub timeout: Duration,
     pub tries: u32,
     pub nas_identifier: String,
+    /// Interim-Update period, when accounting is on and periodic.
+    pub interim: Option<Duration>,
+    pub accounting: bool,
 }
 
 /// One `[[radius.server]]`, validated.
@@ -500,6 +520,8 @@ pub struct RadiusServer {
     pub address: SocketAddr,
     pub secret: String,
     pub require_message_authenticator: bool,
+    /// Its accounting service, if it takes accounting.
+    pub accounting: Option<SocketAddr>,
 }
 
 impl RadiusConfig {
@@ -536,6 +558,8 @@ impl RadiusConfig {
                     address,
                     secret: s.secret.clone(),
                     require_message_authenticator: s.require_message_authenticator,
+                    accounting: (s.accounting_port != 0)
+                        .then(|| SocketAddr::new(address.ip(), s.accounting_port)),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -559,6 +583,9 @@ impl RadiusConfig {
             timeout: Duration::from_millis(self.timeout_ms),
             tries: self.tries,
             nas_identifier: self.nas_identifier.clone(),
+            interim: (self.accounting && self.interim_secs > 0)
+                .then(|| Duration::from_secs(self.interim_secs)),
+            accounting: self.accounting,
         }))
     }
 }

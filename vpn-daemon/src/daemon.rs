@@ -169,6 +169,14 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     tokio::spawn(gw.sessions.clone().reap());
     tokio::spawn(gw.sessions.clone().watch_users());
     tokio::spawn(gw.sessions.clone().follow_schedules());
+    let accounting = settings.radius.as_ref().filter(|r| r.accounting).map(|r| {
+        let a = crate::auth::accounting::Accounting::start(r);
+        gw.sessions.set_accounting(a.clone());
+        if let Some(every) = r.interim {
+            tokio::spawn(gw.sessions.clone().report_interim(every));
+        }
+        a
+    });
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
     tracing::info!(listen = %settings.server.listen, control = %control_path.display(), "vpnd ready");
@@ -196,8 +204,12 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         gw.sessions
             .end(s.id, crate::session::EndReason::GatewayShutdown);
     }
-    // Give tunnels a moment to send their TERMINATE frames.
+    // Give tunnels a moment to send their TERMINATE frames, and the
+    // accounting Stops a few seconds to reach a server.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    if let Some(a) = &accounting {
+        a.flush(std::time::Duration::from_secs(3)).await;
+    }
     gw.sessions.datapath().lock().unpin();
     if let Err(e) = crate::net::uplinks::cleanup(&settings.failover).await {
         tracing::error!("removing uplink state: {e:#}");

@@ -331,7 +331,7 @@ impl LoginService {
         let Step::Authenticated { group, user, grant } = step else {
             return self.answer_login(step);
         };
-        match self.sessions.create(&user, &group, &grant) {
+        match self.sessions.create(&user, &group, &grant, peer.ip()) {
             Ok((session, cookie)) => {
                 tracing::info!(parent: &session.span, %peer, "login succeeded");
                 Response::xml(auth_xml::complete(

@@ -155,8 +155,7 @@ impl RadiusClient {
         )
     }
 
-    /// One request to one server: up to `tries` sends, each waiting
-    /// `timeout` for a reply that passes the checks.
+    /// One request to one server.
     async fn exchange(
         &self,
         server: &RadiusServer,
@@ -166,24 +165,53 @@ impl RadiusClient {
         rand::rngs::OsRng.fill_bytes(&mut auth);
         let id = auth[0];
         let packet = self.request(server, req, id, auth)?;
-        let local: SocketAddr = if server.address.is_ipv4() {
+        let to = Exchange {
+            to: server.address,
+            secret: server.secret.as_bytes(),
+            require_message_authenticator: server.require_message_authenticator,
+            tries: self.settings.tries,
+            timeout: self.settings.timeout,
+        };
+        to.run(&packet, id, &auth).await
+    }
+}
+
+/// Where and how one request goes: to one server, `tries` times, each
+/// waiting `timeout` for a reply that passes the checks.
+pub(crate) struct Exchange<'a> {
+    pub to: SocketAddr,
+    pub secret: &'a [u8],
+    pub require_message_authenticator: bool,
+    pub tries: u32,
+    pub timeout: Duration,
+}
+
+impl Exchange<'_> {
+    /// Sends `packet` (identifier `id`, Request Authenticator `auth`) and
+    /// returns the first reply that passes [`radius::verify_reply`].
+    pub(crate) async fn run(
+        &self,
+        packet: &[u8],
+        id: u8,
+        auth: &[u8; 16],
+    ) -> Result<Packet, ServerError> {
+        let local: SocketAddr = if self.to.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let sock = UdpSocket::bind(local).await?;
-        sock.connect(server.address).await?;
-        let (tries, timeout) = (self.settings.tries, self.settings.timeout);
+        sock.connect(self.to).await?;
         let mut last_bad = None;
         let mut buf = vec![0u8; radius::MAX_PACKET];
-        for _ in 0..tries {
-            match sock.send(&packet).await {
+        for _ in 0..self.tries {
+            match sock.send(packet).await {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     return Err(ServerError::Refused);
                 }
                 r => r?,
             };
-            let deadline = tokio::time::Instant::now() + timeout;
+            let deadline = tokio::time::Instant::now() + self.timeout;
             loop {
                 let n = match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
                     Err(_) => break,
@@ -195,13 +223,13 @@ impl RadiusClient {
                 match radius::verify_reply(
                     &buf[..n],
                     id,
-                    &auth,
-                    server.secret.as_bytes(),
-                    server.require_message_authenticator,
+                    auth,
+                    self.secret,
+                    self.require_message_authenticator,
                 ) {
                     Ok(p) => return Ok(p),
                     Err(e) => {
-                        tracing::warn!(server = %server.address, "RADIUS: ignored a reply: {e}");
+                        tracing::warn!(server = %self.to, "RADIUS: ignored a reply: {e}");
                         last_bad = Some(e);
                     }
                 }
@@ -209,7 +237,10 @@ impl RadiusClient {
         }
         Err(match last_bad {
             Some(e) => ServerError::BadReply(e),
-            None => ServerError::NoAnswer { tries, timeout },
+            None => ServerError::NoAnswer {
+                tries: self.tries,
+                timeout: self.timeout,
+            },
         })
     }
 }
@@ -257,6 +288,8 @@ mod tests {
             timeout: Duration::from_millis(200),
             tries: 2,
             nas_identifier: "vpn-gateway".into(),
+            interim: None,
+            accounting: false,
         }
     }
 
@@ -265,6 +298,7 @@ mod tests {
             address,
             secret: secret.into(),
             require_message_authenticator: true,
+            accounting: None,
         }
     }
 

@@ -26,7 +26,11 @@ use parking_lot::Mutex;
 use vpn_common::SessionInfo;
 
 use crate::{
-    auth::{Grant, users::UserDb},
+    auth::{
+        Grant,
+        accounting::{self, Accounting},
+        users::UserDb,
+    },
     config::Settings,
     datapath::bpf::SharedDatapath,
     events::{Event, EventLog},
@@ -101,6 +105,8 @@ pub struct SessionManager {
     /// What enforcing policies let clients reach (`Settings::split_allow`).
     split_allow: Vec<IpNet>,
     on_end: OnceLock<EndHook>,
+    /// RADIUS accounting, when on: a Start and Stop for every session.
+    accounting: OnceLock<Arc<Accounting>>,
     /// Spoofed packets of sessions that have ended (live sessions count
     /// their own).
     ended_spoofed: AtomicU64,
@@ -125,10 +131,65 @@ impl SessionManager {
             limits: SessionLimits::from_settings(settings),
             split_allow: settings.split_allow.clone(),
             on_end: OnceLock::new(),
+            accounting: OnceLock::new(),
             ended_spoofed: AtomicU64::new(0),
         });
         m.apply_policies(settings)?;
         Ok(m)
+    }
+
+    /// Sends every session's accounting to `a` from now on (set once).
+    pub fn set_accounting(&self, a: Arc<Accounting>) {
+        let _ = self.accounting.set(a);
+    }
+
+    /// An accounting record of `s` with `stats`.
+    fn account(
+        &self,
+        s: &Session,
+        status: accounting::Status,
+        stats: &vpn_common::SessionStats,
+        cause: Option<EndReason>,
+    ) {
+        let Some(a) = self.accounting.get() else {
+            return;
+        };
+        a.record(accounting::Record {
+            status,
+            session_id: accounting::session_id(s.id, s.created),
+            user: s.user.clone(),
+            framed_v4: s.lease.v4,
+            framed_v6: s.lease.v6,
+            client: s.login_from,
+            class: s.class.clone(),
+            session_time: s.started.elapsed(),
+            counters: accounting::Counters {
+                input_octets: stats.rx_bytes,
+                output_octets: stats.tx_bytes,
+                input_packets: stats.rx_packets,
+                output_packets: stats.tx_packets,
+            },
+            cause,
+        });
+    }
+
+    /// Sends an Interim-Update for every session each `every`.
+    pub async fn report_interim(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            for s in self.table.all() {
+                let mut stats = vpn_common::SessionStats::default();
+                {
+                    let dp = self.datapath.lock();
+                    for a in s.addresses() {
+                        stats.add(&dp.session_stats(a));
+                    }
+                }
+                self.account(&s, accounting::Status::InterimUpdate, &stats, None);
+            }
+        }
     }
 
     /// Calls `hook` with each session's id when it ends (set once).
@@ -293,6 +354,7 @@ impl SessionManager {
         user: &str,
         group: &str,
         grant: &Grant,
+        client: IpAddr,
     ) -> Result<(Arc<Session>, String), SessionRefused> {
         let group_policy = grant.own_policy.clone();
         let max = self.limits.max_sessions;
@@ -358,6 +420,7 @@ impl SessionManager {
             rate_up_bps: AtomicU64::new(up_rate),
             rate_down_bps: AtomicU64::new(down_rate),
             lease,
+            login_from: client,
             mac: pseudo_mac(user),
             created: SystemTime::now(),
             started: now,
@@ -395,6 +458,12 @@ impl SessionManager {
         drop(policies);
         let cookie = new_cookie();
         self.table.insert(session.clone(), &cookie);
+        self.account(
+            &session,
+            accounting::Status::Start,
+            &Default::default(),
+            None,
+        );
         Ok((session, cookie))
     }
     /// Ends the sessions `target` names (user name or VPN address).
@@ -445,6 +514,7 @@ impl SessionManager {
         self.pool.lock().release(s.lease.v4);
         self.ended_spoofed
             .fetch_add(s.spoofed_dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.account(&s, accounting::Status::Stop, &stats, Some(reason.clone()));
         self.events.emit(Event::ClientDisconnected {
             session_id: s.id,
             user: s.user.clone(),

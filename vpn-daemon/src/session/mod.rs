@@ -77,6 +77,8 @@ pub struct Session {
     pub rate_up_bps: AtomicU64,
     pub rate_down_bps: AtomicU64,
     pub lease: Lease,
+    /// The client's public address at login (RADIUS Calling-Station-Id).
+    pub login_from: IpAddr,
     pub mac: [u8; 6],
     pub created: SystemTime,
     pub started: Instant,
@@ -355,6 +357,7 @@ mod tests {
                 v4: Ipv4Addr::new(198, 19, 0, last),
                 v6: None,
             },
+            login_from: "198.18.1.2".parse().unwrap(),
             mac: [2, 0, 0, 0, 0, 1],
             created: SystemTime::now(),
             started: Instant::now(),
