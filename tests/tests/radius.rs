@@ -12,9 +12,11 @@ use vpn_tests::{radius::*, *};
 /// (`(address, secret)`) in order.
 fn radius_config(servers: &[(&str, &str)]) -> String {
     let mut rest = String::from(
-        "[radius]\ntimeout_ms = 500\ntries = 2\ninterim_secs = 2\n\n\
+        "[radius]\ntimeout_ms = 500\ntries = 2\ninterim_secs = 2\n\
+         dynamic_authorization = \"198.18.2.1:3799\"\n\n\
          [[group_policy]]\nname = \"engineering\"\n\n\
          [[group_policy]]\nname = \"staff\"\n\n\
+         [[group_policy.rule]]\naction = \"deny\"\nprotocol = \"icmp\"\ndestination = \"198.18.2.2/32\"\n\n\
          [policy]\ndefault = \"staff\"\n",
     );
     for (address, secret) in servers {
@@ -228,4 +230,85 @@ fn radius_fails_over_and_says_when_no_server_answers() {
         "{}",
         radius.log()
     );
+}
+
+/// `radclient` (FreeRADIUS's own client) in the server namespace sending
+/// `attrs` as a `kind` ("coa" or "disconnect") request to the gateway;
+/// its output.
+fn radclient(topo: &Topology, kind: &str, attrs: &str, secret: &str) -> String {
+    let mut cmd = topo.server.cmd("radclient");
+    cmd.args(["-x", "-r", "1", "-t", "2"])
+        .arg(format!("{GW_INSIDE}:3799"))
+        .args([kind, secret])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{attrs},Message-Authenticator=0x00").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn radius_coa_changes_the_policy_live_and_disconnect_ends_the_session() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+    let mut alice = Client::start(&topo, &gw, "alice", "alice-pw", &[]).unwrap();
+    alice.wait_connected(Duration::from_secs(20)).unwrap();
+    let policy = || gw.sessions().unwrap()[0]["group_policy"].clone();
+    assert_eq!(policy(), "engineering");
+    assert!(topo.client.ping(SERVER, 1), "engineering may ping");
+
+    // CoA with a Filter-Id: the session moves at once, in the data path
+    // too ("staff" denies ICMP to the server).
+    let out = radclient(&topo, "coa", "User-Name=alice,Filter-Id=staff", SECRET);
+    assert!(out.contains("Received CoA-ACK"), "{out}");
+    assert_eq!(policy(), "staff");
+    assert!(!topo.client.ping(SERVER, 2), "staff may not ping");
+    // A policy the gateway does not have: NAK, nothing changes.
+    let out = radclient(&topo, "coa", "User-Name=alice,Filter-Id=nope", SECRET);
+    assert!(out.contains("Received CoA-NAK"), "{out}");
+    assert!(out.contains("Invalid-Attribute-Value"), "{out}");
+    assert_eq!(policy(), "staff");
+    // Nobody by that name: NAK with the RFC's cause.
+    let out = radclient(&topo, "disconnect", "User-Name=nobody", SECRET);
+    assert!(out.contains("Received Disconnect-NAK"), "{out}");
+    assert!(out.contains("Session-Context-Not-Found"), "{out}");
+    // A wrong secret gets no answer at all, and changes nothing.
+    let out = radclient(&topo, "disconnect", "User-Name=alice", "wrong-secret");
+    assert!(!out.contains("Received"), "{out}");
+    assert_eq!(gw.sessions().unwrap().len(), 1);
+
+    // Disconnect: the session ends, the client is told, accounting says why.
+    let out = radclient(&topo, "disconnect", "User-Name=alice", SECRET);
+    assert!(out.contains("Received Disconnect-ACK"), "{out}");
+    assert!(
+        alice.wait_exit(Duration::from_secs(10)).is_some(),
+        "openconnect exits"
+    );
+    assert!(gw.sessions().unwrap().is_empty());
+    assert!(
+        gw.events()
+            .iter()
+            .any(|e| e["event"] == "client_disconnected"
+                && e["reason"] == "disconnected by the RADIUS server (Disconnect-Request)")
+    );
+    let stop = wait_for(Duration::from_secs(5), || {
+        radius
+            .accounting()
+            .into_iter()
+            .find(|r| r.get("Acct-Status-Type").map(String::as_str) == Some("Stop"))
+    })
+    .unwrap();
+    assert_eq!(stop["Acct-Terminate-Cause"], "Admin-Reset");
 }

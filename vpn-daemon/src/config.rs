@@ -457,6 +457,11 @@ pub struct RadiusConfig {
     /// Seconds between Interim-Updates of each session; 0 = none. Default
     /// 600 (RFC 2869 advises at least 60).
     pub interim_secs: u64,
+    /// `IP:port` to take Disconnect-Requests and CoA-Requests on (RFC
+    /// 5176; port 3799 is usual), from the servers' addresses with their
+    /// secrets: a Disconnect ends the sessions it names, a CoA with
+    /// Filter-Id moves them to that group policy at once. Default: off.
+    pub dynamic_authorization: Option<String>,
 }
 
 impl Default for RadiusConfig {
@@ -468,6 +473,7 @@ impl Default for RadiusConfig {
             nas_identifier: "vpn-gateway".into(),
             accounting: true,
             interim_secs: 600,
+            dynamic_authorization: None,
         }
     }
 }
@@ -512,6 +518,8 @@ pub struct RadiusSettings {
     /// Interim-Update period, when accounting is on and periodic.
     pub interim: Option<Duration>,
     pub accounting: bool,
+    /// Where Disconnect- and CoA-Requests are taken, if anywhere.
+    pub dynamic_authorization: Option<SocketAddr>,
 }
 
 /// One `[[radius.server]]`, validated.
@@ -578,7 +586,20 @@ impl RadiusConfig {
         if self.nas_identifier.is_empty() || self.nas_identifier.len() > 253 {
             return Err(invalid("radius.nas_identifier", "use 1 to 253 characters"));
         }
+        let dynamic_authorization = self
+            .dynamic_authorization
+            .as_deref()
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    invalid(
+                        "radius.dynamic_authorization",
+                        format!("'{a}' is not IP:port (for example \"198.18.2.1:3799\")"),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Some(RadiusSettings {
+            dynamic_authorization,
             servers,
             timeout: Duration::from_millis(self.timeout_ms),
             tries: self.tries,

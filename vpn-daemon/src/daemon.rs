@@ -177,6 +177,9 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         }
         a
     });
+    if let Some(r) = &settings.radius {
+        crate::session::dynamic_auth::start(r, gw.sessions.clone()).await?;
+    }
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
     tracing::info!(listen = %settings.server.listen, control = %control_path.display(), "vpnd ready");

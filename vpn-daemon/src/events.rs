@@ -109,6 +109,8 @@ pub enum EndReason {
     ReplacedByNewerLogin,
     /// The session's policy no longer exists (fail closed).
     PolicyGone(String),
+    /// A RADIUS Disconnect-Request named it (RFC 5176).
+    RadiusDisconnect,
 }
 
 impl std::fmt::Display for EndReason {
@@ -126,6 +128,9 @@ impl std::fmt::Display for EndReason {
                 f.write_str("replaced by a newer login of the same user")
             }
             EndReason::PolicyGone(p) => write!(f, "group policy '{p}' does not exist any more"),
+            EndReason::RadiusDisconnect => {
+                f.write_str("disconnected by the RADIUS server (Disconnect-Request)")
+            }
         }
     }
 }

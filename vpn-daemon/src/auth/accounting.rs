@@ -90,6 +90,7 @@ pub fn terminate_cause(r: &EndReason) -> u32 {
         EndReason::PasswordChanged => 6,      // Admin Reset
         EndReason::ReplacedByNewerLogin => 8, // Port Preempted
         EndReason::PolicyGone(_) => 10,       // NAS Request
+        EndReason::RadiusDisconnect => 6,     // Admin Reset
     }
 }
 

@@ -290,6 +290,7 @@ mod tests {
             nas_identifier: "vpn-gateway".into(),
             interim: None,
             accounting: false,
+            dynamic_authorization: None,
         }
     }
 

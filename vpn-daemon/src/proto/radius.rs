@@ -123,6 +123,14 @@ pub mod attr {
     pub const FRAMED_IPV6_ADDRESS: u8 = 168;
 }
 
+/// Error-Cause values of Disconnect- and CoA-NAK (RFC 5176 §3.6).
+pub mod error_cause {
+    pub const UNSUPPORTED_ATTRIBUTE: u32 = 401;
+    pub const MISSING_ATTRIBUTE: u32 = 402;
+    pub const INVALID_ATTRIBUTE_VALUE: u32 = 407;
+    pub const SESSION_CONTEXT_NOT_FOUND: u32 = 503;
+}
+
 /// Service-Type Framed (RFC 2865 §5.6).
 pub const SERVICE_TYPE_FRAMED: u32 = 2;
 /// NAS-Port-Type Virtual (RFC 2865 §5.41): a VPN.
@@ -364,6 +372,54 @@ pub fn response(
         let mac = hmac_md5(secret, &p);
         p[22..38].copy_from_slice(&mac);
     }
+    let auth = md5(&[&p, secret]);
+    p[4..20].copy_from_slice(&auth);
+    Ok(p)
+}
+
+/// Checks a request whose authenticator is MD5 over the packet with a
+/// zero authenticator and the secret (Disconnect-Request and CoA-Request,
+/// RFC 5176 §3.5; Accounting-Request, RFC 2866 §3), and its
+/// Message-Authenticator if it has one (computed over the packet with a
+/// zero authenticator).
+pub fn verify_request(buf: &[u8], secret: &[u8]) -> Result<Packet, ReplyError> {
+    use subtle::ConstantTimeEq as _;
+    let p = decode(buf)?;
+    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+    let mut copy = buf[..len].to_vec();
+    copy[4..20].fill(0);
+    if !bool::from(md5(&[&copy, secret]).ct_eq(&p.authenticator)) {
+        return Err(ReplyError::ResponseAuthenticator);
+    }
+    match message_authenticators(&copy, len).as_slice() {
+        [] => Ok(p),
+        [at] => {
+            let got: [u8; 16] = copy[*at..at + 16].try_into().expect("16 bytes");
+            copy[*at..at + 16].fill(0);
+            if bool::from(hmac_md5(secret, &copy).ct_eq(&got)) {
+                Ok(p)
+            } else {
+                Err(ReplyError::MessageAuthenticator)
+            }
+        }
+        _ => Err(ReplyError::MessageAuthenticator),
+    }
+}
+
+/// A Disconnect-Request or CoA-Request as a RADIUS server sends it (for
+/// tests): authenticator over the packet and the secret, with a
+/// Message-Authenticator.
+pub fn dynamic_request(
+    code: Code,
+    id: u8,
+    secret: &[u8],
+    attrs: &[(u8, &[u8])],
+) -> Result<Vec<u8>, EncodeError> {
+    let mut all: Vec<(u8, &[u8])> = vec![(attr::MESSAGE_AUTHENTICATOR, &[0; 16])];
+    all.extend_from_slice(attrs);
+    let mut p = build(code, id, &all)?;
+    let mac = hmac_md5(secret, &p);
+    p[22..38].copy_from_slice(&mac);
     let auth = md5(&[&p, secret]);
     p[4..20].copy_from_slice(&auth);
     Ok(p)
@@ -659,6 +715,34 @@ mod tests {
                 typ: attr::USER_NAME,
                 len: 0
             })
+        );
+    }
+
+    #[test]
+    fn dynamic_requests_verify_with_their_secret_only() {
+        let p = dynamic_request(
+            Code::DisconnectRequest,
+            3,
+            b"s",
+            &[(attr::USER_NAME, b"alice")],
+        )
+        .unwrap();
+        let d = verify_request(&p, b"s").unwrap();
+        assert_eq!(d.code, Code::DisconnectRequest);
+        assert_eq!(d.text(attr::USER_NAME).as_deref(), Some("alice"));
+        assert_eq!(
+            verify_request(&p, b"t").unwrap_err(),
+            ReplyError::ResponseAuthenticator
+        );
+        let mut forged = p.clone();
+        forged[22] ^= 1;
+        let mut zeroed = forged.clone();
+        zeroed[4..20].fill(0);
+        let a = md5(&[&zeroed, b"s"]);
+        forged[4..20].copy_from_slice(&a);
+        assert_eq!(
+            verify_request(&forged, b"s").unwrap_err(),
+            ReplyError::MessageAuthenticator
         );
     }
 }

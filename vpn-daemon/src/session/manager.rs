@@ -42,6 +42,32 @@ use crate::{
     },
 };
 
+/// Why a session's policy could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyChangeError {
+    #[error(transparent)]
+    Missing(#[from] MissingPolicy),
+    #[error(transparent)]
+    Move(#[from] PolicyError),
+}
+
+/// What a RADIUS Disconnect- or CoA-Request identifies sessions by; an
+/// attribute it does not carry matches every session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionIdentity {
+    pub user: Option<String>,
+    pub acct_session_id: Option<String>,
+    pub framed_v4: Option<std::net::Ipv4Addr>,
+    pub calling_station: Option<String>,
+}
+
+impl SessionIdentity {
+    /// Whether it names anything at all.
+    pub fn is_empty(&self) -> bool {
+        *self == SessionIdentity::default()
+    }
+}
+
 /// The limits a manager enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
@@ -105,6 +131,10 @@ pub struct SessionManager {
     /// What enforcing policies let clients reach (`Settings::split_allow`).
     split_allow: Vec<IpNet>,
     on_end: OnceLock<EndHook>,
+    /// Whether users come from the local database (`auth.method =
+    /// "local"`): then its changes apply to their sessions. RADIUS
+    /// sessions keep what the server granted.
+    local_users: bool,
     /// RADIUS accounting, when on: a Start and Stop for every session.
     accounting: OnceLock<Arc<Accounting>>,
     /// Spoofed packets of sessions that have ended (live sessions count
@@ -132,6 +162,7 @@ impl SessionManager {
             split_allow: settings.split_allow.clone(),
             on_end: OnceLock::new(),
             accounting: OnceLock::new(),
+            local_users: settings.auth.method == crate::config::AuthMethod::Local,
             ended_spoofed: AtomicU64::new(0),
         });
         m.apply_policies(settings)?;
@@ -279,7 +310,11 @@ impl SessionManager {
         let mut writes = Vec::new();
         let mut orphans = Vec::new();
         for s in self.table.all() {
-            let own = match self.users.policy_of(&s.user) {
+            let local = self
+                .local_users
+                .then(|| self.users.policy_of(&s.user))
+                .flatten();
+            let own = match local {
                 Some(own) => own,
                 None => s.policy.lock().own.clone(),
             };
@@ -466,6 +501,49 @@ impl SessionManager {
         );
         Ok((session, cookie))
     }
+    /// The sessions a RADIUS Disconnect- or CoA-Request names: every one
+    /// that matches all the identifying attributes it has (User-Name,
+    /// Acct-Session-Id, Framed-IP-Address, Calling-Station-Id).
+    pub fn matching(&self, who: &SessionIdentity) -> Vec<Arc<Session>> {
+        self.table
+            .all()
+            .into_iter()
+            .filter(|s| {
+                who.user.as_ref().is_none_or(|u| *u == s.user)
+                    && who
+                        .acct_session_id
+                        .as_ref()
+                        .is_none_or(|a| *a == accounting::session_id(s.id, s.created))
+                    && who.framed_v4.is_none_or(|a| a == s.lease.v4)
+                    && who
+                        .calling_station
+                        .as_ref()
+                        .is_none_or(|c| *c == s.login_from.to_string())
+            })
+            .collect()
+    }
+
+    /// Moves session `id` to its own group policy `policy` at once (a
+    /// RADIUS CoA-Request's Filter-Id). A name no policy has changes
+    /// nothing.
+    pub fn set_own_policy(&self, s: &Session, policy: &str) -> Result<(), PolicyChangeError> {
+        let policies = self.policies.lock();
+        policies.resolve(Some(policy))?;
+        let before = s.policy.lock().own.replace(policy.to_owned());
+        let r = self.rebind(&policies);
+        drop(policies);
+        match r {
+            Ok(orphans) => {
+                self.end_orphans(orphans);
+                Ok(())
+            }
+            Err(e) => {
+                s.policy.lock().own = before;
+                Err(e.into())
+            }
+        }
+    }
+
     /// Ends the sessions `target` names (user name or VPN address).
     pub fn disconnect(&self, target: &str) -> Result<usize, NoSessionMatches> {
         let ip: Option<std::net::IpAddr> = target.parse().ok();
@@ -540,7 +618,7 @@ impl SessionManager {
             else {
                 continue;
             };
-            if changes.is_empty() {
+            if changes.is_empty() || !self.local_users {
                 continue;
             }
             for s in self.table.all() {

@@ -6,6 +6,7 @@
 //! tunnel), and ends at logout, admin disconnect, session or idle timeout,
 //! or when no tunnel has been attached for `disconnected_timeout_secs`.
 
+pub mod dynamic_auth;
 pub mod manager;
 pub mod pool;
 
