@@ -59,6 +59,10 @@ pub struct Config {
     /// RADIUS servers (`[radius]`), used when `auth.method = "radius"`.
     #[serde(default)]
     pub radius: RadiusConfig,
+    /// LDAP / Active Directory servers (`[ldap]`), used when `auth.method
+    /// = "ldap"`.
+    #[serde(default)]
+    pub ldap: LdapConfig,
     /// Tunnel groups offered at login (`[[group]]`). With more than one, the
     /// login form has a group selector; with none, one group called
     /// "default" exists.
@@ -417,9 +421,10 @@ pub struct AuthConfig {
     pub max_failures: u32,
     /// Seconds a started login may take. Default 240.
     pub timeout_secs: u64,
-    /// Who checks passwords: `"local"` (the users file, default) or
-    /// `"radius"` (the servers of `[radius]`; the users file is not
-    /// read for logins then).
+    /// Who checks passwords: `"local"` (the users file, default),
+    /// `"radius"` (the servers of `[radius]`) or `"ldap"` (the directory
+    /// of `[ldap]`); the users file is not read for logins with the last
+    /// two.
     pub method: AuthMethod,
 }
 
@@ -430,6 +435,7 @@ pub enum AuthMethod {
     #[default]
     Local,
     Radius,
+    Ldap,
 }
 
 /// `[radius]`: the RADIUS servers that check passwords when
@@ -505,6 +511,266 @@ fn yes() -> bool {
 
 fn accounting_port() -> u16 {
     1813
+}
+
+/// `[ldap]`: the directory that checks passwords when `auth.method =
+/// "ldap"` (OpenLDAP, Active Directory): a simple bind as the user over
+/// TLS, then the user's groups mapped to a group policy.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LdapConfig {
+    /// Server URLs, tried in order (the next when one cannot be reached
+    /// or fails): `ldaps://HOST[:636]`, or `ldap://HOST[:389]` with
+    /// StartTLS.
+    pub servers: Vec<String>,
+    /// For `ldap://` URLs: StartTLS before anything is sent. Default true.
+    pub starttls: bool,
+    /// Allow `ldap://` without StartTLS: passwords in clear on the wire.
+    /// Default false; only for a directory on the same host.
+    pub allow_plaintext: bool,
+    /// The CA certificates (PEM) the servers' certificates must chain
+    /// to. Default the system's (`/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_file: PathBuf,
+    /// Milliseconds a connection, bind or search may take. Default 5000.
+    pub timeout_ms: u64,
+    /// The user's DN from their name, e.g.
+    /// `"uid={user},ou=people,dc=example,dc=org"`; or leave it out and set
+    /// `search_base` to search for the user first.
+    pub bind_dn: Option<String>,
+    /// Where to search for the user (search, then bind as what was found).
+    pub search_base: Option<String>,
+    /// The user search, `{user}` escaped in. Default `"(uid={user})"`; AD:
+    /// `"(sAMAccountName={user})"` or `"(userPrincipalName={user})"`.
+    pub user_filter: String,
+    /// The account that searches (none = anonymous search).
+    pub service_dn: Option<String>,
+    pub service_password: Option<String>,
+    /// The user's attribute listing their groups' DNs (`"memberOf"`, on
+    /// AD and OpenLDAP's memberof overlay), or leave it out and set
+    /// `group_base` to search for groups.
+    pub group_attribute: Option<String>,
+    /// Where to search for the user's groups.
+    pub group_base: Option<String>,
+    /// The group search, `{dn}` (the user's DN) escaped in. Default
+    /// `"(member={dn})"`; AD with nested groups:
+    /// `"(member:1.2.840.113556.1.4.1941:={dn})"` (LDAP_MATCHING_RULE_IN_CHAIN).
+    pub group_filter: String,
+    /// Group to policy, in order: the first group the user is in that
+    /// has a row gives the policy (`[[ldap.group_map]]`).
+    pub group_map: Vec<GroupMapConfig>,
+    /// A user in none of the mapped groups: `"default"` (the default
+    /// policy, default) or `"refuse"` (no login).
+    pub unmapped: Unmapped,
+}
+
+impl Default for LdapConfig {
+    fn default() -> Self {
+        LdapConfig {
+            servers: Vec::new(),
+            starttls: true,
+            allow_plaintext: false,
+            ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            timeout_ms: 5000,
+            bind_dn: None,
+            search_base: None,
+            user_filter: "(uid={user})".into(),
+            service_dn: None,
+            service_password: None,
+            group_attribute: None,
+            group_base: None,
+            group_filter: "(member={dn})".into(),
+            group_map: Vec::new(),
+            unmapped: Unmapped::Default,
+        }
+    }
+}
+
+/// `[[ldap.group_map]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMapConfig {
+    /// The group: its DN, or just its name (the value of its first RDN,
+    /// e.g. the CN), in any case.
+    pub group: String,
+    /// The `[[group_policy]]` its members get.
+    pub policy: String,
+}
+
+/// `ldap.unmapped`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmapped {
+    #[default]
+    Default,
+    Refuse,
+}
+
+/// `[ldap]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LdapSettings {
+    /// `(url, starttls)` in order.
+    pub servers: Vec<(String, bool)>,
+    pub ca_file: PathBuf,
+    pub timeout: Duration,
+    pub user: UserLookup,
+    pub groups: GroupLookup,
+    pub group_map: Vec<GroupMapConfig>,
+    pub unmapped: Unmapped,
+}
+
+/// How a user's DN is found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserLookup {
+    /// `bind_dn` with `{user}`.
+    Template(String),
+    Search {
+        base: String,
+        filter: String,
+        /// `(dn, password)`; none = anonymous.
+        service: Option<(String, String)>,
+    },
+}
+
+/// How a user's groups are found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupLookup {
+    None,
+    Attribute(String),
+    Search { base: String, filter: String },
+}
+
+impl LdapConfig {
+    fn validate(
+        &self,
+        method: AuthMethod,
+        policies: &[PolicyDef],
+    ) -> Result<Option<LdapSettings>, ConfigError> {
+        if method != AuthMethod::Ldap {
+            return Ok(None);
+        }
+        if self.servers.is_empty() {
+            return Err(invalid(
+                "ldap.servers",
+                "auth.method is \"ldap\" but ldap.servers is empty: list ldaps:// or ldap:// URLs",
+            ));
+        }
+        let servers = self
+            .servers
+            .iter()
+            .map(|u| {
+                if u.starts_with("ldaps://") {
+                    Ok((u.clone(), false))
+                } else if u.starts_with("ldap://") {
+                    if !self.starttls && !self.allow_plaintext {
+                        return Err(invalid(
+                            "ldap.servers",
+                            format!("'{u}' without StartTLS sends passwords in clear: use ldaps://, starttls = true, or allow_plaintext = true"),
+                        ));
+                    }
+                    Ok((u.clone(), self.starttls))
+                } else {
+                    Err(invalid(
+                        "ldap.servers",
+                        format!("'{u}' is not an ldaps:// or ldap:// URL"),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let user = match (&self.bind_dn, &self.search_base) {
+            (Some(t), None) if t.contains("{user}") => UserLookup::Template(t.clone()),
+            (Some(t), None) => {
+                return Err(invalid(
+                    "ldap.bind_dn",
+                    format!("'{t}' has no {{user}} to put the user name in"),
+                ));
+            }
+            (None, Some(base)) => {
+                if !self.user_filter.contains("{user}") {
+                    return Err(invalid(
+                        "ldap.user_filter",
+                        format!("'{}' has no {{user}}", self.user_filter),
+                    ));
+                }
+                let service = match (&self.service_dn, &self.service_password) {
+                    (Some(dn), Some(pw)) if !pw.is_empty() => Some((dn.clone(), pw.clone())),
+                    (None, None) => None,
+                    _ => {
+                        return Err(invalid(
+                            "ldap.service_password",
+                            "service_dn needs a non-empty service_password (or leave both out for anonymous search)",
+                        ));
+                    }
+                };
+                UserLookup::Search {
+                    base: base.clone(),
+                    filter: self.user_filter.clone(),
+                    service,
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "ldap.bind_dn",
+                    "set either bind_dn (a DN template) or search_base (search, then bind), not both or neither",
+                ));
+            }
+        };
+        let groups = match (&self.group_attribute, &self.group_base) {
+            (None, None) => GroupLookup::None,
+            (Some(a), None) => GroupLookup::Attribute(a.clone()),
+            (None, Some(base)) => {
+                if !self.group_filter.contains("{dn}") {
+                    return Err(invalid(
+                        "ldap.group_filter",
+                        format!("'{}' has no {{dn}}", self.group_filter),
+                    ));
+                }
+                GroupLookup::Search {
+                    base: base.clone(),
+                    filter: self.group_filter.clone(),
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "ldap.group_attribute",
+                    "set group_attribute or group_base, not both",
+                ));
+            }
+        };
+        if groups == GroupLookup::None && !self.group_map.is_empty() {
+            return Err(invalid(
+                "ldap.group_map",
+                "group_map needs group_attribute or group_base to find the user's groups",
+            ));
+        }
+        if let Some(m) = self
+            .group_map
+            .iter()
+            .find(|m| !policies.iter().any(|p| p.name == m.policy))
+        {
+            return Err(invalid(
+                "ldap.group_map",
+                format!(
+                    "group '{}' maps to policy '{}', which no [[group_policy]] defines",
+                    m.group, m.policy
+                ),
+            ));
+        }
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return Err(invalid(
+                "ldap.timeout_ms",
+                format!("{} is out of range: use 100 to 60000", self.timeout_ms),
+            ));
+        }
+        Ok(Some(LdapSettings {
+            servers,
+            ca_file: self.ca_file.clone(),
+            timeout: Duration::from_millis(self.timeout_ms),
+            user,
+            groups,
+            group_map: self.group_map.clone(),
+            unmapped: self.unmapped,
+        }))
+    }
 }
 
 /// `[radius]`, validated.
@@ -731,6 +997,8 @@ pub struct Settings {
     pub limits: Limits,
     /// `[radius]`, when `auth.method = "radius"`.
     pub radius: Option<RadiusSettings>,
+    /// `[ldap]`, when `auth.method = "ldap"`.
+    pub ldap: Option<LdapSettings>,
     pub groups: Vec<GroupConfig>,
     pub policies: Vec<PolicyDef>,
     /// `policy.default`.
@@ -1187,6 +1455,7 @@ impl Config {
             auth: self.auth.clone(),
             limits: self.limits.clone(),
             radius: self.radius.validate(self.auth.method)?,
+            ldap: self.ldap.validate(self.auth.method, &policies)?,
             groups,
             policies,
             default_policy: self.policy.default.clone(),
@@ -1434,6 +1703,7 @@ impl Settings {
             ("auth", a.auth == b.auth),
             ("limits", a.limits == b.limits),
             ("radius", a.radius == b.radius),
+            ("ldap", a.ldap == b.ldap),
             ("group", a.groups == b.groups),
             ("dtls", a.dtls == b.dtls),
             ("uplink", a.uplinks == b.uplinks),
@@ -1566,6 +1836,65 @@ mod tests {
                 .contains("secret for 198.18.2.2:1812 is empty")
         );
         assert!(err("[auth]\nmethod = \"ldap\"\n").contains("ldap"));
+    }
+
+    #[test]
+    fn the_documented_ldap_section_is_valid() {
+        let text = include_str!("../../examples/gateway.toml")
+            .replace("method = \"local\"", "method = \"ldap\"");
+        let s = Config::parse(&text, Path::new("examples/gateway.toml")).unwrap();
+        let l = s.ldap.unwrap();
+        assert_eq!(l.servers.len(), 2);
+        assert!(matches!(l.groups, GroupLookup::Search { .. }));
+    }
+
+    #[test]
+    fn ldap_settings_are_validated_and_mistakes_named() {
+        let pol = "[[group_policy]]\nname = \"eng\"\n";
+        let ok = parse(&format!(
+            "[auth]\nmethod = \"ldap\"\n{pol}[ldap]\n\
+             servers = [\"ldaps://198.18.2.2\", \"ldap://198.18.2.3\"]\n\
+             search_base = \"dc=example,dc=org\"\ngroup_base = \"ou=groups,dc=example,dc=org\"\n\
+             [[ldap.group_map]]\ngroup = \"vpn-eng\"\npolicy = \"eng\"\n"
+        ))
+        .unwrap();
+        let l = ok.ldap.unwrap();
+        assert_eq!(
+            l.servers,
+            vec![
+                ("ldaps://198.18.2.2".to_owned(), false),
+                ("ldap://198.18.2.3".to_owned(), true)
+            ]
+        );
+        assert!(matches!(l.user, UserLookup::Search { service: None, .. }));
+        let err = |t: &str| {
+            parse(&format!("[auth]\nmethod = \"ldap\"\n{pol}[ldap]\n{t}"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("").contains("ldap.servers is empty"));
+        assert!(
+            err("servers = [\"ldap://h\"]\nstarttls = false\nbind_dn = \"uid={user}\"\n")
+                .contains("passwords in clear")
+        );
+        assert!(err("servers = [\"http://h\"]\n").contains("not an ldaps:// or ldap:// URL"));
+        assert!(err("servers = [\"ldaps://h\"]\nbind_dn = \"uid=x\"\n").contains("no {user}"));
+        assert!(
+            err("servers = [\"ldaps://h\"]\nbind_dn = \"uid={user}\"\nsearch_base = \"dc=x\"\n")
+                .contains("not both or neither")
+        );
+        assert!(
+            err(
+                "servers = [\"ldaps://h\"]\nbind_dn = \"uid={user}\"\ngroup_base = \"dc=x\"\n\
+                 [[ldap.group_map]]\ngroup = \"g\"\npolicy = \"nope\"\n"
+            )
+            .contains("policy 'nope', which no [[group_policy]] defines")
+        );
+        assert!(
+            err("servers = [\"ldaps://h\"]\nbind_dn = \"uid={user}\"\n\
+                 [[ldap.group_map]]\ngroup = \"g\"\npolicy = \"eng\"\n")
+            .contains("needs group_attribute or group_base")
+        );
     }
 
     #[test]

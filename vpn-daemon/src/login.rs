@@ -18,6 +18,7 @@ use crate::{
     auth::login::{Checking, Ctx, LoginEvent, Reply, Step, Verdict},
     auth::{
         admission::{self, Verifier},
+        ldap::LdapClient,
         login::LoginFlow,
         radius::{AccessRequest, RadiusClient},
         users::UserDb,
@@ -42,13 +43,31 @@ fn login_ctx(peer: SocketAddr) -> Ctx {
     }
 }
 
+/// Who checks passwords (`auth.method`).
+pub enum PasswordCheck {
+    /// The local user database, argon2 on the verifier's threads.
+    Local,
+    Radius(RadiusClient),
+    Ldap(LdapClient),
+}
+
+impl PasswordCheck {
+    /// The check `settings` configure (LDAP's CA file is read here).
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(match (&settings.radius, &settings.ldap) {
+            (Some(r), _) => PasswordCheck::Radius(RadiusClient::new(r.clone())),
+            (None, Some(l)) => PasswordCheck::Ldap(LdapClient::new(l.clone())?),
+            (None, None) => PasswordCheck::Local,
+        })
+    }
+}
+
 /// The login portal's service: what answering a login takes.
 pub struct LoginService {
     flow: Mutex<LoginFlow>,
     verifier: Verifier,
     users: Arc<UserDb>,
-    /// Checks passwords instead of `users` when `auth.method = "radius"`.
-    radius: Option<RadiusClient>,
+    check: PasswordCheck,
     sessions: Arc<SessionManager>,
     events: Arc<EventLog>,
     /// Login and password-check refusals (`vpnctl stats`).
@@ -68,6 +87,7 @@ pub struct LoginService {
 impl LoginService {
     pub fn new(
         settings: &Settings,
+        check: PasswordCheck,
         users: Arc<UserDb>,
         sessions: Arc<SessionManager>,
         events: Arc<EventLog>,
@@ -81,7 +101,7 @@ impl LoginService {
             )),
             verifier: Verifier::new(&settings.limits),
             users,
-            radius: settings.radius.clone().map(RadiusClient::new),
+            check,
             sessions,
             events,
             counters,
@@ -367,25 +387,33 @@ impl LoginService {
         state: Option<Vec<u8>>,
         peer: SocketAddr,
     ) -> Result<Verdict, Response> {
-        if let Some(radius) = &self.radius {
-            let req = AccessRequest {
-                user,
-                password: &password,
-                state: state.as_deref(),
-                client: peer.ip(),
-            };
-            return Ok(match radius.access(&req).await {
-                Ok(v) => v,
-                Err(unavailable) => {
-                    tracing::error!(%peer, "login of {user} not checked: {unavailable}");
-                    self.events.emit(Event::AuthenticationUnavailable {
-                        user: crate::proto::client_string(user),
-                        source_address: peer.to_string(),
-                        servers: unavailable.to_string(),
-                    });
-                    Verdict::Unavailable
+        let unavailable = match &self.check {
+            PasswordCheck::Local => None,
+            PasswordCheck::Radius(radius) => {
+                let req = AccessRequest {
+                    user,
+                    password: &password,
+                    state: state.as_deref(),
+                    client: peer.ip(),
+                };
+                match radius.access(&req).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) => Some(e.to_string()),
                 }
+            }
+            PasswordCheck::Ldap(ldap) => match ldap.access(user, &password).await {
+                Ok(v) => return Ok(v),
+                Err(e) => Some(e.to_string()),
+            },
+        };
+        if let Some(servers) = unavailable {
+            tracing::error!(%peer, "login of {user} not checked: {servers}");
+            self.events.emit(Event::AuthenticationUnavailable {
+                user: crate::proto::client_string(user),
+                source_address: peer.to_string(),
+                servers,
             });
+            return Ok(Verdict::Unavailable);
         }
         let gw = self.clone();
         let u = user.to_owned();

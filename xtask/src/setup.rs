@@ -25,7 +25,9 @@ const PACKAGES: &[&str] = &[
     "pkg-config",       // how openssl-sys finds it
     "ocserv",           // the peer the tunnel benchmark compares against
     "freeradius",       // the RADIUS server the authentication tests log in against
-    "freeradius-utils", // radclient, for checking a RADIUS setup by hand
+    "freeradius-utils", // radclient: the RADIUS server's side of CoA and Disconnect tests
+    "slapd",            // the LDAP directory the authentication tests log in against
+    "ldap-utils",       // ldapsearch, for checking an LDAP setup by hand
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
