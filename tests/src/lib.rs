@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod certs;
 pub mod ldap;
 pub mod packets;
 pub mod radius;

@@ -312,6 +312,31 @@ pub struct TlsConfig {
     /// packets of a burst up to 2 ms. Turn off to trade that CPU for the
     /// lowest latency under load.
     pub read_batching: Option<bool>,
+    /// PEM bundle of the CAs whose client certificates the gateway takes.
+    /// Set, the server asks every client for a certificate (a client
+    /// without one still gets the password groups); `[[group]] auth`
+    /// says which groups need one. Changing it needs a restart.
+    pub client_ca_file: Option<PathBuf>,
+    /// PEM file of CRLs from those CAs; a revoked certificate fails the
+    /// TLS handshake. Re-read by `vpnctl reload` (a bad file is rejected
+    /// and the old list kept).
+    pub client_crl_file: Option<PathBuf>,
+    /// Where a client certificate's user name comes from: `"cn"` (the
+    /// subject's common name, default), `"email"` (the first SAN e-mail,
+    /// else the subject's emailAddress) or `"upn"` (the SAN
+    /// userPrincipalName of Microsoft PKIs).
+    #[serde(default)]
+    pub client_username: CertName,
+}
+
+/// `tls.client_username`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CertName {
+    #[default]
+    Cn,
+    Email,
+    Upn,
 }
 
 /// `[tunnel]`: the tunnel device and the addresses handed to clients.
@@ -965,6 +990,45 @@ pub struct GroupConfig {
     pub name: String,
     /// Label shown in the group selector. Default: the name.
     pub label: Option<String>,
+    /// How its users log in: `"password"` (default), `"certificate"` (a
+    /// client certificate from `tls.client_ca_file` alone: no form) or
+    /// `"certificate+password"` (both must pass).
+    #[serde(default)]
+    pub auth: GroupAuth,
+    /// With `"certificate+password"`: the certificate's name must be the
+    /// user name typed. Default true.
+    #[serde(default = "yes")]
+    pub cert_name_must_match: bool,
+}
+
+impl GroupConfig {
+    /// A password group called `name`.
+    pub fn named(name: &str) -> Self {
+        GroupConfig {
+            name: name.into(),
+            label: None,
+            auth: GroupAuth::Password,
+            cert_name_must_match: true,
+        }
+    }
+}
+
+/// `group.auth`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum GroupAuth {
+    #[default]
+    #[serde(rename = "password")]
+    Password,
+    #[serde(rename = "certificate")]
+    Certificate,
+    #[serde(rename = "certificate+password")]
+    CertificateAndPassword,
+}
+
+impl GroupAuth {
+    pub fn needs_certificate(self) -> bool {
+        self != GroupAuth::Password
+    }
 }
 
 pub use crate::proto::connect::{Routing, TunnelParams};
@@ -1024,6 +1088,9 @@ pub struct TlsSettings {
     pub hostnames: Vec<String>,
     pub tls13: bool,
     pub read_batching: bool,
+    pub client_ca_file: Option<PathBuf>,
+    pub client_crl_file: Option<PathBuf>,
+    pub client_username: CertName,
 }
 
 /// The tunnel device.
@@ -1348,10 +1415,19 @@ impl Config {
         }
         let mut groups = self.groups.clone();
         if groups.is_empty() {
-            groups.push(GroupConfig {
-                name: "default".into(),
-                label: None,
-            });
+            groups.push(GroupConfig::named("default"));
+        }
+        if let Some(g) = groups
+            .iter()
+            .find(|g| g.auth.needs_certificate() && self.tls.client_ca_file.is_none())
+        {
+            return Err(invalid(
+                "group.auth",
+                format!(
+                    "group '{}' needs client certificates: set tls.client_ca_file to the CA bundle that issues them",
+                    g.name
+                ),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for g in &groups {
@@ -1436,6 +1512,9 @@ impl Config {
                 hostnames: self.tls.hostnames.clone(),
                 tls13: self.tls.tls13.unwrap_or(true),
                 read_batching: self.tls.read_batching.unwrap_or(true),
+                client_ca_file: self.tls.client_ca_file.clone(),
+                client_crl_file: self.tls.client_crl_file.clone(),
+                client_username: self.tls.client_username,
             },
             http: self.http.clone(),
             device: DeviceSettings {
@@ -1695,7 +1774,17 @@ impl Settings {
         let (a, b) = (&self.raw, &new.raw);
         [
             ("server", a.server == b.server),
-            ("tls", a.tls == b.tls),
+            // The CRL file is re-read by every reload.
+            (
+                "tls",
+                TlsConfig {
+                    client_crl_file: None,
+                    ..a.tls.clone()
+                } == TlsConfig {
+                    client_crl_file: None,
+                    ..b.tls.clone()
+                },
+            ),
             ("http", a.http == b.http),
             ("tunnel", a.tunnel == b.tunnel),
             ("client_routing", a.client_routing == b.client_routing),
@@ -1836,6 +1925,21 @@ mod tests {
                 .contains("secret for 198.18.2.2:1812 is empty")
         );
         assert!(err("[auth]\nmethod = \"ldap\"\n").contains("ldap"));
+    }
+
+    #[test]
+    fn certificate_groups_need_a_client_ca() {
+        let g = "[[group]]\nname = \"certs\"\nauth = \"certificate+password\"\n";
+        let e = parse(g).unwrap_err().to_string();
+        assert!(e.contains("group 'certs' needs client certificates"), "{e}");
+        assert!(e.contains("tls.client_ca_file"), "{e}");
+        let s = parse(&format!("[tls]\nclient_ca_file = \"/ca.pem\"\n{g}")).unwrap();
+        assert_eq!(s.groups[0].auth, GroupAuth::CertificateAndPassword);
+        assert!(s.groups[0].cert_name_must_match);
+        let e = parse("[[group]]\nname = \"x\"\nauth = \"token\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token"), "{e}");
     }
 
     #[test]

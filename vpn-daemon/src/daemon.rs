@@ -33,7 +33,8 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         "server certificate fingerprint {} (openconnect --servercert)",
         identity.pin
     );
-    let tls_config = tls::server_config(&identity, settings.tls.tls13)?;
+    let client_certs = crate::transport::client_cert::ClientVerifier::from_settings(&settings.tls)?;
+    let tls_config = tls::server_config(&identity, settings.tls.tls13, client_certs.clone())?;
 
     // A TUN queue and a packet worker per core, and a queue for the TLS
     // tunnels.
@@ -142,6 +143,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         admission,
         dtls,
         uplinks: std::sync::OnceLock::new(),
+        client_certs,
     });
 
     // Uplinks: routing tables, rules, the nft table and health checks.

@@ -32,6 +32,9 @@ pub enum ReloadError {
     /// them (everything was rolled back).
     #[error("reload rejected, the running configuration stays: {0}")]
     Policies(PolicyError),
+    /// `tls.client_crl_file` does not read or parse.
+    #[error("reload rejected, the running configuration stays: {0}")]
+    Crl(String),
 }
 
 impl ReloadError {
@@ -40,6 +43,7 @@ impl ReloadError {
         match self {
             ReloadError::Config(e) => e.to_string(),
             ReloadError::Policies(e) => e.to_string(),
+            ReloadError::Crl(e) => e.clone(),
         }
     }
 }
@@ -65,6 +69,9 @@ pub struct Gateway {
     pub dtls: Option<Arc<DtlsServer>>,
     /// The uplinks, when `[[uplink]]`s are configured.
     pub uplinks: std::sync::OnceLock<Arc<Uplinks>>,
+    /// The client certificate verifier, when `tls.client_ca_file` is set
+    /// (its CRLs follow reloads).
+    pub client_certs: Option<Arc<crate::transport::client_cert::ClientVerifier>>,
 }
 
 impl Gateway {
@@ -106,9 +113,20 @@ impl Gateway {
             e
         };
         let new = Config::load(&self.config_path).map_err(|e| fail(ReloadError::Config(e)))?;
+        // The CRLs are read first: a bad file rejects the whole reload.
+        let crls = match &self.client_certs {
+            Some(v) => Some(
+                v.prepare(new.tls.client_crl_file.as_deref())
+                    .map_err(|e| fail(ReloadError::Crl(format!("{e:#}"))))?,
+            ),
+            None => None,
+        };
         self.sessions
             .apply_policies(&new)
             .map_err(|e| fail(ReloadError::Policies(e)))?;
+        if let (Some(v), Some(crls)) = (&self.client_certs, crls) {
+            v.install(crls);
+        }
         let restart = self.settings.needs_restart(&new);
         let n = new.policies.len();
         self.events.emit(Event::ConfigReloaded {

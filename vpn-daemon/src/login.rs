@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use rand::RngCore as _;
 
 use crate::{
+    auth::Grant,
     auth::admission::{Lockout, LoginRefused},
     auth::login::{Checking, Ctx, LoginEvent, Reply, Step, Verdict},
     auth::{
@@ -33,13 +34,14 @@ use crate::{
 
 /// A request's context for the login flow: a new login it may start gets a
 /// 128-bit random handle.
-fn login_ctx(peer: SocketAddr) -> Ctx {
+fn login_ctx(peer: SocketAddr, cert_user: Option<&str>) -> Ctx {
     let mut h = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut h);
     Ctx {
         peer: peer.ip(),
         now: Instant::now(),
         new_handle: hex::encode(h),
+        cert_user: cert_user.map(str::to_owned),
     }
 }
 
@@ -120,10 +122,16 @@ impl LoginService {
         (pending, sources, users, self.verifier.in_progress())
     }
 
-    /// Answers a request of the authentication phase.
-    pub async fn route(self: &Arc<Self>, req: &Request, peer: SocketAddr) -> Response {
+    /// Answers a request of the authentication phase on a connection from
+    /// `peer`, whose verified client certificate names `cert_user`.
+    pub async fn route(
+        self: &Arc<Self>,
+        req: &Request,
+        peer: SocketAddr,
+        cert_user: Option<&str>,
+    ) -> Response {
         match req.method.as_str() {
-            "POST" => self.post(req, peer).await,
+            "POST" => self.post(req, peer, cert_user).await,
             "GET" => match req.path.as_str() {
                 "/" => Response::new(200, "OK")
                     .header("Content-Type", "text/html; charset=utf-8")
@@ -143,7 +151,12 @@ impl LoginService {
         }
     }
 
-    async fn post(self: &Arc<Self>, req: &Request, peer: SocketAddr) -> Response {
+    async fn post(
+        self: &Arc<Self>,
+        req: &Request,
+        peer: SocketAddr,
+        cert_user: Option<&str>,
+    ) -> Response {
         let body = match std::str::from_utf8(&req.body) {
             Ok(b) => b,
             Err(_) => {
@@ -161,13 +174,20 @@ impl LoginService {
             "init" => {
                 // The URL path picks the group (group URL), an explicit
                 // <group-select> overrides it.
-                let step =
-                    self.flow
-                        .lock()
-                        .init(msg.group_select.as_deref(), &req.path, login_ctx(peer));
-                self.answer_login(step)
+                let step = self.flow.lock().init(
+                    msg.group_select.as_deref(),
+                    &req.path,
+                    login_ctx(peer, cert_user),
+                );
+                match step {
+                    // A certificate-only group: logged in by the handshake.
+                    Step::Authenticated { group, user, grant } => {
+                        self.complete(user, &group, grant, peer)
+                    }
+                    other => self.answer_login(other),
+                }
             }
-            "auth-reply" => self.auth_reply(req, msg, peer).await,
+            "auth-reply" => self.auth_reply(req, msg, peer, cert_user).await,
             "logout" => {
                 if let Some(s) = msg
                     .session_token
@@ -228,6 +248,9 @@ impl LoginService {
             Step::Refused(r) => {
                 self.count_refused(&r);
                 self.refused(r)
+            }
+            Step::CertificateRequired { message } => {
+                Response::xml(auth_xml::fatal_error(&self.title, &message)).closing()
             }
             Step::TooManyFailures => {
                 Response::text(401, "Authentication failed", "too many failed attempts\n").closing()
@@ -310,6 +333,7 @@ impl LoginService {
         req: &Request,
         msg: auth_xml::ClientAuth,
         peer: SocketAddr,
+        cert_user: Option<&str>,
     ) -> Response {
         let reply = Reply {
             handle: msg
@@ -321,7 +345,10 @@ impl LoginService {
             answer: msg.answer,
         };
         let mut events = Vec::new();
-        let mut step = self.flow.lock().reply(reply, login_ctx(peer), &mut events);
+        let mut step = self
+            .flow
+            .lock()
+            .reply(reply, login_ctx(peer, cert_user), &mut events);
         if let Step::Verify {
             handle,
             group,
@@ -342,16 +369,28 @@ impl LoginService {
                 group,
                 user,
             };
-            step = self
-                .flow
-                .lock()
-                .verified(checking, verdict, login_ctx(peer), &mut events);
+            step = self.flow.lock().verified(
+                checking,
+                verdict,
+                login_ctx(peer, cert_user),
+                &mut events,
+            );
         }
         self.log_login_events(events, peer);
         let Step::Authenticated { group, user, grant } = step else {
             return self.answer_login(step);
         };
-        match self.sessions.create(&user, &group, &grant, peer.ip()) {
+        self.complete(user, &group, grant, peer)
+    }
+
+    /// Creates the session a login earned, and answers with its cookie
+    /// (or why there is none).
+    fn complete(&self, user: String, group: &str, mut grant: Grant, peer: SocketAddr) -> Response {
+        if grant.own_policy.is_none() && matches!(self.check, PasswordCheck::Local) {
+            // A certificate-only login of a local user: their own policy.
+            grant.own_policy = self.users.policy_of(&user).flatten();
+        }
+        match self.sessions.create(&user, group, &grant, peer.ip()) {
             Ok((session, cookie)) => {
                 tracing::info!(parent: &session.span, %peer, "login succeeded");
                 Response::xml(auth_xml::complete(

@@ -22,7 +22,7 @@ use crate::{
         admission::{Challenge, Lockout, LoginGuard, LoginRefused},
         users::{AuthResult, validate_name},
     },
-    config::{AuthConfig, GroupConfig, Limits},
+    config::{AuthConfig, GroupAuth, GroupConfig, Limits},
     proto::client_string,
 };
 
@@ -57,6 +57,9 @@ pub enum Step {
     Refused(LoginRefused),
     /// The login reached `auth.max_failures`: 401 and close.
     TooManyFailures,
+    /// A certificate-only group without a usable client certificate:
+    /// `message` and close.
+    CertificateRequired { message: String },
     /// The password was right: create `user`'s session in `group` with
     /// what the authentication source granted.
     Authenticated {
@@ -120,6 +123,10 @@ pub enum FailReason {
     /// The authentication server refused (RADIUS Access-Reject: a wrong
     /// password, a wrong code, or a disabled account).
     Rejected,
+    /// The group needs a client certificate and the connection had none.
+    NoCertificate,
+    /// The client certificate is another user's.
+    CertificateMismatch,
 }
 
 impl std::fmt::Display for FailReason {
@@ -129,6 +136,8 @@ impl std::fmt::Display for FailReason {
             FailReason::WrongPassword => "wrong password",
             FailReason::InvalidName => "invalid user name",
             FailReason::Rejected => "rejected by the authentication server",
+            FailReason::NoCertificate => "no client certificate",
+            FailReason::CertificateMismatch => "the client certificate names another user",
         })
     }
 }
@@ -153,6 +162,8 @@ pub struct Ctx {
     pub peer: IpAddr,
     pub now: Instant,
     pub new_handle: String,
+    /// The user name of the connection's verified client certificate.
+    pub cert_user: Option<String>,
 }
 
 /// A password check in flight: what [`Step::Verify`] asked for, without
@@ -217,6 +228,24 @@ impl LoginFlow {
 
     /// Starts a login in `group` under the new handle.
     fn start(&mut self, group: String, ctx: Ctx) -> Step {
+        if self.find_group(&group).map(|g| g.auth) == Some(GroupAuth::Certificate) {
+            return match ctx.cert_user {
+                Some(user) if validate_name(&user).is_ok() => Step::Authenticated {
+                    group,
+                    user,
+                    grant: Grant::default(),
+                },
+                Some(user) => Step::CertificateRequired {
+                    message: format!(
+                        "the certificate's name '{}' is not a valid user name",
+                        client_string(&user)
+                    ),
+                },
+                None => Step::CertificateRequired {
+                    message: format!("the group '{group}' needs a client certificate"),
+                },
+            };
+        }
         let handle = ctx.new_handle;
         match self
             .guard
@@ -314,6 +343,30 @@ impl LoginFlow {
                 user: client_string(&user),
             };
             return self.failed(check, false, FailReason::InvalidName, None, ctx, events);
+        }
+        if let Some(g) = self.find_group(&group)
+            && g.auth == GroupAuth::CertificateAndPassword
+        {
+            let must_match = g.cert_name_must_match;
+            let (reason, message) = match ctx.cert_user.as_deref() {
+                None => (
+                    FailReason::NoCertificate,
+                    format!("the group '{group}' needs a client certificate"),
+                ),
+                Some(c) if must_match && c != user => (
+                    FailReason::CertificateMismatch,
+                    "the client certificate is not for this user".to_owned(),
+                ),
+                Some(_) => (FailReason::WrongPassword, String::new()),
+            };
+            if reason != FailReason::WrongPassword {
+                let check = Checking {
+                    handle,
+                    group,
+                    user: client_string(&user),
+                };
+                return self.failed(check, false, reason, Some(message), ctx, events);
+            }
         }
         if let Err(refused) = self.guard.may_try(&user, ctx.peer, ctx.now) {
             return Step::Refused(refused);
@@ -428,13 +481,10 @@ mod tests {
                 ..AuthConfig::default()
             },
             vec![
+                GroupConfig::named("default"),
                 GroupConfig {
-                    name: "default".into(),
-                    label: None,
-                },
-                GroupConfig {
-                    name: "eng".into(),
                     label: Some("Engineering".into()),
+                    ..GroupConfig::named("eng")
                 },
             ],
         )
@@ -445,6 +495,7 @@ mod tests {
             peer: "198.18.1.2".parse().unwrap(),
             now,
             new_handle: handle.into(),
+            cert_user: None,
         }
     }
 

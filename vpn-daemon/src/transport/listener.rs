@@ -34,6 +34,8 @@ pub struct Listener {
     lifetime: Duration,
     login: Arc<LoginService>,
     tunnels: Arc<TunnelService>,
+    /// Where a client certificate's user name comes from.
+    cert_name: crate::config::CertName,
 }
 
 impl Listener {
@@ -53,6 +55,7 @@ impl Listener {
             lifetime: Duration::from_secs(l.max_connection_secs),
             login,
             tunnels,
+            cert_name: settings.tls.client_username,
         })
     }
 
@@ -116,6 +119,13 @@ impl Listener {
         // buffer limit, rustls takes every write whole and seals it as one
         // record (frames are smaller than the record size limit).
         tls.get_mut().1.set_buffer_limit(None);
+        // Verified by the handshake, if the client sent one.
+        let cert_user = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| super::client_cert::user_name(c, self.cert_name));
         let limits = &self.http;
         let keepalive = Duration::from_secs(limits.keepalive_timeout_secs);
         let mut buf = BytesMut::with_capacity(4096);
@@ -152,7 +162,7 @@ impl Listener {
                     .connect(tls, buf, req, peer, slot)
                     .await?);
             }
-            let mut resp = self.login.route(&req, peer).await;
+            let mut resp = self.login.route(&req, peer, cert_user.as_deref()).await;
             if requests >= max_requests && !resp.close {
                 self.counters
                     .connections_closed_requests

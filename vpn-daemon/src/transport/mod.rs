@@ -1,9 +1,11 @@
 //! The client transports, in the order a client meets them: TLS (`tls`,
-//! with batched tunnel reads in `read_batch`), then DTLS (`dtls`), and the
+//! with client certificates in `client_cert` and batched tunnel reads in
+//! `read_batch`), then DTLS (`dtls`), and the
 //! packet workers that move packets between the tunnel device and the
 //! DTLS channels (`workers`); rate-limited clients are paced on both
 //! (`pacing`).
 
+pub mod client_cert;
 pub mod dtls;
 pub mod listener;
 pub mod pacing;

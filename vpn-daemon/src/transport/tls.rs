@@ -127,10 +127,12 @@ fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The rustls server configuration: TLS 1.2 always, TLS 1.3 unless disabled.
+/// The rustls server configuration: TLS 1.2 always, TLS 1.3 unless
+/// disabled; client certificates asked for when `client_certs` is set.
 pub fn server_config(
     id: &ServerIdentity,
     tls13: bool,
+    client_certs: Option<Arc<super::client_cert::ClientVerifier>>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
@@ -138,9 +140,13 @@ pub fn server_config(
     } else {
         &[&rustls::version::TLS12]
     };
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)?
-        .with_no_client_auth()
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider).with_protocol_versions(versions)?;
+    let builder = match client_certs {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder
         .with_single_cert(id.chain.clone(), id.key.clone_key())
         .context("certificate and key do not match")?;
     Ok(Arc::new(cfg))
