@@ -8,7 +8,8 @@
 //! |---|---|---|
 //! | uid=carol,ou=people | carol-pw | vpn-eng |
 //! | uid=dave,ou=people | dave-pw | vpn-staff |
-//! | uid=erin,ou=people | erin-pw | none |
+//! | uid=erin,ou=people | erin-pw | vpn-interns, itself a member of vpn-eng |
+//! | uid=frank,ou=people | frank-pw | none |
 //! | cn=vpn-search (the service account) | search-pw | |
 //!
 //! It listens on `ldap://ADDRESS:389` (StartTLS) and `ldaps://ADDRESS:636`
@@ -70,10 +71,23 @@ cn: Erin
 sn: E
 userPassword: erin-pw
 
+dn: uid=frank,ou=people,dc=example,dc=org
+objectClass: inetOrgPerson
+uid: frank
+cn: Frank
+sn: F
+userPassword: frank-pw
+
+dn: cn=vpn-interns,ou=groups,dc=example,dc=org
+objectClass: groupOfNames
+cn: vpn-interns
+member: uid=erin,ou=people,dc=example,dc=org
+
 dn: cn=vpn-eng,ou=groups,dc=example,dc=org
 objectClass: groupOfNames
 cn: vpn-eng
 member: uid=carol,ou=people,dc=example,dc=org
+member: cn=vpn-interns,ou=groups,dc=example,dc=org
 
 dn: cn=vpn-staff,ou=groups,dc=example,dc=org
 objectClass: groupOfNames

@@ -65,7 +65,7 @@ fn ldaps_search_then_bind_maps_groups_to_policies() {
             "servers = [\"ldaps://{SERVER}:636\"]\nca_file = \"{ca}\"\n\
              search_base = \"ou=people,{BASE}\"\n\
              service_dn = \"{SERVICE_DN}\"\nservice_password = \"{SERVICE_PASSWORD}\"\n\
-             group_base = \"ou=groups,{BASE}\"\n",
+             group_base = \"ou=groups,{BASE}\"\nnested_groups = true\n",
             ca = slapd.ca_file().display()
         ),
     );
@@ -81,11 +81,17 @@ fn ldaps_search_then_bind_maps_groups_to_policies() {
     assert_eq!(policy_of(&gw, "dave"), "staff", "mapped by DN");
     drop(dave);
 
-    // In no mapped group: the default policy (unmapped = "default").
+    // In vpn-interns, which is in vpn-eng: engineering, by nesting.
     let mut erin = Client::start(&topo, &gw, "erin", "erin-pw", &[]).unwrap();
     erin.wait_connected(Duration::from_secs(20)).unwrap();
-    assert_eq!(policy_of(&gw, "erin"), "guest");
+    assert_eq!(policy_of(&gw, "erin"), "engineering", "a nested group");
     drop(erin);
+
+    // In no group: the default policy (unmapped = "default").
+    let mut frank = Client::start(&topo, &gw, "frank", "frank-pw", &[]).unwrap();
+    frank.wait_connected(Duration::from_secs(20)).unwrap();
+    assert_eq!(policy_of(&gw, "frank"), "guest");
+    drop(frank);
 
     // A wrong password and an unknown user: no session.
     for (user, pw, reason) in [
@@ -146,7 +152,8 @@ fn ldap_starttls_template_fails_over_refuses_unmapped_and_says_when_down() {
     );
     drop(dave);
 
-    // In no mapped group with unmapped = "refuse": told why, no session.
+    // Only in a nested group, not followed here (nested_groups is off),
+    // with unmapped = "refuse": told why, no session.
     let mut erin = Client::start(&topo, &gw, "erin", "erin-pw", &[]).unwrap();
     assert!(!erin.wait_exit(Duration::from_secs(20)).unwrap().success());
     assert!(

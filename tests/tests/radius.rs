@@ -173,6 +173,14 @@ fn radius_challenge_asks_openconnect_for_a_second_factor() {
     assert_eq!(gw.sessions().unwrap()[0]["user"], "mfa");
     drop(c);
 
+    // The code typed as a user would: openconnect reads the challenge's
+    // answer from stdin after the password.
+    let both = format!("mfa-pw\n{MFA_CODE}");
+    let mut c = Client::start(&topo, &gw, "mfa", &both, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(c.log().contains("Enter the code from your token"));
+    drop(c);
+
     // A wrong code: the server's message, and back to the password form.
     let wrong = "--form-entry=challenge:secondary_password=000000";
     let mut c = Client::start_in(&topo.client2, &gw, "mfa", "mfa-pw", &[wrong]).unwrap();

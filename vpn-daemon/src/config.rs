@@ -580,6 +580,10 @@ pub struct LdapConfig {
     /// `"(member={dn})"`; AD with nested groups:
     /// `"(member:1.2.840.113556.1.4.1941:={dn})"` (LDAP_MATCHING_RULE_IN_CHAIN).
     pub group_filter: String,
+    /// Follow groups in groups with `group_base`: the groups found are
+    /// searched for in turn (up to 8 levels, 256 groups), for directories
+    /// without AD's in-chain rule (OpenLDAP). Default false.
+    pub nested_groups: bool,
     /// Group to policy, in order: the first group the user is in that
     /// has a row gives the policy (`[[ldap.group_map]]`).
     pub group_map: Vec<GroupMapConfig>,
@@ -604,6 +608,7 @@ impl Default for LdapConfig {
             group_attribute: None,
             group_base: None,
             group_filter: "(member={dn})".into(),
+            nested_groups: false,
             group_map: Vec::new(),
             unmapped: Unmapped::Default,
         }
@@ -661,7 +666,12 @@ pub enum UserLookup {
 pub enum GroupLookup {
     None,
     Attribute(String),
-    Search { base: String, filter: String },
+    Search {
+        base: String,
+        filter: String,
+        /// Follow groups in groups.
+        nested: bool,
+    },
 }
 
 impl LdapConfig {
@@ -752,6 +762,7 @@ impl LdapConfig {
                 GroupLookup::Search {
                     base: base.clone(),
                     filter: self.group_filter.clone(),
+                    nested: self.nested_groups,
                 }
             }
             (Some(_), Some(_)) => {

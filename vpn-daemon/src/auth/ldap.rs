@@ -227,41 +227,66 @@ impl LdapClient {
         dn: &str,
         t: Duration,
     ) -> Result<Vec<String>, ServerError> {
-        let (base, scope, filter, attr) = match &self.settings.groups {
-            GroupLookup::None => return Ok(Vec::new()),
-            GroupLookup::Attribute(a) => (
-                dn.to_owned(),
-                Scope::Base,
-                "(objectClass=*)".to_owned(),
-                a.as_str(),
-            ),
-            GroupLookup::Search { base, filter } => (
-                base.clone(),
-                Scope::Subtree,
-                filter.replace("{dn}", &ldap3::ldap_escape(dn)),
-                "1.1",
-            ),
-        };
-        let (found, _) = ldap
-            .with_timeout(t)
-            .search(&base, scope, &filter, vec![attr])
-            .await
-            .and_then(|r| r.success())
-            .map_err(ServerError::Ldap)?;
-        let entries = found.into_iter().map(SearchEntry::construct);
-        Ok(match &self.settings.groups {
-            GroupLookup::Attribute(a) => entries
-                .flat_map(|e| {
-                    e.attrs
-                        .into_iter()
-                        .filter(|(k, _)| k.eq_ignore_ascii_case(a))
-                        .flat_map(|(_, v)| v)
-                })
-                .collect(),
-            _ => entries.map(|e| e.dn).collect(),
-        })
+        match &self.settings.groups {
+            GroupLookup::None => Ok(Vec::new()),
+            GroupLookup::Attribute(a) => {
+                let (found, _) = ldap
+                    .with_timeout(t)
+                    .search(dn, Scope::Base, "(objectClass=*)", vec![a.as_str()])
+                    .await
+                    .and_then(|r| r.success())
+                    .map_err(ServerError::Ldap)?;
+                Ok(found
+                    .into_iter()
+                    .map(SearchEntry::construct)
+                    .flat_map(|e| {
+                        e.attrs
+                            .into_iter()
+                            .filter(|(k, _)| k.eq_ignore_ascii_case(a))
+                            .flat_map(|(_, v)| v)
+                    })
+                    .collect())
+            }
+            GroupLookup::Search {
+                base,
+                filter,
+                nested,
+            } => {
+                let mut all: Vec<String> = Vec::new();
+                let mut frontier = vec![dn.to_owned()];
+                for _ in 0..if *nested { MAX_NESTING } else { 1 } {
+                    let mut next = Vec::new();
+                    for member in &frontier {
+                        let f = filter.replace("{dn}", &ldap3::ldap_escape(member));
+                        let (found, _) = ldap
+                            .with_timeout(t)
+                            .search(base, Scope::Subtree, &f, vec!["1.1"])
+                            .await
+                            .and_then(|r| r.success())
+                            .map_err(ServerError::Ldap)?;
+                        for g in found.into_iter().map(|e| SearchEntry::construct(e).dn) {
+                            let n = normalize_dn(&g);
+                            if !all.iter().any(|a| normalize_dn(a) == n) && all.len() < MAX_GROUPS {
+                                all.push(g.clone());
+                                next.push(g);
+                            }
+                        }
+                    }
+                    if next.is_empty() {
+                        break;
+                    }
+                    frontier = next;
+                }
+                Ok(all)
+            }
+        }
     }
 }
+
+/// How deep `nested_groups` follows groups in groups, and how many
+/// groups it collects at most (a cycle or a huge tree ends there).
+const MAX_NESTING: usize = 8;
+const MAX_GROUPS: usize = 256;
 
 /// A DN in a form two spellings of one DN share: lower case, no spaces
 /// around the separators.

@@ -38,7 +38,9 @@ pub struct AccessRequest<'a> {
 /// Why one server gave no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("no answer to {tries} tries of {timeout:?} each")]
+    #[error(
+        "no answer to {tries} tries of {timeout:?} each (down, unreachable, or the shared secret differs: servers drop requests whose Message-Authenticator does not verify)"
+    )]
     NoAnswer { tries: u32, timeout: Duration },
     #[error("nothing listens there (ICMP port unreachable)")]
     Refused,
