@@ -320,3 +320,79 @@ fn radius_coa_changes_the_policy_live_and_disconnect_ends_the_session() {
     .unwrap();
     assert_eq!(stop["Acct-Terminate-Cause"], "Admin-Reset");
 }
+
+#[test]
+fn one_group_uses_radius_beside_local_users_and_reload_moves_its_servers() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let lena = TestUser {
+        name: "lena",
+        password: "lena-pw",
+        group_policy: None,
+    };
+    let rest = format!(
+        "[[group]]\nname = \"staff\"\n\n\
+         [[group]]\nname = \"contractors\"\nmethod = \"radius\"\n\n\
+         [radius]\ntimeout_ms = 500\ntries = 1\naccounting = false\n\n\
+         [[radius.server]]\naddress = \"{SERVER}:1812\"\nsecret = \"{SECRET}\"\n"
+    );
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: &rest,
+            ..Default::default()
+        },
+        &[lena],
+    )
+    .unwrap();
+    // The local user in the local group, the RADIUS user in the RADIUS one.
+    let mut l = Client::start(&topo, &gw, "lena", "lena-pw", &["--authgroup=staff"]).unwrap();
+    l.wait_connected(Duration::from_secs(20)).unwrap();
+    let mut b = Client::start_in(
+        &topo.client2,
+        &gw,
+        "bob",
+        "bob-pw",
+        &["--authgroup=contractors"],
+    )
+    .unwrap();
+    b.wait_connected(Duration::from_secs(20)).unwrap();
+    let groups: Vec<_> = gw
+        .sessions()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}@{}", s["user"], s["group"]).replace('"', ""))
+        .collect();
+    assert!(groups.contains(&"lena@staff".to_owned()), "{groups:?}");
+    assert!(groups.contains(&"bob@contractors".to_owned()), "{groups:?}");
+    drop(b);
+    // RADIUS's bob is nobody in the local group.
+    let mut c =
+        Client::start_in(&topo.client2, &gw, "bob", "bob-pw", &["--authgroup=staff"]).unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+
+    // A reload moves the group's RADIUS server (here: to a closed port):
+    // new logins use it at once, no restart.
+    let config = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, config.replace(":1812", ":1999")).unwrap();
+    let out = gw.vpnctl(&["reload"]).unwrap();
+    assert!(out.contains("reloaded"), "{out}");
+    assert!(!out.contains("restart"), "{out}");
+    let mut c = Client::start_in(
+        &topo.client2,
+        &gw,
+        "bob",
+        "bob-pw",
+        &["--authgroup=contractors"],
+    )
+    .unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        c.log().contains("authentication service is unavailable"),
+        "{}",
+        c.log()
+    );
+    // The session already up stays.
+    assert!(topo.client.ping(SERVER, 1));
+}

@@ -677,16 +677,16 @@ pub enum GroupLookup {
 impl LdapConfig {
     fn validate(
         &self,
-        method: AuthMethod,
+        used: bool,
         policies: &[PolicyDef],
     ) -> Result<Option<LdapSettings>, ConfigError> {
-        if method != AuthMethod::Ldap {
+        if !used {
             return Ok(None);
         }
         if self.servers.is_empty() {
             return Err(invalid(
                 "ldap.servers",
-                "auth.method is \"ldap\" but ldap.servers is empty: list ldaps:// or ldap:// URLs",
+                "method \"ldap\" is used (auth.method or a [[group]]) but ldap.servers is empty: list ldaps:// or ldap:// URLs",
             ));
         }
         let servers = self
@@ -835,14 +835,14 @@ pub struct RadiusServer {
 }
 
 impl RadiusConfig {
-    fn validate(&self, method: AuthMethod) -> Result<Option<RadiusSettings>, ConfigError> {
-        if method != AuthMethod::Radius {
+    fn validate(&self, used: bool) -> Result<Option<RadiusSettings>, ConfigError> {
+        if !used {
             return Ok(None);
         }
         if self.servers.is_empty() {
             return Err(invalid(
                 "radius.server",
-                "auth.method is \"radius\" but no [[radius.server]] is configured: add one with address and secret",
+                "method \"radius\" is used (auth.method or a [[group]]) but no [[radius.server]] is configured: add one with address and secret",
             ));
         }
         let servers = self
@@ -1010,6 +1010,11 @@ pub struct GroupConfig {
     /// user name typed. Default true.
     #[serde(default = "yes")]
     pub cert_name_must_match: bool,
+    /// Who checks this group's passwords, over `auth.method`: `"local"`,
+    /// `"radius"` or `"ldap"` (e.g. RADIUS with OTP for contractors, the
+    /// directory for staff).
+    #[serde(default)]
+    pub method: Option<AuthMethod>,
 }
 
 impl GroupConfig {
@@ -1020,6 +1025,7 @@ impl GroupConfig {
             label: None,
             auth: GroupAuth::Password,
             cert_name_must_match: true,
+            method: None,
         }
     }
 }
@@ -1514,6 +1520,13 @@ impl Config {
                 max_handshakes_per_source: self.dtls.max_handshakes_per_source,
             }
         });
+        // Whether the default method or a password group's own uses `m`.
+        let uses = |m: AuthMethod| {
+            self.auth.method == m
+                || groups
+                    .iter()
+                    .any(|g| g.auth != GroupAuth::Certificate && g.method == Some(m))
+        };
         Ok(Settings {
             server: self.server.clone(),
             control_gid,
@@ -1544,8 +1557,8 @@ impl Config {
             },
             auth: self.auth.clone(),
             limits: self.limits.clone(),
-            radius: self.radius.validate(self.auth.method)?,
-            ldap: self.ldap.validate(self.auth.method, &policies)?,
+            radius: self.radius.validate(uses(AuthMethod::Radius))?,
+            ldap: self.ldap.validate(uses(AuthMethod::Ldap), &policies)?,
             groups,
             policies,
             default_policy: self.policy.default.clone(),
@@ -1800,10 +1813,25 @@ impl Settings {
             ("tunnel", a.tunnel == b.tunnel),
             ("client_routing", a.client_routing == b.client_routing),
             ("session", a.session == b.session),
-            ("auth", a.auth == b.auth),
+            // The method and its servers apply to new logins at once.
+            (
+                "auth",
+                AuthConfig {
+                    method: b.auth.method,
+                    ..a.auth.clone()
+                } == b.auth,
+            ),
             ("limits", a.limits == b.limits),
-            ("radius", a.radius == b.radius),
-            ("ldap", a.ldap == b.ldap),
+            // Logins use new RADIUS servers at once; accounting and the
+            // Disconnect/CoA port keep what they started with.
+            (
+                "radius",
+                a.radius.accounting == b.radius.accounting
+                    && a.radius.interim_secs == b.radius.interim_secs
+                    && a.radius.dynamic_authorization == b.radius.dynamic_authorization
+                    && (a.radius.servers == b.radius.servers
+                        || !(b.radius.accounting || b.radius.dynamic_authorization.is_some())),
+            ),
             ("group", a.groups == b.groups),
             ("dtls", a.dtls == b.dtls),
             ("uplink", a.uplinks == b.uplinks),
@@ -1951,6 +1979,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("token"), "{e}");
+    }
+
+    #[test]
+    fn a_group_may_have_its_own_method_and_backends_reload_without_restart() {
+        let g =
+            "[[group]]\nname = \"staff\"\n[[group]]\nname = \"contractors\"\nmethod = \"radius\"\n";
+        let e = parse(g).unwrap_err().to_string();
+        assert!(e.contains("radius.server"), "{e}");
+        let server = |port: u16, acct: bool| {
+            format!(
+                "{g}[radius]\naccounting = {acct}\n[[radius.server]]\naddress = \"198.18.2.2:{port}\"\nsecret = \"s\"\n"
+            )
+        };
+        let a = parse(&server(1812, false)).unwrap();
+        assert_eq!(a.groups[1].method, Some(AuthMethod::Radius));
+        assert!(a.radius.is_some() && a.ldap.is_none());
+        // New servers: applied to logins at once...
+        assert!(
+            a.needs_restart(&parse(&server(1999, false)).unwrap())
+                .is_empty()
+        );
+        // ... but accounting keeps its start-up servers.
+        let b = parse(&server(1812, true)).unwrap();
+        assert_eq!(
+            b.needs_restart(&parse(&server(1999, true)).unwrap()),
+            vec!["radius"]
+        );
+        // The default method changes at once too (accounting, newly on,
+        // waits for a restart).
+        let local = parse("").unwrap();
+        let radius = parse(&format!(
+            "[auth]\nmethod = \"radius\"\n{}",
+            server(1812, true)
+        ))
+        .unwrap();
+        assert_eq!(local.needs_restart(&radius), vec!["radius", "group"]);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     let connections = crate::auth::admission::Connections::new(&settings.limits);
     let login = LoginService::new(
         &settings,
-        crate::login::PasswordCheck::from_settings(&settings)?,
+        crate::login::Backends::from_settings(&settings)?,
         users.clone(),
         sessions.clone(),
         events.clone(),

@@ -35,6 +35,9 @@ pub enum ReloadError {
     /// `tls.client_crl_file` does not read or parse.
     #[error("reload rejected, the running configuration stays: {0}")]
     Crl(String),
+    /// The new authentication backends cannot be built (`ldap.ca_file`).
+    #[error("reload rejected, the running configuration stays: {0}")]
+    Backends(String),
 }
 
 impl ReloadError {
@@ -43,7 +46,7 @@ impl ReloadError {
         match self {
             ReloadError::Config(e) => e.to_string(),
             ReloadError::Policies(e) => e.to_string(),
-            ReloadError::Crl(e) => e.clone(),
+            ReloadError::Crl(e) | ReloadError::Backends(e) => e.clone(),
         }
     }
 }
@@ -114,6 +117,8 @@ impl Gateway {
         };
         let new = Config::load(&self.config_path).map_err(|e| fail(ReloadError::Config(e)))?;
         // The CRLs are read first: a bad file rejects the whole reload.
+        let backends = crate::login::Backends::from_settings(&new)
+            .map_err(|e| fail(ReloadError::Backends(format!("{e:#}"))))?;
         let crls = match &self.client_certs {
             Some(v) => Some(
                 v.prepare(new.tls.client_crl_file.as_deref())
@@ -127,6 +132,7 @@ impl Gateway {
         if let (Some(v), Some(crls)) = (&self.client_certs, crls) {
             v.install(crls);
         }
+        self.login.set_backends(backends);
         let restart = self.settings.needs_restart(&new);
         let n = new.policies.len();
         self.events.emit(Event::ConfigReloaded {

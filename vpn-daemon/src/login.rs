@@ -5,12 +5,13 @@
 //! manager.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rand::RngCore as _;
 
 use crate::{
@@ -24,7 +25,7 @@ use crate::{
         radius::{AccessRequest, RadiusClient},
         users::UserDb,
     },
-    config::{GroupConfig, Settings},
+    config::{AuthMethod, GroupConfig, Settings},
     events::EventLog,
     events::{Event, LockoutScope},
     proto::auth_xml,
@@ -45,22 +46,34 @@ fn login_ctx(peer: SocketAddr, cert_user: Option<&str>) -> Ctx {
     }
 }
 
-/// Who checks passwords (`auth.method`).
-pub enum PasswordCheck {
-    /// The local user database, argon2 on the verifier's threads.
-    Local,
-    Radius(RadiusClient),
-    Ldap(LdapClient),
+/// Who checks passwords: the default method (`auth.method`), each
+/// group's own (`[[group]] method`), and the clients of the directories
+/// they name. Replaced whole by a reload (new logins use the new one).
+pub struct Backends {
+    default: AuthMethod,
+    by_group: HashMap<String, AuthMethod>,
+    radius: Option<RadiusClient>,
+    ldap: Option<LdapClient>,
 }
 
-impl PasswordCheck {
-    /// The check `settings` configure (LDAP's CA file is read here).
+impl Backends {
+    /// The checkers `settings` configure (LDAP's CA file is read here).
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
-        Ok(match (&settings.radius, &settings.ldap) {
-            (Some(r), _) => PasswordCheck::Radius(RadiusClient::new(r.clone())),
-            (None, Some(l)) => PasswordCheck::Ldap(LdapClient::new(l.clone())?),
-            (None, None) => PasswordCheck::Local,
+        Ok(Backends {
+            default: settings.auth.method,
+            by_group: settings
+                .groups
+                .iter()
+                .filter_map(|g| g.method.map(|m| (g.name.clone(), m)))
+                .collect(),
+            radius: settings.radius.clone().map(RadiusClient::new),
+            ldap: settings.ldap.clone().map(LdapClient::new).transpose()?,
         })
+    }
+
+    /// The method that checks passwords in `group`.
+    fn method(&self, group: &str) -> AuthMethod {
+        self.by_group.get(group).copied().unwrap_or(self.default)
     }
 }
 
@@ -69,7 +82,7 @@ pub struct LoginService {
     flow: Mutex<LoginFlow>,
     verifier: Verifier,
     users: Arc<UserDb>,
-    check: PasswordCheck,
+    backends: RwLock<Arc<Backends>>,
     sessions: Arc<SessionManager>,
     events: Arc<EventLog>,
     /// Login and password-check refusals (`vpnctl stats`).
@@ -89,7 +102,7 @@ pub struct LoginService {
 impl LoginService {
     pub fn new(
         settings: &Settings,
-        check: PasswordCheck,
+        backends: Backends,
         users: Arc<UserDb>,
         sessions: Arc<SessionManager>,
         events: Arc<EventLog>,
@@ -103,7 +116,7 @@ impl LoginService {
             )),
             verifier: Verifier::new(&settings.limits),
             users,
-            check,
+            backends: RwLock::new(Arc::new(backends)),
             sessions,
             events,
             counters,
@@ -113,6 +126,11 @@ impl LoginService {
             login_secs: settings.auth.timeout_secs,
             lockout_window_secs: settings.limits.lockout_window_secs,
         })
+    }
+
+    /// Makes `b` check the passwords of new logins (a reload).
+    pub fn set_backends(&self, b: Backends) {
+        *self.backends.write() = Arc::new(b);
     }
 
     /// Logins in progress, sources and users locked out, password checks
@@ -357,7 +375,7 @@ impl LoginService {
             state,
         } = step
         {
-            let verdict = match self.check(&user, password, state, peer).await {
+            let verdict = match self.check(&user, password, state, peer, &group).await {
                 Ok(v) => v,
                 Err(busy) => {
                     self.log_login_events(events, peer);
@@ -386,7 +404,7 @@ impl LoginService {
     /// Creates the session a login earned, and answers with its cookie
     /// (or why there is none).
     fn complete(&self, user: String, group: &str, mut grant: Grant, peer: SocketAddr) -> Response {
-        if grant.own_policy.is_none() && matches!(self.check, PasswordCheck::Local) {
+        if grant.own_policy.is_none() && grant.source == crate::auth::AuthSource::Certificate {
             // A certificate-only login of a local user: their own policy.
             grant.own_policy = self.users.policy_of(&user).flatten();
         }
@@ -425,10 +443,12 @@ impl LoginService {
         password: String,
         state: Option<Vec<u8>>,
         peer: SocketAddr,
+        group: &str,
     ) -> Result<Verdict, Response> {
-        let unavailable = match &self.check {
-            PasswordCheck::Local => None,
-            PasswordCheck::Radius(radius) => {
+        let backends = self.backends.read().clone();
+        let unavailable = match (backends.method(group), &backends.radius, &backends.ldap) {
+            (AuthMethod::Local, _, _) => None,
+            (AuthMethod::Radius, Some(radius), _) => {
                 let req = AccessRequest {
                     user,
                     password: &password,
@@ -440,10 +460,13 @@ impl LoginService {
                     Err(e) => Some(e.to_string()),
                 }
             }
-            PasswordCheck::Ldap(ldap) => match ldap.access(user, &password).await {
+            (AuthMethod::Ldap, _, Some(ldap)) => match ldap.access(user, &password).await {
                 Ok(v) => return Ok(v),
                 Err(e) => Some(e.to_string()),
             },
+            (m, _, _) => Some(format!(
+                "{m:?} is not configured (validated settings always have it)"
+            )),
         };
         if let Some(servers) = unavailable {
             tracing::error!(%peer, "login of {user} not checked: {servers}");

@@ -210,6 +210,7 @@ impl LdapClient {
         Ok(
             match map_groups(&self.settings.group_map, &groups, self.settings.unmapped) {
                 Some(own_policy) => Verdict::Accept(Grant {
+                    source: crate::auth::AuthSource::Ldap,
                     own_policy,
                     ..Grant::default()
                 }),

@@ -233,7 +233,10 @@ impl LoginFlow {
                 Some(user) if validate_name(&user).is_ok() => Step::Authenticated {
                     group,
                     user,
-                    grant: Grant::default(),
+                    grant: Grant {
+                        source: crate::auth::AuthSource::Certificate,
+                        ..Grant::default()
+                    },
                 },
                 Some(user) => Step::CertificateRequired {
                     message: format!(

@@ -13,10 +13,25 @@ pub mod login;
 pub mod radius;
 pub mod users;
 
+/// Who authenticated a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuthSource {
+    /// The local user database: its later changes (user removed, password
+    /// or policy changed) apply to the session.
+    #[default]
+    Local,
+    /// A RADIUS server: the session gets accounting, and Disconnect/CoA.
+    Radius,
+    Ldap,
+    /// A client certificate alone.
+    Certificate,
+}
+
 /// What a successful login grants beyond the user's name, as the
 /// authentication source said it: the session is created with it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grant {
+    pub source: AuthSource,
     /// The user's own group policy (the local user's `group_policy`,
     /// RADIUS Filter-Id), over the group's default. A name no policy has
     /// refuses the session (fail closed).

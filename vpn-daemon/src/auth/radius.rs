@@ -268,6 +268,7 @@ fn grant(p: &Packet) -> Grant {
             .map(|s| Duration::from_secs(s.into()))
     };
     Grant {
+        source: crate::auth::AuthSource::Radius,
         own_policy: p.text(attr::FILTER_ID),
         // 255.255.255.255 (the user chooses) and 255.255.255.254 (the
         // NAS chooses) mean "from the pool" (RFC 2865 §5.8).
@@ -362,6 +363,7 @@ mod tests {
         assert_eq!(
             v,
             Verdict::Accept(Grant {
+                source: crate::auth::AuthSource::Radius,
                 own_policy: Some("engineering".into()),
                 framed_v4: Some(Ipv4Addr::new(198, 19, 0, 9)),
                 session_timeout: Some(Duration::from_secs(60)),

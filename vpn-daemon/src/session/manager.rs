@@ -27,7 +27,7 @@ use vpn_common::SessionInfo;
 
 use crate::{
     auth::{
-        Grant,
+        AuthSource, Grant,
         accounting::{self, Accounting},
         users::UserDb,
     },
@@ -131,10 +131,6 @@ pub struct SessionManager {
     /// What enforcing policies let clients reach (`Settings::split_allow`).
     split_allow: Vec<IpNet>,
     on_end: OnceLock<EndHook>,
-    /// Whether users come from the local database (`auth.method =
-    /// "local"`): then its changes apply to their sessions. RADIUS
-    /// sessions keep what the server granted.
-    local_users: bool,
     /// RADIUS accounting, when on: a Start and Stop for every session.
     accounting: OnceLock<Arc<Accounting>>,
     /// Spoofed packets of sessions that have ended (live sessions count
@@ -162,7 +158,6 @@ impl SessionManager {
             split_allow: settings.split_allow.clone(),
             on_end: OnceLock::new(),
             accounting: OnceLock::new(),
-            local_users: settings.auth.method == crate::config::AuthMethod::Local,
             ended_spoofed: AtomicU64::new(0),
         });
         m.apply_policies(settings)?;
@@ -185,6 +180,9 @@ impl SessionManager {
         let Some(a) = self.accounting.get() else {
             return;
         };
+        if s.auth_source != AuthSource::Radius {
+            return;
+        }
         a.record(accounting::Record {
             status,
             session_id: accounting::session_id(s.id, s.created),
@@ -310,8 +308,9 @@ impl SessionManager {
         let mut writes = Vec::new();
         let mut orphans = Vec::new();
         for s in self.table.all() {
-            let local = self
-                .local_users
+            // Local users follow the database; RADIUS, LDAP and
+            // certificate sessions keep what they were granted.
+            let local = (s.auth_source == AuthSource::Local)
                 .then(|| self.users.policy_of(&s.user))
                 .flatten();
             let own = match local {
@@ -470,6 +469,7 @@ impl SessionManager {
                 idle: grant.idle_timeout,
             },
             class: grant.class.clone(),
+            auth_source: grant.source,
             span: crate::session::session_span(id, user, lease.v4),
         });
         {
@@ -618,10 +618,13 @@ impl SessionManager {
             else {
                 continue;
             };
-            if changes.is_empty() || !self.local_users {
+            if changes.is_empty() {
                 continue;
             }
             for s in self.table.all() {
+                if s.auth_source != AuthSource::Local {
+                    continue;
+                }
                 let reason = if changes.removed.contains(&s.user) {
                     EndReason::UserRemoved
                 } else if changes.password_changed.contains(&s.user) {

@@ -94,6 +94,8 @@ pub struct Session {
     pub own_timeouts: OwnTimeouts,
     /// RADIUS Class values from the Access-Accept, for accounting.
     pub class: Vec<Vec<u8>>,
+    /// Who authenticated it.
+    pub auth_source: crate::auth::AuthSource,
     /// See [`Session::span`].
     pub span: tracing::Span,
 }
@@ -367,6 +369,7 @@ mod tests {
             spoofed_dropped: AtomicU64::new(0),
             own_timeouts: OwnTimeouts::default(),
             class: Vec::new(),
+            auth_source: crate::auth::AuthSource::Local,
             span: tracing::Span::none(),
         })
     }
