@@ -436,6 +436,31 @@ pool_v6 = "{POOL6}"
         Self::start_with(topo, |dir| Self::base_config(dir, topo, &parts), users)
     }
 
+    /// Starts vpnd with [`Gateway::base_config`] plus `rest`, its
+    /// passwords checked by `method` (`auth.method`: "radius", "ldap").
+    pub fn start_with_method(
+        topo: &Topology,
+        method: &str,
+        rest: &str,
+        users: &[TestUser<'_>],
+    ) -> anyhow::Result<Self> {
+        let parts = ConfigParts {
+            rest,
+            ..Default::default()
+        };
+        Self::start_with(
+            topo,
+            |dir| {
+                Self::base_config(dir, topo, &parts).replacen(
+                    "[auth]\n",
+                    &format!("[auth]\nmethod = \"{method}\"\n"),
+                    1,
+                )
+            },
+            users,
+        )
+    }
+
     /// Starts vpnd in `topo`'s gateway namespace with the config `config`
     /// writes given the gateway's scratch directory.
     pub fn start_with(

@@ -19,22 +19,7 @@ fn start_gateway(topo: &Topology, ldap: &str) -> Gateway {
          [[ldap.group_map]]\ngroup = \"vpn-eng\"\npolicy = \"engineering\"\n\n\
          [[ldap.group_map]]\ngroup = \"cn=vpn-staff, ou=groups, {BASE}\"\npolicy = \"staff\"\n"
     );
-    Gateway::start_with(
-        topo,
-        |dir| {
-            Gateway::base_config(
-                dir,
-                topo,
-                &ConfigParts {
-                    rest: &rest,
-                    ..Default::default()
-                },
-            )
-            .replacen("[auth]\n", "[auth]\nmethod = \"ldap\"\n", 1)
-        },
-        &[],
-    )
-    .unwrap()
+    Gateway::start_with_method(topo, "ldap", &rest, &[]).unwrap()
 }
 
 fn policy_of(gw: &Gateway, user: &str) -> serde_json::Value {

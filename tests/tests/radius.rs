@@ -29,23 +29,8 @@ fn radius_config(servers: &[(&str, &str)]) -> String {
 
 fn start_gateway(topo: &Topology, servers: &[(&str, &str)]) -> Gateway {
     let rest = radius_config(servers);
-    Gateway::start_with(
-        topo,
-        |dir| {
-            Gateway::base_config(
-                dir,
-                topo,
-                &ConfigParts {
-                    rest: &rest,
-                    ..Default::default()
-                },
-            )
-            .replacen("[auth]\n", "[auth]\nmethod = \"radius\"\n", 1)
-        },
-        // The local users file has none of these users: RADIUS decides.
-        &[],
-    )
-    .unwrap()
+    // The local users file has none of these users: RADIUS decides.
+    Gateway::start_with_method(topo, "radius", &rest, &[]).unwrap()
 }
 
 fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {

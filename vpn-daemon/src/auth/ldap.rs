@@ -42,24 +42,8 @@ pub enum ServerError {
     Ldap(LdapError),
 }
 
-/// No server could answer; each one's failure.
-#[derive(Debug, thiserror::Error)]
-pub struct Unavailable {
-    pub failures: Vec<(String, ServerError)>,
-}
-
-impl std::fmt::Display for Unavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("no LDAP server answered: ")?;
-        for (i, (server, why)) in self.failures.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{server}: {why}")?;
-        }
-        Ok(())
-    }
-}
+/// No server could answer.
+pub type Unavailable = crate::auth::Unavailable<ServerError>;
 
 /// The client of `[ldap]`.
 pub struct LdapClient {
@@ -128,7 +112,10 @@ impl LdapClient {
                 }
             }
         }
-        Err(Unavailable { failures })
+        Err(Unavailable {
+            service: "LDAP",
+            failures,
+        })
     }
 
     /// One server's verdict.

@@ -46,3 +46,25 @@ pub struct Grant {
     /// RADIUS Class values, echoed in accounting.
     pub class: Vec<Vec<u8>>,
 }
+
+/// No server of a directory answered a login: each one and why.
+#[derive(Debug, thiserror::Error)]
+pub struct Unavailable<E: std::error::Error> {
+    /// "RADIUS", "LDAP".
+    pub service: &'static str,
+    /// Each server (address or URL) and its failure, in the order asked.
+    pub failures: Vec<(String, E)>,
+}
+
+impl<E: std::error::Error> std::fmt::Display for Unavailable<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no {} server answered: ", self.service)?;
+        for (i, (server, why)) in self.failures.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{server}: {why}")?;
+        }
+        Ok(())
+    }
+}

@@ -55,24 +55,8 @@ pub enum ServerError {
     Encode(#[from] EncodeError),
 }
 
-/// No server could answer; each one's failure.
-#[derive(Debug, thiserror::Error)]
-pub struct Unavailable {
-    pub failures: Vec<(SocketAddr, ServerError)>,
-}
-
-impl std::fmt::Display for Unavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("no RADIUS server answered: ")?;
-        for (i, (server, why)) in self.failures.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{server}: {why}")?;
-        }
-        Ok(())
-    }
-}
+/// No server could answer.
+pub type Unavailable = crate::auth::Unavailable<ServerError>;
 
 /// The client of `[radius]`.
 pub struct RadiusClient {
@@ -117,11 +101,14 @@ impl RadiusClient {
                 }
                 Err(e) => {
                     tracing::warn!(server = %server.address, "RADIUS server failed: {e}");
-                    failures.push((server.address, e));
+                    failures.push((server.address.to_string(), e));
                 }
             }
         }
-        Err(Unavailable { failures })
+        Err(Unavailable {
+            service: "RADIUS",
+            failures,
+        })
     }
 
     /// The Access-Request for `req` to `server` with identifier `id`.

@@ -391,19 +391,8 @@ pub fn verify_request(buf: &[u8], secret: &[u8]) -> Result<Packet, ReplyError> {
     if !bool::from(md5(&[&copy, secret]).ct_eq(&p.authenticator)) {
         return Err(ReplyError::ResponseAuthenticator);
     }
-    match message_authenticators(&copy, len).as_slice() {
-        [] => Ok(p),
-        [at] => {
-            let got: [u8; 16] = copy[*at..at + 16].try_into().expect("16 bytes");
-            copy[*at..at + 16].fill(0);
-            if bool::from(hmac_md5(secret, &copy).ct_eq(&got)) {
-                Ok(p)
-            } else {
-                Err(ReplyError::MessageAuthenticator)
-            }
-        }
-        _ => Err(ReplyError::MessageAuthenticator),
-    }
+    check_message_authenticator(&mut copy, secret, false)?;
+    Ok(p)
 }
 
 /// A Disconnect-Request or CoA-Request as a RADIUS server sends it (for
@@ -499,17 +488,28 @@ pub fn verify_reply(
     if !bool::from(want.ct_eq(&p.authenticator)) {
         return Err(ReplyError::ResponseAuthenticator);
     }
-    let macs = message_authenticators(&copy, len);
-    match macs.as_slice() {
-        [] if require_message_authenticator && p.code != Code::AccountingResponse => {
-            Err(ReplyError::NoMessageAuthenticator)
-        }
-        [] => Ok(p),
+    let required = require_message_authenticator && p.code != Code::AccountingResponse;
+    check_message_authenticator(&mut copy, secret, required)?;
+    Ok(p)
+}
+
+/// Checks the Message-Authenticator of `packet` (its authenticator field
+/// already as the HMAC covers it): at most one, and it must verify;
+/// `required` refuses a packet without one. Zeroes its value in `packet`.
+fn check_message_authenticator(
+    packet: &mut [u8],
+    secret: &[u8],
+    required: bool,
+) -> Result<(), ReplyError> {
+    use subtle::ConstantTimeEq as _;
+    match message_authenticators(packet, packet.len()).as_slice() {
+        [] if required => Err(ReplyError::NoMessageAuthenticator),
+        [] => Ok(()),
         [at] => {
-            let got: [u8; 16] = copy[*at..at + 16].try_into().expect("16 bytes");
-            copy[*at..at + 16].fill(0);
-            if bool::from(hmac_md5(secret, &copy).ct_eq(&got)) {
-                Ok(p)
+            let got: [u8; 16] = packet[*at..at + 16].try_into().expect("16 bytes");
+            packet[*at..at + 16].fill(0);
+            if bool::from(hmac_md5(secret, packet).ct_eq(&got)) {
+                Ok(())
             } else {
                 Err(ReplyError::MessageAuthenticator)
             }
