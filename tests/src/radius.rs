@@ -10,6 +10,7 @@
 //! | bob | bob-pw | nothing (the default policy applies) |
 //! | mfa | mfa-pw | Access-Challenge "Enter the code from your token"; then code 123456 |
 //! | ghost | ghost-pw | Filter-Id "no-such-policy" |
+//! | carol | 654321 ([`CAROL_OTP`]: an OTP server's view of her) | nothing |
 
 use std::{
     collections::HashMap,
@@ -26,6 +27,9 @@ use crate::{Netns, TempDir, stop_child, wait_for};
 pub const SECRET: &str = "radius-test-secret";
 /// The code `mfa`'s challenge wants.
 pub const MFA_CODE: &str = "123456";
+/// The one-time code the server takes for carol (a second factor after
+/// her LDAP password).
+pub const CAROL_OTP: &str = "654321";
 /// The address alice's Access-Accept assigns.
 pub const ALICE_FRAMED_IP: &str = "198.19.0.77";
 
@@ -42,6 +46,8 @@ mfa Cleartext-Password := "mfa-pw"
 
 ghost Cleartext-Password := "ghost-pw"
       Filter-Id = "no-such-policy"
+
+carol Cleartext-Password := "654321"
 "#;
 
 /// A FreeRADIUS server listening on `address` (auth; accounting on the

@@ -170,3 +170,44 @@ fn ldap_starttls_template_fails_over_refuses_unmapped_and_says_when_down() {
     assert!(servers.contains(":389: cannot connect"), "{servers}");
     assert!(failure_reasons(&gw, "carol").is_empty());
 }
+
+#[test]
+fn ldap_password_then_a_radius_one_time_code_as_second_factor() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let slapd = Slapd::start(&topo.server, SERVER).unwrap();
+    let _radius = vpn_tests::radius::FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let rest = format!(
+        "[[group_policy]]\nname = \"engineering\"\n\n\
+         [[group]]\nname = \"contractors\"\nsecond_factor = \"radius\"\n\n\
+         [ldap]\nservers = [\"ldaps://{SERVER}:636\"]\nca_file = \"{ca}\"\n\
+         bind_dn = \"uid={{user}},ou=people,{BASE}\"\ngroup_base = \"ou=groups,{BASE}\"\n\n\
+         [[ldap.group_map]]\ngroup = \"vpn-eng\"\npolicy = \"engineering\"\n\n\
+         [radius]\ntimeout_ms = 1000\naccounting = false\n\n\
+         [[radius.server]]\naddress = \"{SERVER}:1812\"\nsecret = \"{secret}\"\n",
+        ca = slapd.ca_file().display(),
+        secret = vpn_tests::radius::SECRET,
+    );
+    let gw = Gateway::start_with_method(&topo, "ldap", &rest, &[]).unwrap();
+
+    // The directory's password, then the code, both typed on stdin.
+    let answers = format!("carol-pw\n{}", vpn_tests::radius::CAROL_OTP);
+    let mut c = Client::start(&topo, &gw, "carol", &answers, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(c.log().contains("Enter your one-time code"), "{}", c.log());
+    // The policy is the directory's (group vpn-eng).
+    assert_eq!(policy_of(&gw, "carol"), "engineering");
+    drop(c);
+
+    // The right password and a wrong code: no session.
+    let mut c = Client::start(&topo, &gw, "carol", "carol-pw\n000000", &[]).unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        failure_reasons(&gw, "carol").contains(&"rejected by the authentication server".to_owned())
+    );
+    // A wrong password never reaches the second factor.
+    let mut c = Client::start(&topo, &gw, "carol", "nope\n654321", &[]).unwrap();
+    assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(!c.log().contains("Enter your one-time code"), "{}", c.log());
+    assert!(gw.sessions().unwrap().is_empty());
+}

@@ -104,6 +104,10 @@ fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
     assert!(octets(&stop, "Acct-Input-Octets") >= octets(&interim, "Acct-Input-Octets"));
     assert!(octets(&stop, "Acct-Output-Packets") >= 2, "{stop:?}");
     assert_eq!(stop["Class"], start["Class"]);
+    // vpnctl stats counts what accounting sent.
+    let acct = gw.stats().unwrap()["accounting"].clone();
+    assert!(acct["sent"].as_u64().unwrap() >= 4, "{acct}");
+    assert_eq!(acct["failed"], 0, "{acct}");
 }
 
 fn hex(s: &str) -> String {

@@ -167,6 +167,22 @@ pub struct Stats {
     /// (`[limits]`, `auth/admission.rs`).
     #[serde(default)]
     pub admission: AdmissionStats,
+    /// RADIUS accounting records (absent without accounting).
+    #[serde(default)]
+    pub accounting: Option<AccountingStats>,
+}
+
+/// What RADIUS accounting sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AccountingStats {
+    /// Records a server answered.
+    pub sent: u64,
+    /// Records no server answered.
+    pub failed: u64,
+    /// Records dropped because the queue was full.
+    pub dropped: u64,
+    /// Records waiting, now.
+    pub pending: u64,
 }
 
 /// A snapshot of the admission state and counters.

@@ -1015,6 +1015,11 @@ pub struct GroupConfig {
     /// directory for staff).
     #[serde(default)]
     pub method: Option<AuthMethod>,
+    /// A second check after the password passed: the user is asked for a
+    /// one-time code, which this method checks as the password (typically
+    /// `"radius"` in front of an OTP server, after `"ldap"`).
+    #[serde(default)]
+    pub second_factor: Option<AuthMethod>,
 }
 
 impl GroupConfig {
@@ -1026,6 +1031,7 @@ impl GroupConfig {
             auth: GroupAuth::Password,
             cert_name_must_match: true,
             method: None,
+            second_factor: None,
         }
     }
 }
@@ -1523,9 +1529,10 @@ impl Config {
         // Whether the default method or a password group's own uses `m`.
         let uses = |m: AuthMethod| {
             self.auth.method == m
-                || groups
-                    .iter()
-                    .any(|g| g.auth != GroupAuth::Certificate && g.method == Some(m))
+                || groups.iter().any(|g| {
+                    g.auth != GroupAuth::Certificate
+                        && (g.method == Some(m) || g.second_factor == Some(m))
+                })
         };
         Ok(Settings {
             server: self.server.clone(),

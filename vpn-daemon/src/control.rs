@@ -102,6 +102,7 @@ impl Gateway {
             dtls_handshakes: self.dtls.as_ref().map(|d| d.handshake_stats()),
             tls_reads: self.tunnels.read_stats(),
             admission: self.admission_stats(),
+            accounting: self.sessions.accounting_stats(),
         }
     }
 

@@ -17,7 +17,7 @@ use rand::RngCore as _;
 use crate::{
     auth::Grant,
     auth::admission::{Lockout, LoginRefused},
-    auth::login::{Checking, Ctx, LoginEvent, Reply, Step, Verdict},
+    auth::login::{Checking, Ctx, Factor, LoginEvent, Reply, Step, Verdict},
     auth::{
         admission::{self, Verifier},
         ldap::LdapClient,
@@ -52,6 +52,7 @@ fn login_ctx(peer: SocketAddr, cert_user: Option<&str>) -> Ctx {
 pub struct Backends {
     default: AuthMethod,
     by_group: HashMap<String, AuthMethod>,
+    second_factor: HashMap<String, AuthMethod>,
     radius: Option<RadiusClient>,
     ldap: Option<LdapClient>,
 }
@@ -66,14 +67,26 @@ impl Backends {
                 .iter()
                 .filter_map(|g| g.method.map(|m| (g.name.clone(), m)))
                 .collect(),
+            second_factor: settings
+                .groups
+                .iter()
+                .filter_map(|g| g.second_factor.map(|m| (g.name.clone(), m)))
+                .collect(),
             radius: settings.radius.clone().map(RadiusClient::new),
             ldap: settings.ldap.clone().map(LdapClient::new).transpose()?,
         })
     }
 
-    /// The method that checks passwords in `group`.
-    fn method(&self, group: &str) -> AuthMethod {
-        self.by_group.get(group).copied().unwrap_or(self.default)
+    /// The method that checks `factor` in `group`.
+    fn method(&self, group: &str, factor: Factor) -> AuthMethod {
+        match factor {
+            Factor::First => self.by_group.get(group).copied().unwrap_or(self.default),
+            Factor::Second => self
+                .second_factor
+                .get(group)
+                .copied()
+                .unwrap_or(self.default),
+        }
     }
 }
 
@@ -373,9 +386,13 @@ impl LoginService {
             user,
             password,
             state,
+            factor,
         } = step
         {
-            let verdict = match self.check(&user, password, state, peer, &group).await {
+            let verdict = match self
+                .check(&user, password, state, peer, &group, factor)
+                .await
+            {
                 Ok(v) => v,
                 Err(busy) => {
                     self.log_login_events(events, peer);
@@ -386,6 +403,7 @@ impl LoginService {
                 handle,
                 group,
                 user,
+                factor,
             };
             step = self.flow.lock().verified(
                 checking,
@@ -444,9 +462,11 @@ impl LoginService {
         state: Option<Vec<u8>>,
         peer: SocketAddr,
         group: &str,
+        factor: Factor,
     ) -> Result<Verdict, Response> {
         let backends = self.backends.read().clone();
-        let unavailable = match (backends.method(group), &backends.radius, &backends.ldap) {
+        let method = backends.method(group, factor);
+        let unavailable = match (method, &backends.radius, &backends.ldap) {
             (AuthMethod::Local, _, _) => None,
             (AuthMethod::Radius, Some(radius), _) => {
                 let req = AccessRequest {

@@ -156,7 +156,11 @@ pub struct PendingLogin {
 pub struct Challenge {
     pub user: String,
     pub prompt: String,
+    /// Sent back to the server with the answer (empty: none).
     pub state: Vec<u8>,
+    /// Set when this asks for the group's second factor: what the first
+    /// granted.
+    pub first: Option<crate::auth::Grant>,
 }
 
 /// Why a login is refused before its password is checked.

@@ -45,6 +45,8 @@ pub enum Step {
         user: String,
         password: String,
         state: Option<Vec<u8>>,
+        /// Which check: the group's method, or its second factor.
+        factor: Factor,
     },
     /// Ask for a second factor: show `prompt` and one hidden input.
     Challenge {
@@ -68,6 +70,18 @@ pub enum Step {
         grant: Grant,
     },
 }
+
+/// Which of a group's checks a password goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    /// The group's method (`[[group]] method`, else `auth.method`).
+    First,
+    /// Its `second_factor`, after the first passed.
+    Second,
+}
+
+/// The prompt of a group's second factor.
+pub const SECOND_FACTOR_PROMPT: &str = "Enter your one-time code";
 
 /// What checking a password found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +187,7 @@ pub struct Checking {
     pub handle: String,
     pub group: String,
     pub user: String,
+    pub factor: Factor,
 }
 
 /// The form error a login that ended meanwhile gets.
@@ -310,12 +325,18 @@ impl LoginFlow {
             if let Err(refused) = self.guard.may_try(&ch.user, ctx.peer, ctx.now) {
                 return Step::Refused(refused);
             }
+            let factor = if ch.first.is_some() {
+                Factor::Second
+            } else {
+                Factor::First
+            };
             return Step::Verify {
                 handle,
                 group,
                 user: ch.user,
                 password: answer,
-                state: Some(ch.state),
+                state: (!ch.state.is_empty()).then_some(ch.state),
+                factor,
             };
         }
         let group = match r.group_select.as_deref() {
@@ -344,6 +365,7 @@ impl LoginFlow {
                 handle,
                 group,
                 user: client_string(&user),
+                factor: Factor::First,
             };
             return self.failed(check, false, FailReason::InvalidName, None, ctx, events);
         }
@@ -367,6 +389,7 @@ impl LoginFlow {
                     handle,
                     group,
                     user: client_string(&user),
+                    factor: Factor::First,
                 };
                 return self.failed(check, false, reason, Some(message), ctx, events);
             }
@@ -380,6 +403,7 @@ impl LoginFlow {
             user,
             password,
             state: None,
+            factor: Factor::First,
         }
     }
 
@@ -390,15 +414,46 @@ impl LoginFlow {
         ctx: Ctx,
         events: &mut Vec<LoginEvent>,
     ) -> Step {
+        // What the first factor granted, while the second is checked.
+        let first = self
+            .guard
+            .get(&c.handle, ctx.now)
+            .and_then(|p| p.challenge.as_ref())
+            .and_then(|ch| ch.first.clone());
         let (reason, message) = match verdict.into() {
             Verdict::Accept(grant) => {
+                let second = self.find_group(&c.group).and_then(|g| g.second_factor);
+                if c.factor == Factor::First && second.is_some() {
+                    let challenge = Challenge {
+                        user: c.user,
+                        prompt: SECOND_FACTOR_PROMPT.into(),
+                        state: Vec::new(),
+                        first: Some(grant),
+                    };
+                    if !self.guard.set_challenge(&c.handle, Some(challenge)) {
+                        return self.expired(ctx);
+                    }
+                    return Step::Challenge {
+                        handle: c.handle,
+                        group: c.group,
+                        prompt: SECOND_FACTOR_PROMPT.into(),
+                        error: None,
+                    };
+                }
+                if c.factor == Factor::Second && first.is_none() {
+                    // The first factor's grant is gone with the login.
+                    return self.expired(ctx);
+                }
                 if !self.guard.succeeded(&c.handle, &c.user, ctx.peer, ctx.now) {
                     return self.expired(ctx);
                 }
                 return Step::Authenticated {
                     group: c.group,
                     user: c.user,
-                    grant,
+                    grant: match first {
+                        Some(first) => first.with_second(grant),
+                        None => grant,
+                    },
                 };
             }
             Verdict::Challenge { prompt, state } => {
@@ -406,6 +461,11 @@ impl LoginFlow {
                     user: c.user,
                     prompt: prompt.clone(),
                     state,
+                    first: if c.factor == Factor::Second {
+                        first
+                    } else {
+                        None
+                    },
                 };
                 if !self.guard.set_challenge(&c.handle, Some(challenge)) {
                     return self.expired(ctx);
@@ -526,6 +586,7 @@ mod tests {
             handle,
             group,
             user,
+            factor,
             ..
         } = step
         else {
@@ -536,6 +597,7 @@ mod tests {
                 handle,
                 group,
                 user,
+                factor,
             },
             result,
             ctx(now, "new"),
@@ -636,11 +698,13 @@ mod tests {
                 handle,
                 group,
                 user,
+                factor,
                 ..
             } => Checking {
                 handle,
                 group,
                 user,
+                factor,
             },
             other => panic!("{other:?}"),
         };
@@ -731,6 +795,7 @@ mod tests {
             handle,
             group,
             user,
+            factor,
             ..
         } = step
         else {
@@ -742,6 +807,7 @@ mod tests {
                 handle,
                 group,
                 user,
+                factor,
             },
             verdict,
             ctx(now, "new"),
@@ -783,6 +849,7 @@ mod tests {
                 user: "alice".into(),
                 password: "123456".into(),
                 state: Some(b"s1".to_vec()),
+                factor: Factor::First,
             }
         );
         // Challenges may follow each other (a new PIN, then a code).
@@ -855,5 +922,111 @@ mod tests {
             );
         }
         assert!(ev.is_empty());
+    }
+
+    /// A flow whose one group has a second factor, with carol's password
+    /// sent: her first check.
+    fn contractor_carol() -> (Instant, LoginFlow, Vec<LoginEvent>, Step) {
+        let now = Instant::now();
+        let mut f = LoginFlow::new(
+            &Limits::default(),
+            &AuthConfig::default(),
+            vec![GroupConfig {
+                second_factor: Some(crate::config::AuthMethod::Radius),
+                ..GroupConfig::named("contractors")
+            }],
+        );
+        let mut ev = Vec::new();
+        f.init(None, "/", ctx(now, "k"));
+        let step = f.reply(reply("k", "carol", "pw"), ctx(now, "n"), &mut ev);
+        (now, f, ev, step)
+    }
+
+    #[test]
+    fn a_second_factor_follows_the_password_and_keeps_its_grant() {
+        let (now, mut f, mut ev, step) = contractor_carol();
+        assert!(matches!(
+            step,
+            Step::Verify {
+                factor: Factor::First,
+                ..
+            }
+        ));
+        let ldap = Grant {
+            source: crate::auth::AuthSource::Ldap,
+            own_policy: Some("engineering".into()),
+            ..Grant::default()
+        };
+        // The password passed: the code is asked for, not a session made.
+        let step = verify(&mut f, step, Verdict::Accept(ldap.clone()), &mut ev);
+        assert!(
+            matches!(&step, Step::Challenge { prompt, .. } if prompt == SECOND_FACTOR_PROMPT),
+            "{step:?}"
+        );
+        let mut code = reply("k", "", "");
+        code.answer = Some("654321".into());
+        let step = f.reply(code.clone(), ctx(now, "n"), &mut ev);
+        assert!(
+            matches!(&step, Step::Verify { factor: Factor::Second, user, state: None, .. } if user == "carol"),
+            "{step:?}"
+        );
+        // The OTP server challenges once more (state kept, still the second
+        // factor), then accepts with a Class: the session is the first
+        // factor's, with the policy it granted.
+        let challenge = Verdict::Challenge {
+            prompt: "Next code".into(),
+            state: b"s2".to_vec(),
+        };
+        assert!(matches!(
+            verify(&mut f, step, challenge, &mut ev),
+            Step::Challenge { .. }
+        ));
+        let step = f.reply(code, ctx(now, "n"), &mut ev);
+        assert!(matches!(
+            step,
+            Step::Verify {
+                factor: Factor::Second,
+                ..
+            }
+        ));
+        let otp = Grant {
+            source: crate::auth::AuthSource::Radius,
+            class: vec![b"c".to_vec()],
+            ..Grant::default()
+        };
+        assert_eq!(
+            verify(&mut f, step, Verdict::Accept(otp), &mut ev),
+            Step::Authenticated {
+                group: "contractors".into(),
+                user: "carol".into(),
+                grant: Grant {
+                    class: vec![b"c".to_vec()],
+                    ..ldap
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn a_wrong_second_factor_starts_over_at_the_password() {
+        let (now, mut f, mut ev, step) = contractor_carol();
+        verify(&mut f, step, Verdict::Accept(Grant::default()), &mut ev);
+        let mut code = reply("k", "", "");
+        code.answer = Some("000000".into());
+        let step = f.reply(code, ctx(now, "n"), &mut ev);
+        let step = verify(&mut f, step, Verdict::Rejected { message: None }, &mut ev);
+        assert!(
+            matches!(step, Step::Form { error: Some(_), .. }),
+            "{step:?}"
+        );
+        // The next reply is the password again, for the first factor.
+        let step = f.reply(reply("k", "carol", "pw"), ctx(now, "n"), &mut ev);
+        assert!(matches!(
+            step,
+            Step::Verify {
+                factor: Factor::First,
+                ..
+            }
+        ));
     }
 }

@@ -68,3 +68,23 @@ impl<E: std::error::Error> std::fmt::Display for Unavailable<E> {
         Ok(())
     }
 }
+
+impl Grant {
+    /// A first factor's grant with what the second factor's server said
+    /// on top: its policy, address, timeouts and Class where it gave
+    /// them. The session stays the first factor's (its source).
+    pub fn with_second(self, second: Grant) -> Grant {
+        Grant {
+            source: self.source,
+            own_policy: second.own_policy.or(self.own_policy),
+            framed_v4: second.framed_v4.or(self.framed_v4),
+            session_timeout: second.session_timeout.or(self.session_timeout),
+            idle_timeout: second.idle_timeout.or(self.idle_timeout),
+            class: if second.class.is_empty() {
+                self.class
+            } else {
+                second.class
+            },
+        }
+    }
+}

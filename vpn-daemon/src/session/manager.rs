@@ -169,6 +169,18 @@ impl SessionManager {
         let _ = self.accounting.set(a);
     }
 
+    /// What accounting sent, when it is on.
+    pub fn accounting_stats(&self) -> Option<crate::api::AccountingStats> {
+        let c = &self.accounting.get()?.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Some(crate::api::AccountingStats {
+            sent: n(&c.sent),
+            failed: n(&c.failed),
+            dropped: n(&c.dropped),
+            pending: n(&c.pending),
+        })
+    }
+
     /// An accounting record of `s` with `stats`.
     fn account(
         &self,

@@ -179,6 +179,12 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             p.up_delayed, p.down_delayed, p.dropped
         );
     }
+    if let Some(a) = &stats.accounting {
+        println!(
+            "RADIUS accounting: {} records sent, {} not taken by any server, {} dropped (queue full), {} waiting",
+            a.sent, a.failed, a.dropped, a.pending
+        );
+    }
     let r = &stats.tls_reads;
     println!(
         "TLS tunnel reads: {} wake-ups, {:.1} KB each, batching started {} times, {} tail stalls",
