@@ -241,6 +241,20 @@ mod tests {
             Some("carol@example.org")
         );
         assert_eq!(user_name(&c, CertName::Upn), None);
+        // A Microsoft PKI's user certificate: the UPN as a SAN otherName.
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Carol C");
+        p.subject_alt_names = vec![rcgen::SanType::OtherName((
+            vec![1, 3, 6, 1, 4, 1, 311, 20, 2, 3],
+            rcgen::OtherNameValue::Utf8String("carol@corp.example".into()),
+        ))];
+        let c = cert(p);
+        assert_eq!(
+            user_name(&c, CertName::Upn).as_deref(),
+            Some("carol@corp.example")
+        );
+        assert_eq!(user_name(&c, CertName::Cn).as_deref(), Some("Carol C"));
         let bare = cert(rcgen::CertificateParams::new(vec![]).unwrap());
         assert_eq!(user_name(&bare, CertName::Email), None);
         assert_eq!(user_name(b"not a certificate", CertName::Cn), None);
