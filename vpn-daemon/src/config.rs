@@ -78,10 +78,32 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     #[serde(default)]
     pub failover: FailoverConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Group policies (`[[group_policy]]`, see `policy.rs` for the fields).
     /// `vpnctl reload` applies changes to these and to `[policy]` live.
     #[serde(default, rename = "group_policy")]
     pub group_policies: Vec<GroupPolicyConfig>,
+}
+
+/// `[metrics]`: the Prometheus endpoint (`GET /metrics`, OpenMetrics
+/// text). Keep it on a management address: it tells who is connected.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// `IP:port`. Default `127.0.0.1:9810` (loopback only).
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9810)),
+        }
+    }
 }
 
 /// `[dtls]`: the UDP data channel. Clients carry data over DTLS when UDP
@@ -1101,6 +1123,8 @@ pub struct Settings {
     pub uplinks: Vec<UplinkConfig>,
     /// `[failover]`.
     pub failover: FailoverConfig,
+    /// `[metrics]` listen address, when enabled.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `[tls]`, defaults applied.
@@ -1574,6 +1598,7 @@ impl Config {
             dtls,
             uplinks: self.uplinks.clone(),
             failover: self.failover.clone(),
+            metrics: self.metrics.enabled.then_some(self.metrics.listen),
             raw: self,
         })
     }
@@ -1843,6 +1868,7 @@ impl Settings {
             ("dtls", a.dtls == b.dtls),
             ("uplink", a.uplinks == b.uplinks),
             ("failover", a.failover == b.failover),
+            ("metrics", a.metrics == b.metrics),
         ]
         .into_iter()
         .filter_map(|(name, same)| (!same).then_some(name))

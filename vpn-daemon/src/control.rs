@@ -76,7 +76,8 @@ impl Gateway {
             .collect()
     }
 
-    fn stats(&self) -> Stats {
+    /// Every figure of `vpnctl stats`, now.
+    pub fn stats(&self) -> Stats {
         let (pool_in_use, pool_capacity) = self.sessions.pool_usage();
         Stats {
             sessions: self.sessions.table().len(),
@@ -104,6 +105,27 @@ impl Gateway {
             admission: self.admission_stats(),
             accounting: self.sessions.accounting_stats(),
         }
+    }
+
+    /// `(policy, rule number, hits)` of the first `max` rules of each
+    /// installed policy.
+    pub fn rule_hits(&self, max: usize) -> Vec<(String, usize, u64)> {
+        let set = self.sessions.policies();
+        let all = set.all();
+        drop(set);
+        let dp = self.sessions.datapath().lock();
+        all.iter()
+            .flat_map(|p| {
+                let n = p.def.rules.len().min(max);
+                (0..n).map(|i| {
+                    (
+                        p.def.name.clone(),
+                        i + 1,
+                        dp.rule_hits(p.first_slot + i as u32),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn policy_row(&self, p: &crate::policies::Installed, default: Option<&str>) -> PolicyRow {

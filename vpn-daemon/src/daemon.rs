@@ -107,9 +107,11 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     };
     let admission = Arc::new(crate::auth::admission::Counters::default());
     let connections = crate::auth::admission::Connections::new(&settings.limits);
+    let latencies = Arc::new(crate::telemetry::Latencies::default());
     let login = LoginService::new(
         &settings,
         crate::login::Backends::from_settings(&settings)?,
+        latencies.clone(),
         users.clone(),
         sessions.clone(),
         events.clone(),
@@ -128,6 +130,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         admission.clone(),
         login.clone(),
         tunnels.clone(),
+        latencies.clone(),
     );
     let gw = Arc::new(Gateway {
         settings: settings.clone(),
@@ -144,6 +147,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         dtls,
         uplinks: std::sync::OnceLock::new(),
         client_certs,
+        latencies,
     });
 
     // Uplinks: routing tables, rules, the nft table and health checks.
@@ -182,6 +186,11 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     });
     if let Some(r) = &settings.radius {
         crate::session::dynamic_auth::start(r, gw.sessions.clone()).await?;
+    }
+    if let Some(addr) = settings.metrics {
+        let l = crate::metrics::bind(addr).await?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(gw.clone(), l));
     }
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));

@@ -72,6 +72,8 @@ pub struct Gateway {
     pub dtls: Option<Arc<DtlsServer>>,
     /// The uplinks, when `[[uplink]]`s are configured.
     pub uplinks: std::sync::OnceLock<Arc<Uplinks>>,
+    /// Latency histograms the services fill in (the metrics endpoint).
+    pub latencies: Arc<crate::telemetry::Latencies>,
     /// The client certificate verifier, when `tls.client_ca_file` is set
     /// (its CRLs follow reloads).
     pub client_certs: Option<Arc<crate::transport::client_cert::ClientVerifier>>,

@@ -17,6 +17,7 @@ const LEAVES: &[&str] = &[
     "events",
     "mac",
     "unix_users",
+    "telemetry",
 ];
 
 /// The top-level modules each top-level module uses.

@@ -51,6 +51,7 @@ mod hostile_input_tests;
 mod layering_tests;
 pub mod login;
 pub mod mac;
+pub mod metrics;
 pub mod net;
 pub mod packet;
 pub mod paths;
@@ -58,6 +59,7 @@ pub mod policies;
 pub mod policy;
 pub mod proto;
 pub mod session;
+pub mod telemetry;
 pub mod transport;
 pub mod unix_users;
 

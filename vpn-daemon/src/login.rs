@@ -96,6 +96,10 @@ pub struct LoginService {
     verifier: Verifier,
     users: Arc<UserDb>,
     backends: RwLock<Arc<Backends>>,
+    /// Logins by result (success, failure reasons, unavailable, refused):
+    /// keys from the gateway's own names, so few.
+    outcomes: Mutex<std::collections::BTreeMap<String, u64>>,
+    latencies: Arc<crate::telemetry::Latencies>,
     sessions: Arc<SessionManager>,
     events: Arc<EventLog>,
     /// Login and password-check refusals (`vpnctl stats`).
@@ -116,6 +120,7 @@ impl LoginService {
     pub fn new(
         settings: &Settings,
         backends: Backends,
+        latencies: Arc<crate::telemetry::Latencies>,
         users: Arc<UserDb>,
         sessions: Arc<SessionManager>,
         events: Arc<EventLog>,
@@ -130,6 +135,8 @@ impl LoginService {
             verifier: Verifier::new(&settings.limits),
             users,
             backends: RwLock::new(Arc::new(backends)),
+            outcomes: Mutex::default(),
+            latencies,
             sessions,
             events,
             counters,
@@ -139,6 +146,19 @@ impl LoginService {
             login_secs: settings.auth.timeout_secs,
             lockout_window_secs: settings.limits.lockout_window_secs,
         })
+    }
+
+    /// Logins so far by result, for the metrics.
+    pub fn outcomes(&self) -> Vec<(String, u64)> {
+        self.outcomes
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    fn outcome(&self, result: &str) {
+        *self.outcomes.lock().entry(result.to_owned()).or_default() += 1;
     }
 
     /// Makes `b` check the passwords of new logins (a reload).
@@ -218,7 +238,14 @@ impl LoginService {
                     other => self.answer_login(other),
                 }
             }
-            "auth-reply" => self.auth_reply(req, msg, peer, cert_user).await,
+            "auth-reply" => {
+                let started = Instant::now();
+                let resp = self.auth_reply(req, msg, peer, cert_user).await;
+                self.latencies
+                    .login
+                    .observe(started.elapsed().as_secs_f64());
+                resp
+            }
             "logout" => {
                 if let Some(s) = msg
                     .session_token
@@ -311,6 +338,9 @@ impl LoginService {
     fn log_login_events(&self, events: Vec<LoginEvent>, peer: SocketAddr) {
         let window_secs = self.lockout_window_secs;
         for e in events {
+            if let LoginEvent::Failed { reason, .. } = &e {
+                self.outcome(&reason.to_string());
+            }
             self.events.emit(match e {
                 LoginEvent::Failed { user, reason } => Event::AuthenticationFailed {
                     user,
@@ -428,6 +458,7 @@ impl LoginService {
         }
         match self.sessions.create(&user, group, &grant, peer.ip()) {
             Ok((session, cookie)) => {
+                self.outcome("success");
                 tracing::info!(parent: &session.span, %peer, "login succeeded");
                 Response::xml(auth_xml::complete(
                     session.id,
@@ -441,6 +472,7 @@ impl LoginService {
                 )
             }
             Err(refused) => {
+                self.outcome("refused");
                 let reason = refused.to_string();
                 self.events.emit(Event::LoginRefused {
                     user,
@@ -489,6 +521,7 @@ impl LoginService {
             )),
         };
         if let Some(servers) = unavailable {
+            self.outcome("unavailable");
             tracing::error!(%peer, "login of {user} not checked: {servers}");
             self.events.emit(Event::AuthenticationUnavailable {
                 user: crate::proto::client_string(user),

@@ -136,6 +136,8 @@ pub struct SessionManager {
     /// Spoofed packets of sessions that have ended (live sessions count
     /// their own).
     ended_spoofed: AtomicU64,
+    /// The counters of sessions that ended (metrics count from start).
+    ended_traffic: Mutex<vpn_common::SessionStats>,
 }
 
 impl SessionManager {
@@ -159,6 +161,7 @@ impl SessionManager {
             on_end: OnceLock::new(),
             accounting: OnceLock::new(),
             ended_spoofed: AtomicU64::new(0),
+            ended_traffic: Mutex::default(),
         });
         m.apply_policies(settings)?;
         Ok(m)
@@ -167,6 +170,19 @@ impl SessionManager {
     /// Sends every session's accounting to `a` from now on (set once).
     pub fn set_accounting(&self, a: Arc<Accounting>) {
         let _ = self.accounting.set(a);
+    }
+
+    /// Traffic of every session since start: the ended ones' and the
+    /// live ones' counters.
+    pub fn traffic_totals(&self) -> vpn_common::SessionStats {
+        let mut t = *self.ended_traffic.lock();
+        let dp = self.datapath.lock();
+        for s in self.table.all() {
+            for a in s.addresses() {
+                t.add(&dp.session_stats(a));
+            }
+        }
+        t
     }
 
     /// What accounting sent, when it is on.
@@ -604,6 +620,7 @@ impl SessionManager {
         self.pool.lock().release(s.lease.v4);
         self.ended_spoofed
             .fetch_add(s.spoofed_dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.ended_traffic.lock().add(&stats);
         self.account(&s, accounting::Status::Stop, &stats, Some(reason.clone()));
         self.events.emit(Event::ClientDisconnected {
             session_id: s.id,

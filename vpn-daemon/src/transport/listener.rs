@@ -36,6 +36,7 @@ pub struct Listener {
     tunnels: Arc<TunnelService>,
     /// Where a client certificate's user name comes from.
     cert_name: crate::config::CertName,
+    latencies: Arc<crate::telemetry::Latencies>,
 }
 
 impl Listener {
@@ -45,6 +46,7 @@ impl Listener {
         counters: Arc<admission::Counters>,
         login: Arc<LoginService>,
         tunnels: Arc<TunnelService>,
+        latencies: Arc<crate::telemetry::Latencies>,
     ) -> Arc<Self> {
         let l = &settings.limits;
         Arc::new(Listener {
@@ -56,6 +58,7 @@ impl Listener {
             login,
             tunnels,
             cert_name: settings.tls.client_username,
+            latencies,
         })
     }
 
@@ -115,6 +118,9 @@ impl Listener {
             .await
             .map_err(|_| ConnectionError::HandshakeTimeout(timeout))?
             .map_err(ConnectionError::Handshake)?;
+        self.latencies
+            .tls_handshake
+            .observe(opened.elapsed().as_secs_f64());
         // Each CSTP frame must go out as exactly one TLS record: with no
         // buffer limit, rustls takes every write whole and seals it as one
         // record (frames are smaller than the record size limit).
