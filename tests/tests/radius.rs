@@ -59,6 +59,28 @@ fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
     assert_eq!(s[0]["user"], "alice");
     // Filter-Id names the policy, over the default "staff".
     assert_eq!(s[0]["group_policy"], "engineering");
+    // vpnctl show says what the client was pushed, and who let it in.
+    let shown: serde_json::Value =
+        serde_json::from_str(&gw.vpnctl(&["show", "alice", "--json"]).unwrap()).unwrap();
+    let d = &shown[0];
+    assert_eq!(d["authenticated_by"], "radius");
+    assert_eq!(d["login_from"], CLIENT_OUTSIDE);
+    assert_eq!(
+        d["pushed"]["address"].as_str().unwrap().split('/').next(),
+        Some(env["INTERNAL_IP4_ADDRESS"].as_str())
+    );
+    assert_eq!(
+        d["pushed"]["idle_timeout_secs"].to_string(),
+        env["IDLE_TIMEOUT"]
+    );
+    assert_eq!(d["pushed"]["session_timeout_secs"], 3600);
+    let left = d["timers"]["session_left_secs"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&left), "{left}");
+    assert!(d["timers"]["idle_left_secs"].as_u64().unwrap() <= 900);
+    assert!(d["timers"]["disconnected_left_secs"].is_null());
+    let text = gw.vpnctl(&["show", ALICE_FRAMED_IP]).unwrap();
+    assert!(text.contains("authenticated by radius"), "{text}");
+    assert!(gw.vpnctl(&["show", "nobody"]).is_err());
 
     // A user without Filter-Id gets the default policy.
     let mut bob = Client::start_in(&topo.client2, &gw, "bob", "bob-pw", &[]).unwrap();

@@ -25,6 +25,11 @@ pub enum Request {
     },
     /// The uplinks: health, role, traffic.
     Uplinks,
+    /// Everything about the sessions of a user name, or the session
+    /// holding an address.
+    Show {
+        target: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +56,9 @@ pub enum Response {
     },
     Uplinks {
         uplinks: Vec<UplinkRow>,
+    },
+    Show {
+        details: Vec<SessionDetail>,
     },
     Error {
         error: String,
@@ -89,6 +97,56 @@ pub struct SessionRow {
     /// address, dropped before the tunnel device.
     #[serde(default)]
     pub spoofed_dropped: u64,
+}
+
+/// `vpnctl show`: one session whole.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionDetail {
+    pub session: SessionRow,
+    /// "local", "radius", "ldap" or "certificate".
+    pub authenticated_by: String,
+    /// The client's public address at login.
+    pub login_from: String,
+    /// What the client was told at CONNECT.
+    pub pushed: Pushed,
+    /// Seconds until each timer ends the session.
+    pub timers: Timers,
+    /// The rules of its policy, with their hits (all sessions of the
+    /// policy together).
+    pub rules: Vec<RuleRow>,
+}
+
+/// What CONNECT told a client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pushed {
+    /// `address/prefix`.
+    pub address: String,
+    pub address6: Option<String>,
+    pub dns: Vec<String>,
+    pub default_domain: Option<String>,
+    /// "all", "include" or "exclude".
+    pub routing: String,
+    /// The split networks (include or exclude).
+    pub routes: Vec<String>,
+    pub local_lan_access: bool,
+    pub mtu: u16,
+    pub session_timeout_secs: u64,
+    /// 0 = none.
+    pub idle_timeout_secs: u64,
+    pub disconnected_timeout_secs: u64,
+    pub dpd_secs: u64,
+    pub keepalive_secs: u64,
+    pub banner: Option<String>,
+}
+
+/// Seconds left until a timer ends a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timers {
+    pub session_left_secs: u64,
+    /// None: no idle timeout.
+    pub idle_left_secs: Option<u64>,
+    /// While no tunnel is up.
+    pub disconnected_left_secs: Option<u64>,
 }
 
 /// One row of `vpnctl policy list`.

@@ -21,7 +21,9 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::api::{PolicyRow, Request, Response, RuleRow, SessionRow, Stats};
+use crate::api::{
+    PolicyRow, Pushed, Request, Response, RuleRow, SessionDetail, SessionRow, Stats, Timers,
+};
 use crate::{gateway::Gateway, mac::format_mac};
 
 impl Gateway {
@@ -72,6 +74,91 @@ impl Gateway {
                     pseudo_mac: format_mac(&s.mac),
                     spoofed_dropped: s.spoofed_dropped.load(Ordering::Relaxed),
                 }
+            })
+            .collect()
+    }
+
+    /// `vpnctl show TARGET`: the sessions of a user name, or the one
+    /// holding an address.
+    pub fn show(&self, target: &str) -> Vec<SessionDetail> {
+        let ip: Option<std::net::IpAddr> = target.parse().ok();
+        let rows = self.session_rows();
+        let now = std::time::Instant::now();
+        self.sessions
+            .table()
+            .all()
+            .into_iter()
+            .filter(|s| match ip {
+                Some(ip) => s.addresses().any(|a| a == ip),
+                None => s.user == target,
+            })
+            .filter_map(|s| {
+                let row = rows.iter().find(|r| r.id == s.id)?.clone();
+                let p = s.tunnel_params(&self.settings.tunnel);
+                let (routing, routes) = match &p.routing {
+                    crate::config::Routing::All => ("all", &[][..]),
+                    crate::config::Routing::Include(n) => ("include", &n[..]),
+                    crate::config::Routing::Exclude(n) => ("exclude", &n[..]),
+                };
+                let age = now.saturating_duration_since(s.started);
+                let idle_for = age.saturating_sub(std::time::Duration::from_millis(
+                    s.last_activity_ms.load(Ordering::Relaxed),
+                ));
+                let limits = s.own_timeouts.apply(&self.sessions.limits().timeouts);
+                let down_since = s.tunnel.lock().down_since;
+                let policy = s.policy.lock().effective.clone();
+                Some(SessionDetail {
+                    session: row,
+                    authenticated_by: format!("{:?}", s.auth_source).to_lowercase(),
+                    login_from: s.login_from.to_string(),
+                    pushed: Pushed {
+                        address: format!("{}/{}", s.lease.v4, self.settings.pool_v4.prefix_len()),
+                        address6: s.lease.v6.zip(p.prefix_v6).map(|(a, l)| format!("{a}/{l}")),
+                        dns: p.dns.iter().map(ToString::to_string).collect(),
+                        default_domain: p.default_domain.clone(),
+                        routing: routing.into(),
+                        routes: routes.iter().map(ToString::to_string).collect(),
+                        local_lan_access: p.local_lan_access,
+                        mtu: p.mtu,
+                        session_timeout_secs: p.session_timeout.as_secs(),
+                        idle_timeout_secs: p.idle_timeout_secs,
+                        disconnected_timeout_secs: p.disconnected_timeout_secs,
+                        dpd_secs: p.dpd_secs,
+                        keepalive_secs: p.keepalive_secs,
+                        banner: p.banner.clone(),
+                    },
+                    timers: Timers {
+                        session_left_secs: limits.session.saturating_sub(age).as_secs(),
+                        idle_left_secs: (!limits.idle.is_zero())
+                            .then(|| limits.idle.saturating_sub(idle_for).as_secs()),
+                        disconnected_left_secs: down_since.map(|d| {
+                            limits
+                                .disconnected
+                                .saturating_sub(now.saturating_duration_since(d))
+                                .as_secs()
+                        }),
+                    },
+                    rules: policy
+                        .and_then(|n| self.sessions.policies().get(&n))
+                        .map(|p| self.rule_rows(&p))
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// The rules of policy `p` with their hits.
+    fn rule_rows(&self, p: &crate::policies::Installed) -> Vec<RuleRow> {
+        let dp = self.sessions.datapath().lock();
+        p.def
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RuleRow {
+                index: i + 1,
+                rule: r.describe(),
+                comment: r.comment.clone(),
+                hits: dp.rule_hits(p.first_slot + i as u32),
             })
             .collect()
     }
@@ -212,28 +299,18 @@ impl Gateway {
                             names.join(", ")
                         ),
                     },
-                    Some(p) => {
-                        let dp = self.sessions.datapath().lock();
-                        let rules = p
-                            .def
-                            .rules
-                            .iter()
-                            .enumerate()
-                            .map(|(i, r)| RuleRow {
-                                index: i + 1,
-                                rule: r.describe(),
-                                comment: r.comment.clone(),
-                                hits: dp.rule_hits(p.first_slot + i as u32),
-                            })
-                            .collect();
-                        drop(dp);
-                        Response::Policy {
-                            policy: self.policy_row(&p, default.as_deref()),
-                            rules,
-                        }
-                    }
+                    Some(p) => Response::Policy {
+                        policy: self.policy_row(&p, default.as_deref()),
+                        rules: self.rule_rows(&p),
+                    },
                 }
             }
+            Ok(Request::Show { target }) => match self.show(&target) {
+                d if d.is_empty() => Response::Error {
+                    error: format!("no session of a user or at an address '{target}'"),
+                },
+                details => Response::Show { details },
+            },
             Ok(Request::Disconnect { target }) => match self.sessions.disconnect(&target) {
                 Ok(n) => Response::Disconnected { disconnected: n },
                 Err(e) => Response::Error {

@@ -254,6 +254,11 @@ impl SessionManager {
         let _ = self.on_end.set(hook);
     }
 
+    /// The limits it enforces (the configured timeouts among them).
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
     /// The session table (lookups by cookie, address, id).
     pub fn table(&self) -> &Arc<SessionTable> {
         &self.table

@@ -34,6 +34,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Everything about the sessions of USER, or the session at ADDRESS:
+    /// what the client was pushed, who authenticated it, its policy's
+    /// rules and hits, counters, transport, and the time each timer has
+    /// left.
+    Show {
+        /// A user name or a VPN address.
+        target: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Uplinks: state (carrier and probe), active or standby, probe RTT and
     /// losses, interface bytes.
     Uplinks {

@@ -1,4 +1,5 @@
-//! `vpnctl sessions|disconnect|stats`: requests to the running daemon.
+//! `vpnctl sessions|show|disconnect|stats|uplinks`: requests to the running
+//! daemon.
 
 use std::path::Path;
 
@@ -193,6 +194,101 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
         r.batching_started,
         r.tail_stalls
     );
+    Ok(())
+}
+
+pub fn show(socket: &Path, target: &str, json: bool) -> anyhow::Result<()> {
+    let details = match call(
+        socket,
+        Request::Show {
+            target: target.to_owned(),
+        },
+    )? {
+        Response::Show { details } => details,
+        _ => bail!("unexpected answer from vpnd"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&details)?);
+        return Ok(());
+    }
+    let secs = |s: Option<u64>| s.map_or("-".to_owned(), |s| format!("{s}s"));
+    for d in &details {
+        let s = &d.session;
+        let p = &d.pushed;
+        println!("session {} of {} (group {})", s.id, s.user, s.group);
+        println!(
+            "  state        {} over {}, since {}, from {} (authenticated by {})",
+            s.state, s.transport, s.since, d.login_from, d.authenticated_by
+        );
+        println!(
+            "  address      {}{}",
+            p.address,
+            p.address6
+                .as_ref()
+                .map(|a| format!(", {a}"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  routing      {}{}{}",
+            p.routing,
+            if p.routes.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", p.routes.join(", "))
+            },
+            if p.local_lan_access {
+                " (local LAN access)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "  dns          {}{}",
+            if p.dns.is_empty() {
+                "-".to_owned()
+            } else {
+                p.dns.join(", ")
+            },
+            p.default_domain
+                .as_ref()
+                .map(|d| format!(" (domain {d})"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  timers       session {}s, idle {}, disconnected {}s, DPD {}s, keepalive {}s, MTU {}",
+            p.session_timeout_secs,
+            secs((p.idle_timeout_secs > 0).then_some(p.idle_timeout_secs)),
+            p.disconnected_timeout_secs,
+            p.dpd_secs,
+            p.keepalive_secs,
+            p.mtu
+        );
+        println!(
+            "  time left    session {}, idle {}, disconnected {}",
+            secs(Some(d.timers.session_left_secs)),
+            secs(d.timers.idle_left_secs),
+            secs(d.timers.disconnected_left_secs)
+        );
+        println!(
+            "  traffic      in {} bytes / {} packets, out {} bytes / {} packets, denied {} in / {} out, spoofed {}",
+            s.bytes_in,
+            s.packets_in,
+            s.bytes_out,
+            s.packets_out,
+            s.denied_in,
+            s.denied_out,
+            s.spoofed_dropped
+        );
+        println!(
+            "  policy       {}",
+            s.group_policy
+                .as_deref()
+                .unwrap_or("- (everything allowed)")
+        );
+        for r in &d.rules {
+            println!("    {:>3}. {:<48} {:>10} hits", r.index, r.rule, r.hits);
+        }
+    }
     Ok(())
 }
 
