@@ -250,3 +250,68 @@ fn tls12_only_clients_are_served() {
     assert!(c.log().contains("(TLS1.2)"), "{}", c.log());
     assert!(topo.client.ping(SERVER, 2));
 }
+
+#[test]
+fn vpnctl_events_lists_filters_and_follows() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let mut bad = Client::start(&topo, &gw, "alice", "wrong", &[]).unwrap();
+    bad.wait_exit(Duration::from_secs(20)).unwrap();
+
+    // Follow the connects from now on, in the background.
+    let mut follow = std::process::Command::new(bin_dir().join("vpnctl"))
+        .arg("--socket")
+        .arg(&gw.socket)
+        .args(["events", "--follow", "--json", "--type", "client_connected"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    let line = rx.recv_timeout(Duration::from_secs(10));
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let followed: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+    assert_eq!(followed["event"], "client_connected");
+    assert_eq!(followed["user"], "alice");
+
+    // Filtered by type and user, in JSON and as text.
+    let json = gw
+        .vpnctl(&[
+            "events",
+            "--json",
+            "--type",
+            "authentication_failed",
+            "--user",
+            "alice",
+            "--since",
+            "1h",
+        ])
+        .unwrap();
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{json}");
+    assert_eq!(lines[0]["reason"], "wrong password");
+    let text = gw.vpnctl(&["events", "--user", "alice"]).unwrap();
+    assert!(text.contains("authentication_failed"), "{text}");
+    assert!(text.contains("client_connected"), "{text}");
+    assert!(
+        gw.vpnctl(&["events", "--user", "nobody"])
+            .unwrap()
+            .is_empty()
+    );
+    assert!(gw.vpnctl(&["events", "--since", "yesterday-ish"]).is_err());
+}

@@ -30,6 +30,29 @@ pub enum Request {
     Show {
         target: String,
     },
+    /// Events of the event log, oldest first.
+    Events(EventQuery),
+}
+
+/// Which events `vpnctl events` wants.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventQuery {
+    /// Byte offset in the log to read from (the `next` of an earlier
+    /// answer: `--follow`); None = the last `limit` that match.
+    #[serde(default)]
+    pub from: Option<u64>,
+    /// Only events of this user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Only events of this type (`client_connected`, ...).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Only events at or after this time (RFC 3339).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// At most this many, the newest.
+    #[serde(default)]
+    pub limit: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +82,11 @@ pub enum Response {
     },
     Show {
         details: Vec<SessionDetail>,
+    },
+    Events {
+        events: Vec<serde_json::Value>,
+        /// Where the next `--follow` read starts.
+        next: u64,
     },
     Error {
         error: String,

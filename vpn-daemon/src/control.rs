@@ -22,7 +22,8 @@ use tokio::{
 };
 
 use crate::api::{
-    PolicyRow, Pushed, Request, Response, RuleRow, SessionDetail, SessionRow, Stats, Timers,
+    EventQuery, PolicyRow, Pushed, Request, Response, RuleRow, SessionDetail, SessionRow, Stats,
+    Timers,
 };
 use crate::{gateway::Gateway, mac::format_mac};
 
@@ -161,6 +162,61 @@ impl Gateway {
                 hits: dp.rule_hits(p.first_slot + i as u32),
             })
             .collect()
+    }
+
+    /// `vpnctl events`: the events of the log that `q` asks for, and where
+    /// the log ends now. Reads at most the log's last 8 MiB (from
+    /// `q.from` when set).
+    pub fn events(&self, q: &EventQuery) -> Result<(Vec<serde_json::Value>, u64), String> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        const WINDOW: u64 = 8 << 20;
+        let Some(path) = &self.settings.server.event_log else {
+            return Err("no event log: set server.event_log".into());
+        };
+        let since = q
+            .since
+            .as_deref()
+            .map(|t| {
+                humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| format!("since '{t}' is not an RFC 3339 time: {e}"))
+            })
+            .transpose()?;
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // A log that shrank was rotated: start over.
+        let start = match q.from {
+            Some(from) if from <= len => from,
+            Some(_) => 0,
+            None => len.saturating_sub(WINDOW),
+        };
+        let mut text = String::new();
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| f.take(WINDOW).read_to_string(&mut text))
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        // Only whole lines: a line being written is read next time.
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        let mut events: Vec<serde_json::Value> = text[..whole]
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| q.user.as_ref().is_none_or(|u| e["user"] == *u.as_str()))
+            .filter(|e| q.kind.as_ref().is_none_or(|k| e["event"] == *k.as_str()))
+            .filter(|e| {
+                since.is_none_or(|s| {
+                    e["time"]
+                        .as_str()
+                        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                        .is_some_and(|t| t >= s)
+                })
+            })
+            .collect();
+        if q.limit > 0 && events.len() > q.limit {
+            events.drain(..events.len() - q.limit);
+        }
+        Ok((events, start + whole as u64))
     }
 
     /// Every figure of `vpnctl stats`, now.
@@ -305,6 +361,10 @@ impl Gateway {
                     },
                 }
             }
+            Ok(Request::Events(q)) => match self.events(&q) {
+                Ok((events, next)) => Response::Events { events, next },
+                Err(error) => Response::Error { error },
+            },
             Ok(Request::Show { target }) => match self.show(&target) {
                 d if d.is_empty() => Response::Error {
                     error: format!("no session of a user or at an address '{target}'"),

@@ -45,6 +45,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The event log (logins, failures, connects, disconnects with why,
+    /// lock-outs, uplinks, reloads), oldest first.
+    Events(EventsArgs),
     /// Uplinks: state (carrier and probe), active or standby, probe RTT and
     /// losses, interface bytes.
     Uplinks {
@@ -113,4 +116,29 @@ pub struct UsersFile {
     /// The user database (auth.users_file in the gateway's config).
     #[arg(long = "users", default_value = vpn_daemon::paths::USERS_FILE)]
     pub path: PathBuf,
+}
+
+/// `vpnctl events`.
+#[derive(clap::Args, Debug)]
+pub struct EventsArgs {
+    /// Keep printing new events as they come (Ctrl-C ends).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only this user's events.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only events of this type (client_connected, authentication_failed,
+    /// ...).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// Only events since this long ago (`10m`, `2h`, `1day`) or this RFC
+    /// 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many (the newest). Default 100.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -292,6 +292,69 @@ pub fn show(socket: &Path, target: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--since`: a duration ago or an RFC 3339 time, as RFC 3339.
+fn since_time(since: &str) -> anyhow::Result<String> {
+    if humantime::parse_rfc3339_weak(since).is_ok() {
+        return Ok(since.to_owned());
+    }
+    let ago = humantime::parse_duration(since).map_err(|_| {
+        anyhow::anyhow!("--since '{since}': give a duration (10m, 2h, 1day) or an RFC 3339 time")
+    })?;
+    let t = std::time::SystemTime::now()
+        .checked_sub(ago)
+        .ok_or_else(|| anyhow::anyhow!("--since '{since}' is before 1970"))?;
+    Ok(humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// One event as a line: time, type, then its fields.
+fn event_line(e: &serde_json::Value) -> String {
+    let mut line = format!(
+        "{} {}",
+        e["time"].as_str().unwrap_or("-"),
+        e["event"].as_str().unwrap_or("-")
+    );
+    if let Some(o) = e.as_object() {
+        for (k, v) in o.iter().filter(|(k, _)| *k != "time" && *k != "event") {
+            match v {
+                serde_json::Value::String(s) => line.push_str(&format!(" {k}={s:?}")),
+                v => line.push_str(&format!(" {k}={v}")),
+            }
+        }
+    }
+    line
+}
+
+pub fn events(socket: &Path, a: crate::args::EventsArgs) -> anyhow::Result<()> {
+    let (follow, json) = (a.follow, a.json);
+    let mut q = vpn_daemon::api::EventQuery {
+        from: None,
+        user: a.user,
+        kind: a.kind,
+        since: a.since.as_deref().map(since_time).transpose()?,
+        limit: a.limit,
+    };
+    loop {
+        let Response::Events { events, next } = call(socket, Request::Events(q.clone()))? else {
+            bail!("unexpected answer from vpnd");
+        };
+        for e in &events {
+            if json {
+                println!("{e}");
+            } else {
+                println!("{}", event_line(e));
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        q.from = Some(next);
+        q.limit = 0;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
 pub fn uplinks(socket: &Path, json: bool) -> anyhow::Result<()> {
     let Response::Uplinks { uplinks } = call(socket, Request::Uplinks)? else {
         bail!("unexpected answer from vpnd");
