@@ -111,4 +111,27 @@ fn metrics_show_sessions_traffic_logins_and_rule_hits() {
 
     let (status, _) = get(&topo, "/other");
     assert!(status.contains("404"), "{status}");
+
+    // Every series the Grafana dashboard queries exists (uplinks and
+    // RADIUS accounting only where configured).
+    let dashboard = include_str!("../../examples/grafana/vpn-gateway.json");
+    let names: std::collections::BTreeSet<&str> =
+        s.samples.iter().map(|m| m.metric.as_str()).collect();
+    let mut missing = Vec::new();
+    for (i, _) in dashboard.match_indices("vpn_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        // The parser folds a histogram's buckets into one sample.
+        let name = name.strip_suffix("_bucket").unwrap_or(&name).to_owned();
+        let conditional = name.starts_with("vpn_uplink_") || name.starts_with("vpn_radius_");
+        if !conditional && !names.contains(name.as_str()) {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, which the endpoint does not have"
+    );
 }

@@ -206,14 +206,18 @@ pub fn render(gw: &Gateway) -> String {
     }
 
     let a = &stats.admission;
-    let conns = family::<Gauge>(
+    gauge(
         &mut reg,
         "login_connections",
         "Connections that are not tunnels",
+        a.connections as i64,
     );
-    set(&conns, vec![], a.connections as i64);
-    let pending = family::<Gauge>(&mut reg, "pending_logins", "Logins in progress");
-    set(&pending, vec![], a.pending_logins as i64);
+    gauge(
+        &mut reg,
+        "pending_logins",
+        "Logins in progress",
+        a.pending_logins as i64,
+    );
     let refused = family::<Counter>(
         &mut reg,
         "admission_refused",
@@ -251,12 +255,12 @@ pub fn render(gw: &Gateway) -> String {
         }
     }
     if let Some(h) = &stats.dtls_handshakes {
-        let g = family::<Gauge>(
+        gauge(
             &mut reg,
             "dtls_handshakes_in_progress",
             "DTLS handshakes now",
+            h.in_progress as i64,
         );
-        set(&g, vec![], h.in_progress as i64);
         let r = family::<Counter>(
             &mut reg,
             "dtls_handshakes_refused",
