@@ -468,6 +468,16 @@ pool_v6 = "{POOL6}"
         config: impl FnOnce(&Path) -> String,
         users: &[TestUser<'_>],
     ) -> anyhow::Result<Self> {
+        Self::start_env(topo, config, users, &[])
+    }
+
+    /// [`Gateway::start_with`] with extra environment variables for vpnd.
+    pub fn start_env(
+        topo: &Topology,
+        config: impl FnOnce(&Path) -> String,
+        users: &[TestUser<'_>],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::new("gw")?;
         let config = config(dir.path());
         let config_path = dir.path().join("gateway.toml");
@@ -485,6 +495,7 @@ pool_v6 = "{POOL6}"
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,vpnd=debug,vpn_daemon=debug")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -177,3 +177,45 @@ fn idle_sessions_are_ended() {
         .unwrap();
     assert_eq!(ended["reason"], "idle timeout");
 }
+
+#[test]
+fn sigterm_tells_every_client_removes_what_vpnd_made_and_exits_within_5_s() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let mut gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE, BOB]).unwrap();
+    let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    a.wait_connected(Duration::from_secs(20)).unwrap();
+    let mut b = Client::start_in(&topo.client2, &gw, BOB.name, BOB.password, &[]).unwrap();
+    b.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(gw.pin_dir.exists());
+    assert!(topo.gw.ip(&["link", "show", "vpn0"]).is_ok());
+
+    let started = std::time::Instant::now();
+    let status = gw.stop().expect("vpnd exits on SIGTERM");
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}\n{}", gw.log());
+    eprintln!("vpnd stopped in {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // Both clients were told: they exit by themselves instead of
+    // reconnecting.
+    for c in [&mut a, &mut b] {
+        assert!(
+            c.wait_exit(Duration::from_secs(10)).is_some(),
+            "{}",
+            c.log()
+        );
+        assert!(c.log().contains("terminate"), "{}", c.log());
+    }
+    let ended: Vec<_> = gw
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "client_disconnected")
+        .map(|e| e["reason"].clone())
+        .collect();
+    assert_eq!(ended, vec!["gateway shutting down"; 2]);
+    // Nothing it made remains: the tunnel device (and its TC programs
+    // with it), the pinned maps.
+    assert!(topo.gw.ip(&["link", "show", "vpn0"]).is_err());
+    assert!(!gw.pin_dir.exists(), "{}", gw.pin_dir.display());
+}

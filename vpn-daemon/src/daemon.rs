@@ -195,6 +195,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
     tracing::info!(listen = %settings.server.listen, control = %control_path.display(), "vpnd ready");
+    service_manager::ready();
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -215,6 +216,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
             r = &mut serve => match r? {},
         }
     }
+    service_manager::stopping();
     for s in gw.sessions.table().all() {
         gw.sessions
             .end(s.id, crate::session::EndReason::GatewayShutdown);
@@ -231,4 +233,44 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// Telling systemd (`Type=notify`) where the daemon is: READY=1 once it
+/// serves, WATCHDOG=1 at half the watchdog interval while the runtime
+/// runs, STOPPING=1 when it shuts down. Without `NOTIFY_SOCKET` (not
+/// under systemd) each is a no-op.
+mod service_manager {
+    use sd_notify::NotifyState;
+
+    pub fn ready() {
+        if let Err(e) = sd_notify::notify(false, &[NotifyState::Ready]) {
+            tracing::warn!("telling the service manager we are ready: {e}");
+        }
+        if let Some(usec) = watchdog_usec() {
+            let every = std::time::Duration::from_micros(usec / 2);
+            tracing::info!("watchdog: pinging the service manager every {every:?}");
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                }
+            });
+        }
+    }
+
+    pub fn stopping() {
+        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    }
+
+    /// The watchdog interval systemd asks for, as sd_watchdog_enabled(3)
+    /// reads it: WATCHDOG_USEC, for this process unless WATCHDOG_PID
+    /// names another. (sd-notify's own check insists on WATCHDOG_PID.)
+    fn watchdog_usec() -> Option<u64> {
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        match std::env::var("WATCHDOG_PID").ok() {
+            Some(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+            _ => (usec > 0).then_some(usec),
+        }
+    }
 }
