@@ -11,7 +11,10 @@
 //! on a fresh machine before `setup` has installed that toolchain.
 //! - `test`: set-up, build, then every unit and integration test.
 //! - `bench [NAME]`: a benchmark from bench/, its table in bench/results/.
+//! - `install [--prefix DIR] [--destdir DIR]`: a release build, the systemd
+//!   unit, the example configuration and the state directories.
 
+mod install;
 mod setup;
 
 use std::{
@@ -51,6 +54,16 @@ enum Cmd {
         /// classifier | forwarding | tunnel
         #[arg(default_value = "classifier")]
         name: String,
+    },
+    /// Install vpnd, vpnctl, the systemd unit, the example configuration
+    /// (kept if one exists) and the state directories.
+    Install {
+        /// Where the binaries go (PREFIX/sbin, PREFIX/bin).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install under this root instead of / (packaging).
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
     },
     /// Run every test (unit and integration; the latter need root).
     Test {
@@ -165,6 +178,16 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(bin.join("vpn-bench"))
                 .arg(name)
                 .env("VPN_GATEWAY_BIN_DIR", &bin))
+        }
+        Cmd::Install { prefix, destdir } => {
+            setup::setup()?;
+            let bin = build(true)?;
+            let layout = install::Layout::new(&prefix, &destdir);
+            for line in install::install(&bin, &root(), &layout)? {
+                println!("xtask: {line}");
+            }
+            println!("xtask: then: systemctl daemon-reload && systemctl enable --now vpn-gateway");
+            Ok(())
         }
         Cmd::Test { args } => {
             setup::setup()?;
