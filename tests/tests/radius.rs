@@ -303,6 +303,32 @@ fn radius_coa_changes_the_policy_live_and_disconnect_ends_the_session() {
     let out = radclient(&topo, "disconnect", "User-Name=nobody", SECRET);
     assert!(out.contains("Received Disconnect-NAK"), "{out}");
     assert!(out.contains("Session-Context-Not-Found"), "{out}");
+    // The same request sent again (a capture replayed) gets no second
+    // answer.
+    let packet = vpn_daemon::proto::radius::dynamic_request(
+        vpn_daemon::proto::radius::Code::DisconnectRequest,
+        7,
+        SECRET.as_bytes(),
+        &[(vpn_daemon::proto::radius::attr::USER_NAME, b"nobody")],
+    )
+    .unwrap();
+    let answers = in_netns(&topo.server, move || {
+        let s = std::net::UdpSocket::bind(format!("{SERVER}:0")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            s.send_to(&packet, format!("{GW_INSIDE}:3799")).unwrap();
+            let mut buf = [0u8; 4096];
+            got.push(s.recv(&mut buf).ok().map(|n| buf[0..n].to_vec()));
+        }
+        got
+    });
+    let first = answers[0].as_ref().expect("the first is answered");
+    assert_eq!(
+        first[0],
+        vpn_daemon::proto::radius::Code::DisconnectNak as u8
+    );
+    assert!(answers[1].is_none(), "the replay is not");
     // A wrong secret gets no answer at all, and changes nothing.
     let out = radclient(&topo, "disconnect", "User-Name=alice", "wrong-secret");
     assert!(!out.contains("Received"), "{out}");

@@ -6,8 +6,11 @@
 //! Requests are taken only from the configured RADIUS servers' addresses,
 //! each checked with that server's secret (authenticator and
 //! Message-Authenticator); anything else is dropped without an answer, as
-//! RFC 5176 §3.5 says. An Event-Timestamp more than 300 s away from now is
-//! a replay: dropped too.
+//! RFC 5176 §3.5 says. Replays are dropped too: an Event-Timestamp more
+//! than 300 s away from now, and a request whose authenticator was already
+//! taken in the last 300 s (the authenticator covers the whole packet, so
+//! a captured request sent again has the same one; a server's own
+//! retransmission gets no second action either).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -58,8 +61,37 @@ pub async fn start(settings: &RadiusSettings, sessions: Arc<SessionManager>) -> 
     Ok(())
 }
 
+/// Request authenticators taken within [`REPLAY_WINDOW`], to drop a
+/// request seen before. Bounded: when full, the oldest is forgotten.
+#[derive(Default)]
+struct Seen {
+    at: std::collections::HashMap<[u8; 16], std::time::Instant>,
+}
+
+/// Authenticators remembered at most.
+const MAX_SEEN: usize = 4096;
+
+impl Seen {
+    /// Whether `auth` is new within the window (and remembers it).
+    fn first_time(&mut self, auth: [u8; 16], now: std::time::Instant) -> bool {
+        self.at
+            .retain(|_, t| now.saturating_duration_since(*t) < REPLAY_WINDOW);
+        if self.at.contains_key(&auth) {
+            return false;
+        }
+        if self.at.len() >= MAX_SEEN
+            && let Some(oldest) = self.at.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k)
+        {
+            self.at.remove(&oldest);
+        }
+        self.at.insert(auth, now);
+        true
+    }
+}
+
 async fn serve(sock: UdpSocket, clients: Vec<(IpAddr, String)>, sessions: Arc<SessionManager>) {
     let mut buf = vec![0u8; radius::MAX_PACKET];
+    let mut seen = Seen::default();
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -69,7 +101,7 @@ async fn serve(sock: UdpSocket, clients: Vec<(IpAddr, String)>, sessions: Arc<Se
                 continue;
             }
         };
-        let Some(reply) = answer(&buf[..n], from, &clients, &sessions) else {
+        let Some(reply) = answer(&buf[..n], from, &clients, &sessions, &mut seen) else {
             continue;
         };
         if let Err(e) = sock.send_to(&reply, from).await {
@@ -84,6 +116,7 @@ fn answer(
     from: SocketAddr,
     clients: &[(IpAddr, String)],
     sessions: &SessionManager,
+    seen: &mut Seen,
 ) -> Option<Vec<u8>> {
     let Some((_, secret)) = clients.iter().find(|(a, _)| *a == from.ip().to_canonical()) else {
         tracing::warn!(%from, "RADIUS dynamic authorization request from an unknown address dropped");
@@ -107,6 +140,10 @@ fn answer(
             tracing::warn!(%from, "RADIUS dynamic authorization request dropped: its Event-Timestamp is {}s away from now (a replay?)", off.as_secs());
             return None;
         }
+    }
+    if !seen.first_time(req.authenticator, std::time::Instant::now()) {
+        tracing::warn!(%from, "RADIUS {} dropped: the same request was taken in the last {} s (a replay, or a retransmission)", req.code, REPLAY_WINDOW.as_secs());
+        return None;
     }
     let (ack, nak) = match req.code {
         Code::DisconnectRequest => (Code::DisconnectAck, Code::DisconnectNak),
@@ -180,4 +217,33 @@ fn act(req: &Packet, sessions: &SessionManager) -> Result<(), u32> {
         tracing::info!(parent: &s.span, "CoA: policy now '{policy}'");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_request_is_taken_once_per_window_and_memory_is_bounded() {
+        let mut seen = Seen::default();
+        let t = Instant::now();
+        assert!(seen.first_time([1; 16], t));
+        assert!(
+            !seen.first_time([1; 16], t + Duration::from_secs(299)),
+            "a replay"
+        );
+        assert!(seen.first_time([2; 16], t));
+        // After the window the authenticator may come again (and the
+        // Event-Timestamp check stops old captures).
+        assert!(seen.first_time([1; 16], t + REPLAY_WINDOW));
+        for i in 0..(MAX_SEEN as u32 + 10) {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&i.to_be_bytes());
+            a[15] = 9;
+            seen.first_time(a, t + REPLAY_WINDOW);
+        }
+        assert!(seen.at.len() <= MAX_SEEN);
+    }
 }
