@@ -33,6 +33,16 @@ fn start_gateway(topo: &Topology, servers: &[(&str, &str)]) -> Gateway {
     Gateway::start_with_method(topo, "radius", &rest, &[]).unwrap()
 }
 
+/// A topology, FreeRADIUS in its server namespace, and a gateway that
+/// asks it.
+fn with_one_server() -> (Topology, FreeRadius, Gateway) {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
+    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+    (topo, radius, gw)
+}
+
 fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {
     gw.events()
         .into_iter()
@@ -42,10 +52,7 @@ fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
-    require_root();
-    let topo = Topology::new().unwrap();
-    let radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
-    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+    let (topo, radius, gw) = with_one_server();
 
     let mut alice = Client::start(&topo, &gw, "alice", "alice-pw", &[]).unwrap();
     let env = alice.wait_connected(Duration::from_secs(20)).unwrap();
@@ -138,10 +145,7 @@ fn hex(s: &str) -> String {
 
 #[test]
 fn radius_rejects_wrong_passwords_and_unknown_policies_fail_closed() {
-    require_root();
-    let topo = Topology::new().unwrap();
-    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
-    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+    let (topo, _radius, gw) = with_one_server();
 
     let mut c = Client::start(&topo, &gw, "alice", "not-her-password", &[]).unwrap();
     assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
@@ -167,10 +171,7 @@ fn radius_rejects_wrong_passwords_and_unknown_policies_fail_closed() {
 
 #[test]
 fn radius_challenge_asks_openconnect_for_a_second_factor() {
-    require_root();
-    let topo = Topology::new().unwrap();
-    let _radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
-    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+    let (topo, _radius, gw) = with_one_server();
 
     // The challenge form's field, filled by openconnect non-interactively.
     let code = format!("--form-entry=challenge:secondary_password={MFA_CODE}");
@@ -278,10 +279,7 @@ fn radclient(topo: &Topology, kind: &str, attrs: &str, secret: &str) -> String {
 
 #[test]
 fn radius_coa_changes_the_policy_live_and_disconnect_ends_the_session() {
-    require_root();
-    let topo = Topology::new().unwrap();
-    let radius = FreeRadius::start(&topo.server, SERVER, GW_INSIDE).unwrap();
-    let gw = start_gateway(&topo, &[(&format!("{SERVER}:1812"), SECRET)]);
+    let (topo, radius, gw) = with_one_server();
     let mut alice = Client::start(&topo, &gw, "alice", "alice-pw", &[]).unwrap();
     alice.wait_connected(Duration::from_secs(20)).unwrap();
     let policy = || gw.sessions().unwrap()[0]["group_policy"].clone();

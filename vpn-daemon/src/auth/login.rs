@@ -817,11 +817,7 @@ mod tests {
 
     #[test]
     fn a_challenge_asks_for_the_code_and_sends_the_state_back_for_the_same_user() {
-        let now = Instant::now();
-        let mut f = flow(3);
-        let mut ev = Vec::new();
-        f.init(None, "/", ctx(now, "k"));
-        let step = f.reply(reply("k", "alice", "pw"), ctx(now, "n"), &mut ev);
+        let (now, mut f, mut ev, step) = password_sent(flow(3), "alice");
         let challenge = Verdict::Challenge {
             prompt: "Enter the code".into(),
             state: b"s1".to_vec(),
@@ -865,11 +861,7 @@ mod tests {
 
     #[test]
     fn a_wrong_code_counts_and_starts_over_with_the_password_form() {
-        let now = Instant::now();
-        let mut f = flow(3);
-        let mut ev = Vec::new();
-        f.init(None, "/", ctx(now, "k"));
-        let step = f.reply(reply("k", "alice", "pw"), ctx(now, "n"), &mut ev);
+        let (now, mut f, mut ev, step) = password_sent(flow(3), "alice");
         let challenge = Verdict::Challenge {
             prompt: "Code?".into(),
             state: b"s1".to_vec(),
@@ -927,8 +919,7 @@ mod tests {
     /// A flow whose one group has a second factor, with carol's password
     /// sent: her first check.
     fn contractor_carol() -> (Instant, LoginFlow, Vec<LoginEvent>, Step) {
-        let now = Instant::now();
-        let mut f = LoginFlow::new(
+        let f = LoginFlow::new(
             &Limits::default(),
             &AuthConfig::default(),
             vec![GroupConfig {
@@ -936,9 +927,16 @@ mod tests {
                 ..GroupConfig::named("contractors")
             }],
         );
+        password_sent(f, "carol")
+    }
+
+    /// Login "k" started on `f` and `user`'s password sent: the step that
+    /// asks for its check.
+    fn password_sent(mut f: LoginFlow, user: &str) -> (Instant, LoginFlow, Vec<LoginEvent>, Step) {
+        let now = Instant::now();
         let mut ev = Vec::new();
         f.init(None, "/", ctx(now, "k"));
-        let step = f.reply(reply("k", "carol", "pw"), ctx(now, "n"), &mut ev);
+        let step = f.reply(reply("k", user, "pw"), ctx(now, "n"), &mut ev);
         (now, f, ev, step)
     }
 
