@@ -784,3 +784,57 @@ fn the_control_socket_answers_only_root_and_its_group() {
     }
     assert!(gw.vpnctl(&["stats"]).unwrap().contains("sessions: 0 of 10"));
 }
+
+/// Least privilege once serving: every thread of vpnd (tokio's workers,
+/// its blocking pool, the packet workers) holds CAP_NET_ADMIN and CAP_BPF
+/// and nothing else, in every set (a root process keeps all 41 otherwise,
+/// and capabilities belong to threads, so dropping them in one is not
+/// enough). Logins, the data path and an admin disconnect still work with
+/// what is left.
+#[test]
+fn vpnd_serves_with_only_cap_net_admin_and_cap_bpf_in_every_thread() {
+    use vpn_daemon::privileges::{CAP_BPF, CAP_NET_ADMIN, CapSet, ThreadCaps};
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let pid = gw.pid().unwrap();
+    // A session made after the drop: its map entries are written with
+    // what was kept.
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(topo.client.ping(SERVER, 2));
+
+    let kept = CapSet::of(&[CAP_NET_ADMIN, CAP_BPF]);
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(tasks.len() >= 4, "tokio and packet workers: {tasks:?}");
+    for t in &tasks {
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap();
+        let caps = ThreadCaps::parse(&status).unwrap();
+        assert!(
+            caps.within(kept),
+            "thread {} ({}) holds {caps:?}",
+            t.display(),
+            name.trim()
+        );
+        assert_eq!(caps.effective, kept, "{}", name.trim());
+    }
+    assert!(
+        gw.log()
+            .contains("capabilities: kept cap_net_admin,cap_bpf, dropped the rest"),
+        "{}",
+        gw.log()
+    );
+
+    // Ending a session removes its routes and map entries: still allowed.
+    let out = gw.vpnctl(&["disconnect", "alice"]).unwrap();
+    assert!(out.contains("disconnected 1 session"), "{out}");
+    assert!(c.wait_exit(Duration::from_secs(10)).is_some());
+    assert!(gw.sessions().unwrap().is_empty());
+    let mut again = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    again.wait_connected(Duration::from_secs(20)).unwrap();
+    assert!(topo.client.ping(SERVER, 2));
+}

@@ -194,6 +194,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
+    drop_capabilities();
     tracing::info!(listen = %settings.server.listen, control = %control_path.display(), "vpnd ready");
     service_manager::ready();
 
@@ -233,6 +234,28 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// Everything that needed more than CAP_NET_ADMIN and CAP_BPF (binding
+/// sockets, loading programs, raw sockets, rlimits) is done: every thread
+/// drops the rest. A failure is logged and serving goes on (the service
+/// unit's bounding set still bounds the process).
+fn drop_capabilities() {
+    use crate::privileges::{drop_all_but, serving_needs};
+    match drop_all_but(serving_needs(), std::time::Duration::from_secs(2)) {
+        Ok(d) if d.dropped.is_empty() => {
+            tracing::info!(kept = %d.kept, "capabilities: holding only what serving needs")
+        }
+        Ok(d) => tracing::info!(
+            kept = %d.kept,
+            dropped = d.dropped.len(),
+            threads = d.threads,
+            "capabilities: kept {}, dropped the rest ({})",
+            d.kept,
+            d.dropped
+        ),
+        Err(e) => tracing::error!("capabilities not dropped: {e}"),
+    }
 }
 
 /// Telling systemd (`Type=notify`) where the daemon is: READY=1 once it

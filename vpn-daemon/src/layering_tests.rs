@@ -18,6 +18,7 @@ const LEAVES: &[&str] = &[
     "mac",
     "unix_users",
     "telemetry",
+    "privileges",
 ];
 
 /// The top-level modules each top-level module uses.

@@ -57,6 +57,7 @@ pub mod packet;
 pub mod paths;
 pub mod policies;
 pub mod policy;
+pub mod privileges;
 pub mod proto;
 pub mod session;
 pub mod telemetry;

@@ -151,8 +151,15 @@ impl Uplinks {
             }
         }
         me.decide();
-        for i in 0..cfg.len() {
-            tokio::spawn(me.clone().probe_loop(i, handle.clone()));
+        // The probes' raw sockets are opened now, while the daemon still
+        // holds CAP_NET_RAW: it drops it once it serves.
+        for (i, u) in cfg.iter().enumerate() {
+            match probe_socket(&u.interface, mark(i as u32 + 1)) {
+                Ok(socket) => {
+                    tokio::spawn(me.clone().probe_loop(i, socket, handle.clone()));
+                }
+                Err(e) => tracing::error!(uplink = u.name, "probe socket: {e:#}"),
+            }
         }
         tokio::spawn(me.clone().watch_links());
         Ok(me)
@@ -287,17 +294,15 @@ impl Uplinks {
 
     /// One ICMP echo per interval out of the uplink's interface, marked for
     /// its table.
-    async fn probe_loop(self: Arc<Self>, i: usize, handle: rtnetlink::Handle) {
+    async fn probe_loop(
+        self: Arc<Self>,
+        i: usize,
+        socket: AsyncFd<socket2::Socket>,
+        handle: rtnetlink::Handle,
+    ) {
         let u = &self.cfg[i];
         let interval = Duration::from_millis(u.probe.interval_ms);
         let target = self.probe_target(i);
-        let socket = match probe_socket(&u.interface, mark(i as u32 + 1)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(uplink = u.name, "probe socket: {e:#}");
-                return;
-            }
-        };
         let id = (std::process::id() as u16) ^ (i as u16).wrapping_mul(0x9e37);
         let mut seq: u16 = 0;
         let mut tick = tokio::time::interval(interval);
