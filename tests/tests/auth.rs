@@ -315,3 +315,79 @@ fn vpnctl_events_lists_filters_and_follows() {
     );
     assert!(gw.vpnctl(&["events", "--since", "yesterday-ish"]).is_err());
 }
+
+/// Moving from ocserv: a password file made by the real `ocpasswd` (crypt
+/// SHA-256, Debian's build) plus a crypt SHA-512 line (`openssl passwd
+/// -6`) and a locked user is imported as is; the real openconnect logs in
+/// with the old passwords, a wrong one is refused, and `passwd` moves the
+/// user to argon2id.
+#[test]
+fn an_ocpasswd_file_imports_as_is_and_its_passwords_log_in() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let oc = gw.dir.path().join("ocpasswd");
+    let mut p = std::process::Command::new("ocpasswd")
+        .arg("-c")
+        .arg(&oc)
+        .arg("olga")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ocpasswd (apt-get install ocserv)");
+    use std::io::Write as _;
+    write!(p.stdin.take().unwrap(), "olga-pw\nolga-pw\n").unwrap();
+    assert!(p.wait().unwrap().success());
+    let sha512 = std::process::Command::new("openssl")
+        .args(["passwd", "-6", "pavel-pw"])
+        .output()
+        .unwrap();
+    let mut text = std::fs::read_to_string(&oc).unwrap();
+    assert!(text.starts_with("olga:*:$5$"), "{text}");
+    text += &format!(
+        "pavel:eng:{}\nlocked:*:!$5$abc$def\n",
+        String::from_utf8_lossy(&sha512.stdout).trim()
+    );
+    std::fs::write(&oc, text).unwrap();
+
+    let out = gw.vpnctl_user(&["import", oc.to_str().unwrap()], "");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("imported 2 users"), "{stdout}");
+    assert!(
+        stderr.contains("line 3: user 'locked' is locked"),
+        "{stderr}"
+    );
+    // A second import changes nothing and says so.
+    let again = gw.vpnctl_user(&["import", oc.to_str().unwrap()], "");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("left as they are: olga, pavel"),
+        "{again:?}"
+    );
+
+    for (user, pw) in [("olga", "olga-pw"), ("pavel", "pavel-pw")] {
+        let mut c = Client::start(&topo, &gw, user, pw, &[]).unwrap();
+        c.wait_connected(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{user}: {e}\n{}", c.log()));
+        drop(c);
+    }
+    let mut wrong = Client::start(&topo, &gw, "olga", "pavel-pw", &[]).unwrap();
+    assert!(wrong.wait_exit(Duration::from_secs(20)).is_some());
+    assert!(
+        gw.events()
+            .iter()
+            .any(|e| e["event"] == "authentication_failed" && e["user"] == "olga")
+    );
+
+    assert!(
+        gw.vpnctl_user(&["passwd", "olga"], "olga-new")
+            .status
+            .success()
+    );
+    let text = std::fs::read_to_string(&gw.users_file).unwrap();
+    assert!(!text.contains("$5$"), "olga is on argon2id now");
+    let mut c = Client::start(&topo, &gw, "olga", "olga-new", &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+}

@@ -1,5 +1,5 @@
-//! The local user database: a TOML file of users with argon2id password
-//! hashes and an optional group-policy name, managed with `vpnctl user`.
+//! The local user database: a TOML file of users with password hashes and
+//! an optional group-policy name, managed with `vpnctl user`.
 //!
 //! ```toml
 //! [[user]]
@@ -7,6 +7,11 @@
 //! password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
 //! group_policy = "engineering"   # optional
 //! ```
+//!
+//! New passwords are hashed with argon2id. Hashes imported from ocserv's
+//! `ocpasswd` files or `/etc/shadow` (`vpnctl user import`) keep their
+//! crypt SHA-512 (`$6$`) or SHA-256 (`$5$`) form and are checked as such;
+//! `vpnctl user passwd` moves a user to argon2id.
 //!
 //! The daemon re-reads the file when its modification time changes, so
 //! `vpnctl user add` takes effect at the next login. A file that no longer
@@ -62,6 +67,94 @@ pub enum UserError {
     BadName(String),
     #[error("the password is empty")]
     EmptyPassword,
+    #[error(
+        "user '{user}': the password hash '{prefix}...' is of a kind vpnd cannot check: \
+         use argon2 ($argon2id$, $argon2i$, $argon2d$), crypt SHA-512 ($6$) or crypt SHA-256 ($5$)"
+    )]
+    UnsupportedHash { user: String, prefix: String },
+    #[error("user '{user}': the {scheme:?} password hash is malformed")]
+    MalformedHash { user: String, scheme: HashScheme },
+}
+
+/// The password hash schemes vpnd checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashScheme {
+    /// PHC strings `$argon2id$...` (what vpnd writes), `$argon2i$`, `$argon2d$`.
+    Argon2,
+    /// crypt(3) SHA-512, `$6$[rounds=N$]salt$hash`: ocpasswd's and Debian's
+    /// shadow default before yescrypt.
+    CryptSha512,
+    /// crypt(3) SHA-256, `$5$...`.
+    CryptSha256,
+}
+
+impl HashScheme {
+    /// The scheme of a stored hash, if vpnd can check it (the string's
+    /// syntax is checked when it is used).
+    pub fn of(hash: &str) -> Option<HashScheme> {
+        if hash.starts_with("$argon2") {
+            Some(HashScheme::Argon2)
+        } else if hash.starts_with("$6$") {
+            Some(HashScheme::CryptSha512)
+        } else if hash.starts_with("$5$") {
+            Some(HashScheme::CryptSha256)
+        } else {
+            None
+        }
+    }
+}
+
+/// Checks that `hash` is of a scheme vpnd can verify, and well formed.
+pub fn validate_hash(user: &str, hash: &str) -> Result<HashScheme, UserError> {
+    let scheme = HashScheme::of(hash).ok_or_else(|| UserError::UnsupportedHash {
+        user: user.to_owned(),
+        prefix: hash.chars().take(8).collect(),
+    })?;
+    let ok = match scheme {
+        HashScheme::Argon2 => PasswordHash::new(hash).is_ok(),
+        HashScheme::CryptSha512 => crypt_well_formed(hash, 86),
+        HashScheme::CryptSha256 => crypt_well_formed(hash, 43),
+    };
+    if ok {
+        Ok(scheme)
+    } else {
+        Err(UserError::MalformedHash {
+            user: user.to_owned(),
+            scheme,
+        })
+    }
+}
+
+/// `$N$[rounds=R$]salt$hash` with a salt of 16 characters at most (more
+/// are ignored by crypt(3), refused here), rounds from 1,000 to
+/// 999,999,999 and a hash of `len` characters of crypt's alphabet.
+fn crypt_well_formed(hash: &str, len: usize) -> bool {
+    let alphabet = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    };
+    let mut parts = hash.split('$').skip(2);
+    let (Some(mut salt), Some(mut digest)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let mut rest = parts.next();
+    if let Some(r) = salt.strip_prefix("rounds=") {
+        if !r
+            .parse::<u32>()
+            .is_ok_and(|r| (1_000..=999_999_999).contains(&r))
+        {
+            return false;
+        }
+        let Some(d) = rest else { return false };
+        (salt, digest) = (digest, d);
+        rest = parts.next();
+    }
+    rest.is_none()
+        && salt.len() <= 16
+        && !salt.is_empty()
+        && alphabet(salt)
+        && digest.len() == len
+        && alphabet(digest)
 }
 
 /// Checks a user name: what we accept also keeps logs and events unambiguous.
@@ -90,13 +183,25 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
         .to_string())
 }
 
-/// Checks a password against a PHC hash. Malformed hashes never match.
-pub fn verify_password(password: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(h) => Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok(),
-        Err(_) => false,
+/// Checks a password against a stored hash (argon2 PHC string or crypt
+/// SHA-512/SHA-256). Malformed and unknown hashes never match.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    match HashScheme::of(hash) {
+        Some(HashScheme::Argon2) => match PasswordHash::new(hash) {
+            Ok(h) => Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok(),
+            Err(_) => false,
+        },
+        // Both compare in constant time (subtle). The form is checked
+        // first: sha-crypt 0.5 panics on a SHA-256 hash of the wrong length.
+        Some(HashScheme::CryptSha512) => {
+            crypt_well_formed(hash, 86) && sha_crypt::sha512_check(password, hash).is_ok()
+        }
+        Some(HashScheme::CryptSha256) => {
+            crypt_well_formed(hash, 43) && sha_crypt::sha256_check(password, hash).is_ok()
+        }
+        None => false,
     }
 }
 
@@ -217,6 +322,27 @@ impl UserFile {
         self.users.push(User {
             name: name.to_owned(),
             password_hash: hash_password(password)?,
+            group_policy,
+        });
+        Ok(())
+    }
+
+    /// Adds a user with an existing hash (an import), checked to be of a
+    /// scheme vpnd can verify.
+    pub fn add_hashed(
+        &mut self,
+        name: &str,
+        hash: &str,
+        group_policy: Option<String>,
+    ) -> Result<(), UserError> {
+        validate_name(name)?;
+        validate_hash(name, hash)?;
+        if self.find(name).is_some() {
+            return Err(UserError::Exists(name.to_owned()));
+        }
+        self.users.push(User {
+            name: name.to_owned(),
+            password_hash: hash.to_owned(),
             group_policy,
         });
         Ok(())
@@ -367,9 +493,22 @@ impl UserDb {
                 }
             }
             None => {
-                // Equalise timing with a real verification.
-                static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-                let h = DUMMY.get_or_init(|| hash_password("x").unwrap());
+                // Equalise timing with a real verification, of the scheme
+                // the file's users have (imported crypt hashes are several
+                // times faster than argon2).
+                static ARGON2: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+                const SHA512: &str = "$6$bFqHv7OT0rEi3MHN$oSP/x9dM4bmO6E.jPCQTwDQdOzIjU0wsQzY1YRhZG/3YC7KXIfAEIgOYoD4EUlLC1Y8wnyeGkXZ./T1U1hhca0";
+                const SHA256: &str =
+                    "$5$bFqHv7OT0rEi3MHN$RpcNq0fWJ6Vao2nT4cMdMSW5Zvj82Tg1TG17fBE0aM0";
+                let h = match users
+                    .users
+                    .first()
+                    .and_then(|u| HashScheme::of(&u.password_hash))
+                {
+                    Some(HashScheme::CryptSha512) => SHA512,
+                    Some(HashScheme::CryptSha256) => SHA256,
+                    _ => ARGON2.get_or_init(|| hash_password("x").unwrap()),
+                };
                 let _ = verify_password(password, h);
                 AuthResult::UnknownUser
             }
@@ -377,9 +516,118 @@ impl UserDb {
     }
 }
 
+/// One user read from an ocpasswd or shadow file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub name: String,
+    /// ocpasswd's group ("*" or empty: none); shadow files have none.
+    pub group: Option<String>,
+    pub hash: String,
+}
+
+/// Reads an ocserv `ocpasswd` file (`name:group:hash`, one per line) or an
+/// `/etc/shadow` file (`name:hash:...` with 9 fields). Each line gives a
+/// user or says, with its line number, why it cannot be imported.
+pub fn parse_password_file(text: &str) -> Vec<Result<Imported, String>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|(i, line)| {
+            let n = i + 1;
+            let f: Vec<&str> = line.split(':').collect();
+            let (name, group, hash) = match f.len() {
+                3 => (f[0], Some(f[1]), f[2]),
+                9 => (f[0], None, f[1]),
+                k => {
+                    return Err(format!(
+                        "line {n}: {k} fields; expected ocpasswd's 3 (name:group:hash) or shadow's 9"
+                    ));
+                }
+            };
+            validate_name(name).map_err(|e| format!("line {n}: {e}"))?;
+            if hash.starts_with('!') || hash.starts_with('*') || hash.is_empty() {
+                return Err(format!("line {n}: user '{name}' is locked or has no password"));
+            }
+            validate_hash(name, hash).map_err(|e| format!("line {n}: {e}"))?;
+            Ok(Imported {
+                name: name.to_owned(),
+                group: group
+                    .filter(|g| !g.is_empty() && *g != "*")
+                    .map(str::to_owned),
+                hash: hash.to_owned(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Made by `openssl passwd -6 -salt bFqHv7OT0rEi3MHN x` and `-5`, the
+    /// same crypt(3) as glibc's and ocpasswd's.
+    const X_SHA512: &str = "$6$bFqHv7OT0rEi3MHN$oSP/x9dM4bmO6E.jPCQTwDQdOzIjU0wsQzY1YRhZG/3YC7KXIfAEIgOYoD4EUlLC1Y8wnyeGkXZ./T1U1hhca0";
+    const X_SHA256: &str = "$5$bFqHv7OT0rEi3MHN$RpcNq0fWJ6Vao2nT4cMdMSW5Zvj82Tg1TG17fBE0aM0";
+
+    #[test]
+    fn crypt_hashes_from_ocpasswd_and_shadow_verify() {
+        for h in [X_SHA512, X_SHA256] {
+            assert!(verify_password("x", h), "{h}");
+            assert!(!verify_password("y", h), "{h}");
+            assert!(!verify_password("x", &h[..h.len() - 1]), "{h}");
+        }
+        // With explicit rounds (`openssl passwd -6 -salt salt` cannot, so
+        // the Drepper test vector): rounds=10000, "Hello world!".
+        let v = "$6$rounds=10000$saltstringsaltst$OW1/O6BYHV6BcXZu8QVeXbDWra3Oeqh0sbHbbMCVNSnCM/UrjmM0Dp8vOuZeHBy/YTBmSK6H9qs/y3RnOaw5v.";
+        assert!(verify_password("Hello world!", v));
+        // Malformed ones never match and never panic (sha-crypt 0.5 would
+        // on a SHA-256 digest of the wrong length).
+        for bad in [
+            "$5$bFqHv7OT0rEi3MHN$RpcNq0",
+            "$5$bFqHv7OT0rEi3MHN$RpcNq0fWJ6Vao2nT4cMdMSW5Zvj82Tg1TG17fBE0aM0x",
+            "$6$rounds=10$saltstringsaltst$OW1/O6BYHV6BcXZu8QVeXbDWra3Oeqh0sbHbbMCVNSnCM/UrjmM0Dp8vOuZeHBy/YTBmSK6H9qs/y3RnOaw5v.",
+            "$6$$oSP/x9dM4bmO6E.jPCQTwDQdOzIjU0wsQzY1YRhZG/3YC7KXIfAEIgOYoD4EUlLC1Y8wnyeGkXZ./T1U1hhca0",
+            "$6$bFqHv7OT0rEi3MHN$oSP/x9dM4bmO6E.jPCQTwDQdOzIjU0wsQzY1YRhZG/3YC7KXIfAEIgOYoD4EUlLC1Y8wnyeGkXZ./T1U1hhca0$",
+            "$5$a b$RpcNq0fWJ6Vao2nT4cMdMSW5Zvj82Tg1TG17fBE0aM0",
+        ] {
+            assert!(!verify_password("x", bad), "{bad}");
+            assert!(validate_hash("u", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn password_files_import_with_a_reason_for_each_refusal() {
+        let text = format!(
+            "carol:*:{X_SHA512}\ndave:eng:{X_SHA256}\n# comment\n\nerin:*:!{X_SHA512}\n\
+             frank:x:$y$j9T$abc$def\nbad name:*:{X_SHA512}\ngrace:{X_SHA512}:19000:0:99999:7:::\nshort:x\n"
+        );
+        let r = parse_password_file(&text);
+        assert_eq!(
+            r[0],
+            Ok(Imported {
+                name: "carol".into(),
+                group: None,
+                hash: X_SHA512.into()
+            })
+        );
+        assert_eq!(r[1].as_ref().unwrap().group.as_deref(), Some("eng"));
+        assert!(
+            r[2].as_ref()
+                .unwrap_err()
+                .contains("line 5: user 'erin' is locked")
+        );
+        let yescrypt = r[3].as_ref().unwrap_err();
+        assert!(
+            yescrypt.contains("line 6")
+                && yescrypt.contains("'$y$j9T$a...'")
+                && yescrypt.contains("($6$)"),
+            "{yescrypt}"
+        );
+        assert!(r[4].as_ref().unwrap_err().contains("line 7: 'bad name'"));
+        assert_eq!(r[5].as_ref().unwrap().hash, X_SHA512);
+        assert!(r[6].as_ref().unwrap_err().contains("line 9: 2 fields"));
+        assert_eq!(r.len(), 7);
+    }
 
     #[test]
     fn hash_and_verify() {

@@ -109,6 +109,21 @@ pub enum UserCommand {
         #[command(flatten)]
         file: UsersFile,
     },
+    /// Import users with their password hashes from an ocserv `ocpasswd`
+    /// file (name:group:hash) or an /etc/shadow file: crypt SHA-512 ($6$)
+    /// and SHA-256 ($5$) hashes are kept as they are, so passwords keep
+    /// working (`vpnctl user passwd` later moves a user to argon2id).
+    /// Users already in the database are left alone; each line that
+    /// cannot be imported is reported with its reason.
+    Import {
+        /// The ocpasswd or shadow file.
+        from: PathBuf,
+        /// Take ocpasswd's group (not "*") as the user's group policy.
+        #[arg(long)]
+        groups_as_policies: bool,
+        #[command(flatten)]
+        file: UsersFile,
+    },
 }
 
 #[derive(clap::Args)]

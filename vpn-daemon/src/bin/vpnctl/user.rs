@@ -54,6 +54,47 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
             UserFile::edit(&file.path, |db| db.set_password(&name, &pw))?;
             println!("changed the password of {name}");
         }
+        UserCommand::Import {
+            from,
+            groups_as_policies,
+            file,
+        } => {
+            let text = std::fs::read_to_string(&from)
+                .with_context(|| format!("reading {}", from.display()))?;
+            let lines = vpn_daemon::auth::users::parse_password_file(&text);
+            let (mut added, mut existing, mut refused) = (0, Vec::new(), 0);
+            UserFile::edit(&file.path, |db| {
+                for line in &lines {
+                    match line {
+                        Ok(u) if db.find(&u.name).is_some() => existing.push(u.name.clone()),
+                        Ok(u) => {
+                            let policy = u.group.clone().filter(|_| groups_as_policies);
+                            db.add_hashed(&u.name, &u.hash, policy)?;
+                            added += 1;
+                        }
+                        Err(why) => {
+                            eprintln!("{}: {why}", from.display());
+                            refused += 1;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            if !existing.is_empty() {
+                eprintln!(
+                    "already in the database, left as they are: {}",
+                    existing.join(", ")
+                );
+            }
+            println!(
+                "imported {added} users into {} ({} already there, {refused} refused)",
+                file.path.display(),
+                existing.len()
+            );
+            if added == 0 && refused > 0 {
+                bail!("no user imported");
+            }
+        }
         UserCommand::List { file } => {
             let db = UserFile::read(&file.path)?;
             println!("{:<24} GROUP POLICY", "USER");
