@@ -10,6 +10,7 @@
 //!   ocserv, throughput and gateway CPU per GB as ratios.
 
 mod forwarding;
+mod load;
 mod tunnel;
 
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
@@ -153,6 +154,15 @@ fn main() -> anyhow::Result<()> {
     let which = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "classifier".into());
+    if which == "load" {
+        // The load generator itself: run in a client namespace by the
+        // scale benchmark and the smoke test; its report is JSON.
+        use clap::Parser as _;
+        let opts = load::Options::parse_from(std::env::args().skip(1));
+        let report = load::run(&opts)?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     let (name, table) = match which.as_str() {
         "classifier" => ("classifier", classifier()?),
         "forwarding" => ("forwarding", forwarding::run()?),

@@ -1,0 +1,112 @@
+//! A seconds-long run of the load generator against a real vpnd, so the
+//! generator (and what `cargo xtask bench scale` reports) keeps working:
+//! 40 clients from 4 source addresses log in, hold their tunnels with
+//! keepalives and echoes through them, and disconnect; the gateway saw
+//! every session, and answered `vpnctl` while they were up.
+
+use std::{process::Stdio, time::Duration};
+
+use vpn_tests::*;
+
+const SESSIONS: usize = 40;
+const USERS: usize = 20;
+const PASSWORD: &str = "load-pw";
+const SOURCES: [&str; 4] = ["198.18.1.10", "198.18.1.11", "198.18.1.12", "198.18.1.13"];
+
+#[test]
+fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    for a in SOURCES {
+        topo.client
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
+    let users: Vec<TestUser> = names
+        .iter()
+        .map(|n| TestUser {
+            name: n,
+            password: PASSWORD,
+            group_policy: None,
+        })
+        .collect();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            server: "max_sessions = 100",
+            ..Default::default()
+        },
+        &users,
+    )
+    .unwrap();
+    let pid = gw.pid().unwrap();
+
+    let mut child = topo
+        .client
+        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
+        .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
+        .args(["--sources", &SOURCES.join(",")])
+        .args(["--sessions", &SESSIONS.to_string()])
+        .args(["--rate", "40", "--hold", "4", "--limit", "60"])
+        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
+        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
+        .args(["--gateway-pid", &pid.to_string(), "--sample-every", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // While they hold: the gateway lists every one of them, at once.
+    let listed = wait_for(Duration::from_secs(40), || {
+        let n = gw.sessions().ok()?.len();
+        (n == SESSIONS).then_some(n)
+    });
+    let t = std::time::Instant::now();
+    let out = gw.vpnctl(&["sessions"]).unwrap();
+    let took = t.elapsed();
+    assert_eq!(listed, Some(SESSIONS), "{}", gw.log());
+    assert!(out.contains("load0"), "{out}");
+    eprintln!("vpnctl sessions with {SESSIONS} sessions answered in {took:?}");
+
+    let done =
+        wait_exit(&mut child, Duration::from_secs(70)).expect("the generator stops by itself");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(done.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{report:#}");
+    assert_eq!(report["logins_ok"], SESSIONS, "{report}");
+    assert_eq!(report["failures"], serde_json::json!({}), "{report}");
+    assert_eq!(report["held_at_hold_start"], SESSIONS, "{report}");
+    assert_eq!(report["held_at_hold_end"], SESSIONS, "{report}");
+    // Traffic went through every tunnel and back.
+    let (sent, got) = (
+        report["echo_sent"].as_u64().unwrap(),
+        report["echo_received"].as_u64().unwrap(),
+    );
+    assert!(sent >= SESSIONS as u64 * 2, "{report}");
+    assert!(got * 10 >= sent * 9, "echoes {got} of {sent}");
+    assert!(report["keepalives"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["login_ms"]["p50"].as_f64().unwrap() > 0.0);
+    // The gateway was sampled: its memory and CPU.
+    let samples = report["samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "{report}");
+    assert!(
+        samples
+            .iter()
+            .all(|s| s["pss_kib"].as_u64().unwrap() > 1000)
+    );
+
+    // Each client said goodbye: the gateway ended every session for it.
+    let ended = wait_for(Duration::from_secs(10), || {
+        gw.sessions().ok()?.is_empty().then_some(())
+    });
+    assert!(ended.is_some(), "{:?}", gw.sessions());
+    let disconnected = gw
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "client_disconnected")
+        .count();
+    assert_eq!(disconnected, SESSIONS);
+}
