@@ -11,6 +11,8 @@
 
 mod forwarding;
 mod load;
+mod ocserv;
+mod scale;
 mod tunnel;
 
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
@@ -167,7 +169,10 @@ fn main() -> anyhow::Result<()> {
         "classifier" => ("classifier", classifier()?),
         "forwarding" => ("forwarding", forwarding::run()?),
         "tunnel" => ("tunnel", tunnel::run()?),
-        other => bail!("unknown benchmark '{other}': available: classifier, forwarding, tunnel"),
+        "scale" => ("scale", scale::run()?),
+        other => {
+            bail!("unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale")
+        }
     };
     print!("{table}");
     if std::env::var_os("VPN_BENCH_ONLY").is_some()

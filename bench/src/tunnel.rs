@@ -4,17 +4,12 @@
 //! processes (ocserv: main, sec-mod and workers) from /proc, divided by the
 //! bytes moved.
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
-use vpn_tests::{
-    Client, ConfigParts, Gateway, SERVER, TempDir, TestUser, Topology, iperf3_json, sh, stop_child,
-};
+use vpn_tests::{Client, ConfigParts, Gateway, SERVER, TestUser, Topology, iperf3_json};
+
+use crate::ocserv::{Ocserv, Setup, crypt};
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password";
@@ -151,106 +146,18 @@ fn vpnd(dtls: bool) -> anyhow::Result<(Cell, Cell)> {
     run_gateway(&topo, &gw.pin, pid, dtls)
 }
 
-struct Ocserv {
-    child: Child,
-    _dir: TempDir,
-    pin: String,
-}
-
-impl Drop for Ocserv {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-    }
-}
-
-fn start_ocserv(topo: &Topology) -> anyhow::Result<Ocserv> {
-    let dir = TempDir::new("ocserv")?;
-    let d = dir.path();
-    sh(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bench",
-        ])
-        .arg("-keyout")
-        .arg(d.join("key.pem"))
-        .arg("-out")
-        .arg(d.join("cert.pem")))?;
-    let hash = sh(Command::new("openssl").args(["passwd", "-6", PASSWORD]))?;
-    std::fs::write(
-        d.join("passwd"),
-        format!("{USER}:*:{}", String::from_utf8_lossy(&hash.stdout).trim()),
-    )?;
-    let conf = format!(
-        r#"auth = "plain[passwd={d}/passwd]"
-listen-host = 198.18.1.1
-tcp-port = 443
-udp-port = 443
-run-as-user = root
-run-as-group = root
-socket-file = {d}/ocserv.sock
-pid-file = {d}/ocserv.pid
-server-cert = {d}/cert.pem
-server-key = {d}/key.pem
-isolate-workers = false
-max-clients = 16
-max-same-clients = 4
-keepalive = 32400
-dpd = 90
-mobile-dpd = 1800
-switch-to-tcp-timeout = 25
-try-mtu-discovery = false
-tls-priorities = "NORMAL:%SERVER_PRECEDENCE"
-auth-timeout = 240
-cookie-timeout = 300
-deny-roaming = false
-rekey-time = 172800
-rekey-method = ssl
-use-occtl = false
-device = vpns
-predictable-ips = true
-ipv4-network = 198.19.0.0
-ipv4-netmask = 255.255.255.0
-route = 198.18.2.0/255.255.255.0
-ping-leases = false
-"#,
-        d = d.display()
-    );
-    let conf_path = d.join("ocserv.conf");
-    std::fs::write(&conf_path, conf)?;
-    topo.gw.sysctl("net.ipv4.ip_forward", "1")?;
-    let log = std::fs::File::create(d.join("ocserv.log"))?;
-    let child = topo
-        .gw
-        .cmd("ocserv")
-        .args(["-f", "-c"])
-        .arg(&conf_path)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting ocserv (apt-get install ocserv)")?;
-    std::thread::sleep(Duration::from_secs(2));
-    let chain = vpn_daemon::transport::tls::read_chain(&d.join("cert.pem"))?;
-    let pin = vpn_daemon::transport::tls::pin_sha256(&chain[0])?;
-    Ok(Ocserv {
-        child,
-        _dir: dir,
-        pin,
-    })
-}
-
 fn ocserv(dtls: bool) -> anyhow::Result<(Cell, Cell)> {
     let topo = Topology::new()?;
-    let oc = start_ocserv(&topo)?;
+    let oc = Ocserv::start(
+        &topo,
+        &Setup {
+            passwd: format!("{USER}:*:{}\n", crypt("-6", PASSWORD)?),
+            max_clients: 16,
+            network: ("198.19.0.0", "255.255.255.0"),
+            rate_limit_ms: 100,
+            occtl: false,
+        },
+    )?;
     run_gateway(&topo, &oc.pin, oc.child.id(), dtls)
 }
 

@@ -24,6 +24,7 @@ use crate::{
 /// workers, serves, and on the way out ends every session and removes
 /// what it set up.
 pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()> {
+    raise_nofile(&settings);
     let events =
         EventLog::open(settings.server.event_log.as_deref()).context("opening server.event_log")?;
     let users = UserDb::open(settings.auth.users_file.clone())?;
@@ -234,6 +235,48 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// Descriptors at full load: a TCP socket per session and per login in
+/// progress, plus the daemon's own (TUN queues, BPF maps and programs, DTLS
+/// and control sockets, files). The soft limit is raised to that (and the
+/// hard one when it is lower, which needs CAP_SYS_RESOURCE); when it
+/// cannot be, the log says what to set.
+fn raise_nofile(settings: &Settings) {
+    let want = (settings.session.max_sessions + settings.limits.max_connections + 1024) as u64;
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on structs we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 || r.rlim_cur >= want {
+        return;
+    }
+    let from = r.rlim_cur;
+    let both = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want.max(r.rlim_max),
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &both) } == 0 {
+        tracing::info!(
+            "descriptor limit raised from {from} to {want} (server.max_sessions + limits.max_connections + 1024)"
+        );
+        return;
+    }
+    let soft = libc::rlimit {
+        rlim_cur: r.rlim_max,
+        rlim_max: r.rlim_max,
+    };
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
+    tracing::warn!(
+        "descriptor limit is {} but server.max_sessions = {} and limits.max_connections = {} need {want}: \
+         logins beyond it will fail; raise LimitNOFILE (systemd) or `ulimit -n`",
+        r.rlim_max,
+        settings.session.max_sessions,
+        settings.limits.max_connections
+    );
 }
 
 /// Everything that needed more than CAP_NET_ADMIN and CAP_BPF (binding

@@ -76,6 +76,23 @@ pub struct Options {
     /// Seconds one step (connect, handshake, a request) may take.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
+    /// No new client starts while the machine has less memory available
+    /// than this (MiB): a gateway that forks per client must not take the
+    /// machine down; such clients count as `memory_guard` failures.
+    #[arg(long, default_value_t = 1024)]
+    pub min_available_mib: u64,
+}
+
+/// MemAvailable from /proc/meminfo, in MiB.
+fn available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib / 1024)
 }
 
 /// One sample of the gateway and the generator.
@@ -232,15 +249,23 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         .block_on(drive(opts.clone()))
 }
 
-/// Lifts the soft descriptor limit to `want` (or the hard limit).
-fn raise_nofile(want: u64) {
+/// Lifts the descriptor limit to `want`: the hard limit too when allowed
+/// (root), else the soft one up to the hard one. Children inherit it.
+pub fn raise_nofile(want: u64) {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: plain get/setrlimit on a struct we own.
+    // SAFETY: plain get/setrlimit on structs we own.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < want {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 || r.rlim_cur >= want {
+            return;
+        }
+        let both = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(r.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) != 0 {
             r.rlim_cur = want.min(r.rlim_max);
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
@@ -315,6 +340,10 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
             continue;
         }
         tokio::time::sleep_until(due).await;
+        if i % 16 == 0 && available_mib() < opts.min_available_mib {
+            shared.fail(Failure::MemoryGuard);
+            continue;
+        }
         let (target, shared, hold, gate) =
             (target.clone(), shared.clone(), hold.clone(), gate.clone());
         let source = opts.sources[i % opts.sources.len()];

@@ -39,6 +39,8 @@ pub enum Failure {
     Timeout,
     /// The run's time bound came before the session was up.
     Deadline,
+    /// Not started: the machine was short of memory (--min-available-mib).
+    MemoryGuard,
 }
 
 /// What one login measured.
@@ -137,7 +139,11 @@ pub async fn login(
     t.first_form = mark.elapsed();
     let mark = Instant::now();
     let mut token = None;
+    let debug = std::env::var_os("VPN_LOAD_DEBUG").is_some();
     for _ in 0..4 {
+        if debug {
+            eprintln!("{} {}\n{:?}", resp.status, resp.body, http.cookies);
+        }
         if resp.status != 200 {
             return Err(if resp.status == 401 {
                 Failure::AuthRefused
@@ -145,8 +151,9 @@ pub async fn login(
                 Failure::AuthStatus
             });
         }
-        if let Some(tok) = resp.session_token() {
-            token = Some(tok);
+        if resp.body.contains("type=\"complete\"") {
+            // ocserv sends the cookie only as Set-Cookie: webvpn.
+            token = resp.session_token().or_else(|| http.cookie("webvpn"));
             break;
         }
         let Some(form) = Form::parse(&resp.body) else {
@@ -158,9 +165,7 @@ pub async fn login(
         let reply = form.reply(user, password);
         resp = step(limit, http.post(&mut tls, &host, &form.action, &reply)).await?;
     }
-    let token = token
-        .or_else(|| http.cookie("webvpn"))
-        .ok_or(Failure::AuthRefused)?;
+    let token = token.ok_or(Failure::AuthRefused)?;
     t.password = mark.elapsed();
 
     let mark = Instant::now();
@@ -438,9 +443,6 @@ struct Response {
 
 impl Response {
     fn session_token(&self) -> Option<String> {
-        if !self.body.contains("type=\"complete\"") {
-            return None;
-        }
         let s = self.body.find("<session-token>")? + "<session-token>".len();
         let e = s + self.body[s..].find("</session-token>")?;
         Some(self.body[s..e].to_owned())

@@ -21,7 +21,7 @@ use crate::{
     config::Settings,
     login::LoginService,
     proto::http::{self, Response},
-    transport::{tls::TLS_IO_BUFFER, tls_tunnel::TunnelService},
+    transport::{io_buffer::AdaptiveStream, tls_tunnel::TunnelService},
 };
 
 /// The listener's service: what serving a connection takes.
@@ -113,7 +113,7 @@ impl Listener {
         let (max_requests, lifetime) = (self.max_requests, self.lifetime);
         let opened = tokio::time::Instant::now();
         let timeout = Duration::from_secs(self.http.request_timeout_secs);
-        let tcp = tokio::io::BufStream::with_capacity(TLS_IO_BUFFER, TLS_IO_BUFFER, tcp);
+        let tcp = AdaptiveStream::new(tcp);
         let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
             .await
             .map_err(|_| ConnectionError::HandshakeTimeout(timeout))?

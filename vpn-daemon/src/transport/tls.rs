@@ -152,15 +152,14 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// A client's TLS connection, buffered both ways under TLS:
+/// A client's TLS connection, buffered both ways under TLS while busy
+/// ([`super::io_buffer`]):
 /// - Output collects in a buffer and reaches the socket on `flush` (or when
 ///   64 KiB are waiting): every CSTP frame is its own TLS record
 ///   (openconnect reads one frame per record), and without the buffer every
 ///   record would be a `write` and a TCP segment of its own. Every write
 ///   path flushes when it is done.
-/// - rustls reads at most 4 KiB per call; the read buffer takes up to
-///   64 KiB from the socket per system call instead.
-pub type ClientTls = tokio_rustls::server::TlsStream<tokio::io::BufStream<tokio::net::TcpStream>>;
-
-/// Bytes of TLS input read, and of output gathered, per system call.
-pub const TLS_IO_BUFFER: usize = 64 * 1024;
+/// - rustls reads at most 4 KiB per call; under load the read buffer takes
+///   up to 64 KiB from the socket per system call instead.
+pub type ClientTls =
+    tokio_rustls::server::TlsStream<super::io_buffer::AdaptiveStream<tokio::net::TcpStream>>;

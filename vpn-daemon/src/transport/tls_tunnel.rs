@@ -46,6 +46,13 @@ const CLIENT_QUEUE: usize = 512;
 /// before it writes to the tunnel device and lets other tasks run.
 const READ_BURST: usize = 256 * 1024;
 
+/// Room made in the input buffer while the client sends in bulk: two
+/// maximal TLS records.
+const READ_ROOM: usize = 32 * 1024;
+
+/// Quiet time after which a tunnel lets its buffers go.
+const IDLE_TRIM: Duration = Duration::from_secs(5);
+
 /// What running TLS tunnels takes.
 pub struct TunnelService {
     sessions: Arc<SessionManager>,
@@ -304,14 +311,21 @@ impl TunnelService {
         let mut wr = ClientWriter { wr, limit: dpd * 3 };
         let mut dpd = Dpd::new(dpd, Instant::now());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut out = Vec::with_capacity(cstp::MAX_PAYLOAD + cstp::HEADER_LEN);
+        // Grows to the largest frame sent; idle tunnels keep it small.
+        let mut out = Vec::new();
         let mut pacer = Pacer::default();
         let mut down_pacer = Pacer::default();
         // TCP segments merged, ACKs thinned across one read (see `packet/gro.rs`).
         let mut gro = crate::packet::gro::Coalescer::default();
-        inbuf.reserve(32 * 1024);
 
+        // Buffers grow with traffic and are let go after IDLE_TRIM of
+        // quiet: most sessions are idle most of the time.
+        let mut last_got = 0usize;
+        let mut busy_at = Instant::now();
         let end = loop {
+            if last_got >= 1024 && inbuf.capacity() - inbuf.len() < READ_ROOM / 2 {
+                inbuf.reserve(READ_ROOM);
+            }
             tokio::select! {
                 // A kick comes first: when a session ends, its packet queue
                 // closes right after the kick is sent, and the client must
@@ -367,6 +381,10 @@ impl TunnelService {
                             Err(e) => end = Some(e),
                         }
                     }
+                    last_got = got;
+                    if got >= 1024 {
+                        busy_at = Instant::now();
+                    }
                     batch.after_read(got);
                     if batch.batching() {
                         tail.as_mut().reset(tokio::time::Instant::now() + crate::transport::read_batch::TAIL);
@@ -379,6 +397,9 @@ impl TunnelService {
                 }
                 pkt = from_gw.recv() => {
                     let Some(pkt) = pkt else { break TunnelEnd::Kicked };
+                    if pkt.len() >= 1024 {
+                        busy_at = Instant::now();
+                    }
                     let mut next = Some(pkt);
                     // Drain what is queued, one TLS record per frame, then flush once.
                     let sent: Result<(), TunnelEnd> = async {
@@ -402,7 +423,17 @@ impl TunnelService {
                         break end;
                     }
                 }
-                _ = tick.tick() => match dpd.tick(Instant::now()) {
+                _ = tick.tick() => {
+                    if busy_at.elapsed() >= IDLE_TRIM {
+                        if inbuf.is_empty() && inbuf.capacity() > 4096 {
+                            inbuf = BytesMut::new();
+                        }
+                        if out.capacity() > 4096 {
+                            out = Vec::new();
+                        }
+                        gro.release();
+                    }
+                    match dpd.tick(Instant::now()) {
                     DpdAction::Nothing => {}
                     DpdAction::Dead => {
                         break TunnelEnd::Down(DownReason::DeadPeer);
@@ -413,7 +444,7 @@ impl TunnelService {
                             break end;
                         }
                     }
-                },
+                }},
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.wr.shutdown()).await;
