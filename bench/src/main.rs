@@ -9,6 +9,7 @@
 //! - `tunnel`: iperf3 through the tunnel over DTLS and TLS, vpnd against
 //!   ocserv, throughput and gateway CPU per GB as ratios.
 
+mod clients;
 mod forwarding;
 mod load;
 mod ocserv;
@@ -170,8 +171,11 @@ fn main() -> anyhow::Result<()> {
         "forwarding" => ("forwarding", forwarding::run()?),
         "tunnel" => ("tunnel", tunnel::run()?),
         "scale" => ("scale", scale::run()?),
+        "clients" => ("clients", clients::run()?),
         other => {
-            bail!("unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale")
+            bail!(
+                "unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale, clients"
+            )
         }
     };
     print!("{table}");

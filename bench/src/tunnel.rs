@@ -16,7 +16,7 @@ const PASSWORD: &str = "bench-password";
 const SECS: u32 = 5;
 
 /// Clock ticks of a process and all its descendants.
-fn cpu_ticks(root: u32) -> u64 {
+pub(crate) fn cpu_ticks(root: u32) -> u64 {
     let mut total = 0;
     let mut stack = vec![root];
     let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
@@ -47,7 +47,7 @@ fn cpu_ticks(root: u32) -> u64 {
     total
 }
 
-fn ticks_per_sec() -> f64 {
+pub(crate) fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }

@@ -110,3 +110,95 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
         .count();
     assert_eq!(disconnected, SESSIONS);
 }
+
+/// At the session limit: the clients beyond it are refused with a message
+/// that says so (the real openconnect prints it), the sessions already up
+/// keep their tunnels and traffic, and `vpnctl` answers meanwhile.
+#[test]
+fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    for a in SOURCES {
+        topo.client
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
+    let mut users: Vec<TestUser> = names
+        .iter()
+        .map(|n| TestUser {
+            name: n,
+            password: PASSWORD,
+            group_policy: None,
+        })
+        .collect();
+    users.push(ALICE);
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            server: "max_sessions = 12",
+            ..Default::default()
+        },
+        &users,
+    )
+    .unwrap();
+    let child = topo
+        .client
+        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
+        .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
+        .args(["--sources", &SOURCES.join(",")])
+        .args([
+            "--sessions",
+            "16",
+            "--rate",
+            "40",
+            "--hold",
+            "8",
+            "--limit",
+            "60",
+        ])
+        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
+        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let full = wait_for(Duration::from_secs(30), || {
+        (gw.sessions().ok()?.len() == 12).then_some(())
+    });
+    assert!(full.is_some(), "{}", gw.log());
+    // A user at the limit is told why.
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    assert!(c.wait_exit(Duration::from_secs(20)).is_some());
+    assert!(
+        c.log().contains("limit of 12 concurrent sessions"),
+        "{}",
+        c.log()
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(gw.sessions().unwrap().len(), 12);
+    eprintln!("vpnctl at the limit answered in {:?}", t.elapsed());
+
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["logins_ok"], 12, "{report}");
+    assert_eq!(report["failures"]["auth_refused"], 4, "{report}");
+    // The twelve kept their tunnels, and their traffic, to the end.
+    assert_eq!(report["held_at_hold_end"], 12, "{report}");
+    let (sent, got) = (
+        report["echo_sent"].as_u64().unwrap(),
+        report["echo_received"].as_u64().unwrap(),
+    );
+    assert!(sent >= 12 * 6 && got * 10 >= sent * 9, "{report}");
+    let refused = gw
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "login_refused")
+        .count();
+    assert_eq!(refused, 5, "four generated clients and alice");
+}
