@@ -12,6 +12,7 @@
 mod clients;
 mod forwarding;
 mod load;
+mod neighbours;
 mod ocserv;
 mod scale;
 mod tunnel;
@@ -172,9 +173,10 @@ fn main() -> anyhow::Result<()> {
         "tunnel" => ("tunnel", tunnel::run()?),
         "scale" => ("scale", scale::run()?),
         "clients" => ("clients", clients::run()?),
+        "neighbours" => ("neighbours", neighbours::run()?),
         other => {
             bail!(
-                "unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale, clients"
+                "unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale, clients, neighbours"
             )
         }
     };

@@ -28,7 +28,7 @@ pub mod ldap;
 pub mod packets;
 pub mod radius;
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow, bail, ensure};
 
 pub const GW_OUTSIDE: &str = "198.18.1.1";
 pub const CLIENT_OUTSIDE: &str = "198.18.1.2";
@@ -67,6 +67,14 @@ pub fn require_root() {
         unsafe { libc::geteuid() } == 0,
         "integration tests need root (network namespaces, TUN, BPF); run `cargo xtask test` as root"
     );
+}
+
+/// The `q` quantile of sorted `t` (0 when empty).
+pub fn quantile(t: &[f64], q: f64) -> f64 {
+    if t.is_empty() {
+        return 0.0;
+    }
+    t[((t.len() - 1) as f64 * q).round() as usize]
 }
 
 /// Runs a command to completion, failing with its output if it fails.
@@ -169,6 +177,27 @@ impl Netns {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
+    }
+
+    /// Round-trip times (ms, sorted) of `count` pings to `addr`, 10 ms
+    /// apart: those answered, at most `count` x 10 ms plus a second.
+    pub fn ping_times(&self, addr: &str, count: u32) -> anyhow::Result<Vec<f64>> {
+        let out = sh(self.cmd("ping").args([
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            addr,
+        ]))?;
+        let mut t: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        t.sort_by(f64::total_cmp);
+        Ok(t)
     }
 
     /// Writes a sysctl inside the namespace.
@@ -555,6 +584,65 @@ pool_v6 = "{POOL6}"
         Ok(serde_json::from_str(&self.vpnctl(&["stats", "--json"])?)?)
     }
 
+    /// Each packet worker's (datagrams in, packets out) from `vpnctl stats
+    /// --json`; there is one per core (at most 8).
+    pub fn worker_counts(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let stats = self.stats()?;
+        stats["dtls_rx"]["workers"]
+            .as_array()
+            .with_context(|| format!("no workers in {stats}"))?
+            .iter()
+            .map(|w| Some((w["datagrams_in"].as_u64()?, w["packets_out"].as_u64()?)))
+            .collect::<Option<Vec<_>>>()
+            .with_context(|| format!("worker counters in {stats}"))
+    }
+
+    /// The packet worker whose socket takes `ns`'s DTLS datagrams: the one
+    /// whose count rises most while `ns` pings through its tunnel.
+    pub fn worker_of(&self, ns: &Netns) -> anyhow::Result<usize> {
+        let before = self.worker_counts()?;
+        ensure!(ns.ping(SERVER, 3), "no ping through {}'s tunnel", ns.name);
+        let after = self.worker_counts()?;
+        Ok((0..after.len().min(before.len()))
+            .max_by_key(|&i| after[i].0 - before[i].0)
+            .unwrap_or(0))
+    }
+
+    /// Two DTLS clients: `a` (user, password) from `topo.client`, then `b`
+    /// from `topo.client2`, who reconnects (a new port: the kernel spreads
+    /// clients over the workers' sockets by address and port) until he
+    /// lands on `a`'s packet worker (`same`) or on another one (with a
+    /// single worker, at once). 16 tries at most: on 2 workers all miss
+    /// once in 65,536 runs.
+    pub fn dtls_pair(
+        &self,
+        topo: &Topology,
+        a: (&str, &str),
+        b: (&str, &str),
+        extra: &[&str],
+        same: bool,
+    ) -> anyhow::Result<(Client, Client)> {
+        let mut ca = Client::start(topo, self, a.0, a.1, extra)?;
+        ca.wait_connected(Duration::from_secs(30))?;
+        ca.wait_dtls(Duration::from_secs(15))?;
+        let workers = self.worker_counts()?.len();
+        let worker_a = self.worker_of(&topo.client)?;
+        for _ in 0..16 {
+            let mut cb = Client::start_in(&topo.client2, self, b.0, b.1, extra)?;
+            cb.wait_connected(Duration::from_secs(30))?;
+            cb.wait_dtls(Duration::from_secs(15))?;
+            if (workers == 1 && !same) || (self.worker_of(&topo.client2)? == worker_a) == same {
+                return Ok((ca, cb));
+            }
+        }
+        bail!(
+            "{} never landed on {} packet worker as {}",
+            b.0,
+            if same { "the same" } else { "another" },
+            a.0
+        )
+    }
+
     /// A drop counter from `vpnctl stats --json`.
     pub fn drops(&self, reason: &str) -> anyhow::Result<u64> {
         let v = self.stats()?;
@@ -671,6 +759,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// openconnect's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Starts `openconnect` logging in as `user` with `password` on stdin.
     pub fn start(
         topo: &Topology,

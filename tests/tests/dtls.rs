@@ -52,13 +52,17 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     // Flow control from the client's ACKs (flow_control.rs): the download
     // does not overflow the client's UDP socket. Without it a release
     // build lost 16% there on the bench; this debug build, slower, lost
-    // 0.4-0.9% (0.03-0.2% with it), so the bound here catches gross
+    // 0.4-0.9% (0-0.9% with it alone, up to 1.1% beside the other tests
+    // of this file, 2.4% beside a compile), so the bound here catches gross
     // breakage and the bench measures the rest.
     let received = udp("UdpInDatagrams") - in0;
     let lost = udp("UdpRcvbufErrors") - lost0;
-    eprintln!("download: client socket took {received} datagrams, dropped {lost}");
+    eprintln!(
+        "download: client socket took {received} datagrams, dropped {lost}; flow control {}",
+        gw.stats().unwrap()["dtls_flow_control"]
+    );
     assert!(
-        received > 1000 && lost * 100 < received,
+        received > 1000 && lost * 50 < received,
         "{received} {lost}: {}",
         gw.stats().unwrap()["dtls_flow_control"]
     );
@@ -138,16 +142,21 @@ fn worker_counts(stats: &serde_json::Value) -> Vec<(u64, u64)> {
     w
 }
 
-/// The worker whose socket takes `ns`'s datagrams: the one whose count
-/// rises while `ns` pings through its tunnel.
-fn worker_of(gw: &Gateway, ns: &Netns) -> usize {
-    let stats = |gw: &Gateway| worker_counts(&gw.stats().unwrap());
-    let before = stats(gw);
-    assert!(ns.ping(SERVER, 3));
-    let after = stats(gw);
-    (0..after.len())
-        .max_by_key(|&i| after[i].0 - before[i].0)
-        .unwrap()
+/// A gateway with Alice and Bob connected over DTLS (PSK-NEGOTIATE), Bob on
+/// Alice's packet worker (`same_worker`) or on another one.
+fn alice_and_bob_over_dtls(same_worker: bool) -> (Topology, Gateway, (Client, Client)) {
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE, BOB]).unwrap();
+    let clients = gw
+        .dtls_pair(
+            &topo,
+            (ALICE.name, ALICE.password),
+            (BOB.name, BOB.password),
+            &["--dtls-ciphers=PSK-NEGOTIATE"],
+            same_worker,
+        )
+        .unwrap();
+    (topo, gw, clients)
 }
 
 /// Two DTLS clients download at once, each through its own packet worker.
@@ -161,30 +170,7 @@ fn worker_of(gw: &Gateway, ns: &Netns) -> usize {
 fn two_dtls_clients_download_at_once_each_through_its_own_worker() {
     require_root();
     let _load = load_test_lock();
-    let topo = Topology::new().unwrap();
-    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE, BOB]).unwrap();
-    let psk = ["--dtls-ciphers=PSK-NEGOTIATE"];
-    let mut a = Client::start(&topo, &gw, ALICE.name, ALICE.password, &psk).unwrap();
-    a.wait_connected(Duration::from_secs(20)).unwrap();
-    a.wait_dtls(Duration::from_secs(10)).unwrap();
-    let workers = worker_counts(&gw.stats().unwrap()).len();
-    let worker_a = worker_of(&gw, &topo.client);
-    // Bounded: each try lands elsewhere with odds (n-1)/n, so 12 tries
-    // all fail on 2 workers once in 4096 runs.
-    let mut tries = 0;
-    let _b = loop {
-        tries += 1;
-        let mut b = Client::start_in(&topo.client2, &gw, BOB.name, BOB.password, &psk).unwrap();
-        b.wait_connected(Duration::from_secs(20)).unwrap();
-        b.wait_dtls(Duration::from_secs(10)).unwrap();
-        if workers == 1 || worker_of(&gw, &topo.client2) != worker_a || tries == 12 {
-            break b;
-        }
-    };
-    assert!(
-        workers == 1 || tries < 12,
-        "the second client never reached another worker"
-    );
+    let (topo, gw, _clients) = alice_and_bob_over_dtls(false);
     let (down_a, down_b) = std::thread::scope(|s| {
         let a = s.spawn(|| iperf3(&topo.client, &topo.server, SERVER, 3, true));
         let b = s.spawn(|| iperf3(&topo.client2, &topo.server, SERVER, 3, true));
@@ -552,4 +538,51 @@ fn openconnect_legacy_dtls12_names_get_resumption() {
         "{}",
         gw.log()
     );
+}
+
+/// A client whose window stays full through its download does not stop
+/// its packet worker for the other clients it serves (issue 19): what
+/// waits for her ACKs waits in a queue of her own (`dtls/held.rs`), and
+/// the worker goes on with everybody else's packets; before, it stopped
+/// reading its TUN queue for up to 1 ms at each hold, and every other
+/// client's packets there waited too. Here a second client on the same
+/// worker pings through his tunnel during her download: his replies are
+/// passed on while hers wait, and none is lost. What that does to his
+/// latency is measured with release builds by `cargo xtask bench
+/// neighbours` (in a debug build the worker's CPU decides it).
+#[test]
+fn a_client_with_a_full_window_does_not_stop_her_worker_for_another() {
+    require_root();
+    let _load = load_test_lock();
+    let (topo, gw, _clients) = alice_and_bob_over_dtls(true);
+
+    let flow_control = |gw: &Gateway| gw.stats().unwrap()["dtls_flow_control"].clone();
+    let before = flow_control(&gw);
+    let (pings, down) = std::thread::scope(|s| {
+        let down = s.spawn(|| iperf3(&topo.client, &topo.server, SERVER, 6, true));
+        std::thread::sleep(Duration::from_millis(1500));
+        let pings = topo.client2.ping_times(SERVER, 300).unwrap();
+        (pings, down.join().unwrap().unwrap())
+    });
+    let after = flow_control(&gw);
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let (held, passed) = (delta("waits"), delta("passed_while_held"));
+    eprintln!(
+        "Alice's download {:.0} Mbit/s, {held} of her packets held for her window; \
+         {passed} packets of others passed on meanwhile; Bob's pings p50 {:.2} ms, p90 {:.2} ms",
+        down / 1e6,
+        quantile(&pings, 0.5),
+        quantile(&pings, 0.9)
+    );
+    assert!(down > 10e6, "{down}");
+    // Her window filled again and again (about 2,000 holds in a run).
+    assert!(held > 300, "{after}");
+    // His echo replies (and whatever else came for others) went on while
+    // hers waited: a worker that stops at each hold passes none. (How many
+    // depends on how much of the time she is held: 10 to 95 of his 300
+    // replies in debug runs.)
+    assert!(passed >= 3, "{after}");
+    assert!(pings.len() >= 285, "Bob's pings answered: {}", pings.len());
+    // Her queue never overflowed: nothing of hers was dropped for it.
+    assert_eq!(delta("dropped_worker_full"), 0, "{after}");
 }

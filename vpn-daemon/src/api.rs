@@ -375,6 +375,19 @@ pub struct FlowControlStats {
     /// window kept not opening (`flow_control::OVERDUE_PER_SEC`).
     #[serde(default)]
     pub holds_stopped: u64,
+    /// Packets dropped because their client's queue of held packets was
+    /// full (`dtls::held::CLIENT_BYTES`): the client's path is saturated.
+    #[serde(default)]
+    pub dropped_client_full: u64,
+    /// Packets dropped because all of a worker's queues of held packets
+    /// were full (`dtls::held::WORKER_BYTES`, `CLIENTS`).
+    #[serde(default)]
+    pub dropped_worker_full: u64,
+    /// Packets for other clients a worker passed on while it held some
+    /// client's: what a worker that stopped reading at each hold (before
+    /// `dtls::held`) would have kept waiting.
+    #[serde(default)]
+    pub passed_while_held: u64,
 }
 
 /// What the workers did with rate-limited DTLS clients' packets.

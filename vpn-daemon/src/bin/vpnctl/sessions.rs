@@ -168,10 +168,13 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     if let Some(p) = &stats.dtls_flow_control {
         println!(
-            "DTLS download flow control: {} waits for client ACKs ({} ms in all), holds stopped {} times for clients whose window did not open",
+            "DTLS download flow control: {} waits for client ACKs ({} ms in all), holds stopped {} times for clients whose window did not open, {} packets dropped with their client's queue full, {} with the worker's; {} packets of other clients passed on meanwhile",
             p.waits,
             p.wait_us / 1000,
-            p.holds_stopped
+            p.holds_stopped,
+            p.dropped_client_full,
+            p.dropped_worker_full,
+            p.passed_while_held
         );
     }
     if let Some(p) = &stats.dtls_pacing {

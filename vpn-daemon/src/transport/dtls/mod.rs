@@ -30,11 +30,13 @@
 //! offer allows, the ClientHello parse), [`task`] (the per-peer task
 //! running OpenSSL), [`link`] (an established channel), [`peers`] (who is
 //! who by address), [`record`] (the record layer), [`batch`]
-//! (`recvmmsg`/`sendmmsg`), [`flow_control`] and [`paced`].
+//! (`recvmmsg`/`sendmmsg`), [`flow_control`], [`held`] (what waits for a
+//! client's window) and [`paced`].
 
 pub mod batch;
 pub mod flow_control;
 pub mod handshake;
+pub mod held;
 pub mod link;
 pub mod paced;
 pub mod peers;
@@ -157,6 +159,9 @@ struct FlowControlCounters {
     waits: AtomicU64,
     wait_us: AtomicU64,
     holds_stopped: AtomicU64,
+    dropped_client_full: AtomicU64,
+    dropped_worker_full: AtomicU64,
+    passed_while_held: AtomicU64,
 }
 
 /// Messages the next `recvmmsg` takes: a full batch after bulk data (an
@@ -297,23 +302,49 @@ impl DtlsServer {
             waits: c.waits.load(Ordering::Relaxed),
             wait_us: c.wait_us.load(Ordering::Relaxed),
             holds_stopped: c.holds_stopped.load(Ordering::Relaxed),
+            dropped_client_full: c.dropped_client_full.load(Ordering::Relaxed),
+            dropped_worker_full: c.dropped_worker_full.load(Ordering::Relaxed),
+            passed_while_held: c.passed_while_held.load(Ordering::Relaxed),
         }
     }
 
-    /// Counts a client whose packets stopped being held for a while.
-    pub fn count_hold_stopped(&self) {
-        self.flow_control
-            .holds_stopped
-            .fetch_add(1, Ordering::Relaxed);
+    /// Counts what a worker's queues of held packets let go (`held.rs`).
+    pub fn count_released(&self, r: &held::Released) {
+        let c = &self.flow_control;
+        if r.waits != 0 {
+            c.waits.fetch_add(r.waits, Ordering::Relaxed);
+            c.wait_us
+                .fetch_add(r.waited.as_micros() as u64, Ordering::Relaxed);
+        }
+        if r.holds_stopped != 0 {
+            c.holds_stopped
+                .fetch_add(r.holds_stopped, Ordering::Relaxed);
+            tracing::debug!(
+                "DTLS flow control: holds stopped for a client whose window does not open"
+            );
+        }
     }
 
-    /// Counts a packet a worker held `waited` for its client's window
-    /// (`flow_control.rs`).
-    pub fn count_window_wait(&self, waited: Duration) {
-        self.flow_control.waits.fetch_add(1, Ordering::Relaxed);
-        self.flow_control
-            .wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+    /// Counts `n` packets for other clients passed on while a worker held
+    /// some client's.
+    pub fn count_passed_while_held(&self, n: u64) {
+        if n != 0 {
+            self.flow_control
+                .passed_while_held
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a packet dropped because its client's queue of held packets
+    /// (`client_full`) or its worker's were full (`held.rs`).
+    pub fn count_hold_drop(&self, client_full: bool) {
+        let c = &self.flow_control;
+        if client_full {
+            &c.dropped_client_full
+        } else {
+            &c.dropped_worker_full
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn port(&self) -> u16 {
