@@ -17,34 +17,7 @@ const SECS: u32 = 5;
 
 /// Clock ticks of a process and all its descendants.
 pub(crate) fn cpu_ticks(root: u32) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root];
-    let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the ")" of the command name.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ppid = f.get(1)?.parse().ok()?;
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some((pid, ppid, ticks))
-        })
-        .collect();
-    while let Some(p) = stack.pop() {
-        for &(pid, ppid, ticks) in &procs {
-            if pid == p {
-                total += ticks;
-            }
-            if ppid == p {
-                stack.push(pid);
-            }
-        }
-    }
-    total
+    crate::load::process_tree(root).iter().map(|(_, t)| t).sum()
 }
 
 pub(crate) fn ticks_per_sec() -> f64 {

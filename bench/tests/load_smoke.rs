@@ -13,15 +13,21 @@ const USERS: usize = 20;
 const PASSWORD: &str = "load-pw";
 const SOURCES: [&str; 4] = ["198.18.1.10", "198.18.1.11", "198.18.1.12", "198.18.1.13"];
 
-#[test]
-fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
-    require_root();
+/// A topology whose client namespace has the generator's [`SOURCES`].
+fn topology_with_sources() -> Topology {
     let topo = Topology::new().unwrap();
     for a in SOURCES {
         topo.client
             .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
             .unwrap();
     }
+    topo
+}
+
+#[test]
+fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
+    require_root();
+    let topo = topology_with_sources();
     let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
     let users: Vec<TestUser> = names
         .iter()
@@ -125,12 +131,7 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
 #[test]
 fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
     require_root();
-    let topo = Topology::new().unwrap();
-    for a in SOURCES {
-        topo.client
-            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
-            .unwrap();
-    }
+    let topo = topology_with_sources();
     let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
     let mut users: Vec<TestUser> = names
         .iter()

@@ -422,13 +422,9 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
     })
 }
 
-/// PSS and RSS (KiB), process count and CPU seconds of `root` and all its
-/// descendants.
-pub fn gateway_usage(root: u32) -> (u64, u64, usize, f64) {
-    let tick = {
-        // SAFETY: sysconf has no preconditions.
-        (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-    };
+/// `root` and all its descendants, each with its CPU clock ticks (utime
+/// + stime) so far.
+pub fn process_tree(root: u32) -> Vec<(u32, u64)> {
     let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -436,6 +432,7 @@ pub fn gateway_usage(root: u32) -> (u64, u64, usize, f64) {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the ")" of the command name.
             let rest = &stat[stat.rfind(')')? + 2..];
             let f: Vec<&str> = rest.split_whitespace().collect();
             let ppid = f.get(1)?.parse().ok()?;
@@ -443,21 +440,29 @@ pub fn gateway_usage(root: u32) -> (u64, u64, usize, f64) {
             Some((pid, ppid, ticks))
         })
         .collect();
-    let mut tree = vec![root];
+    let ticks = |p: u32| procs.iter().find(|(q, _, _)| *q == p).map_or(0, |x| x.2);
+    let mut tree = vec![(root, ticks(root))];
     let mut i = 0;
     while i < tree.len() {
-        let p = tree[i];
+        let p = tree[i].0;
         tree.extend(
             procs
                 .iter()
                 .filter(|(_, pp, _)| *pp == p)
-                .map(|(c, _, _)| *c),
+                .map(|&(c, _, t)| (c, t)),
         );
         i += 1;
     }
+    tree
+}
+
+/// PSS and RSS (KiB), process count and CPU seconds of `root` and all its
+/// descendants.
+pub fn gateway_usage(root: u32) -> (u64, u64, usize, f64) {
+    let tree = process_tree(root);
     let (mut pss, mut rss, mut ticks) = (0, 0, 0);
-    for &p in &tree {
-        ticks += procs.iter().find(|(q, _, _)| *q == p).map_or(0, |x| x.2);
+    for &(p, t) in &tree {
+        ticks += t;
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")) {
             let kib = |name: &str| {
                 s.lines()
@@ -469,5 +474,10 @@ pub fn gateway_usage(root: u32) -> (u64, u64, usize, f64) {
             rss += kib("Rss:");
         }
     }
-    (pss, rss, tree.len(), ticks as f64 / tick)
+    (
+        pss,
+        rss,
+        tree.len(),
+        ticks as f64 / crate::tunnel::ticks_per_sec(),
+    )
 }
