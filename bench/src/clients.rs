@@ -124,14 +124,7 @@ fn vpnd(n: usize) -> anyhow::Result<(Cell, Cell)> {
     let topo = Topology::new()?;
     let clients = client_namespaces(&topo, n)?;
     let names: Vec<String> = (0..n).map(|i| format!("bench{i}")).collect();
-    let users: Vec<TestUser> = names
-        .iter()
-        .map(|name| TestUser {
-            name,
-            password: PASSWORD,
-            group_policy: None,
-        })
-        .collect();
+    let users = TestUser::all(&names, PASSWORD);
     let gw = Gateway::start(
         &topo,
         ConfigParts {

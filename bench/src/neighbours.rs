@@ -49,11 +49,7 @@ fn phase(topo: &Topology) -> anyhow::Result<Phase> {
 
 fn vpnd() -> anyhow::Result<Vec<Phase>> {
     let topo = Topology::new()?;
-    let users = ["alice", "bob"].map(|name| TestUser {
-        name,
-        password: PASSWORD,
-        group_policy: None,
-    });
+    let users = TestUser::all(&["alice", "bob"], PASSWORD);
     let gw = Gateway::start(
         &topo,
         ConfigParts {

@@ -29,14 +29,7 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
     require_root();
     let topo = topology_with_sources();
     let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
-    let users: Vec<TestUser> = names
-        .iter()
-        .map(|n| TestUser {
-            name: n,
-            password: PASSWORD,
-            group_policy: None,
-        })
-        .collect();
+    let users = TestUser::all(&names, PASSWORD);
     let gw = Gateway::start(
         &topo,
         ConfigParts {
@@ -133,14 +126,7 @@ fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
     require_root();
     let topo = topology_with_sources();
     let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
-    let mut users: Vec<TestUser> = names
-        .iter()
-        .map(|n| TestUser {
-            name: n,
-            password: PASSWORD,
-            group_policy: None,
-        })
-        .collect();
+    let mut users = TestUser::all(&names, PASSWORD);
     users.push(ALICE);
     let gw = Gateway::start(
         &topo,

@@ -398,6 +398,20 @@ pub struct TestUser<'a> {
     pub group_policy: Option<&'a str>,
 }
 
+impl<'a> TestUser<'a> {
+    /// Users named `names`, all with `password` and the default policy.
+    pub fn all<S: AsRef<str>>(names: &'a [S], password: &'a str) -> Vec<TestUser<'a>> {
+        names
+            .iter()
+            .map(|n| TestUser {
+                name: n.as_ref(),
+                password,
+                group_policy: None,
+            })
+            .collect()
+    }
+}
+
 /// A running `vpnd` in the gateway namespace.
 pub struct Gateway {
     child: Option<Child>,
