@@ -307,6 +307,14 @@ pub struct AdmissionStats {
     pub verifications_refused_busy: u64,
     /// Password checks running or waiting now.
     pub verifications_in_progress: usize,
+    /// The daemon's resident memory now, and `limits.max_memory_mib` in
+    /// bytes (0: no ceiling).
+    pub resident_bytes: u64,
+    pub max_memory_bytes: u64,
+    /// Logins refused because resident memory was above the ceiling.
+    pub logins_refused_memory: u64,
+    /// Connections accepted at the descriptor limit only to be told so.
+    pub connections_refused_descriptors: u64,
 }
 
 /// A snapshot of the DTLS receive counters.

@@ -994,6 +994,13 @@ pub struct Limits {
     /// Password checks that may wait for one of those; more get 503 at
     /// once. Default 64.
     pub max_queued_verifications: usize,
+    /// The daemon's resident memory, in MiB, above which new logins are
+    /// refused (told "out of memory; try again later") while sessions up
+    /// keep going, so a surge of logins (19 MiB of argon2 each) cannot
+    /// push a loaded gateway into the kernel's OOM killer. Set it below
+    /// the service's MemoryMax. 0 = no ceiling. Applied by a reload.
+    /// Default 0.
+    pub max_memory_mib: u64,
 }
 
 impl Default for Limits {
@@ -1011,6 +1018,7 @@ impl Default for Limits {
             familiar_days: 30,
             max_concurrent_verifications: 0,
             max_queued_verifications: 64,
+            max_memory_mib: 0,
         }
     }
 }
@@ -1853,7 +1861,14 @@ impl Settings {
                     ..a.auth.clone()
                 } == b.auth,
             ),
-            ("limits", a.limits == b.limits),
+            // The memory ceiling applies to new logins at once.
+            (
+                "limits",
+                Limits {
+                    max_memory_mib: b.limits.max_memory_mib,
+                    ..a.limits.clone()
+                } == b.limits,
+            ),
             // Logins use new RADIUS servers at once; accounting and the
             // Disconnect/CoA port keep what they started with.
             (
@@ -2176,6 +2191,11 @@ mod tests {
         );
         let new = parse("[limits]\nmax_connections = 10\n[session]\ndpd_secs = 5\n").unwrap();
         assert_eq!(old.needs_restart(&new), ["session", "limits"]);
+        let ceiling = parse("[limits]\nmax_memory_mib = 512\n").unwrap();
+        assert!(
+            old.needs_restart(&ceiling).is_empty(),
+            "the memory ceiling applies at once"
+        );
     }
 
     #[test]

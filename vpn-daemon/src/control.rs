@@ -436,18 +436,44 @@ fn allowed(uid: u32, gid: u32, group: Option<u32>) -> bool {
 /// Serves control requests forever.
 pub async fn serve(gw: Arc<Gateway>, listener: UnixListener) {
     let group = gw.settings.control_gid;
+    // At the descriptor limit vpnctl still gets in, one at a time.
+    let spare = crate::resources::SpareDescriptor::new();
     loop {
+        let mut spare_used = None;
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
+            Err(e)
+                if crate::resources::out_of_descriptors(&e)
+                    && crate::resources::connection_waiting(std::os::fd::AsFd::as_fd(
+                        &listener,
+                    ))
+                    && let Some(g) = spare.give_up() =>
+            {
+                let s = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                };
+                if !g.take_back() {
+                    spare_used = Some(g);
+                }
+                s
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("control socket accept failed: {e}");
+                // Back off instead of spinning. At the descriptor limit
+                // accept fails while no one connects (the TLS listener
+                // says so in the log).
+                if crate::resources::out_of_descriptors(&e) {
+                    tracing::debug!("control socket accept failed: {e}");
+                } else {
+                    tracing::warn!("control socket accept failed: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let gw = gw.clone();
         tokio::spawn(async move {
+            let _spare_used = spare_used;
             let (rd, mut wr) = stream.into_split();
             let reply = async |wr: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response| {
                 let mut text = serde_json::to_string(resp).expect("responses serialise");

@@ -104,6 +104,10 @@ impl Gateway {
             users_locked,
             verifications_refused_busy: n(&c.verifications_refused_busy),
             verifications_in_progress: verifications,
+            resident_bytes: self.login.resident_bytes().unwrap_or(0),
+            max_memory_bytes: self.login.memory_ceiling.get().unwrap_or(0),
+            logins_refused_memory: n(&c.logins_refused_memory),
+            connections_refused_descriptors: n(&c.connections_refused_descriptors),
         }
     }
 
@@ -135,6 +139,9 @@ impl Gateway {
             v.install(crls);
         }
         self.login.set_backends(backends);
+        self.login
+            .memory_ceiling
+            .set(new.limits.max_memory_mib << 20);
         let restart = self.settings.needs_restart(&new);
         let n = new.policies.len();
         self.events.emit(Event::ConfigReloaded {

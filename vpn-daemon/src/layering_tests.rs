@@ -19,6 +19,7 @@ const LEAVES: &[&str] = &[
     "unix_users",
     "telemetry",
     "privileges",
+    "resources",
 ];
 
 /// The top-level modules each top-level module uses.

@@ -59,6 +59,7 @@ pub mod policies;
 pub mod policy;
 pub mod privileges;
 pub mod proto;
+pub mod resources;
 pub mod session;
 pub mod telemetry;
 pub mod transport;

@@ -114,6 +114,10 @@ pub struct LoginService {
     /// age.
     login_secs: u64,
     lockout_window_secs: u64,
+    /// New logins stop while the daemon's resident memory is above
+    /// `limits.max_memory_mib` (changed by a reload).
+    pub memory_ceiling: crate::resources::Ceiling,
+    resident: Option<crate::resources::Resident>,
 }
 
 impl LoginService {
@@ -145,7 +149,42 @@ impl LoginService {
             banner: settings.tunnel.banner.clone(),
             login_secs: settings.auth.timeout_secs,
             lockout_window_secs: settings.limits.lockout_window_secs,
+            memory_ceiling: {
+                let c = crate::resources::Ceiling::default();
+                c.set(settings.limits.max_memory_mib << 20);
+                c
+            },
+            resident: crate::resources::Resident::open()
+                .inspect_err(|e| tracing::warn!("limits.max_memory_mib cannot be applied: {e}"))
+                .ok(),
         })
+    }
+
+    /// The answer to a request that cannot be served for want of
+    /// `what` (memory, descriptors): a login is told why and gives up
+    /// (openconnect prints it), anything else gets 503 (a tunnel's
+    /// reconnection tries again).
+    pub fn unavailable(&self, req: &Request, what: &str) -> Response {
+        let why =
+            format!("the gateway is out of {what} and takes no new logins now; try again later");
+        if req.method == "POST" {
+            Response::xml(auth_xml::fatal_error(&self.title, &why)).closing()
+        } else {
+            Response::text(503, "Service Unavailable", format!("{why}\n")).closing()
+        }
+    }
+
+    /// The daemon's resident memory now, when it can be read.
+    pub fn resident_bytes(&self) -> Option<u64> {
+        self.resident.as_ref()?.bytes().ok()
+    }
+
+    /// The resident memory over the ceiling, as (resident, ceiling) bytes,
+    /// when it is.
+    fn over_memory_ceiling(&self) -> Option<(u64, u64)> {
+        let ceiling = self.memory_ceiling.get()?;
+        let resident = self.resident.as_ref()?.bytes().ok()?;
+        (resident > ceiling).then_some((resident, ceiling))
     }
 
     /// Logins so far by result, for the metrics.
@@ -221,6 +260,22 @@ impl LoginService {
                 return Response::text(400, "Bad Request", format!("{e}\n"));
             }
         };
+        if msg.kind != "logout"
+            && let Some((resident, ceiling)) = self.over_memory_ceiling()
+        {
+            // Before any password check: argon2 alone takes 19 MiB.
+            self.counters
+                .logins_refused_memory
+                .fetch_add(1, Ordering::Relaxed);
+            self.outcome("refused_memory");
+            tracing::warn!(
+                %peer,
+                "login refused: resident memory {} MiB is above limits.max_memory_mib = {}",
+                resident >> 20,
+                ceiling >> 20
+            );
+            return self.unavailable(req, "memory");
+        }
         match msg.kind.as_str() {
             "init" => {
                 // The URL path picks the group (group URL), an explicit

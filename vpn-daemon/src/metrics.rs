@@ -231,6 +231,8 @@ pub fn render(gw: &Gateway) -> String {
         ("logins_source_locked", a.logins_refused_source_locked),
         ("logins_user_locked", a.logins_refused_user_locked),
         ("verifications_busy", a.verifications_refused_busy),
+        ("logins_memory", a.logins_refused_memory),
+        ("connections_descriptors", a.connections_refused_descriptors),
     ] {
         count(&refused, vec![("limit", why.into())], n);
     }

@@ -49,6 +49,12 @@ pub struct Counters {
     pub logins_refused_source_locked: AtomicU64,
     pub logins_refused_user_locked: AtomicU64,
     pub verifications_refused_busy: AtomicU64,
+    /// Logins refused because the daemon's memory is above
+    /// `limits.max_memory_mib`.
+    pub logins_refused_memory: AtomicU64,
+    /// Connections accepted at the descriptor limit only to be told so
+    /// (`resources::SpareDescriptor`).
+    pub connections_refused_descriptors: AtomicU64,
 }
 
 /// Connections that are not (yet) tunnels, in total and per source.

@@ -4,6 +4,7 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -20,7 +21,8 @@ use crate::{
     auth::admission::{self, ConnectionRefused, ConnectionSlot, Connections},
     config::Settings,
     login::LoginService,
-    proto::http::{self, Response},
+    proto::http::{self, Request, Response},
+    resources::{GivenUp, SpareDescriptor, connection_waiting, out_of_descriptors},
     transport::{io_buffer::AdaptiveStream, tls_tunnel::TunnelService},
 };
 
@@ -37,6 +39,9 @@ pub struct Listener {
     /// Where a client certificate's user name comes from.
     cert_name: crate::config::CertName,
     latencies: Arc<crate::telemetry::Latencies>,
+    /// Accepts one connection at a time at the descriptor limit, to tell
+    /// it so.
+    spare: Arc<SpareDescriptor>,
 }
 
 impl Listener {
@@ -59,6 +64,7 @@ impl Listener {
             tunnels,
             cert_name: settings.tls.client_username,
             latencies,
+            spare: SpareDescriptor::new(),
         })
     }
 
@@ -69,14 +75,41 @@ impl Listener {
         listener: TcpListener,
         acceptor: TlsAcceptor,
     ) -> std::convert::Infallible {
+        let mut warned: Option<tokio::time::Instant> = None;
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    if out_of_descriptors(&e)
+                        && connection_waiting(listener.as_fd())
+                        && let Some(spare) = self.spare.give_up()
+                        && let Ok((tcp, peer)) = listener.accept().await
+                    {
+                        if spare.take_back() {
+                            // Descriptors were freed meanwhile.
+                            (tcp, peer)
+                        } else {
+                            self.counters
+                                .connections_refused_descriptors
+                                .fetch_add(1, Ordering::Relaxed);
+                            tokio::spawn(self.clone().refuse(tcp, peer, acceptor.clone(), spare));
+                            continue;
+                        }
+                    } else {
+                        // Back off instead of spinning; say so every 10 s.
+                        if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(10)) {
+                            let hint = if out_of_descriptors(&e) {
+                                "; at the descriptor limit new logins are told so, one at a time \
+                                 (raise LimitNOFILE or lower server.max_sessions)"
+                            } else {
+                                ""
+                            };
+                            tracing::warn!("accept failed: {e}{hint}");
+                            warned = Some(tokio::time::Instant::now());
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 }
             };
             let slot = match self.connections.admit(peer.ip()) {
@@ -181,6 +214,36 @@ impl Listener {
                 return Ok(());
             }
         }
+    }
+}
+
+impl Listener {
+    /// Tells a connection accepted on the spare descriptor that the
+    /// gateway is at its limit: TLS, one request, the answer, closed
+    /// (the spare is taken back then). Bounded in time, as a slow client
+    /// holds the only spare.
+    async fn refuse(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+        spare: GivenUp,
+    ) {
+        const BOUND: Duration = Duration::from_secs(5);
+        let answered = tokio::time::timeout(BOUND, async {
+            let mut tls = acceptor.accept(tcp).await.ok()?;
+            let mut buf = BytesMut::with_capacity(4096);
+            let req: Request = http::read_request(&mut tls, &mut buf, &self.http, BOUND)
+                .await
+                .ok()?;
+            let resp = self.login.unavailable(&req, "connection slots");
+            resp.write_to(&mut tls).await.ok()?;
+            let _ = tls.shutdown().await;
+            Some(())
+        })
+        .await;
+        tracing::debug!(%peer, answered = answered.ok().flatten().is_some(), "refused at the descriptor limit");
+        drop(spare);
     }
 }
 

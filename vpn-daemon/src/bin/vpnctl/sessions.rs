@@ -128,6 +128,16 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
         a.verifications_in_progress,
         a.verifications_refused_busy
     );
+    println!(
+        "  at the process's limits: {} logins refused for memory (resident {} MiB, limit {}), {} connections refused for descriptors",
+        a.logins_refused_memory,
+        a.resident_bytes >> 20,
+        match a.max_memory_bytes {
+            0 => "none".to_owned(),
+            b => format!("{} MiB", b >> 20),
+        },
+        a.connections_refused_descriptors
+    );
     println!("packets dropped by vpnd before the tunnel device:");
     for (reason, n) in &stats.daemon_drops {
         println!("  {reason:<22} {n}");
