@@ -444,11 +444,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: UnixListener) {
             Ok((s, _)) => s,
             Err(e)
                 if crate::resources::out_of_descriptors(&e)
-                    && crate::resources::connection_waiting(std::os::fd::AsFd::as_fd(
-                        &listener,
-                    ))
                     && let Some(g) = spare.give_up() =>
             {
+                // Linux fails accept at the limit before it looks for a
+                // connection: with the spare given up it waits for one.
                 let s = match listener.accept().await {
                     Ok((s, _)) => s,
                     Err(_) => continue,
@@ -459,9 +458,9 @@ pub async fn serve(gw: Arc<Gateway>, listener: UnixListener) {
                 s
             }
             Err(e) => {
-                // Back off instead of spinning. At the descriptor limit
-                // accept fails while no one connects (the TLS listener
-                // says so in the log).
+                // Back off instead of spinning. (At the descriptor limit
+                // with the spare in use; the TLS listener says so in the
+                // log.)
                 if crate::resources::out_of_descriptors(&e) {
                     tracing::debug!("control socket accept failed: {e}");
                 } else {

@@ -5,7 +5,10 @@
 //!   client waits for a timeout without learning why, and `vpnctl` cannot
 //!   get in either. A descriptor kept open on `/dev/null` is given up for
 //!   one accept, so that connection can be served (`vpnctl`) or told why
-//!   not (a login), and is taken back once it is closed. This is how
+//!   not (a login), and is taken back once it is closed (or at once, when
+//!   descriptors were freed meanwhile). Linux fails `accept` at the limit
+//!   before it looks for a connection, so a listener at the limit gives
+//!   its spare up and waits in `accept` for the next one. This is how
 //!   libev's and nginx's users survive EMFILE.
 //! - [`Resident`]: the process's resident memory, read from
 //!   `/proc/self/statm` through a descriptor opened at start, so reading
@@ -29,20 +32,6 @@ use parking_lot::Mutex;
 /// descriptor left.
 pub fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Whether a connection waits on listening socket `fd`. At the
-/// descriptor limit Linux fails `accept` before it looks for one, so the
-/// error alone does not say.
-pub fn connection_waiting(fd: std::os::fd::BorrowedFd<'_>) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd we own, no wait.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
 }
 
 /// A descriptor held in reserve for one connection at the limit; see the

@@ -4,7 +4,6 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -22,7 +21,7 @@ use crate::{
     config::Settings,
     login::LoginService,
     proto::http::{self, Request, Response},
-    resources::{GivenUp, SpareDescriptor, connection_waiting, out_of_descriptors},
+    resources::{GivenUp, SpareDescriptor, out_of_descriptors},
     transport::{io_buffer::AdaptiveStream, tls_tunnel::TunnelService},
 };
 
@@ -80,8 +79,11 @@ impl Listener {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
+                    // Linux takes the descriptor before it looks for a
+                    // connection, so at the limit accept fails whether one
+                    // waits or not: with the spare given up it waits for
+                    // one (and the next comes without delay).
                     if out_of_descriptors(&e)
-                        && connection_waiting(listener.as_fd())
                         && let Some(spare) = self.spare.give_up()
                         && let Ok((tcp, peer)) = listener.accept().await
                     {
