@@ -441,7 +441,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: UnixListener) {
     loop {
         let mut spare_used = None;
         let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+            Ok((s, _)) => {
+                spare.restore();
+                s
+            }
             Err(e)
                 if crate::resources::out_of_descriptors(&e)
                     && let Some(g) = spare.give_up() =>

@@ -38,6 +38,8 @@ pub fn out_of_descriptors(e: &io::Error) -> bool {
 /// module docs.
 pub struct SpareDescriptor {
     spare: Mutex<Option<File>>,
+    /// Told when a connection that used the spare ends.
+    pub returned: tokio::sync::Notify,
     /// Connections accepted on the spare.
     pub used: AtomicU64,
 }
@@ -53,6 +55,7 @@ impl SpareDescriptor {
     pub fn new() -> Arc<Self> {
         Arc::new(SpareDescriptor {
             spare: Mutex::new(File::open("/dev/null").ok()),
+            returned: tokio::sync::Notify::new(),
             used: AtomicU64::new(0),
         })
     }
@@ -68,6 +71,16 @@ impl SpareDescriptor {
         Some(GivenUp(self.clone()))
     }
 
+    /// Takes the spare back if it is not held and a descriptor is free
+    /// (after a plain accept: the last connection that used it may have
+    /// ended while the process was at its limit).
+    pub fn restore(&self) {
+        let mut s = self.spare.lock();
+        if s.is_none() {
+            *s = File::open("/dev/null").ok();
+        }
+    }
+
     /// Whether the spare is held (ready for the next connection at the
     /// limit).
     pub fn held(&self) -> bool {
@@ -79,20 +92,15 @@ impl GivenUp {
     /// Takes the spare back now if a descriptor is free: whether the
     /// process is still at its limit (`false`) or not (`true`).
     pub fn take_back(&self) -> bool {
-        let mut s = self.0.spare.lock();
-        if s.is_none() {
-            *s = File::open("/dev/null").ok();
-        }
-        s.is_some()
+        self.0.restore();
+        self.0.held()
     }
 }
 
 impl Drop for GivenUp {
     fn drop(&mut self) {
-        let mut s = self.0.spare.lock();
-        if s.is_none() {
-            *s = File::open("/dev/null").ok();
-        }
+        self.0.restore();
+        self.0.returned.notify_one();
     }
 }
 

@@ -77,7 +77,10 @@ impl Listener {
         let mut warned: Option<tokio::time::Instant> = None;
         loop {
             let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
+                Ok(x) => {
+                    self.spare.restore();
+                    x
+                }
                 Err(e) => {
                     // Linux takes the descriptor before it looks for a
                     // connection, so at the limit accept fails whether one
@@ -109,7 +112,13 @@ impl Listener {
                             tracing::warn!("accept failed: {e}{hint}");
                             warned = Some(tokio::time::Instant::now());
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // The next try when the connection on the spare
+                        // has been answered, or after 100 ms.
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            self.spare.returned.notified(),
+                        )
+                        .await;
                         continue;
                     }
                 }
