@@ -277,3 +277,66 @@ fn ipv6_extension_headers_cannot_hide_a_denied_port() {
         assert_eq!(run(6, 80, &vec![60; n]), TC_ACT_SHOT, "{n} headers");
     }
 }
+
+/// `vpnctl sessions` and the metrics read every session's counters with
+/// `BPF_MAP_LOOKUP_BATCH` (`Datapath::all_session_stats`): over several
+/// batches and both families it must agree with reading each address.
+#[test]
+fn reading_all_sessions_counters_at_once_agrees_with_reading_each() {
+    require_root();
+    let mut dp = Datapath::load_for_test_run().unwrap();
+    let clients: Vec<IpAddr> = (0..1500u32)
+        .flat_map(|i| {
+            let v4 = std::net::Ipv4Addr::from(u32::from_be_bytes([198, 19, 0, 0]) + i);
+            let v6: std::net::Ipv6Addr = format!("fd00:1::{:x}", i + 1).parse().unwrap();
+            [IpAddr::V4(v4), IpAddr::V6(v6)]
+        })
+        .collect();
+    for (i, &c) in clients.iter().enumerate() {
+        let info = SessionInfo {
+            session_id: i as u64 / 2 + 1,
+            policy_id: 0,
+            flags: 0,
+        };
+        dp.add_session(c, info).unwrap();
+    }
+    // Packets from every seventh client, in both directions, a client's
+    // number of times over.
+    let remote: IpAddr = "198.18.2.1".parse().unwrap();
+    let remote6: IpAddr = "fd00:2::1".parse().unwrap();
+    for (i, &c) in clients.iter().enumerate().filter(|(i, _)| i % 7 == 0) {
+        let other = if c.is_ipv4() { remote } else { remote6 };
+        for (ingress, src, dst) in [(true, c, other), (false, other, c)] {
+            let spec = packets::Spec {
+                src,
+                dst,
+                proto: vpn_common::PROTO_UDP,
+                sport: 5000,
+                dport: 53,
+                later_fragment: false,
+                hop_by_hop: false,
+            };
+            let repeat = 1 + (i % 5) as u32;
+            let (ret, _) = dp
+                .test_run(ingress, &packets::frame(&spec), repeat)
+                .unwrap();
+            assert_eq!(ret, TC_ACT_OK);
+        }
+    }
+    let batch = dp.batch_session_stats().expect("the kernel reads batches");
+    assert_eq!(batch.len(), clients.len());
+    let all = dp.all_session_stats();
+    let mut counted = 0;
+    for &c in &clients {
+        let each = dp.session_stats(c);
+        assert_eq!(all.of([c]), each, "{c}");
+        counted += u64::from(each.rx_packets > 0 && each.tx_packets > 0);
+    }
+    assert_eq!(counted, clients.len().div_ceil(7) as u64);
+    // A session's two addresses are summed.
+    let pair = all.of([clients[0], clients[1]]);
+    assert_eq!(
+        pair.rx_packets,
+        dp.session_stats(clients[0]).rx_packets + dp.session_stats(clients[1]).rx_packets
+    );
+}

@@ -55,6 +55,12 @@ pub struct EventQuery {
     pub limit: usize,
 }
 
+/// The answer to [`Request::Sessions`] on its own (`control::call_as`).
+#[derive(Debug, Deserialize)]
+pub struct SessionList {
+    pub sessions: Vec<SessionRow>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Response {

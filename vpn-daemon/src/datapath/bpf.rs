@@ -61,6 +61,37 @@ fn writing(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> MapWr
     }
 }
 
+/// Every address's counters at one moment ([`Datapath::all_session_stats`]).
+pub struct StatsSnapshot(std::collections::HashMap<SessionKey, SessionStats>);
+
+impl StatsSnapshot {
+    /// The counters of `addrs` (a session's addresses), summed.
+    pub fn of(&self, addrs: impl IntoIterator<Item = IpAddr>) -> SessionStats {
+        let mut t = SessionStats::default();
+        for a in addrs {
+            if let Some(s) = self.0.get(&key_for(a)) {
+                t.add(s);
+            }
+        }
+        t
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (linux/bpf.h), and its part of `union bpf_attr`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 /// Zeroed per-CPU values.
 fn per_cpu_zero<T: aya::Pod + Default + Clone>() -> Result<PerCpuValues<T>, MapWriteError> {
     let ncpus = aya::util::nr_cpus().map_err(|(_, e)| MapWriteError::PerCpu(e))?;
@@ -332,6 +363,92 @@ impl Datapath {
             }
         }
         total
+    }
+
+    /// Every address's counters, summed over CPUs: the whole map in a few
+    /// `BPF_MAP_LOOKUP_BATCH` calls (1,024 entries each) where
+    /// [`Datapath::session_stats`] makes one call per address, 20,000 for
+    /// `vpnctl sessions` at 10,000 sessions. A kernel without batches
+    /// (before 5.6) is walked key by key.
+    pub fn all_session_stats(&self) -> StatsSnapshot {
+        let all = self.batch_session_stats().unwrap_or_else(|| {
+            self.stats
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, per_cpu)| {
+                    let mut total = SessionStats::default();
+                    for s in per_cpu.iter() {
+                        total.add(s);
+                    }
+                    (k, total)
+                })
+                .collect()
+        });
+        StatsSnapshot(all)
+    }
+
+    /// The batch read of [`Datapath::all_session_stats`]; `None` where the
+    /// kernel has no batch operations.
+    pub fn batch_session_stats(
+        &self,
+    ) -> Option<std::collections::HashMap<SessionKey, SessionStats>> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        const BATCH: usize = 1024;
+        let ncpus = aya::util::nr_cpus().ok()?;
+        // Per-CPU values come rounded up to 8 bytes per CPU.
+        const _: () = assert!(std::mem::size_of::<SessionStats>().is_multiple_of(8));
+        let fd = self.stats.map().fd().as_fd().as_raw_fd();
+        let mut keys = vec![SessionKey::default(); BATCH];
+        let mut values = vec![SessionStats::default(); BATCH * ncpus];
+        let mut out = std::collections::HashMap::new();
+        // The batch token of a hash map is a bucket index.
+        let (mut token_in, mut token_out) = (0u32, 0u32);
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    &token_in as *const u32 as u64
+                },
+                out_batch: &mut token_out as *mut u32 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH as u32,
+                map_fd: fd as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: the buffers hold `count` keys and `count` per-CPU
+            // values of the map's sizes, the tokens are u32 as the hash
+            // map's batches use, and all outlive the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut BatchAttr,
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let done = r != 0;
+            if done && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
+                return None;
+            }
+            let n = (attr.count as usize).min(BATCH);
+            for (i, k) in keys[..n].iter().enumerate() {
+                let mut total = SessionStats::default();
+                for v in &values[i * ncpus..(i + 1) * ncpus] {
+                    total.add(v);
+                }
+                out.insert(*k, total);
+            }
+            if done {
+                return Some(out);
+            }
+            token_in = token_out;
+            first = false;
+        }
     }
 
     /// Dropped packets per reason, summed over CPUs.

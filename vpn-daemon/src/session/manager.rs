@@ -176,11 +176,9 @@ impl SessionManager {
     /// live ones' counters.
     pub fn traffic_totals(&self) -> vpn_common::SessionStats {
         let mut t = *self.ended_traffic.lock();
-        let dp = self.datapath.lock();
+        let stats = self.datapath.lock().all_session_stats();
         for s in self.table.all() {
-            for a in s.addresses() {
-                t.add(&dp.session_stats(a));
-            }
+            t.add(&stats.of(s.addresses()));
         }
         t
     }
@@ -236,14 +234,9 @@ impl SessionManager {
         tick.tick().await;
         loop {
             tick.tick().await;
+            let all = self.datapath.lock().all_session_stats();
             for s in self.table.all() {
-                let mut stats = vpn_common::SessionStats::default();
-                {
-                    let dp = self.datapath.lock();
-                    for a in s.addresses() {
-                        stats.add(&dp.session_stats(a));
-                    }
-                }
+                let stats = all.of(s.addresses());
                 self.account(&s, accounting::Status::InterimUpdate, &stats, None);
             }
         }
