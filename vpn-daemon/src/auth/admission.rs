@@ -527,13 +527,24 @@ fn bump<K: std::hash::Hash + Eq + Clone>(
 }
 
 /// Password checks: at most `max_concurrent` at a time on blocking
-/// threads, at most `max_queued` waiting.
+/// threads, at most `max_queued` waiting. The memory checks keep
+/// (argon2's, `users::release_argon2_memory`) is let go after
+/// [`Verifier::QUIET`] without one.
 pub struct Verifier {
     permits: tokio::sync::Semaphore,
     max_queued: usize,
     /// Running and waiting.
     in_progress: AtomicUsize,
     max_concurrent: usize,
+    quiet: Arc<Quiet>,
+}
+
+/// When checks last ended, and whether a task waits to let go of their
+/// memory.
+struct Quiet {
+    checks: AtomicU64,
+    pending: std::sync::atomic::AtomicBool,
+    release: fn(),
 }
 
 /// The password check queue is full.
@@ -541,7 +552,15 @@ pub struct Verifier {
 pub struct Busy;
 
 impl Verifier {
+    /// How long without a check before their memory is let go.
+    pub const QUIET: Duration = Duration::from_secs(30);
+
     pub fn new(limits: &Limits) -> Self {
+        Self::with_release(limits, super::users::release_argon2_memory)
+    }
+
+    /// A verifier that calls `release` after a quiet spell.
+    pub fn with_release(limits: &Limits, release: fn()) -> Self {
         let max_concurrent = match limits.max_concurrent_verifications {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -551,7 +570,40 @@ impl Verifier {
             max_queued: limits.max_queued_verifications,
             in_progress: AtomicUsize::new(0),
             max_concurrent,
+            quiet: Arc::new(Quiet {
+                checks: AtomicU64::new(0),
+                pending: Default::default(),
+                release,
+            }),
         }
+    }
+
+    /// A check ended: once none has for [`Verifier::QUIET`], their memory
+    /// goes (one waiting task at a time).
+    fn ended(&self) {
+        let q = &self.quiet;
+        q.checks.fetch_add(1, Ordering::Relaxed);
+        if q.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let q = q.clone();
+        tokio::spawn(async move {
+            loop {
+                let seen = q.checks.load(Ordering::Relaxed);
+                tokio::time::sleep(Self::QUIET).await;
+                if q.checks.load(Ordering::Relaxed) != seen {
+                    continue;
+                }
+                (q.release)();
+                q.pending.store(false, Ordering::Release);
+                // A check that ended meanwhile found this task pending.
+                if q.checks.load(Ordering::Relaxed) == seen
+                    || q.pending.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        });
     }
 
     /// Runs `check` on a blocking thread once a permit is free, or says
@@ -572,7 +624,9 @@ impl Verifier {
             return Err(Busy);
         }
         let _permit = self.permits.acquire().await.map_err(|_| Busy)?;
-        tokio::task::spawn_blocking(check).await.map_err(|_| Busy)
+        let r = tokio::task::spawn_blocking(check).await.map_err(|_| Busy);
+        self.ended();
+        r
     }
 
     /// Checks running or waiting now.
@@ -764,6 +818,30 @@ mod tests {
         assert_eq!(c.open(), 2);
         drop((a3, b1));
         assert_eq!(c.open(), 0);
+    }
+
+    /// argon2's kept memory goes after a quiet spell, not while checks go
+    /// on, and again after later checks.
+    #[tokio::test(start_paused = true)]
+    async fn the_checks_memory_goes_after_a_quiet_spell() {
+        static RELEASED: AtomicUsize = AtomicUsize::new(0);
+        fn release() {
+            RELEASED.fetch_add(1, Ordering::SeqCst);
+        }
+        let v = Verifier::with_release(&Limits::default(), release);
+        let released = || RELEASED.load(Ordering::SeqCst);
+        for _ in 0..5 {
+            v.run(|| ()).await.unwrap();
+            tokio::time::sleep(Verifier::QUIET / 3).await;
+        }
+        assert_eq!(released(), 0, "checks went on");
+        tokio::time::sleep(Verifier::QUIET * 2).await;
+        assert_eq!(released(), 1);
+        tokio::time::sleep(Verifier::QUIET * 3).await;
+        assert_eq!(released(), 1, "once per quiet spell");
+        v.run(|| ()).await.unwrap();
+        tokio::time::sleep(Verifier::QUIET * 2).await;
+        assert_eq!(released(), 2);
     }
 
     #[tokio::test]

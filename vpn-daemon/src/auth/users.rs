@@ -23,7 +23,7 @@ use std::{
 };
 
 use argon2::{
-    Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
+    Argon2, PasswordHash, PasswordHasher,
     password_hash::{SaltString, rand_core::OsRng},
 };
 use parking_lot::Mutex;
@@ -187,12 +187,7 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
 /// SHA-512/SHA-256). Malformed and unknown hashes never match.
 pub fn verify_password(password: &str, hash: &str) -> bool {
     match HashScheme::of(hash) {
-        Some(HashScheme::Argon2) => match PasswordHash::new(hash) {
-            Ok(h) => Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok(),
-            Err(_) => false,
-        },
+        Some(HashScheme::Argon2) => verify_argon2(password, hash),
         // Both compare in constant time (subtle). The form is checked
         // first: sha-crypt 0.5 panics on a SHA-256 hash of the wrong length.
         Some(HashScheme::CryptSha512) => {
@@ -203,6 +198,71 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// argon2's working memory (19 MiB at vpnd's parameters), kept between
+/// verifications: taken afresh it costs a page fault per 4 KiB, since vpnd
+/// maps every allocation over 256 KiB anew (`bin/vpnd.rs`), which was a
+/// third of a login's time. As many are kept as checks ran at once (the
+/// verifier bounds that), up to 64 MiB each; `release_argon2_memory` lets
+/// them go when logins stop.
+static ARGON2_MEMORY: Mutex<Vec<Vec<argon2::Block>>> = Mutex::new(Vec::new());
+const ARGON2_KEEP_BLOCKS: usize = 64 * 1024;
+
+/// Lets go of the memory kept for argon2 (the verifier calls it after a
+/// quiet spell).
+pub fn release_argon2_memory() {
+    ARGON2_MEMORY.lock().clear();
+}
+
+/// Bytes kept for argon2 now.
+pub fn argon2_memory_kept() -> usize {
+    ARGON2_MEMORY
+        .lock()
+        .iter()
+        .map(|b| b.len() * argon2::Block::SIZE)
+        .sum()
+}
+
+/// `argon2`'s own verification (the parameters, salt and algorithm of
+/// the PHC string, a constant-time comparison of the output), on kept
+/// memory.
+fn verify_argon2(password: &str, hash: &str) -> bool {
+    let Ok(h) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+        return false;
+    };
+    let (Ok(params), Ok(algorithm)) = (
+        argon2::Params::try_from(&h),
+        argon2::Algorithm::try_from(h.algorithm),
+    ) else {
+        return false;
+    };
+    let Ok(version) = h.version.map(argon2::Version::try_from).transpose() else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let n = params.block_count();
+    let mut blocks = ARGON2_MEMORY.lock().pop().unwrap_or_default();
+    if blocks.len() < n {
+        blocks.resize(n, argon2::Block::default());
+    }
+    let mut out = [0u8; argon2::password_hash::Output::MAX_LENGTH];
+    let out = &mut out[..expected.len()];
+    let ok = Argon2::new(algorithm, version.unwrap_or_default(), params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, out, &mut blocks[..n])
+        .is_ok()
+        // Output compares in constant time.
+        && argon2::password_hash::Output::new(out).is_ok_and(|o| o == expected);
+    if blocks.len() <= ARGON2_KEEP_BLOCKS {
+        ARGON2_MEMORY.lock().push(blocks);
+    }
+    ok
 }
 
 impl UserFile {
@@ -636,6 +696,35 @@ mod tests {
         assert!(verify_password("s3cret", &h));
         assert!(!verify_password("s3cre", &h));
         assert!(!verify_password("s3cret", "not a hash"));
+    }
+
+    /// Verification on kept memory agrees with argon2's own verifier for
+    /// each variant and other parameters.
+    #[test]
+    fn argon2_on_kept_memory_agrees_with_argon2s_verifier() {
+        use argon2::{Algorithm, Params, PasswordVerifier as _, Version};
+        let salt = SaltString::generate(&mut OsRng);
+        for (alg, m, t, len) in [
+            (Algorithm::Argon2id, 19 * 1024, 2, 32),
+            (Algorithm::Argon2i, 64, 3, 16),
+            (Algorithm::Argon2d, 256, 1, 64),
+        ] {
+            let params = Params::new(m, t, 1, Some(len)).unwrap();
+            let a = Argon2::new(alg, Version::V0x13, params);
+            let h = a.hash_password(b"pw", &salt).unwrap().to_string();
+            for guess in ["pw", "pW", ""] {
+                let theirs = Argon2::default()
+                    .verify_password(guess.as_bytes(), &PasswordHash::new(&h).unwrap())
+                    .is_ok();
+                assert_eq!(verify_argon2(guess, &h), theirs, "{h} {guess:?}");
+                assert_eq!(theirs, guess == "pw");
+            }
+        }
+        // A hash with its output cut short or its salt missing never matches.
+        let h = hash_password("pw").unwrap();
+        let (head, _) = h.rsplit_once('$').unwrap();
+        assert!(!verify_password("pw", head));
+        assert!(!verify_password("pw", &format!("{head}$AAAA")));
     }
 
     /// Audit L3: `vpnctl user` runs at once each read, change and write

@@ -25,10 +25,10 @@ fn main() -> ExitCode {
     // unmapped each time. glibc otherwise raises its mmap threshold after
     // the first such free and keeps them in the heap: resident for good,
     // a step of memory after each new high (+28 MiB over a 10,000-session
-    // hold; +0.5 with this). The price: argon2id's 19 MiB are faulted in
-    // at each check, 57-66 logins/s instead of 87-90 on the bench (crypt
-    // hashes unchanged); reusing the blocks on the verification threads
-    // would win that back.
+    // hold; +0.5 with this). argon2's memory would then be faulted in at
+    // each check (60 logins/s instead of 87-90 on the bench); it is kept
+    // between checks instead and let go after 30 quiet seconds
+    // (`auth::users::release_argon2_memory`): 110 logins/s.
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt before any other thread exists.
     unsafe {
