@@ -67,6 +67,8 @@ struct Run<'a> {
     hold: u64,
     in_flight: u64,
     echo: bool,
+    /// Each client opens a DTLS channel too (PSK-NEGOTIATE) and keeps it.
+    dtls: bool,
     admin: Option<Box<dyn Fn() -> bool + 'a>>,
 }
 
@@ -94,6 +96,9 @@ impl Run<'_> {
             .args(["--gateway-pid", &self.pid.to_string()]);
         if self.echo {
             cmd.args(["--echo", GW_INSIDE, "--echo-every", "30"]);
+        }
+        if self.dtls {
+            cmd.arg("--dtls");
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -239,6 +244,8 @@ struct Held {
     admin_p50: f64,
     admin_max: f64,
     echo: String,
+    /// DTLS channels up and their handshake's p50, ms ("-" over TLS).
+    dtls: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -249,7 +256,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn held(o: &Outcome, p: &Params) -> Held {
+fn held(o: &Outcome, p: &Params, dtls: bool) -> Held {
     let r = &o.report;
     let samples = r["samples"].as_array().cloned().unwrap_or_default();
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -300,6 +307,15 @@ fn held(o: &Outcome, p: &Params) -> Held {
             r["echo_received"].as_u64().unwrap_or(0),
             r["echo_sent"].as_u64().unwrap_or(0)
         ),
+        dtls: if dtls {
+            format!(
+                "{} / {:.1}",
+                r["dtls_up"].as_u64().unwrap_or(0),
+                f(&r["dtls_ms"], "p50")
+            )
+        } else {
+            "-".into()
+        },
     }
 }
 
@@ -326,7 +342,8 @@ fn per_session(h: &Held) -> f64 {
 fn held_row(out: &mut String, name: &str, h: &Held) -> std::fmt::Result {
     writeln!(
         out,
-        "| {name} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:+.1} | {} | {:.2} | {:.1} / {:.1} | {:.1} | {:.0} / {:.0} | {} |",
+        "| {name} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:+.1} | {} | {:.2} | {:.1} / {:.1} | {:.1} | {:.0} / {:.0} | {} |",
+        h.dtls,
         h.wanted,
         h.at_start,
         h.at_end,
@@ -447,6 +464,7 @@ pub fn run() -> anyhow::Result<String> {
             hold: 1,
             in_flight: 32,
             echo: false,
+            dtls: false,
             admin: None,
         };
         let o = if vpnd {
@@ -466,8 +484,14 @@ pub fn run() -> anyhow::Result<String> {
     }
 
     let mut helds = Vec::new();
-    for name in ["vpnd", "ocserv"] {
-        if !want(&format!("{name}-held")) {
+    for (name, dtls) in [
+        ("vpnd", false),
+        ("ocserv", false),
+        ("vpnd", true),
+        ("ocserv", true),
+    ] {
+        let key = format!("{name}-held{}", if dtls { "-dtls" } else { "" });
+        if !want(&key) {
             continue;
         }
         let topo = Topology::new()?;
@@ -483,6 +507,7 @@ pub fn run() -> anyhow::Result<String> {
                 hold: p.hold,
                 in_flight: 64,
                 echo: true,
+                dtls,
                 admin: Some(Box::new(admin_vpnd(&gw))),
             }
             .go()?
@@ -497,6 +522,7 @@ pub fn run() -> anyhow::Result<String> {
                 hold: p.hold,
                 in_flight: 64,
                 echo: true,
+                dtls,
                 admin: Some(Box::new(admin_ocserv(&oc))),
             }
             .go()?;
@@ -506,10 +532,10 @@ pub fn run() -> anyhow::Result<String> {
             o
         };
         eprintln!(
-            "{name}: held {} of {}",
+            "{key}: held {} of {}",
             o.report["held_at_hold_start"], p.sessions
         );
-        helds.push((name, held(&o, &p)));
+        helds.push((name, dtls, held(&o, &p, dtls)));
     }
 
     let mut out = String::new();
@@ -523,28 +549,32 @@ pub fn run() -> anyhow::Result<String> {
     if !helds.is_empty() {
         writeln!(
             out,
-            "## Held sessions\n\n{} clients log in at {}/s and hold their tunnels for {} s with a keepalive every 20 s and an echo through the tunnel every 30 s. Memory per session = (PSS 30 s into the hold, when every tunnel has carried an echo, - PSS before the first login) / sessions held. The hold starts when the last client is due; a gateway slower than the ramp is still taking logins then (see held at hold start). The admin command (`vpnctl sessions --json`, `occtl -j show users`) listing every session is timed every 10 s during the hold. Passwords: crypt SHA-512 on both.\n",
+            "## Held sessions\n\n{} clients log in at {}/s and hold their tunnels for {} s with a keepalive every 20 s and an echo through the tunnel every 30 s. Memory per session = (PSS 30 s into the hold, when every tunnel has carried an echo, - PSS before the first login) / sessions held. The hold starts when the last client is due; a gateway slower than the ramp is still taking logins then (see held at hold start). The admin command (`vpnctl sessions --json`, `occtl -j show users`) listing every session is timed every 10 s during the hold. Passwords: crypt SHA-512 on both. In the DTLS rows each client also opens a DTLS channel right after CONNECT (PSK-NEGOTIATE, the key exported from its TLS connection, as openconnect does) and sends its echoes and a keepalive over it; the TLS channel keeps its own keepalives.\n",
             p.sessions, p.rate, p.hold
         )?;
         writeln!(
             out,
-            "| gateway | sessions | held at hold start | held at hold end | failures | PSS before, MiB | PSS at hold start, MiB | PSS 30 s into hold, MiB | KiB per session | PSS change from then to the end, MiB | processes | CPU s per 1,000 logins | login ms p50 / p99 | set-up ms p50 | admin command ms p50 / max | echoes back / sent |"
+            "| gateway | DTLS up / handshake ms p50 | sessions | held at hold start | held at hold end | failures | PSS before, MiB | PSS at hold start, MiB | PSS 30 s into hold, MiB | KiB per session | PSS change from then to the end, MiB | processes | CPU s per 1,000 logins | login ms p50 / p99 | set-up ms p50 | admin command ms p50 / max | echoes back / sent |"
         )?;
         writeln!(
             out,
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         )?;
-        for (name, h) in &helds {
+        for (name, _, h) in &helds {
             held_row(&mut out, name, h)?;
         }
-        if let [(_, v), (_, o)] = helds.as_slice() {
-            writeln!(
-                out,
-                "\nRatios vpnd / ocserv: memory per session {:.3}, CPU per login {:.2}, admin command p50 {:.2}.",
-                per_session(v) / per_session(o).max(f64::MIN_POSITIVE),
-                v.cpu_per_1000 / o.cpu_per_1000.max(f64::MIN_POSITIVE),
-                v.admin_p50 / o.admin_p50.max(f64::MIN_POSITIVE),
-            )?;
+        for dtls in [false, true] {
+            let of = |n: &str| helds.iter().find(|h| h.0 == n && h.1 == dtls).map(|h| &h.2);
+            if let (Some(v), Some(o)) = (of("vpnd"), of("ocserv")) {
+                writeln!(
+                    out,
+                    "\nRatios vpnd / ocserv{}: memory per session {:.3}, CPU per login {:.2}, admin command p50 {:.2}.",
+                    if dtls { " with DTLS" } else { "" },
+                    per_session(v) / per_session(o).max(f64::MIN_POSITIVE),
+                    v.cpu_per_1000 / o.cpu_per_1000.max(f64::MIN_POSITIVE),
+                    v.admin_p50 / o.admin_p50.max(f64::MIN_POSITIVE),
+                )?;
+            }
         }
     }
     if !bursts.is_empty() {

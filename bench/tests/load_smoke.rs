@@ -197,3 +197,74 @@ fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
         .count();
     assert_eq!(refused, 5, "four generated clients and alice");
 }
+
+/// The generator's DTLS (PSK-NEGOTIATE) channel against the real vpnd:
+/// every client's handshake completes with the key exported from its TLS
+/// connection, the gateway lists each session on DTLS, and the echoes go
+/// out and come back over UDP.
+#[test]
+fn generated_clients_hold_their_tunnels_over_dtls() {
+    require_root();
+    const N: usize = 16;
+    let topo = topology_with_sources();
+    let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
+    let users = TestUser::all(&names, PASSWORD);
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            server: "max_sessions = 100",
+            ..Default::default()
+        },
+        &users,
+    )
+    .unwrap();
+    let mut child = topo
+        .client
+        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
+        .args(["load", "--dtls", "--target", &format!("{GW_OUTSIDE}:443")])
+        .args(["--sources", &SOURCES.join(",")])
+        .args(["--sessions", &N.to_string()])
+        .args(["--rate", "20", "--hold", "4", "--limit", "60"])
+        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
+        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let on_dtls = wait_for(Duration::from_secs(40), || {
+        let s = gw.sessions().ok()?;
+        let n = s.iter().filter(|s| s["transport"] == "dtls").count();
+        (n == N).then_some(n)
+    });
+    if on_dtls != Some(N) {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.vpnctl(&["stats"]).unwrap_or_default(),
+            gw.log()
+        );
+    }
+
+    let done =
+        wait_exit(&mut child, Duration::from_secs(70)).expect("the generator stops by itself");
+    let out = child.wait_with_output().unwrap();
+    assert!(done.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{report:#}");
+    assert_eq!(report["failures"], serde_json::json!({}), "{report}");
+    assert_eq!(report["dtls_up"], N, "{report}");
+    assert!(report["dtls_ms"]["p50"].as_f64().unwrap() > 0.0);
+    let (sent, got) = (
+        report["echo_sent"].as_u64().unwrap(),
+        report["echo_received"].as_u64().unwrap(),
+    );
+    assert!(sent >= N as u64 * 2, "{report}");
+    assert!(got * 10 >= sent * 9, "echoes {got} of {sent}");
+    // The replies came over DTLS, not the TLS channel.
+    assert!(report["dtls_received"].as_u64().unwrap() >= got, "{report}");
+    // The gateway saw the datagrams.
+    let rx = &gw.stats().unwrap()["dtls_rx"];
+    assert!(rx["datagrams"].as_u64().unwrap() >= sent, "{rx}");
+}

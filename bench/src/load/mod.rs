@@ -7,6 +7,7 @@
 //! memory and CPU sampled over time (any gateway: vpnd or ocserv, whose
 //! process tree is summed).
 
+pub mod dtls;
 pub mod peer;
 
 use std::{
@@ -81,6 +82,10 @@ pub struct Options {
     /// machine down; such clients count as `memory_guard` failures.
     #[arg(long, default_value_t = 1024)]
     pub min_available_mib: u64,
+    /// Open a DTLS channel per session too (PSK-NEGOTIATE), and send
+    /// keepalives, DPD answers and echoes over it.
+    #[arg(long)]
+    pub dtls: bool,
 }
 
 /// MemAvailable from /proc/meminfo, in MiB.
@@ -148,6 +153,11 @@ pub struct Report {
     pub tls_ms: Quantiles,
     pub password_ms: Quantiles,
     pub connect_ms: Quantiles,
+    /// DTLS handshakes (with --dtls): how many completed, and how long.
+    pub dtls_up: usize,
+    pub dtls_ms: Quantiles,
+    /// Records that came over DTLS.
+    pub dtls_received: u64,
     pub failures: BTreeMap<Failure, u64>,
     pub held_max: usize,
     /// Sessions up when the hold began and when it ended.
@@ -282,6 +292,11 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
         addr: opts.target,
         tls: tls_config(),
         step_timeout: Duration::from_secs(opts.step_timeout),
+        dtls: if opts.dtls {
+            Some(dtls::Client::new()?)
+        } else {
+            None
+        },
     });
     let shared = Arc::new(Shared::default());
     let hold = Arc::new(Hold {
@@ -408,6 +423,14 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
         tls_ms: ms(&|t| t.tls),
         password_ms: ms(&|t| t.password),
         connect_ms: ms(&|t| t.connect),
+        dtls_up: times.iter().filter(|t| t.dtls.is_some()).count(),
+        dtls_ms: quantiles(
+            times
+                .iter()
+                .filter_map(|t| Some(t.dtls?.as_secs_f64() * 1e3))
+                .collect(),
+        ),
+        dtls_received: c.dtls_received.load(Relaxed),
         failures: shared.failures.lock().clone(),
         held_max: shared.held_max.load(Relaxed),
         held_at_hold_start,

@@ -3,7 +3,9 @@
 //! ocserv asks for the user name and the password in two), CONNECT, then
 //! the CSTP tunnel: keepalives when idle, DPD requests answered, an
 //! optional ICMP echo through the tunnel now and then, and a DISCONNECT
-//! at the end, as `openconnect` sends on Ctrl-C.
+//! at the end, as `openconnect` sends on Ctrl-C. With DTLS (PSK-NEGOTIATE,
+//! [`super::dtls`]) keepalives, DPD answers and echoes go over the UDP
+//! channel, as openconnect's do once it is up.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -41,6 +43,8 @@ pub enum Failure {
     Deadline,
     /// Not started: the machine was short of memory (--min-available-mib).
     MemoryGuard,
+    /// DTLS was asked for and not offered, or its handshake failed.
+    Dtls,
 }
 
 /// What one login measured.
@@ -54,6 +58,8 @@ pub struct LoginTimes {
     pub password: Duration,
     /// From CONNECT sent to its answer.
     pub connect: Duration,
+    /// The DTLS handshake, when asked for.
+    pub dtls: Option<Duration>,
     pub total: Duration,
 }
 
@@ -69,12 +75,16 @@ pub struct Target {
     pub addr: SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
     pub step_timeout: Duration,
+    /// Open a DTLS channel too (PSK-NEGOTIATE).
+    pub dtls: Option<Arc<super::dtls::Client>>,
 }
 
 /// Counters a tunnel adds to while it is held.
 #[derive(Default)]
 pub struct TunnelCounters {
     pub keepalives: std::sync::atomic::AtomicU64,
+    /// Records received over DTLS (echo replies, DPD, keepalives).
+    pub dtls_received: std::sync::atomic::AtomicU64,
     pub dpd_answered: std::sync::atomic::AtomicU64,
     pub echo_sent: std::sync::atomic::AtomicU64,
     pub echo_received: std::sync::atomic::AtomicU64,
@@ -82,6 +92,7 @@ pub struct TunnelCounters {
 
 pub struct Tunnel {
     tls: TlsStream<TcpStream>,
+    dtls: Option<super::dtls::Channel>,
     pub address: Ipv4Addr,
     /// What the gateway asked for (X-CSTP-Keepalive), in seconds.
     pub keepalive: Option<u64>,
@@ -169,10 +180,20 @@ pub async fn login(
     t.password = mark.elapsed();
 
     let mark = Instant::now();
+    // openconnect's DTLS offer: a legacy master secret it would use for
+    // Cisco's mode, and PSK-NEGOTIATE (the only mode here).
+    let dtls_offer = if target.dtls.is_some() {
+        let secret: String = (0..48)
+            .map(|i| format!("{:02X}", (i * 37 + 11) as u8))
+            .collect();
+        format!("X-DTLS-Master-Secret: {secret}\r\nX-DTLS-CipherSuite: PSK-NEGOTIATE\r\n")
+    } else {
+        String::new()
+    };
     let req = format!(
         "CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Open AnyConnect VPN Agent v9.01-3\r\n\
          Cookie: webvpn={token}\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: load\r\nX-CSTP-Base-MTU: 1500\r\n\
-         X-CSTP-Address-Type: IPv4\r\n\r\n"
+         X-CSTP-Address-Type: IPv4\r\n{dtls_offer}\r\n"
     );
     let head = step(limit, async {
         tls.write_all(req.as_bytes())
@@ -194,16 +215,59 @@ pub async fn login(
         .and_then(|a| a.parse().ok())
         .ok_or(Failure::ConnectRefused)?;
     let keepalive = header("X-CSTP-Keepalive").and_then(|k| k.parse().ok());
+    let dtls = match &target.dtls {
+        None => None,
+        Some(client) => {
+            if debug {
+                eprintln!("{head}");
+            }
+            let port: u16 = header("X-DTLS-Port")
+                .and_then(|p| p.parse().ok())
+                .ok_or(Failure::Dtls)?;
+            let app_id: [u8; 32] = header("X-DTLS-App-ID")
+                .filter(|_| header("X-DTLS-CipherSuite") == Some("PSK-NEGOTIATE"))
+                .and_then(hex32)
+                .ok_or(Failure::Dtls)?;
+            let mut psk = [0u8; 32];
+            tls.get_ref()
+                .1
+                .export_keying_material(&mut psk, b"EXPORTER-openconnect-psk", None)
+                .map_err(|e| {
+                    if debug {
+                        eprintln!("exporter: {e}");
+                    }
+                    Failure::Dtls
+                })?;
+            let mark = Instant::now();
+            let server = SocketAddr::new(target.addr.ip(), port);
+            let ch = client.connect(source, server, &app_id, psk, limit).await?;
+            t.dtls = Some(mark.elapsed());
+            Some(ch)
+        }
+    };
     t.total = start.elapsed();
     Ok((
         Tunnel {
             tls,
+            dtls,
             address,
             keepalive,
             buf: std::mem::take(&mut http.buf),
         },
         t,
     ))
+}
+
+/// 64 hex digits as 32 bytes.
+fn hex32(h: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if h.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 const INIT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -270,11 +334,17 @@ pub struct Hold {
 
 impl Tunnel {
     /// Holds the tunnel until `hold.until`: answers DPD, sends keepalives
-    /// and echoes; then says goodbye.
-    pub async fn hold(mut self, hold: &Hold, c: &TunnelCounters) -> Result<(), Failure> {
+    /// and echoes (over DTLS when it is up); then says goodbye.
+    pub async fn hold(self, hold: &Hold, c: &TunnelCounters) -> Result<(), Failure> {
         use std::sync::atomic::Ordering::Relaxed;
-        let keepalive = self
-            .keepalive
+        let Tunnel {
+            mut tls,
+            mut dtls,
+            address,
+            keepalive,
+            mut buf,
+        } = self;
+        let keepalive = keepalive
             .map(Duration::from_secs)
             .unwrap_or(hold.keepalive)
             .min(hold.keepalive);
@@ -284,6 +354,7 @@ impl Tunnel {
             .map(|(_, every)| tokio::time::Instant::now() + every / 2);
         let mut seq = 0u16;
         let mut chunk = vec![0u8; 4096];
+        let is_echo_reply = |p: &[u8]| p.len() >= 20 && p[9] == 1 && p.get(20) == Some(&0);
         loop {
             let wake = [Some(hold.until), Some(next_keepalive), next_echo]
                 .into_iter()
@@ -291,52 +362,80 @@ impl Tunnel {
                 .min()
                 .expect("at least one");
             // Complete frames already buffered first.
-            while let Some((kind, payload)) = take_frame(&mut self.buf)? {
+            while let Some((kind, payload)) = take_frame(&mut buf)? {
                 match kind {
                     DPD_REQ => {
                         // openconnect answers with an empty DPD-RESP.
-                        self.tls
-                            .write_all(&frame(DPD_RESP, &[]))
+                        tls.write_all(&frame(DPD_RESP, &[]))
                             .await
                             .map_err(|_| Failure::TunnelLost)?;
                         c.dpd_answered.fetch_add(1, Relaxed);
                     }
-                    DATA if payload.len() >= 20
-                        && payload[9] == 1
-                        && payload.get(20) == Some(&0) =>
-                    {
+                    DATA if is_echo_reply(&payload) => {
                         c.echo_received.fetch_add(1, Relaxed);
                     }
                     DISCONNECT | TERMINATE => return Err(Failure::Terminated),
                     _ => {}
                 }
             }
+            let udp = async {
+                match dtls.as_mut() {
+                    Some(d) => d.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                r = self.tls.read(&mut chunk) => match r {
+                r = tls.read(&mut chunk) => match r {
                     Ok(0) | Err(_) => return Err(Failure::TunnelLost),
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 },
+                r = udp => {
+                    let (kind, payload) = r?;
+                    c.dtls_received.fetch_add(1, Relaxed);
+                    let d = dtls.as_mut().expect("a record came over DTLS");
+                    match kind {
+                        DPD_REQ => {
+                            d.send(DPD_RESP, &[]).await?;
+                            c.dpd_answered.fetch_add(1, Relaxed);
+                        }
+                        DATA if is_echo_reply(&payload) => {
+                            c.echo_received.fetch_add(1, Relaxed);
+                        }
+                        DISCONNECT | TERMINATE => return Err(Failure::Terminated),
+                        _ => {}
+                    }
+                }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = tokio::time::Instant::now();
                     if now >= hold.until {
                         let mut bye = vec![0xb0];
                         bye.extend_from_slice(b"Aborted by caller");
-                        let _ = self.tls.write_all(&frame(DISCONNECT, &bye)).await;
-                        let _ = self.tls.shutdown().await;
+                        let _ = tls.write_all(&frame(DISCONNECT, &bye)).await;
+                        let _ = tls.shutdown().await;
                         return Ok(());
                     }
                     if now >= next_keepalive {
-                        self.tls.write_all(&frame(KEEPALIVE, &[])).await.map_err(|_| Failure::TunnelLost)?;
+                        // Both channels are kept alive, as openconnect does.
+                        tls.write_all(&frame(KEEPALIVE, &[])).await.map_err(|_| Failure::TunnelLost)?;
+                        if let Some(d) = dtls.as_mut() {
+                            d.send(KEEPALIVE, &[]).await?;
+                        }
                         c.keepalives.fetch_add(1, Relaxed);
                         next_keepalive = now + keepalive;
                     }
                     if let (Some(at), Some((dst, every))) = (next_echo, hold.echo) && now >= at {
                         seq = seq.wrapping_add(1);
-                        let p = echo_request(self.address, dst, 0x4c44, seq);
-                        self.tls.write_all(&frame(DATA, &p)).await.map_err(|_| Failure::TunnelLost)?;
+                        let p = echo_request(address, dst, 0x4c44, seq);
+                        match dtls.as_mut() {
+                            Some(d) => d.send(DATA, &p).await?,
+                            None => tls.write_all(&frame(DATA, &p)).await.map_err(|_| Failure::TunnelLost)?,
+                        }
                         c.echo_sent.fetch_add(1, Relaxed);
                         next_echo = Some(now + every);
-                        next_keepalive = now + keepalive;
+                        if dtls.is_none() {
+                            // The echo kept the only channel alive.
+                            next_keepalive = now + keepalive;
+                        }
                     }
                 }
             }

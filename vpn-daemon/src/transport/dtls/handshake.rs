@@ -117,7 +117,7 @@ fn psk_index() -> openssl::ex_data::Index<Ssl, [u8; 32]> {
 }
 
 /// Session id context shared by our cached sessions and the context.
-const SID_CTX: &[u8] = b"vpn-gateway-dtls";
+pub const SID_CTX: &[u8] = b"vpn-gateway-dtls";
 const DTLS1_2_VERSION: i32 = 0xfefd;
 
 /// The OpenSSL context every peer's handshake runs in. Each peer's SSL
