@@ -23,7 +23,10 @@ use openssl::{
 use tokio::net::UdpSocket;
 use vpn_daemon::{
     proto::connect::ResumeSuite,
-    transport::dtls::handshake::{SID_CTX, resumption_session},
+    transport::dtls::{
+        handshake::{SID_CTX, resumption_session},
+        task::retransmit_if_due,
+    },
 };
 
 use super::peer::Failure;
@@ -79,9 +82,7 @@ impl Client {
         limit: Duration,
     ) -> Result<Channel, Failure> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
-            if std::env::var_os("VPN_LOAD_DEBUG").is_some() {
-                eprintln!("DTLS to {server}: {what}: {e}");
-            }
+            say(format_args!("DTLS to {server} from {source}: {what}: {e}"));
             Failure::Dtls
         };
         let sock = UdpSocket::bind(SocketAddr::new(source, 0))
@@ -96,12 +97,8 @@ impl Client {
         ssl.set_mtu(1400).map_err(|e| fail("mtu", &e))?;
         // A session to "resume" whose id is the App-ID; its master secret
         // is never used (the gateway runs a full PSK handshake).
-        let carrier = resumption_session(&self.ctx, &[0u8; 48], app_id, CARRIER).map_err(|e| {
-            if std::env::var_os("VPN_LOAD_DEBUG").is_some() {
-                eprintln!("DTLS session to carry the App-ID: {e}");
-            }
-            Failure::Dtls
-        })?;
+        let carrier = resumption_session(&self.ctx, &[0u8; 48], app_id, CARRIER)
+            .map_err(|e| fail("the session to carry the App-ID", &e))?;
         // SAFETY: the session was made for this context.
         unsafe { ssl.set_session(&carrier) }.map_err(|e| fail("session", &e))?;
         let mut stream = SslStream::new(ssl, Udp(sock.clone())).map_err(|e| fail("stream", &e))?;
@@ -110,19 +107,19 @@ impl Client {
                 match stream.connect() {
                     Ok(()) => return Ok(()),
                     Err(e) if e.code() == ErrorCode::WANT_READ => {
-                        // OpenSSL retransmits its flight when called after
-                        // its timer (1 s) ran out without an answer.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), sock.readable()).await;
+                        // No answer within OpenSSL's timer (1 s, then
+                        // doubling): our flight goes again.
+                        if tokio::time::timeout(Duration::from_secs(1), sock.readable())
+                            .await
+                            .is_err()
+                        {
+                            retransmit_if_due(stream.ssl());
+                        }
                     }
                     Err(e) if e.code() == ErrorCode::WANT_WRITE => {
                         let _ = sock.writable().await;
                     }
-                    Err(e) => {
-                        if std::env::var_os("VPN_LOAD_DEBUG").is_some() {
-                            eprintln!("DTLS handshake to {server}: {e}");
-                        }
-                        return Err(Failure::Dtls);
-                    }
+                    Err(e) => return Err(fail("handshake", &e)),
                 }
             }
         };
@@ -135,6 +132,15 @@ impl Client {
         unsafe { self.ctx.remove_session(&carrier) };
         done?;
         Ok(Channel { stream, sock })
+    }
+}
+
+/// Says why a channel failed, for the first few (a run of thousands would
+/// otherwise bury the report).
+fn say(what: std::fmt::Arguments<'_>) {
+    static SAID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if SAID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 10 {
+        eprintln!("vpn-bench load: {what}");
     }
 }
 

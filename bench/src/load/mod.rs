@@ -311,16 +311,21 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
         let every = Duration::from_secs(opts.sample_every.max(1));
         let pid = opts.gateway_pid;
         tokio::spawn(async move {
-            let mut out = Vec::new();
+            let mut out: Vec<Sample> = Vec::new();
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let (pss, rss, n, cpu) = match pid {
+                let (pss, rss, n, mut cpu) = match pid {
                     Some(p) => tokio::task::spawn_blocking(move || gateway_usage(p))
                         .await
                         .unwrap_or_default(),
                     None => Default::default(),
                 };
+                // CPU time only grows: a sample that could not read it
+                // keeps the last one's.
+                if let Some(last) = out.last() {
+                    cpu = cpu.max(last.cpu_s);
+                }
                 out.push(Sample {
                     t: start.elapsed().as_secs_f64(),
                     held: shared.held.load(Relaxed),
@@ -448,23 +453,27 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
 /// `root` and all its descendants, each with its CPU clock ticks (utime
 /// + stime) so far.
 pub fn process_tree(root: u32) -> Vec<(u32, u64)> {
+    let stat = |pid: u32| -> Option<(u32, u32, u64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the ")" of the command name.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some((pid, ppid, ticks))
+    };
     let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the ")" of the command name.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ppid = f.get(1)?.parse().ok()?;
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some((pid, ppid, ticks))
-        })
+        .filter_map(stat)
         .collect();
-    let ticks = |p: u32| procs.iter().find(|(q, _, _)| *q == p).map_or(0, |x| x.2);
-    let mut tree = vec![(root, ticks(root))];
+    // The root's own file, read directly: a walk of /proc while processes
+    // come and go can miss an entry (a sample of 0 CPU seconds, seen in a
+    // 10,000-session run).
+    let root_ticks = stat(root).map_or(0, |s| s.2);
+    let mut tree = vec![(root, root_ticks)];
     let mut i = 0;
     while i < tree.len() {
         let p = tree[i].0;

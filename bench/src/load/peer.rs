@@ -43,7 +43,10 @@ pub enum Failure {
     Deadline,
     /// Not started: the machine was short of memory (--min-available-mib).
     MemoryGuard,
-    /// DTLS was asked for and not offered, or its handshake failed.
+    /// DTLS was asked for and the gateway offered none (no port, App-ID
+    /// or PSK-NEGOTIATE in the CONNECT answer).
+    DtlsNotOffered,
+    /// The DTLS handshake failed.
     Dtls,
 }
 
@@ -223,11 +226,11 @@ pub async fn login(
             }
             let port: u16 = header("X-DTLS-Port")
                 .and_then(|p| p.parse().ok())
-                .ok_or(Failure::Dtls)?;
+                .ok_or(Failure::DtlsNotOffered)?;
             let app_id: [u8; 32] = header("X-DTLS-App-ID")
                 .filter(|_| header("X-DTLS-CipherSuite") == Some("PSK-NEGOTIATE"))
                 .and_then(hex32)
-                .ok_or(Failure::Dtls)?;
+                .ok_or(Failure::DtlsNotOffered)?;
             let mut psk = [0u8; 32];
             tls.get_ref()
                 .1

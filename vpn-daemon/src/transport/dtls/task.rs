@@ -49,6 +49,14 @@ mod ffi {
     }
 }
 
+/// Retransmits `ssl`'s last handshake flight if its timer ran out
+/// (`DTLSv1_handle_timeout`); for a handshake driven by hand over a
+/// non-blocking transport, as here and in the load generator.
+pub fn retransmit_if_due(ssl: &openssl::ssl::SslRef) {
+    // SAFETY: a valid SSL for the call's duration.
+    unsafe { ffi::handle_timeout(foreign_types::ForeignTypeRef::as_ptr(ssl)) }
+}
+
 /// Why a DTLS peer's task ended (logged; the client's tunnel goes on over
 /// TLS until it tries DTLS again).
 #[derive(Debug, thiserror::Error)]
@@ -139,10 +147,7 @@ impl DtlsServer {
                 Ok(None) => return ChannelEnd::QueueClosed,
                 Err(_) if Instant::now() >= deadline => return ChannelEnd::HandshakeTimeout,
                 Err(_) => {
-                    // SAFETY: a valid SSL object owned by `mid`.
-                    unsafe {
-                        ffi::handle_timeout(foreign_types::ForeignTypeRef::as_ptr(mid.ssl()))
-                    };
+                    retransmit_if_due(mid.ssl());
                     continue;
                 }
             }
