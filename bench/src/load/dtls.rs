@@ -87,7 +87,10 @@ impl Client {
         };
         let sock = UdpSocket::bind(SocketAddr::new(source, 0))
             .await
-            .map_err(|e| fail("bind", &e))?;
+            .map_err(|e| match Failure::local(&e) {
+                Failure::GeneratorDescriptors => Failure::GeneratorDescriptors,
+                _ => fail("bind", &e),
+            })?;
         sock.connect(server)
             .await
             .map_err(|e| fail("connect", &e))?;

@@ -251,7 +251,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     if opts.sessions == 0 || opts.rate <= 0.0 || opts.users == 0 {
         bail!("--sessions, --rate and --users must be above 0");
     }
-    raise_nofile(opts.sessions as u64 * 2 + 1024);
+    // A TCP socket per session, a UDP one more with DTLS.
+    let want = opts.sessions as u64 * if opts.dtls { 2 } else { 1 } + 1024;
+    let got = raise_nofile(want);
+    if got < want {
+        eprintln!(
+            "vpn-bench load: descriptor limit {got}, below the {want} this run needs; \
+             sessions beyond it fail as generator_descriptors"
+        );
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -260,25 +268,32 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
 }
 
 /// Lifts the descriptor limit to `want`: the hard limit too when allowed
-/// (root), else the soft one up to the hard one. Children inherit it.
-pub fn raise_nofile(want: u64) {
+/// (root with CAP_SYS_RESOURCE), else the soft one up to the hard one.
+/// Children inherit it. Returns the soft limit now.
+pub fn raise_nofile(want: u64) -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain get/setrlimit on structs we own.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 || r.rlim_cur >= want {
-            return;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur >= want {
+            return r.rlim_cur;
         }
         let both = libc::rlimit {
             rlim_cur: want,
             rlim_max: want.max(r.rlim_max),
         };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) != 0 {
-            r.rlim_cur = want.min(r.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) == 0 {
+            return want;
         }
+        r.rlim_cur = want.min(r.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur
     }
 }
 

@@ -43,11 +43,25 @@ pub enum Failure {
     Deadline,
     /// Not started: the machine was short of memory (--min-available-mib).
     MemoryGuard,
+    /// The generator itself ran out of descriptors (its RLIMIT_NOFILE):
+    /// not the gateway's doing.
+    GeneratorDescriptors,
     /// DTLS was asked for and the gateway offered none (no port, App-ID
     /// or PSK-NEGOTIATE in the CONNECT answer).
     DtlsNotOffered,
     /// The DTLS handshake failed.
     Dtls,
+}
+
+impl Failure {
+    /// A socket call of ours failed: out of descriptors here, or else the
+    /// connection failed.
+    pub fn local(e: &std::io::Error) -> Failure {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => Failure::GeneratorDescriptors,
+            _ => Failure::Connect,
+        }
+    }
 }
 
 /// What one login measured.
@@ -127,10 +141,10 @@ pub async fn login(
         } else {
             TcpSocket::new_v6()
         }
-        .map_err(|_| Failure::Connect)?;
+        .map_err(|e| Failure::local(&e))?;
         s.bind(SocketAddr::new(source, 0))
-            .map_err(|_| Failure::Connect)?;
-        s.connect(target.addr).await.map_err(|_| Failure::Connect)
+            .map_err(|e| Failure::local(&e))?;
+        s.connect(target.addr).await.map_err(|e| Failure::local(&e))
     })
     .await?;
     let _ = tcp.set_nodelay(true);
