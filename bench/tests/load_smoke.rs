@@ -24,9 +24,9 @@ fn topology_with_sources() -> Topology {
     topo
 }
 
-#[test]
-fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
-    require_root();
+/// [`topology_with_sources`] and a vpnd for up to 100 sessions of the
+/// generator's [`USERS`].
+fn topology_and_gateway() -> (Topology, Gateway) {
     let topo = topology_with_sources();
     let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
     let users = TestUser::all(&names, PASSWORD);
@@ -39,6 +39,13 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
         &users,
     )
     .unwrap();
+    (topo, gw)
+}
+
+#[test]
+fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
+    require_root();
+    let (topo, gw) = topology_and_gateway();
     let pid = gw.pid().unwrap();
 
     let mut child = topo
@@ -206,18 +213,7 @@ fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
 fn generated_clients_hold_their_tunnels_over_dtls() {
     require_root();
     const N: usize = 16;
-    let topo = topology_with_sources();
-    let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
-    let users = TestUser::all(&names, PASSWORD);
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            server: "max_sessions = 100",
-            ..Default::default()
-        },
-        &users,
-    )
-    .unwrap();
+    let (topo, gw) = topology_and_gateway();
     let mut child = topo
         .client
         .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
