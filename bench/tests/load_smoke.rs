@@ -24,6 +24,33 @@ fn topology_with_sources() -> Topology {
     topo
 }
 
+/// The generator against the gateway from [`SOURCES`]: `sessions` at
+/// `rate` per second held `hold` s (60 s bound), a keepalive and an echo
+/// every second through each tunnel, plus `extra`; started, its report on
+/// stdout.
+fn start_generator(
+    topo: &Topology,
+    sessions: usize,
+    rate: u32,
+    hold: u32,
+    extra: &[&str],
+) -> std::process::Child {
+    topo.client
+        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
+        .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
+        .args(["--sources", &SOURCES.join(",")])
+        .args(["--sessions", &sessions.to_string()])
+        .args(["--rate", &rate.to_string(), "--hold", &hold.to_string()])
+        .args(["--limit", "60"])
+        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
+        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// [`topology_with_sources`] and a vpnd for up to 100 sessions of the
 /// generator's [`USERS`].
 fn topology_and_gateway() -> (Topology, Gateway) {
@@ -48,20 +75,13 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
     let (topo, gw) = topology_and_gateway();
     let pid = gw.pid().unwrap();
 
-    let mut child = topo
-        .client
-        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
-        .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
-        .args(["--sources", &SOURCES.join(",")])
-        .args(["--sessions", &SESSIONS.to_string()])
-        .args(["--rate", "20", "--hold", "4", "--limit", "60"])
-        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
-        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
-        .args(["--gateway-pid", &pid.to_string(), "--sample-every", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_generator(
+        &topo,
+        SESSIONS,
+        20,
+        4,
+        &["--gateway-pid", &pid.to_string(), "--sample-every", "1"],
+    );
 
     // While they hold: the gateway lists every one of them, at once.
     let listed = wait_for(Duration::from_secs(40), || {
@@ -144,27 +164,7 @@ fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
         &users,
     )
     .unwrap();
-    let child = topo
-        .client
-        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
-        .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
-        .args(["--sources", &SOURCES.join(",")])
-        .args([
-            "--sessions",
-            "16",
-            "--rate",
-            "40",
-            "--hold",
-            "8",
-            "--limit",
-            "60",
-        ])
-        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
-        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_generator(&topo, 16, 40, 8, &[]);
     let full = wait_for(Duration::from_secs(30), || {
         (gw.sessions().ok()?.len() == 12).then_some(())
     });
@@ -214,19 +214,7 @@ fn generated_clients_hold_their_tunnels_over_dtls() {
     require_root();
     const N: usize = 16;
     let (topo, gw) = topology_and_gateway();
-    let mut child = topo
-        .client
-        .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
-        .args(["load", "--dtls", "--target", &format!("{GW_OUTSIDE}:443")])
-        .args(["--sources", &SOURCES.join(",")])
-        .args(["--sessions", &N.to_string()])
-        .args(["--rate", "20", "--hold", "4", "--limit", "60"])
-        .args(["--users", &USERS.to_string(), "--password", PASSWORD])
-        .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_generator(&topo, N, 20, 4, &["--dtls"]);
     let on_dtls = wait_for(Duration::from_secs(40), || {
         let s = gw.sessions().ok()?;
         let n = s.iter().filter(|s| s["transport"] == "dtls").count();

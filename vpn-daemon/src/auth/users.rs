@@ -215,15 +215,6 @@ pub fn release_argon2_memory() {
     ARGON2_MEMORY.lock().clear();
 }
 
-/// Bytes kept for argon2 now.
-pub fn argon2_memory_kept() -> usize {
-    ARGON2_MEMORY
-        .lock()
-        .iter()
-        .map(|b| b.len() * argon2::Block::SIZE)
-        .sum()
-}
-
 /// `argon2`'s own verification (the parameters, salt and algorithm of
 /// the PHC string, a constant-time comparison of the output), on kept
 /// memory.
