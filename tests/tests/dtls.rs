@@ -53,8 +53,9 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     // does not overflow the client's UDP socket. Without it a release
     // build lost 16% there on the bench; this debug build, slower, lost
     // 0.4-0.9% (0-0.9% with it alone, up to 1.1% beside the other tests
-    // of this file, 2.4% beside a compile), so the bound here catches gross
-    // breakage and the bench measures the rest.
+    // of this file, 2.4% beside a compile, and 2.3% in two suite runs on a
+    // loaded host), so the bound here (5%) catches gross breakage and the
+    // bench measures the rest.
     let received = udp("UdpInDatagrams") - in0;
     let lost = udp("UdpRcvbufErrors") - lost0;
     eprintln!(
@@ -62,7 +63,7 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         gw.stats().unwrap()["dtls_flow_control"]
     );
     assert!(
-        received > 1000 && lost * 50 < received,
+        received > 1000 && lost * 20 < received,
         "{received} {lost}: {}",
         gw.stats().unwrap()["dtls_flow_control"]
     );
