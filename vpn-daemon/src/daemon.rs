@@ -230,6 +230,9 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         a.flush(std::time::Duration::from_secs(3)).await;
     }
     gw.sessions.datapath().lock().unpin();
+    if let Some((from, to)) = crate::resources::room_for_shutdown() {
+        tracing::info!("descriptor limit raised from {from} to {to} for the shutdown's own work");
+    }
     if let Err(e) = crate::net::uplinks::cleanup(&settings.failover).await {
         tracing::error!("removing uplink state: {e:#}");
     }
