@@ -230,6 +230,20 @@ fn generated_clients_hold_their_tunnels_over_dtls() {
             gw.log()
         );
     }
+    // Once each client's records come, its channel lets go of OpenSSL
+    // (about 33 KiB each), while the tunnels go on over DTLS.
+    let holding = || gw.stats().ok()?["dtls_handshakes"]["holding_openssl"].as_u64();
+    let released = wait_for(Duration::from_secs(3), || {
+        let h = holding()?;
+        let s = gw.sessions().ok()?;
+        let on_dtls = s.iter().filter(|s| s["transport"] == "dtls").count();
+        (h == 0 && on_dtls == N).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "{:?} channels still hold OpenSSL",
+        holding()
+    );
 
     let done =
         wait_exit(&mut child, Duration::from_secs(70)).expect("the generator stops by itself");

@@ -45,6 +45,16 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     );
 
     assert!(topo.client.ping(SERVER, 3), "ping over DTLS\n{}", gw.log());
+    // The client's records have come: the channel let go of OpenSSL (the
+    // check runs once a second).
+    let holding = || gw.stats().unwrap()["dtls_handshakes"]["holding_openssl"].as_u64();
+    assert!(
+        wait_for(Duration::from_secs(3), || (holding() == Some(0))
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        holding()
+    );
     let up = iperf3(&topo.client, &topo.server, SERVER, 2, false).unwrap();
     let udp = |counter| topo.client.nstat(counter).unwrap();
     let (in0, lost0) = (udp("UdpInDatagrams"), udp("UdpRcvbufErrors"));
@@ -205,65 +215,111 @@ fn two_dtls_clients_download_at_once_each_through_its_own_worker() {
     assert!(topo.client.ping(SERVER, 2) && topo.client2.ping(SERVER, 2));
 }
 
+/// UDP blocked: the tunnel goes on over TLS; unblocked: DTLS returns.
+/// Alice uses PSK-NEGOTIATE, Bob the Cisco mode, whose second handshake
+/// resumes the same offered session again: the first channel's end must
+/// not take it out of OpenSSL's cache (it did, before `release`).
 #[test]
 fn blocked_udp_falls_back_to_tls_and_dtls_returns() {
     require_root();
-    let (topo, gw, c, _) = connected_over_dtls_with(ConfigParts {
-        rest: "[session]\ndpd_secs = 2\n",
-        ..Default::default()
-    });
-    let transport = || {
-        gw.sessions().unwrap()[0]["transport"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: "[session]\ndpd_secs = 2\n",
+            ..Default::default()
+        },
+        &[ALICE, BOB],
+    )
+    .unwrap();
+    let start = |ns, u: &TestUser, ciphers| {
+        let mut c = Client::start_in(ns, &gw, u.name, u.password, &[ciphers]).unwrap();
+        c.wait_connected(Duration::from_secs(20)).unwrap();
+        c.wait_dtls(Duration::from_secs(10)).unwrap();
+        c
     };
+    let alice = start(&topo.client, &ALICE, "--dtls-ciphers=PSK-NEGOTIATE");
+    let bob = start(&topo.client2, &BOB, "--dtls-ciphers=OC-DTLS1_2-AES256-GCM");
+    let clients = [(&topo.client, &alice), (&topo.client2, &bob)];
+    let transports = || -> Vec<String> {
+        let mut t: Vec<_> = gw
+            .sessions()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}",
+                    s["user"].as_str().unwrap(),
+                    s["transport"].as_str().unwrap()
+                )
+            })
+            .collect();
+        t.sort();
+        t
+    };
+    let both = |t: &str| vec![format!("alice {t}"), format!("bob {t}")];
     assert!(
-        wait_for(Duration::from_secs(10), || (transport() == "dtls")
+        wait_for(Duration::from_secs(10), || (transports() == both("dtls"))
             .then_some(()))
         .is_some(),
-        "{}",
-        c.log()
+        "{:?}\n{}",
+        transports(),
+        bob.log()
     );
 
-    // Block UDP in the client namespace (our own nft table there).
-    sh(topo.client.cmd("nft").args(["add table inet vgblock"])).unwrap();
-    sh(topo
-        .client
-        .cmd("nft")
-        .args(["add chain inet vgblock out { type filter hook output priority 0 ; }"]))
-    .unwrap();
-    sh(topo
-        .client
-        .cmd("nft")
-        .args(["add rule inet vgblock out udp dport 443 drop"]))
-    .unwrap();
-    // Traffic keeps flowing: the client notices dead DTLS (2 x DPD) and
-    // sends over TLS; the gateway follows.
-    let ok = wait_for(Duration::from_secs(30), || {
-        topo.client.ping(SERVER, 1).then_some(())
-    });
+    // Block UDP in the client namespaces (our own nft table there).
+    for (ns, _) in clients {
+        sh(ns.cmd("nft").args(["add table inet vgblock"])).unwrap();
+        sh(ns
+            .cmd("nft")
+            .args(["add chain inet vgblock out { type filter hook output priority 0 ; }"]))
+        .unwrap();
+        sh(ns
+            .cmd("nft")
+            .args(["add rule inet vgblock out udp dport 443 drop"]))
+        .unwrap();
+    }
+    // Traffic keeps flowing: the clients notice dead DTLS (2 x DPD) and
+    // send over TLS; the gateway follows.
+    for (ns, c) in clients {
+        let ok = wait_for(Duration::from_secs(30), || ns.ping(SERVER, 1).then_some(()));
+        assert!(
+            ok.is_some(),
+            "no traffic over TLS with UDP blocked\n{}",
+            c.log()
+        );
+    }
     assert!(
-        ok.is_some(),
-        "no traffic over TLS with UDP blocked\n{}",
-        c.log()
-    );
-    assert!(
-        wait_for(Duration::from_secs(10), || (transport() == "tls")
+        wait_for(Duration::from_secs(10), || (transports() == both("tls"))
             .then_some(()))
-        .is_some()
+        .is_some(),
+        "{:?}",
+        transports()
     );
-    assert!(topo.client.ping(SERVER, 3));
 
-    // Unblock: openconnect retries DTLS (about once a minute) and traffic
-    // moves back to it.
-    sh(topo.client.cmd("nft").args(["delete table inet vgblock"])).unwrap();
+    // Unblock: openconnect retries DTLS (about once a minute) with the
+    // parameters of its CONNECT, and traffic moves back to it.
+    for (ns, _) in clients {
+        sh(ns.cmd("nft").args(["delete table inet vgblock"])).unwrap();
+    }
     let back = wait_for(Duration::from_secs(90), || {
-        (transport() == "dtls").then_some(())
+        (transports() == both("dtls")).then_some(())
     });
-    assert!(back.is_some(), "DTLS did not come back\n{}", c.log());
-    assert!(topo.client.ping(SERVER, 3));
-    assert!(c.log().matches("Established DTLS connection").count() >= 2);
+    assert!(
+        back.is_some(),
+        "DTLS did not come back: {:?}\n{}\n{}",
+        transports(),
+        bob.log(),
+        gw.log()
+    );
+    for (ns, c) in clients {
+        assert!(ns.ping(SERVER, 3));
+        assert!(
+            c.log().matches("Established DTLS connection").count() >= 2,
+            "{}",
+            c.log()
+        );
+    }
 }
 
 #[test]

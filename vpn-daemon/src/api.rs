@@ -371,6 +371,10 @@ pub struct HandshakeStats {
     /// Completed handshakes refused because they were not the one their
     /// offer allows (`handshake.rs`).
     pub refused_after: u64,
+    /// Established channels still holding OpenSSL's state (about 33 KiB
+    /// each), which goes at their client's first record.
+    #[serde(default)]
+    pub holding_openssl: usize,
     /// Channels that followed their client to a new address.
     pub rebinds: u64,
     /// Records from unknown addresses not tried: their source's trial

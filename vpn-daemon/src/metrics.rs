@@ -263,6 +263,12 @@ pub fn render(gw: &Gateway) -> String {
             "DTLS handshakes now",
             h.in_progress as i64,
         );
+        gauge(
+            &mut reg,
+            "dtls_channels_holding_openssl",
+            "Established DTLS channels still holding OpenSSL's state (until their client's first record)",
+            h.holding_openssl as i64,
+        );
         let r = family::<Counter>(
             &mut reg,
             "dtls_handshakes_refused",

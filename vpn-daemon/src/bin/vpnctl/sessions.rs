@@ -183,7 +183,7 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     if let Some(h) = &stats.dtls_handshakes {
         println!(
-            "DTLS handshakes: {} of {} in progress ({} per source); refused: {} (all in use) {} (per source) {} (per offer) {} (not the offered kind); {} rebindings, {} rebinding trials refused (source budget spent)",
+            "DTLS handshakes: {} of {} in progress ({} per source); refused: {} (all in use) {} (per source) {} (per offer) {} (not the offered kind); {} channels still holding OpenSSL; {} rebindings, {} rebinding trials refused (source budget spent)",
             h.in_progress,
             h.max,
             h.max_per_source,
@@ -191,6 +191,7 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
             h.refused_per_source,
             h.refused_per_offer,
             h.refused_after,
+            h.holding_openssl,
             h.rebinds,
             h.rebind_trials_refused
         );

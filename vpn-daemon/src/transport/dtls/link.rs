@@ -141,6 +141,7 @@ mod tests {
 
     use super::*;
     use crate::transport::dtls::handshake::{Offered, server_context, tests::Mem};
+    use crate::transport::dtls::task::{ChannelEnd, read_alerts};
 
     /// Our record layer against OpenSSL's DTLS client: after a real PSK
     /// handshake, records we seal are read by OpenSSL and records OpenSSL
@@ -206,6 +207,7 @@ mod tests {
             while client.ssl_read(&mut [0u8; 64]).is_ok() {}
             let first = server.get_ref().last_epoch1_seq.map_or(0, |q| q + 1);
             let ch = channel_from(server.ssl(), first).unwrap();
+            assert!(!ch.heard_from());
 
             for i in 0..200u32 {
                 // Client to us.
@@ -224,6 +226,18 @@ mod tests {
                 let n = client.ssl_read(&mut got).expect("OpenSSL reads our record");
                 assert_eq!(&got[..n], reply.as_bytes());
             }
+            assert!(ch.heard_from());
+            // The client's close_notify, once OpenSSL is gone on our side,
+            // ends the channel; a copy of it does nothing.
+            client.shutdown().unwrap();
+            let d = a.borrow_mut().pop_front().unwrap();
+            let mut copy = d.clone();
+            assert!(matches!(
+                read_alerts(&ch, d),
+                Some(ChannelEnd::ClosedByClient)
+            ));
+            assert_eq!(ch.open_alert(&mut copy), Err(record::OpenError::Replayed));
+            assert!(read_alerts(&ch, copy).is_none());
         }
     }
 }

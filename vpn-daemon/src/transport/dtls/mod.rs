@@ -151,6 +151,8 @@ struct HandshakeCounters {
     refused_after: AtomicU64,
     rebind_trials_refused: AtomicU64,
     rebinds: AtomicU64,
+    /// Established channels that still hold their `SslStream`.
+    holding_openssl: std::sync::atomic::AtomicUsize,
 }
 
 /// How often workers held packets for clients' ACKs (`flow_control.rs`).
@@ -253,6 +255,7 @@ impl DtlsServer {
             refused_per_source: n(&c.refused_per_source),
             refused_per_offer: n(&c.refused_per_offer),
             refused_after: n(&c.refused_after),
+            holding_openssl: c.holding_openssl.load(Ordering::Relaxed),
             rebinds: n(&c.rebinds),
             rebind_trials_refused: n(&c.rebind_trials_refused),
         }

@@ -36,6 +36,7 @@ pub const OVERHEAD: usize = PREFIX_LEN + TAG_LEN;
 /// malformed whatever the datagram holds.
 pub const MAX_RECORD_LEN: usize = HEADER_LEN + (1 << 14) + 2048;
 
+pub const CONTENT_ALERT: u8 = 21;
 pub const CONTENT_APPLICATION_DATA: u8 = 23;
 pub const DTLS12: [u8; 2] = [0xfe, 0xfd];
 const SEQ_MASK: u64 = (1 << 48) - 1;
@@ -142,6 +143,23 @@ pub enum OpenError {
     Forged,
 }
 
+/// An alert the peer sent (RFC 5246 §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alert {
+    pub level: u8,
+    pub description: u8,
+}
+
+impl Alert {
+    pub const FATAL: u8 = 2;
+    pub const CLOSE_NOTIFY: u8 = 0;
+
+    /// Whether the channel ends with it: a close_notify or any fatal alert.
+    pub fn ends_channel(self) -> bool {
+        self.level == Self::FATAL || self.description == Self::CLOSE_NOTIFY
+    }
+}
+
 /// RFC 6347 §4.1.2.6 anti-replay window of 64 records.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReplayWindow {
@@ -232,7 +250,7 @@ impl Channel {
         let frag_len = (EXPLICIT_NONCE_LEN + len + TAG_LEN) as u16;
         buf[11..13].copy_from_slice(&frag_len.to_be_bytes());
         buf[HEADER_LEN..PREFIX_LEN].copy_from_slice(&es_bytes);
-        let aad = aad(&es_bytes, len as u16);
+        let aad = aad(&es_bytes, CONTENT_APPLICATION_DATA, len as u16);
         let nonce = nonce(&self.seal_salt, &es_bytes);
         let (plain, rest) = buf[PREFIX_LEN..].split_at_mut(len);
         let tag = self
@@ -276,11 +294,33 @@ impl Channel {
             && self.window.lock().is_newest(seq_of(rec))
     }
 
-    /// Opens one record (exactly `rec`) in place; returns the plaintext.
-    /// The replay window moves only for records whose tag verified.
+    /// Opens one application-data record (exactly `rec`) in place;
+    /// returns the plaintext. The replay window moves only for records
+    /// whose tag verified.
     pub fn open<'a>(&self, rec: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
+        self.open_as(CONTENT_APPLICATION_DATA, rec)
+    }
+
+    /// Opens one alert record (exactly `rec`) of this channel's epoch: how
+    /// a client's close_notify arrives once OpenSSL has let go of the
+    /// channel.
+    pub fn open_alert(&self, rec: &mut [u8]) -> Result<Alert, OpenError> {
+        match *self.open_as(CONTENT_ALERT, rec)? {
+            [level, description] => Ok(Alert { level, description }),
+            _ => Err(OpenError::Malformed),
+        }
+    }
+
+    /// Whether any record of the peer has authenticated yet: a peer that
+    /// sends in the channel's epoch has our last handshake flight, so
+    /// nothing of the handshake can be asked for again.
+    pub fn heard_from(&self) -> bool {
+        self.window.lock().next != 0
+    }
+
+    fn open_as<'a>(&self, content: u8, rec: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
         if rec.len() < HEADER_LEN
-            || rec[0] != CONTENT_APPLICATION_DATA
+            || rec[0] != content
             || rec[1..3] != DTLS12
             || u16::from_be_bytes([rec[3], rec[4]]) != self.epoch
         {
@@ -296,7 +336,7 @@ impl Channel {
         let es: [u8; 8] = rec[3..11].try_into().unwrap();
         let explicit: [u8; 8] = rec[HEADER_LEN..PREFIX_LEN].try_into().unwrap();
         let plain_len = rec.len() - PREFIX_LEN - TAG_LEN;
-        let aad = aad(&es, plain_len as u16);
+        let aad = aad(&es, content, plain_len as u16);
         let nonce = nonce(&self.open_salt, &explicit);
         let plain = self
             .open_key
@@ -316,10 +356,10 @@ fn seq_of(rec: &[u8]) -> u64 {
     u64::from_be_bytes([0, 0, rec[5], rec[6], rec[7], rec[8], rec[9], rec[10]])
 }
 
-fn aad(es: &[u8; 8], plain_len: u16) -> [u8; 13] {
+fn aad(es: &[u8; 8], content: u8, plain_len: u16) -> [u8; 13] {
     let mut a = [0u8; 13];
     a[..8].copy_from_slice(es);
-    a[8] = CONTENT_APPLICATION_DATA;
+    a[8] = content;
     a[9..11].copy_from_slice(&DTLS12);
     a[11..13].copy_from_slice(&plain_len.to_be_bytes());
     a
@@ -384,6 +424,17 @@ mod tests {
         // Only records beyond everything accepted may move a channel: an
         // unseen older one (999) could be a copy raced ahead of the client.
         assert!(w.is_newest(1001) && !w.is_newest(1000) && !w.is_newest(999));
+    }
+
+    #[test]
+    fn which_alerts_end_a_channel() {
+        let alert = |level, description| Alert { level, description };
+        assert!(alert(1, Alert::CLOSE_NOTIFY).ends_channel());
+        assert!(alert(Alert::FATAL, 20).ends_channel(), "bad_record_mac");
+        assert!(
+            !alert(1, 100).ends_channel(),
+            "no_renegotiation is a warning"
+        );
     }
 
     /// Server and client views of one channel, the client keyed the other

@@ -80,6 +80,8 @@ pub enum ChannelEnd {
     Closed,
     #[error("closed by client")]
     ClosedByClient,
+    #[error("fatal alert {0} from the client")]
+    Alert(u8),
     #[error("read error: {0}")]
     Read(openssl::ssl::Error),
     #[error("silent for {} s (3 x DTLS DPD)", .0.as_secs())]
@@ -169,7 +171,7 @@ impl DtlsServer {
     /// watches for silence.
     async fn run_channel(
         &self,
-        mut s: SslStream<DatagramIo>,
+        s: SslStream<DatagramIo>,
         peer: Handshaking,
         session: &Arc<Session>,
         offered: &Offered,
@@ -207,7 +209,7 @@ impl DtlsServer {
         if let Some(old) = self.links.write().insert(session.id, link.clone()) {
             old.close();
         }
-        let reason = self.channel_loop(&mut s, &link, inbox).await;
+        let reason = self.channel_loop(s, &link, inbox).await;
         link.close();
         {
             let mut links = self.links.write();
@@ -219,48 +221,105 @@ impl DtlsServer {
         reason
     }
 
+    /// The channel's life after the handshake. OpenSSL stays only until
+    /// the client's first authenticated record: until then the client may
+    /// not have our Finished and may ask for it again (OpenSSL answers
+    /// its retransmitted flight); after it nothing of the handshake can
+    /// come back, so the SSL object and its buffers (about 33 KiB) go, and
+    /// the record layer opens the alerts that remain (close_notify).
     async fn channel_loop(
         &self,
-        s: &mut SslStream<DatagramIo>,
+        s: SslStream<DatagramIo>,
         link: &Link,
         inbox: &mut mpsc::Receiver<Vec<u8>>,
     ) -> ChannelEnd {
+        let held = &self.handshake_counters.holding_openssl;
+        held.fetch_add(1, Ordering::Relaxed);
+        let mut ssl = Some(s);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
+        let end = loop {
             if link.is_closed() {
-                return ChannelEnd::Closed;
+                break ChannelEnd::Closed;
+            }
+            if link.channel.heard_from()
+                && let Some(s) = ssl.take()
+            {
+                handshake::release(s);
+                held.fetch_sub(1, Ordering::Relaxed);
             }
             tokio::select! {
                 d = inbox.recv() => {
-                    let Some(d) = d else { return ChannelEnd::QueueClosed };
-                    s.get_mut().inbox.push_back(d);
-                    // Only alerts and retransmitted handshake messages come
-                    // here, rarely: a buffer for them each time rather than
-                    // 16 KiB held by every idle channel.
-                    let mut rec = vec![0u8; 16384];
-                    loop {
-                        match s.ssl_read(&mut rec) {
-                            Ok(0) => return ChannelEnd::ClosedByClient,
-                            // Application data all goes through `Link`.
-                            Ok(_) => {}
-                            Err(e) if e.code() == ErrorCode::WANT_READ => {
-                                free_buffers(s);
-                                break;
-                            }
-                            Err(e) if e.code() == ErrorCode::ZERO_RETURN => return ChannelEnd::ClosedByClient,
-                            Err(e) => return ChannelEnd::Read(e),
-                        }
+                    let Some(d) = d else { break ChannelEnd::QueueClosed };
+                    let end = match ssl.as_mut() {
+                        Some(s) => read_with_openssl(s, d),
+                        None => read_alerts(&link.channel, d),
+                    };
+                    if let Some(end) = end {
+                        break end;
                     }
                 }
                 _ = link.closed.notified() => {}
                 _ = tick.tick() => {
                     if link.silent_for() > self.dpd * 3 {
-                        return ChannelEnd::Silent(self.dpd * 3);
+                        break ChannelEnd::Silent(self.dpd * 3);
                     }
                 }
             }
+        };
+        if let Some(s) = ssl {
+            handshake::release(s);
+            held.fetch_sub(1, Ordering::Relaxed);
+        }
+        end
+    }
+}
+
+/// A datagram for the channel's OpenSSL (a retransmitted handshake flight
+/// or an alert): what it says, if it ends the channel.
+fn read_with_openssl(s: &mut SslStream<DatagramIo>, d: Vec<u8>) -> Option<ChannelEnd> {
+    s.get_mut().inbox.push_back(d);
+    // Rare: a buffer each time rather than 16 KiB held by every channel.
+    let mut rec = vec![0u8; 16384];
+    loop {
+        match s.ssl_read(&mut rec) {
+            Ok(0) => return Some(ChannelEnd::ClosedByClient),
+            // Application data all goes through `Link`.
+            Ok(_) => {}
+            Err(e) if e.code() == ErrorCode::WANT_READ => {
+                free_buffers(s);
+                return None;
+            }
+            Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
+                return Some(ChannelEnd::ClosedByClient);
+            }
+            Err(e) => return Some(ChannelEnd::Read(e)),
         }
     }
+}
+
+/// A datagram for a channel without OpenSSL: its authenticated alerts end
+/// the channel if they are a close_notify or fatal; anything else (a stray
+/// handshake record, a forged or replayed alert) is dropped.
+pub(super) fn read_alerts(channel: &record::Channel, mut d: Vec<u8>) -> Option<ChannelEnd> {
+    let mut rest = &mut d[..];
+    while let Some(n) = record::Channel::record_len(rest) {
+        let (rec, tail) = rest.split_at_mut(n);
+        rest = tail;
+        if rec[0] != record::CONTENT_ALERT {
+            continue;
+        }
+        match channel.open_alert(rec) {
+            Ok(alert) if alert.ends_channel() => {
+                return Some(match alert.level {
+                    record::Alert::FATAL => ChannelEnd::Alert(alert.description),
+                    _ => ChannelEnd::ClosedByClient,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::trace!("DTLS alert dropped: {e:?}"),
+        }
+    }
+    None
 }
 
 /// Lets go of OpenSSL's read and write buffers (about 33 KiB) while the
