@@ -369,6 +369,11 @@ impl Tunnel {
         let mut next_echo = hold
             .echo
             .map(|(_, every)| tokio::time::Instant::now() + every / 2);
+        // openconnect probes the path MTU with DPD requests as soon as
+        // DTLS is up (the gateway echoes them); one small probe here.
+        if let Some(d) = dtls.as_mut() {
+            d.send(DPD_REQ, &[0u8; 64]).await?;
+        }
         let mut seq = 0u16;
         let mut chunk = vec![0u8; 4096];
         let is_echo_reply = |p: &[u8]| p.len() >= 20 && p[9] == 1 && p.get(20) == Some(&0);
