@@ -22,7 +22,7 @@ use crate::{
     login::LoginService,
     proto::http::{self, Request, Response},
     resources::{GivenUp, SpareDescriptor, out_of_descriptors},
-    transport::{io_buffer::AdaptiveStream, tls_tunnel::TunnelService},
+    transport::{io_buffer::AdaptiveStream, tls::ClientTls, tls_tunnel::TunnelService},
 };
 
 /// The listener's service: what serving a connection takes.
@@ -158,10 +158,12 @@ impl Listener {
         let opened = tokio::time::Instant::now();
         let timeout = Duration::from_secs(self.http.request_timeout_secs);
         let tcp = AdaptiveStream::new(tcp);
-        let mut tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
-            .await
-            .map_err(|_| ConnectionError::HandshakeTimeout(timeout))?
-            .map_err(ConnectionError::Handshake)?;
+        let mut tls: ClientTls = Box::new(
+            tokio::time::timeout(timeout, acceptor.accept(tcp))
+                .await
+                .map_err(|_| ConnectionError::HandshakeTimeout(timeout))?
+                .map_err(ConnectionError::Handshake)?,
+        );
         self.latencies
             .tls_handshake
             .observe(opened.elapsed().as_secs_f64());
@@ -212,7 +214,10 @@ impl Listener {
                     .connect(tls, buf, req, peer, slot)
                     .await?);
             }
-            let mut resp = self.login.route(&req, peer, cert_user.as_deref()).await;
+            // Boxed: the login's state (6 KiB, LDAP and RADIUS clients
+            // in it) is needed for a moment, and inline it would size the
+            // task of every session for as long as its tunnel runs.
+            let mut resp = Box::pin(self.login.route(&req, peer, cert_user.as_deref())).await;
             if requests >= max_requests && !resp.close {
                 self.counters
                     .connections_closed_requests
