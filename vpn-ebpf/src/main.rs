@@ -608,6 +608,9 @@ mod prog {
         Ok(unsafe { *(p as *const u8) })
     }
 
+    /// The largest DTLS record payload: 2^14 + 2048 bytes.
+    const MAX_RECORD_PAYLOAD: usize = (1 << 14) + 2048;
+
     #[inline(always)]
     fn xdp_be16(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
         Ok(u16::from_be_bytes([
@@ -721,6 +724,14 @@ mod prog {
             return Err(Some(GuardDrop::BadVersion));
         }
         let len = usize::from(xdp_be16(ctx, UDP + 8 + 11).map_err(truncated)?);
+        // No record is longer (RFC 6347 via RFC 5246 §6.2.3). The check
+        // also bounds `len` for the verifier: LLVM reads the field with a
+        // byte swap, whose result kernels before 6.6 do not bound, and
+        // Linux 6.1 refused the program ("math between pkt pointer and
+        // register with unbounded min value").
+        if len > MAX_RECORD_PAYLOAD {
+            return Err(Some(GuardDrop::Truncated));
+        }
         // The record must fit in the datagram.
         if ctx.data() + UDP + 8 + 13 + len > ctx.data_end() {
             return Err(Some(GuardDrop::Truncated));

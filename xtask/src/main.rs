@@ -13,9 +13,12 @@
 //! - `bench [NAME]`: a benchmark from bench/, its table in bench/results/.
 //! - `install [--prefix DIR] [--destdir DIR]`: a release build, the systemd
 //!   unit, the example configuration and the state directories.
+//! - `vm-test [--kernel debian-6.1|debian-6.12|FILE.deb] [-- ARGS]`: the
+//!   same tests on one of Debian's stock kernels in QEMU (`vm.rs`).
 
 mod install;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -71,6 +74,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run every test as `test` does, in QEMU on one of Debian's stock
+    /// kernels (needs root; KVM when /dev/kvm works).
+    VmTest {
+        /// debian-6.1 (bookworm), debian-6.12 (trixie), or the path of a
+        /// linux-image-*.deb.
+        #[arg(long, default_value = "debian-6.12")]
+        kernel: String,
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Inside the VM only: PID 1, runs the plan and powers off.
+    #[command(hide = true)]
+    VmGuest,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -90,7 +107,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
@@ -112,15 +129,27 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 /// line over every test binary (`N passed, N failed`), so the result is
 /// not hidden behind the last binary's own line.
 fn test(cmd: &mut Command) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader};
-    let mut child = cmd
+    let child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
+    summarize(child, false)
+}
+
+/// Echoes `child`'s output (test binaries' lines) and sums their results;
+/// `vm`: the output is a VM's console, which ends with the guest's status.
+fn summarize(mut child: std::process::Child, vm: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line?;
+    let mut guest_status = None;
+    for line in BufReader::new(child.stdout.take().expect("piped")).split(b'\n') {
+        let line = String::from_utf8_lossy(&line?)
+            .trim_end_matches('\r')
+            .to_owned();
         println!("{line}");
+        if let Some(st) = line.strip_prefix(vm::DONE_MARK) {
+            guest_status = st.trim().parse::<i32>().ok();
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 let mut words = part.split_whitespace().rev();
@@ -144,7 +173,10 @@ fn test(cmd: &mut Command) -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() || failed > 0 {
+    if vm && guest_status.is_none() {
+        bail!("the VM ended without finishing its run ({status})");
+    }
+    if !status.success() || failed > 0 || guest_status.is_some_and(|s| s != 0) {
         bail!("tests failed ({status})");
     }
     if passed == 0 {
@@ -199,5 +231,23 @@ fn main() -> anyhow::Result<()> {
                 .args(args);
             test(&mut c)
         }
+        Cmd::VmTest { kernel, args } => {
+            vm::keep_self()?;
+            setup::setup()?;
+            build(false)?;
+            let k = vm::kernel(&kernel)?;
+            let bins = vm::build_tests()?;
+            let plan = vm::write_plan(&bins, &args)?;
+            let started = std::time::Instant::now();
+            let r = summarize(vm::boot(&k, &plan)?, true);
+            println!(
+                "xtask: {} ({}) ran for {} s",
+                k.name,
+                k.version,
+                started.elapsed().as_secs()
+            );
+            r
+        }
+        Cmd::VmGuest => vm::guest(),
     }
 }

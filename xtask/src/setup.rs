@@ -56,7 +56,14 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    apt_install(PACKAGES)?;
+    // `cargo xtask vm-test`'s: QEMU, busybox for the initramfs.
+    apt_install(crate::vm::PACKAGES)
+}
+
+/// Installs those of `packages` that are missing.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
