@@ -390,6 +390,16 @@ impl Cpio {
 /// "failed to set MSR 0x10a").
 const KVM_CPU: &str = "host,-arch-capabilities";
 
+/// QEMU with no devices but a serial console on its stdout (stdin none).
+fn qemu() -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-nodefaults", "-no-reboot", "-display", "none"])
+        .args(["-monitor", "none", "-serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    c
+}
+
 /// Whether a KVM guest runs here: `/dev/kvm` opens, and `k` started under
 /// it prints its banner within 20 s. Under nested virtualisation the
 /// device can be there while guests hang before the kernel's first line
@@ -403,29 +413,11 @@ fn kvm_works(k: &Kernel) -> Result<(), String> {
     {
         return Err(format!("/dev/kvm: {e}"));
     }
-    let mut probe = match Command::new("qemu-system-x86_64")
-        .args([
-            "-nodefaults",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-        ])
-        .args([
-            "-serial",
-            "stdio",
-            "-m",
-            "256",
-            "-enable-kvm",
-            "-cpu",
-            KVM_CPU,
-        ])
+    let mut probe = match qemu()
+        .args(["-m", "256", "-enable-kvm", "-cpu", KVM_CPU])
         .arg("-kernel")
         .arg(&k.vmlinuz)
         .args(["-append", "console=ttyS0 panic=-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
     {
@@ -537,41 +529,30 @@ pub fn boot(k: &Kernel, plan: &Path) -> anyhow::Result<std::process::Child> {
         }
     };
     let mem_mib = 6144;
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-nodefaults",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-    ])
-    .args(["-serial", "stdio"])
-    .args(["-m", &mem_mib.to_string()])
-    .args([
-        "-smp",
-        &std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .to_string(),
-    ])
-    .arg("-kernel")
-    .arg(&k.vmlinuz)
-    .arg("-initrd")
-    .arg(&initrd)
-    .args([
-        "-append",
-        &format!(
-            "console=ttyS0 panic=-1 quiet loglevel=4 xtask.plan={}",
-            plan.display()
-        ),
-    ])
-    .args([
-        "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-    ])
-    .args(["-nic", "none"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped());
+    let mut qemu = qemu();
+    qemu.args(["-m", &mem_mib.to_string()])
+        .args([
+            "-smp",
+            &std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .to_string(),
+        ])
+        .arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            &format!(
+                "console=ttyS0 panic=-1 quiet loglevel=4 xtask.plan={}",
+                plan.display()
+            ),
+        ])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .args(["-nic", "none"]);
     if kvm {
         qemu.args(["-enable-kvm", "-cpu", KVM_CPU]);
     } else {
