@@ -88,10 +88,18 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
         let n = gw.sessions().ok()?.len();
         (n == SESSIONS).then_some(n)
     });
+    if listed != Some(SESSIONS) {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "{listed:?} of {SESSIONS} listed\ngenerator:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.log()
+        );
+    }
     let t = std::time::Instant::now();
     let out = gw.vpnctl(&["sessions"]).unwrap();
     let took = t.elapsed();
-    assert_eq!(listed, Some(SESSIONS), "{}", gw.log());
     assert!(out.contains("load0"), "{out}");
     eprintln!("vpnctl sessions with {SESSIONS} sessions answered in {took:?}");
 
