@@ -123,14 +123,15 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         "{text}"
     );
     // The client's window filled during the download, and its ACKs, not
-    // the 1 ms limit, released what the workers held: on average well
-    // under the limit (about 160 us here).
+    // the 1 ms limit, released what the workers held: on average under
+    // the limit (about 160 us here; 776 us once in a fresh-clone CI run
+    // on a loaded host; holds all released by the limit average 1 ms).
     let fc = &stats["dtls_flow_control"];
     let (waits, wait_us) = (
         fc["waits"].as_u64().unwrap(),
         fc["wait_us"].as_u64().unwrap(),
     );
-    assert!(waits > 100 && wait_us < waits * 700, "{fc}");
+    assert!(waits > 100 && wait_us < waits * 900, "{fc}");
     assert!(text.contains("DTLS download flow control: "), "{text}");
 }
 
