@@ -27,7 +27,9 @@ fn topology_with_sources() -> Topology {
 /// The generator against the gateway from [`SOURCES`]: `sessions` at
 /// `rate` per second held `hold` s (60 s bound), a keepalive and an echo
 /// every second through each tunnel, plus `extra`; started, its report on
-/// stdout.
+/// stdout. On a slowed CPU ([`slowdown`]) the ramp is that much slower
+/// and the hold that much longer: an emulated CPU logs in 3 clients a
+/// second, and the hold is timed from the planned end of the ramp.
 fn start_generator(
     topo: &Topology,
     sessions: usize,
@@ -35,6 +37,7 @@ fn start_generator(
     hold: u32,
     extra: &[&str],
 ) -> std::process::Child {
+    let (rate, hold) = ((rate / slowdown()).max(1), hold * slowdown());
     topo.client
         .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
         .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
@@ -115,9 +118,10 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
     // Every one was up at once. Whether all were up by the end of the
     // ramp is a question of speed (a debug build's argon2 on a loaded
     // 2-core machine, 35 logins/s in one CI run), which `cargo xtask bench
-    // scale` measures; here most must be.
+    // scale` measures; here most must be (9 of 40 were on an emulated
+    // CPU beside the other tests of this file).
     assert_eq!(report["held_max"], SESSIONS, "{report}");
-    assert!(
+    assert_at_speed!(
         report["held_at_hold_start"].as_u64().unwrap() * 2 >= SESSIONS as u64,
         "{report}"
     );

@@ -82,7 +82,8 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         up / 1e6,
         down / 1e6
     );
-    assert!(up > 10e6 && down > 10e6, "up {up} down {down}");
+    assert!(up > 1e6 && down > 1e6, "up {up} down {down}");
+    assert_at_speed!(up > 10e6 && down > 10e6, "up {up} down {down}");
     // The MTU probe got its echoes: no reduction.
     assert!(!c.log().contains("MTU reduced"), "{}", c.log());
     let s = &gw.sessions().unwrap()[0];
@@ -110,8 +111,10 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
         rx["datagrams"].as_u64().unwrap(),
         rx["batches"].as_u64().unwrap(),
     );
-    assert!(
-        datagrams > 1000 && datagrams > 25 * batches && rx["coalesce_waits"].as_u64() > Some(0),
+    assert!(datagrams > 1000 && batches > 0, "{stats}");
+    // (26 per batch on an emulated CPU.)
+    assert_at_speed!(
+        datagrams > 25 * batches && rx["coalesce_waits"].as_u64() > Some(0),
         "{stats}"
     );
     let text = gw.vpnctl(&["stats"]).unwrap();
@@ -125,13 +128,15 @@ fn openconnect_establishes_dtls_and_passes_traffic_over_it() {
     // The client's window filled during the download, and its ACKs, not
     // the 1 ms limit, released what the workers held: on average under
     // the limit (about 160 us here; 776 us once in a fresh-clone CI run
-    // on a loaded host; holds all released by the limit average 1 ms).
+    // on a loaded host; holds all released by the limit average 1 ms;
+    // 5.6 ms under QEMU's emulated CPU, whose timers fire that late).
     let fc = &stats["dtls_flow_control"];
     let (waits, wait_us) = (
         fc["waits"].as_u64().unwrap(),
         fc["wait_us"].as_u64().unwrap(),
     );
-    assert!(waits > 100 && wait_us < waits * 900, "{fc}");
+    assert!(waits > 0, "{fc}");
+    assert_at_speed!(waits > 100 && wait_us < waits * 900, "{fc}");
     assert!(text.contains("DTLS download flow control: "), "{text}");
 }
 
@@ -193,7 +198,8 @@ fn two_dtls_clients_download_at_once_each_through_its_own_worker() {
         down_a / 1e6,
         down_b / 1e6
     );
-    assert!(down_a > 10e6 && down_b > 10e6, "{down_a} {down_b}");
+    assert!(down_a > 1e6 && down_b > 1e6, "{down_a} {down_b}");
+    assert_at_speed!(down_a > 10e6 && down_b > 10e6, "{down_a} {down_b}");
     let sessions = gw.sessions().unwrap();
     assert!(
         sessions.iter().all(|s| s["transport"] == "dtls"),
@@ -361,7 +367,8 @@ fn cisco_style_session_resumption_works_with_openconnect() {
     );
     assert!(topo.client.ping(SERVER, 3));
     let up = iperf3(&topo.client, &topo.server, SERVER, 2, false).unwrap();
-    assert!(up > 10e6, "{up}");
+    assert!(up > 1e6, "{up}");
+    assert_at_speed!(up > 10e6, "{up}");
     assert!(!c.log().contains("MTU reduced"), "{}", c.log());
 }
 
@@ -632,9 +639,12 @@ fn a_client_with_a_full_window_does_not_stop_her_worker_for_another() {
         quantile(&pings, 0.5),
         quantile(&pings, 0.9)
     );
-    assert!(down > 10e6, "{down}");
-    // Her window filled again and again (about 2,000 holds in a run).
-    assert!(held > 300, "{after}");
+    assert!(down > 1e6, "{down}");
+    assert_at_speed!(down > 10e6, "{down}");
+    // Her window filled again and again (about 2,000 holds in a run; 178
+    // at the 22 Mbit/s of an emulated CPU).
+    assert!(held > 0, "{after}");
+    assert_at_speed!(held > 300, "{after}");
     // His echo replies (and whatever else came for others) went on while
     // hers waited: a worker that stops at each hold passes none. (How many
     // depends on how much of the time she is held: 10 to 95 of his 300

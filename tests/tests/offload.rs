@@ -104,7 +104,8 @@ fn a_fast_tls_upload_is_read_in_batches_and_strands_nothing() {
     // A debug gateway is slow enough that its reads are large with or
     // without the mark; that the mark was set shows it is in use (the
     // bench measures what it saves).
-    assert!(delta("batching_started") >= 1, "{after}");
+    // An upload as slow as an emulated CPU's (16 Mbit/s) never needs it.
+    assert_at_speed!(delta("batching_started") >= 1, "{after}");
     assert!(
         per_wakeup > 16_000,
         "{per_wakeup} bytes per wake-up: {after}"
