@@ -1,7 +1,9 @@
 //! Bulk TCP through the tunnel arrives byte for byte, both ways, IPv4 and
 //! IPv6, over DTLS and over TLS: the check on the offloads of the data
 //! path. Downloads leave the TUN device as 64 KiB TSO packets that vpnd cuts
-//! into segments (gso.rs); uploads are merged into GSO writes (gro.rs).
+//! into segments (gso.rs) and go out as UDP GSO runs; uploads are merged
+//! into GSO writes (gro.rs). With the kernel offloads off (a kernel without
+//! them, or `tunnel.offloads = false`) the same bytes arrive the slower way.
 
 use std::time::Duration;
 
@@ -12,9 +14,50 @@ const LEN: usize = 6 << 20;
 #[test]
 fn bulk_transfers_arrive_intact_on_both_transports() {
     require_root();
+    bulk_transfers(true);
+}
+
+/// The degraded data path, as on a kernel without the offloads: the start
+/// log names each offload as off and why, `vpnctl stats` says so, no UDP
+/// GSO run is sent, and every byte still arrives.
+#[test]
+fn with_the_kernel_offloads_off_bulk_transfers_still_arrive_intact() {
+    require_root();
+    bulk_transfers(false);
+}
+
+/// Bulk transfers both ways, IPv4 and IPv6, over DTLS then TLS, with the
+/// kernel offloads on or off (`tunnel.offloads`).
+fn bulk_transfers(offloads: bool) {
     for (transport, flags) in [("dtls", &[][..]), ("tls", &["--no-dtls"][..])] {
         let topo = Topology::new().unwrap();
-        let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+        let parts = ConfigParts {
+            tunnel: if offloads { "" } else { "offloads = false" },
+            ..Default::default()
+        };
+        let gw = Gateway::start(&topo, parts, &[ALICE]).unwrap();
+        let stats = gw.stats().unwrap();
+        assert_eq!(
+            stats["offloads"],
+            serde_json::json!({"tun_tso": offloads, "udp_gso": offloads, "udp_gro": offloads}),
+            "{stats}"
+        );
+        if offloads {
+            assert!(
+                gw.log()
+                    .contains("kernel offloads: TUN TSO on, UDP GSO on, UDP GRO on"),
+                "{}",
+                gw.log()
+            );
+        } else {
+            for what in [
+                "TUN TSO and checksum offload off (tunnel.offloads = false)",
+                "UDP GSO off (tunnel.offloads = false): DTLS sends one message per datagram",
+                "UDP GRO off (tunnel.offloads = false)",
+            ] {
+                assert!(gw.log().contains(what), "{what}: {}", gw.log());
+            }
+        }
         let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, flags).unwrap();
         c.wait_connected(Duration::from_secs(20)).unwrap();
         if transport == "dtls" {
@@ -58,15 +101,36 @@ fn bulk_transfers_arrive_intact_on_both_transports() {
         let after = gw.sessions().unwrap()[0].clone();
         assert_eq!(after["transport"], transport);
         // The BPF counters count a TSO packet once: more than a full-size
-        // packet's bytes per packet means the large packets were used.
+        // packet's bytes per packet means the large packets were used. TC
+        // sees them before they are cut, by vpnd (TUN TSO) or by the
+        // kernel's software GSO without it, so this holds either way.
         let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
         let per_packet = delta("bytes_out") / delta("packets_out").max(1);
         assert!(
             delta("bytes_out") >= 2 * LEN as u64 && per_packet > 1500,
-            "{transport}: {} bytes in {} packets to the client",
+            "{transport}, offloads {offloads}: {} bytes in {} packets to the client",
             delta("bytes_out"),
             delta("packets_out")
         );
+        // Downloads over DTLS went out in UDP GSO runs, or one datagram
+        // per message.
+        let gso = gw.stats().unwrap()["dtls_rx"]["gso_messages"]
+            .as_u64()
+            .unwrap();
+        match (transport, offloads) {
+            ("dtls", true) => assert!(gso > 100, "{gso} GSO sends"),
+            _ => assert_eq!(gso, 0, "{transport}, offloads {offloads}"),
+        }
+        if transport == "dtls" {
+            let text = gw.vpnctl(&["stats"]).unwrap();
+            assert!(
+                text.contains(&format!(
+                    "UDP GSO {} ({gso} sends of several datagrams)",
+                    if offloads { "on" } else { "off" }
+                )),
+                "{text}"
+            );
+        }
         drop(c);
     }
 }

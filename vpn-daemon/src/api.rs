@@ -228,6 +228,17 @@ pub struct UplinkRow {
     pub tx_bytes: u64,
 }
 
+/// The kernel offloads the data path uses (`datapath/offloads.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offloads {
+    /// TSO and checksum offload on the TUN device.
+    pub tun_tso: bool,
+    /// UDP segmentation offload for DTLS sends.
+    pub udp_gso: bool,
+    /// UDP receive offload for DTLS receives.
+    pub udp_gro: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {
     pub sessions: usize,
@@ -239,6 +250,9 @@ pub struct Stats {
     /// Packets the daemon dropped before the tunnel device, per reason.
     #[serde(default)]
     pub daemon_drops: Vec<(String, u64)>,
+    /// The kernel offloads in use (absent from daemons before them).
+    #[serde(default)]
+    pub offloads: Option<Offloads>,
     /// The DTLS receive counters (absent with DTLS off).
     #[serde(default)]
     pub dtls_rx: Option<RxStats>,
@@ -338,6 +352,10 @@ pub struct RxStats {
     /// record headers do not tile them with legal records.
     #[serde(default)]
     pub malformed: u64,
+    /// (Send side) messages of several datagrams sent with UDP GSO: 0 with
+    /// the offload off (`tunnel.offloads`, or a kernel without it).
+    #[serde(default)]
+    pub gso_messages: u64,
     /// Each packet worker's share (`transport/workers.rs`).
     #[serde(default)]
     pub workers: Vec<WorkerStats>,

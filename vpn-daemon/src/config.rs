@@ -384,6 +384,15 @@ pub struct TunnelConfig {
     pub default_domain: Option<String>,
     /// Login banner shown by the client after connecting.
     pub banner: Option<String>,
+    /// Use the kernel's offloads where it has them (default true): TSO and
+    /// checksum offload on the TUN device (reads of up to 64 KiB that vpnd
+    /// cuts into packets), UDP GSO for DTLS sends (Linux 4.18) and UDP GRO
+    /// for DTLS receives (Linux 5.0). Whatever the kernel lacks is left
+    /// out and named in the start log. `false` turns all three off, as
+    /// `ethtool -K` would on a NIC: to rule them out when chasing a data
+    /// path problem, at some CPU per packet. Changing it needs a restart.
+    #[serde(default = "default_true")]
+    pub offloads: bool,
 }
 
 fn default_device() -> String {
@@ -1153,6 +1162,8 @@ pub struct TlsSettings {
 pub struct DeviceSettings {
     pub name: String,
     pub mtu: u16,
+    /// `tunnel.offloads`.
+    pub offloads: bool,
 }
 
 /// `[session]` and `server.max_sessions`, as the session manager and the
@@ -1583,6 +1594,7 @@ impl Config {
             device: DeviceSettings {
                 name: self.tunnel.device.clone(),
                 mtu: self.tunnel.mtu,
+                offloads: self.tunnel.offloads,
             },
             pool_v4,
             pool_v6,

@@ -237,6 +237,7 @@ impl Gateway {
                     .collect()
             },
             daemon_drops: vec![("spoofed-source".into(), self.sessions.spoofed_total())],
+            offloads: Some(self.offloads),
             dtls_rx: self.dtls.as_ref().map(|d| d.rx_stats()),
             dtls_flow_control: self.dtls.as_ref().map(|d| d.flow_control_stats()),
             dtls_pacing: self.dtls.as_ref().map(|d| d.pacing_stats()),

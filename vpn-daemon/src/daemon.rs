@@ -9,7 +9,7 @@ use crate::{
     auth::users::UserDb,
     config::Settings,
     control,
-    datapath::{bpf::Datapath, tun::Tun},
+    datapath::{bpf::Datapath, offloads::Offloads, tun::Tun},
     events::EventLog,
     gateway::Gateway,
     login::LoginService,
@@ -39,18 +39,19 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
 
     // A TUN queue and a packet worker per core, and a queue for the TLS
     // tunnels.
-    let tun = Arc::new(
-        Tun::create(
-            &settings.device.name,
-            crate::transport::workers::tun_queues(),
+    let (tun, tun_offload) = Tun::create(
+        &settings.device.name,
+        crate::transport::workers::tun_queues(),
+        settings.device.offloads,
+    )
+    .with_context(|| {
+        format!(
+            "creating TUN device {} (tunnel.device)",
+            settings.device.name
         )
-        .with_context(|| {
-            format!(
-                "creating TUN device {} (tunnel.device)",
-                settings.device.name
-            )
-        })?,
-    );
+    })?;
+    let tun = Arc::new(tun);
+    let offloads = Offloads::decide(settings.device.offloads, tun_offload);
     let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
     if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
         addrs.push((a.into(), n.prefix_len()));
@@ -84,6 +85,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
                 total: cfg.max_handshakes,
                 per_source: cfg.max_handshakes_per_source,
             },
+            offloads,
         )
         .await?;
         // A session that ends takes its DTLS channel with it.
@@ -139,6 +141,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         users,
         events,
         tun,
+        offloads,
         sessions,
         login,
         tunnels,

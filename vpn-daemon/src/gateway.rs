@@ -59,6 +59,8 @@ pub struct Gateway {
     pub users: Arc<UserDb>,
     pub events: Arc<EventLog>,
     pub tun: Arc<Tun>,
+    /// The kernel offloads the data path uses (`datapath/offloads.rs`).
+    pub offloads: crate::datapath::offloads::Offloads,
     /// Sessions and what they hold (pool, data-path entries, policies).
     pub sessions: Arc<SessionManager>,
     pub login: Arc<LoginService>,

@@ -237,7 +237,27 @@ pub fn render(gw: &Gateway) -> String {
         count(&refused, vec![("limit", why.into())], n);
     }
 
+    if let Some(o) = &stats.offloads {
+        let f = family::<Gauge>(
+            &mut reg,
+            "kernel_offload_enabled",
+            "Kernel offloads the data path uses (tunnel.offloads and what the kernel has)",
+        );
+        for (name, on) in [
+            ("tun_tso", o.tun_tso),
+            ("udp_gso", o.udp_gso),
+            ("udp_gro", o.udp_gro),
+        ] {
+            set(&f, vec![("offload", name.into())], i64::from(on));
+        }
+    }
     if let Some(rx) = &stats.dtls_rx {
+        let g = family::<Counter>(
+            &mut reg,
+            "dtls_gso_sends",
+            "Messages of several DTLS datagrams sent with UDP GSO",
+        );
+        count(&g, vec![], rx.gso_messages);
         let d = family::<Counter>(&mut reg, "dtls_datagrams", "DTLS datagrams received");
         count(&d, vec![("kind", "all".into())], rx.datagrams);
         count(&d, vec![("kind", "malformed".into())], rx.malformed);

@@ -584,6 +584,7 @@ pub fn boot(k: &Kernel, plan: &Path) -> anyhow::Result<std::process::Child> {
 /// and the environment `cargo xtask test` gives them.
 pub fn write_plan(bins: &[TestBinary], args: &[String]) -> anyhow::Result<PathBuf> {
     let path = vm_dir().join("plan.json");
+    let bin_dir = snapshot_binaries()?;
     let plan = serde_json::json!({
         "binaries": bins.iter().map(|b| serde_json::json!({
             "exe": b.exe,
@@ -591,12 +592,31 @@ pub fn write_plan(bins: &[TestBinary], args: &[String]) -> anyhow::Result<PathBu
         })).collect::<Vec<_>>(),
         "args": args,
         "env": {
-            "VPN_GATEWAY_BIN_DIR": root().join("target/debug"),
+            "VPN_GATEWAY_BIN_DIR": bin_dir,
             "CI": std::env::var("CI").unwrap_or_default(),
         },
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&plan)?)?;
     Ok(path)
+}
+
+/// Copies the built programs (vpnd, vpnctl, ...) to `target/vm/bin` for
+/// the guest: it reads the host's files live over 9p, and a build on the
+/// host during a run would replace them under the running tests.
+fn snapshot_binaries() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let (from, to) = (root().join("target/debug"), vm_dir().join("bin"));
+    let _ = std::fs::remove_dir_all(&to);
+    std::fs::create_dir_all(&to)?;
+    for e in std::fs::read_dir(&from)? {
+        let e = e?;
+        let meta = e.metadata()?;
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 && e.file_name() != "xtask" {
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(to)
 }
 
 /// What the guest prints last: the exit status of its run.

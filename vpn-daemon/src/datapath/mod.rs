@@ -1,5 +1,7 @@
 //! The kernel side of the data path: the BPF programs and their pinned
-//! maps (`bpf`), and the multi-queue TUN device (`tun`).
+//! maps (`bpf`), the multi-queue TUN device (`tun`), and which kernel
+//! offloads they use (`offloads`).
 
 pub mod bpf;
+pub mod offloads;
 pub mod tun;

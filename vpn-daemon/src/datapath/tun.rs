@@ -11,8 +11,9 @@
 //! ([`crate::packet::gro::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`): that is how merged
 //! TCP segments are handed to the kernel for segmentation (`packet/gro.rs`), and
 //! how the kernel hands us large TCP packets to segment (`packet/gso.rs`): the
-//! device offers TSO and checksum offload, so a read can return up to
-//! 64 KiB ([`READ_MAX`]).
+//! device offers TSO and checksum offload (unless `tunnel.offloads` is off
+//! or the kernel refuses, `datapath/offloads.rs`), so a read can return up
+//! to 64 KiB ([`READ_MAX`]).
 
 use std::{
     fs::File,
@@ -53,8 +54,14 @@ pub struct Tun {
 impl Tun {
     /// Creates (or attaches to) the TUN device `name` with `queues` queues
     /// (at least one). It disappears when the daemon exits, taking its
-    /// addresses, routes and TC programs with it.
-    pub fn create(name: &str, queues: usize) -> io::Result<Self> {
+    /// addresses, routes and TC programs with it. `offload`: offer TSO and
+    /// checksum offload, if the kernel takes them; returned with whether
+    /// the device does, or why not.
+    pub fn create(
+        name: &str,
+        queues: usize,
+        offload: bool,
+    ) -> io::Result<(Self, Result<(), super::offloads::Off>)> {
         if name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -64,10 +71,24 @@ impl Tun {
         let queues = (0..queues.max(1))
             .map(|_| open_queue(name))
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Tun {
+        let offload = if offload {
+            // Large TCP packets and partial checksums: `packet/gso.rs`
+            // finishes them. A device setting: one queue sets it for all.
+            let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+            // SAFETY: TUNSETOFFLOAD takes its flags as an integer argument.
+            if unsafe { libc::ioctl(queues[0].as_raw_fd(), TUNSETOFFLOAD, flags) } < 0 {
+                Err(super::offloads::Off::Kernel(io::Error::last_os_error()))
+            } else {
+                Ok(())
+            }
+        } else {
+            Err(super::offloads::Off::Configured)
+        };
+        let tun = Tun {
             queues,
             name: name.to_owned(),
-        })
+        };
+        Ok((tun, offload))
     }
 
     pub fn name(&self) -> &str {
@@ -169,12 +190,6 @@ fn open_queue(name: &str) -> io::Result<File> {
     // layout (name[16], flags, padding to 40 bytes, checked at compile
     // time), and the name fits (config checks at most 15 bytes).
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // Large TCP packets and partial checksums: `packet/gso.rs` finishes them.
-    let offload = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
-    // SAFETY: TUNSETOFFLOAD takes its flags as an integer argument.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offload) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(File::from(fd))

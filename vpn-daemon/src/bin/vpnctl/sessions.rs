@@ -161,6 +161,16 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     for (reason, n) in &stats.daemon_drops {
         println!("  {reason:<22} {n}");
     }
+    if let Some(o) = &stats.offloads {
+        let on = |b: bool| if b { "on" } else { "off" };
+        println!(
+            "kernel offloads: TUN TSO {}, UDP GSO {} ({} sends of several datagrams), UDP GRO {}",
+            on(o.tun_tso),
+            on(o.udp_gso),
+            stats.dtls_rx.as_ref().map_or(0, |rx| rx.gso_messages),
+            on(o.udp_gro)
+        );
+    }
     if let Some(rx) = &stats.dtls_rx {
         println!(
             "DTLS receive: {} datagrams in {} batches ({:.1} per batch), {} coalescing waits, {} redundant client ACKs dropped",

@@ -317,8 +317,12 @@ impl RecvBatch {
 
 /// Send side: records built in place in [`BATCH`] slots, then sent at once.
 pub struct SendBatch {
-    /// Use UDP segmentation offload for runs of equal-size records.
+    /// UDP segmentation offload for runs of equal-size records, unless the
+    /// path refused it (`EIO`).
     gso: bool,
+    /// Messages of several datagrams handed over with UDP GSO, since the
+    /// owner last took the count.
+    pub gso_messages: u64,
     buf: Vec<u8>,
     ctrl: Vec<[u8; CTRL]>,
     sources: Vec<Option<std::net::IpAddr>>,
@@ -331,6 +335,7 @@ impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
             gso: true,
+            gso_messages: 0,
             buf: vec![0; BATCH * SLOT],
             ctrl: vec![[0; CTRL]; BATCH],
             sources: vec![None; BATCH],
@@ -370,8 +375,10 @@ impl SendBatch {
     /// equal-size records to the same peer go out as one message with UDP
     /// segmentation offload (one trip through the stack for the run, cut
     /// into datagrams late); what the socket buffer cannot take is dropped,
-    /// as the network would. Returns the number of datagrams handed over.
-    pub fn flush(&mut self, fd: RawFd) -> usize {
+    /// as the network would. `gso`: the kernel has UDP GSO and it is on
+    /// (`datapath/offloads.rs`); without it, one message per datagram.
+    /// Returns the number of datagrams handed over.
+    pub fn flush(&mut self, fd: RawFd, gso: bool) -> usize {
         // SAFETY: all-zero is a valid iovec and mmsghdr (null pointers,
         // zero lengths); the ones sendmmsg gets are filled below.
         let mut iov: [libc::iovec; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
@@ -384,7 +391,7 @@ impl SendBatch {
         while i < self.n {
             let mut j = i + 1;
             let mut bytes = self.lens[i];
-            if self.gso {
+            if gso && self.gso {
                 while j < self.n
                     && self.lens[j - 1] == self.lens[i]
                     && self.lens[j] <= self.lens[i]
@@ -437,12 +444,14 @@ impl SendBatch {
                     let from = starts[sent];
                     let rest = self.n;
                     self.compact(from, rest);
-                    return from + self.flush(fd);
+                    return from + self.flush(fd, false);
                 }
                 // Full buffer or an error for this message: skip it.
                 sent += 1;
                 continue;
             }
+            let accepted = sent..sent + r as usize;
+            self.gso_messages += accepted.filter(|&k| starts[k + 1] - starts[k] > 1).count() as u64;
             sent += r as usize;
         }
         let done = self.n;
@@ -531,7 +540,7 @@ mod tests {
             out.slot()[..n].copy_from_slice(&[i, i, i][..n]);
             out.commit(n, to, Some("127.0.0.1".parse().unwrap()));
         }
-        assert_eq!(out.flush(a.as_raw_fd()), 5);
+        assert_eq!(out.flush(a.as_raw_fd(), true), 5);
         assert!(out.is_empty());
         std::thread::sleep(std::time::Duration::from_millis(50));
         let mut inb = RecvBatch::default();
@@ -561,7 +570,7 @@ mod tests {
             out.slot()[..n].fill(i);
             out.commit(n, to, None);
         }
-        assert_eq!(out.flush(a.as_raw_fd()), 4);
+        assert_eq!(out.flush(a.as_raw_fd(), true), 4);
         std::thread::sleep(std::time::Duration::from_millis(50));
         let mut inb = RecvBatch::default();
         assert_eq!(
@@ -576,6 +585,30 @@ mod tests {
         assert_eq!(parts.len(), 4);
         for (i, p) in parts.iter().enumerate() {
             assert!(p.iter().all(|&x| x == i as u8), "datagram {i} intact");
+        }
+        assert_eq!(out.gso_messages, 1);
+    }
+
+    #[test]
+    fn without_gso_each_datagram_is_a_message_of_its_own() {
+        // UDP GSO off (`tunnel.offloads = false`, or a kernel without it):
+        // the same run goes out, one message per datagram.
+        let (a, b, to) = loopback_pair(enable_gro);
+        let mut out = SendBatch::default();
+        for i in 0..4u8 {
+            out.slot()[..100].fill(i);
+            out.commit(100, to, None);
+        }
+        assert_eq!(out.flush(a.as_raw_fd(), false), 4);
+        assert_eq!(out.gso_messages, 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut inb = RecvBatch::default();
+        // Loopback GRO merges only what came as one segmented message.
+        assert_eq!(inb.recv(b.as_raw_fd(), RECV_BATCH).unwrap(), 4);
+        for i in 0..4 {
+            let (_, _, d, seg) = inb.get_mut(i).unwrap();
+            assert_eq!((d.len(), seg), (100, 100));
+            assert!(d.iter().all(|&x| x == i as u8));
         }
     }
 }

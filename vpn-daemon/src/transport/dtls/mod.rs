@@ -123,6 +123,8 @@ pub struct DtlsServer {
     flow_control: FlowControlCounters,
     pacing: paced::PacingCounters,
     per_worker: Vec<WorkerCounters>,
+    /// Send runs of equal-size records as one message (UDP GSO).
+    udp_gso: bool,
 }
 
 /// One packet worker's counters ([`WorkerStats`]).
@@ -137,6 +139,8 @@ struct WorkerCounters {
 #[derive(Default)]
 struct RxCounters {
     batches: AtomicU64,
+    /// (Send side) messages of several datagrams sent with UDP GSO.
+    gso_messages: AtomicU64,
     coalesce_waits: AtomicU64,
     acks_thinned: AtomicU64,
     malformed: AtomicU64,
@@ -189,15 +193,16 @@ impl DtlsServer {
         dpd: Duration,
         coalesce: Duration,
         handshake_limits: HandshakeLimits,
+        offloads: crate::datapath::offloads::Offloads,
     ) -> anyhow::Result<Arc<Self>> {
-        let first = reuseport_socket(addr)?;
+        let first = reuseport_socket(addr, offloads.udp_gro)?;
         // An ephemeral port (tests) is the first socket's for the others.
         let port = first.local_addr()?.port();
         let mut sockets = vec![Arc::new(first)];
         for _ in 1..workers.max(1) {
             let mut a = addr;
             a.set_port(port);
-            sockets.push(Arc::new(reuseport_socket(a)?));
+            sockets.push(Arc::new(reuseport_socket(a, offloads.udp_gro)?));
         }
         Ok(Arc::new(DtlsServer {
             port,
@@ -216,6 +221,7 @@ impl DtlsServer {
             flow_control: FlowControlCounters::default(),
             pacing: Default::default(),
             per_worker: (0..workers.max(1)).map(|_| Default::default()).collect(),
+            udp_gso: offloads.udp_gso,
         }))
     }
 
@@ -232,6 +238,7 @@ impl DtlsServer {
             coalesce_waits: c.coalesce_waits.load(Ordering::Relaxed),
             acks_thinned: c.acks_thinned.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
+            gso_messages: c.gso_messages.load(Ordering::Relaxed),
             workers: self
                 .per_worker
                 .iter()
@@ -288,6 +295,16 @@ impl DtlsServer {
     pub fn close_session(&self, session: u64) {
         if let Some(link) = self.links.write().remove(&session) {
             link.close();
+        }
+    }
+
+    /// Sends `out` on `fd`, with UDP GSO if it is on, and counts the
+    /// messages that carried several datagrams.
+    fn send(&self, fd: std::os::fd::RawFd, out: &mut batch::SendBatch) {
+        out.flush(fd, self.udp_gso);
+        let n = std::mem::take(&mut out.gso_messages);
+        if n > 0 {
+            self.counters.gso_messages.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -470,7 +487,7 @@ impl DtlsServer {
         c.acks_thinned
             .fetch_add(std::mem::take(&mut w.gro.acks_thinned), Ordering::Relaxed);
         if !w.replies.is_empty() {
-            w.replies.flush(fd);
+            self.send(fd, &mut w.replies);
         }
         // Adaptive receive coalescing, as NICs do it: a batch that brought
         // bulk data but did not fill up means a stream is running at about
@@ -735,14 +752,14 @@ impl DtlsServer {
         let n = link.seal_frame(out.slot(), ty, len);
         out.commit(n, to, src);
         if out.is_full() {
-            out.flush(self.socket().as_raw_fd());
+            self.send(self.socket().as_raw_fd(), out);
         }
     }
 
     /// Sends what a worker sealed, if anything.
     pub fn flush(&self, out: &mut batch::SendBatch) {
         if !out.is_empty() {
-            out.flush(self.socket().as_raw_fd());
+            self.send(self.socket().as_raw_fd(), out);
         }
     }
 }
@@ -812,7 +829,7 @@ struct Work {
 /// but packet workers poll it and every receive and send passes
 /// MSG_DONTWAIT: a full buffer drops, as a network does. (Only a process
 /// of the same user can join the group, as with any port we hold.)
-fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+fn reuseport_socket(addr: SocketAddr, gro: bool) -> anyhow::Result<UdpSocket> {
     use socket2::{Domain, Socket, Type};
     let bind = || -> io::Result<UdpSocket> {
         let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
@@ -828,6 +845,8 @@ fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     batch::enable_pktinfo(socket.as_raw_fd());
-    batch::enable_gro(socket.as_raw_fd());
+    if gro {
+        batch::enable_gro(socket.as_raw_fd());
+    }
     Ok(socket)
 }
