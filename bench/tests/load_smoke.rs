@@ -54,6 +54,19 @@ fn start_generator(
         .unwrap()
 }
 
+/// Stops the generator and fails with `what`, the generator's stderr, and
+/// the gateway's stats and log.
+fn give_up(mut child: std::process::Child, gw: &Gateway, what: &str) -> ! {
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!(
+        "{what}\ngenerator:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.vpnctl(&["stats"]).unwrap_or_default(),
+        gw.log()
+    );
+}
+
 /// [`topology_with_sources`] and a vpnd for up to 100 sessions of the
 /// generator's [`USERS`].
 fn topology_and_gateway() -> (Topology, Gateway) {
@@ -92,13 +105,7 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
         (n == SESSIONS).then_some(n)
     });
     if listed != Some(SESSIONS) {
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "{listed:?} of {SESSIONS} listed\ngenerator:\n{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            gw.log()
-        );
+        give_up(child, &gw, &format!("{listed:?} of {SESSIONS} listed"));
     }
     let t = std::time::Instant::now();
     let out = gw.vpnctl(&["sessions"]).unwrap();
@@ -233,14 +240,7 @@ fn generated_clients_hold_their_tunnels_over_dtls() {
         (n == N).then_some(n)
     });
     if on_dtls != Some(N) {
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "{}\n{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            gw.vpnctl(&["stats"]).unwrap_or_default(),
-            gw.log()
-        );
+        give_up(child, &gw, &format!("{on_dtls:?} of {N} on DTLS"));
     }
     // Once each client's records come, its channel lets go of OpenSSL
     // (about 33 KiB each), while the tunnels go on over DTLS.

@@ -101,13 +101,14 @@ fn bulk_transfers(offloads: bool) {
         let after = gw.sessions().unwrap()[0].clone();
         assert_eq!(after["transport"], transport);
         // The BPF counters count a TSO packet once: more than a full-size
-        // packet's bytes per packet means the large packets were used. TC
-        // sees them before they are cut, by vpnd (TUN TSO) or by the
-        // kernel's software GSO without it, so this holds either way.
+        // packet's bytes per packet means the large packets were used.
+        // Without TUN TSO it depends on the kernel where they are cut:
+        // 6.18 after TC (about 4,800 bytes per packet counted), 6.1
+        // before it (1,453).
         let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
         let per_packet = delta("bytes_out") / delta("packets_out").max(1);
         assert!(
-            delta("bytes_out") >= 2 * LEN as u64 && per_packet > 1500,
+            delta("bytes_out") >= 2 * LEN as u64 && (!offloads || per_packet > 1500),
             "{transport}, offloads {offloads}: {} bytes in {} packets to the client",
             delta("bytes_out"),
             delta("packets_out")
