@@ -568,7 +568,14 @@ pub fn boot(k: &Kernel, plan: &Path) -> anyhow::Result<std::process::Child> {
     if kvm {
         qemu.args(["-enable-kvm", "-cpu", KVM_CPU]);
     } else {
-        qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        // One host thread per vCPU; VM_TCG_THREADS=single runs them all on
+        // one (half the speed, but no cross-vCPU race with the guest's
+        // live code patching: see `summarize`).
+        let threads = match std::env::var("VM_TCG_THREADS").as_deref() {
+            Ok("single") => "single",
+            _ => "multi",
+        };
+        qemu.args(["-accel", &format!("tcg,thread={threads}"), "-cpu", "max"]);
     }
     println!(
         "xtask: booting {} ({}) with {} MiB{}",
