@@ -28,8 +28,9 @@ fn topology_with_sources() -> Topology {
 /// `rate` per second held `hold` s (60 s bound), a keepalive and an echo
 /// every second through each tunnel, plus `extra`; started, its report on
 /// stdout. On a slowed CPU ([`slowdown`]) the ramp is that much slower
-/// and the hold that much longer: an emulated CPU logs in 3 clients a
-/// second, and the hold is timed from the planned end of the ramp.
+/// and the hold twice that much longer: an emulated CPU logs in 3 clients
+/// a second (1 beside another load test), and the hold is timed from the
+/// planned end of the ramp.
 fn start_generator(
     topo: &Topology,
     sessions: usize,
@@ -37,14 +38,20 @@ fn start_generator(
     hold: u32,
     extra: &[&str],
 ) -> std::process::Child {
-    let (rate, hold) = ((rate / slowdown()).max(1), hold * slowdown());
+    let s = slowdown();
+    let (rate, hold) = if s > 1 {
+        ((rate / s).max(1), hold * s * 2)
+    } else {
+        (rate, hold)
+    };
+    let limit = 60.max(sessions as u32 / rate + hold + 30);
     topo.client
         .cmd(env!("CARGO_BIN_EXE_vpn-bench"))
         .args(["load", "--target", &format!("{GW_OUTSIDE}:443")])
         .args(["--sources", &SOURCES.join(",")])
         .args(["--sessions", &sessions.to_string()])
         .args(["--rate", &rate.to_string(), "--hold", &hold.to_string()])
-        .args(["--limit", "60"])
+        .args(["--limit", &limit.to_string()])
         .args(["--users", &USERS.to_string(), "--password", PASSWORD])
         .args(["--keepalive", "1", "--echo", GW_INSIDE, "--echo-every", "1"])
         .args(extra)
@@ -52,6 +59,12 @@ fn start_generator(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// On a slowed CPU these tests run one at a time: side by side, an
+/// emulated CPU logged in one client a second.
+fn alone_if_slowed() -> Option<std::sync::MutexGuard<'static, ()>> {
+    (slowdown() > 1).then(load_test_lock)
 }
 
 /// Stops the generator and fails with `what`, the generator's stderr, and
@@ -88,6 +101,7 @@ fn topology_and_gateway() -> (Topology, Gateway) {
 #[test]
 fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
     require_root();
+    let _alone = alone_if_slowed();
     let (topo, gw) = topology_and_gateway();
     let pid = gw.pid().unwrap();
 
@@ -170,6 +184,7 @@ fn forty_generated_clients_log_in_hold_their_tunnels_and_leave() {
 #[test]
 fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
     require_root();
+    let _alone = alone_if_slowed();
     let topo = topology_with_sources();
     let names: Vec<String> = (0..USERS).map(|i| format!("load{i}")).collect();
     let mut users = TestUser::all(&names, PASSWORD);
@@ -231,6 +246,7 @@ fn at_the_session_limit_new_logins_are_told_and_the_others_keep_going() {
 #[test]
 fn generated_clients_hold_their_tunnels_over_dtls() {
     require_root();
+    let _alone = alone_if_slowed();
     const N: usize = 16;
     let (topo, gw) = topology_and_gateway();
     let mut child = start_generator(&topo, N, 20, 4, &["--dtls"]);

@@ -570,6 +570,19 @@ pool_v6 = "{POOL6}"
         users: &[TestUser<'_>],
         env: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        let mut gw = Self::spawn(topo, config, users, env)?;
+        gw.wait_ready()?;
+        Ok(gw)
+    }
+
+    /// Starts vpnd as [`Gateway::start_env`] does, without waiting for it
+    /// to be ready (to stop it at a moment of its start-up).
+    pub fn spawn(
+        topo: &Topology,
+        config: impl FnOnce(&Path) -> String,
+        users: &[TestUser<'_>],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::new("gw")?;
         let config = config(dir.path());
         let config_path = dir.path().join("gateway.toml");
@@ -594,7 +607,7 @@ pool_v6 = "{POOL6}"
             .context("starting vpnd")?;
         let settings = vpn_daemon::config::Config::parse(&config, &config_path)?;
         let server = &settings.server;
-        let mut gw = Gateway {
+        Ok(Gateway {
             child: Some(child),
             socket: server.control_socket.clone(),
             events: server.event_log.clone().unwrap_or_default(),
@@ -604,22 +617,28 @@ pool_v6 = "{POOL6}"
             users_file,
             pin: String::new(),
             dir,
-        };
+        })
+    }
+
+    /// Waits until vpnd answers `vpnctl` (20 s at most), then reads the
+    /// pin of its certificate.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
         let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(Ok(Some(_))) = gw.child.as_mut().map(|c| c.try_wait()) {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return Some(false);
             }
-            gw.vpnctl(&["stats"]).ok().map(|_| true)
+            self.vpnctl(&["stats"]).ok().map(|_| true)
         });
         if ready != Some(true) {
-            bail!("vpnd did not become ready:\n{}", gw.log());
+            bail!("vpnd did not become ready:\n{}", self.log());
         }
         let chain = vpn_daemon::transport::tls::read_chain(
-            &gw.state_dir
+            &self
+                .state_dir
                 .join(vpn_daemon::transport::tls::GENERATED_CERT),
         )?;
-        gw.pin = vpn_daemon::transport::tls::pin_sha256(&chain[0])?;
-        Ok(gw)
+        self.pin = vpn_daemon::transport::tls::pin_sha256(&chain[0])?;
+        Ok(())
     }
 
     /// The daemon's log so far.

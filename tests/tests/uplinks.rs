@@ -449,3 +449,228 @@ fn a_policy_pins_its_clients_to_an_uplink_while_it_is_healthy() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     drop(c);
 }
+
+/// Everything vpnd installs in the gateway namespace, as lines to compare
+/// between runs (ids, handles and counters left out): the uplinks' policy
+/// rules and routes, its nft table, the BPF programs attached to the
+/// gateway's devices (the XDP guards on the uplinks; Debian 12's bpftool
+/// does not list the TCX programs on the tunnel device, which go with the
+/// device), its pinned maps and the entries of the session map.
+fn installed(g: &Netns, pins: &std::path::Path) -> Vec<String> {
+    let text = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut seen = Vec::new();
+    for l in text(g.ip(&["rule", "show"]).unwrap()).lines() {
+        let prio = l
+            .split(':')
+            .next()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if prio.is_some_and(|p| (7100..=7133).contains(&p)) {
+            seen.push(format!("rule {l}"));
+        }
+    }
+    for t in 7100..7102 {
+        for l in text(g.ip(&["route", "show", "table", &t.to_string()]).unwrap()).lines() {
+            seen.push(format!("route {t} {l}"));
+        }
+    }
+    if let Ok(out) = sh(g.cmd("nft").args(["list", "table", "inet", "vpn_gateway"])) {
+        for l in text(out).lines() {
+            // Counters differ between runs: their figures are left out.
+            let mut words: Vec<&str> = l.split_whitespace().collect();
+            for i in 1..words.len() {
+                if matches!(words[i - 1], "packets" | "bytes") {
+                    words[i] = "N";
+                }
+            }
+            seen.push(format!("nft {}", words.join(" ")));
+        }
+    }
+    let net: serde_json::Value = serde_json::from_slice(
+        &sh(g.cmd("bpftool").args(["-j", "net", "show"]))
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for section in net.as_array().into_iter().flatten() {
+        for (kind, list) in section.as_object().into_iter().flatten() {
+            for a in list.as_array().into_iter().flatten() {
+                seen.push(format!(
+                    "attached {kind} {} {} {}",
+                    a["devname"].as_str().unwrap_or(""),
+                    a["kind"].as_str().or(a["mode"].as_str()).unwrap_or(""),
+                    a["name"].as_str().unwrap_or(""),
+                ));
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(pins) {
+        let mut names: Vec<String> = dir
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        seen.push(format!("pinned {}", names.join(" ")));
+        let dump = sh(std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pins.join("sessions")))
+        .map(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).unwrap_or_default());
+        seen.push(format!("session entries {:?}", dump.map(|d| d.len()).ok()));
+    }
+    seen.sort();
+    seen
+}
+
+/// Crash recovery (issue 21): vpnd killed with SIGKILL at any moment (at
+/// five points of its start-up, ready, with a session up, while a client
+/// logs in) and started again has exactly one set of what it installs,
+/// the same as after a clean start: policy rules, routes, the nft table,
+/// the XDP guards and TC programs, the pinned maps, no stale session
+/// entries. A client then connects and reaches the internal host through
+/// it, and a clean stop removes all of it.
+#[test]
+fn after_sigkill_at_any_moment_a_restart_leaves_exactly_one_set() {
+    require_root();
+    let net = Net::new();
+    let config =
+        |d: &std::path::Path| net.config_with(d, "[dtls]\nxdp_interfaces = [\"wan1\", \"wan2\"]\n");
+    let g = &net.topo.gw;
+    let mut gw = Gateway::start_with(&net.topo, config, &[ALICE]).unwrap();
+    let pins = gw.pin_dir.clone();
+    let clean = installed(g, &pins);
+    eprintln!("a clean start installs:\n{}", clean.join("\n"));
+    for what in [
+        "rule ",
+        "route 7100",
+        "route 7101",
+        "nft table inet vpn_gateway",
+    ] {
+        assert!(
+            clean.iter().any(|l| l.starts_with(what)),
+            "{what}: {clean:?}"
+        );
+    }
+    for dev in ["wan1", "wan2"] {
+        assert!(
+            clean
+                .iter()
+                .any(|l| l.starts_with(&format!("attached xdp {dev} "))),
+            "the XDP guard on {dev}: {clean:?}"
+        );
+    }
+    assert!(
+        clean.contains(&"session entries Some(0)".to_owned()),
+        "{clean:?}"
+    );
+    gw.stop();
+    let nothing: Vec<String> = Vec::new();
+    assert_eq!(installed(g, &pins), nothing, "a clean stop removes it all");
+
+    // Moments of the start-up, by the log line that ends each step.
+    let steps = [
+        ("as it starts", "vpnd"),
+        ("with its tunnel device made", "kernel offloads: "),
+        ("with its BPF programs attached", "BPF programs attached"),
+        ("with an XDP guard attached", "XDP guard attached"),
+        ("as the uplinks go in", "uplink failover: start"),
+    ];
+    for moment in steps.iter().map(|(m, _)| *m).chain([
+        "ready",
+        "with a session up",
+        "while a client logs in",
+    ]) {
+        let mut client = None;
+        let mut gw = match steps.iter().find(|(m, _)| *m == moment) {
+            Some((_, line)) => {
+                let gw = Gateway::spawn(&net.topo, config, &[ALICE], &[]).unwrap();
+                let seen = wait_for(Duration::from_secs(20), || {
+                    gw.log().contains(line).then_some(())
+                });
+                assert!(seen.is_some(), "{moment}: {}", gw.log());
+                gw
+            }
+            None => Gateway::start_with(&net.topo, config, &[ALICE]).unwrap(),
+        };
+        if moment == "with a session up" {
+            let mut c = Client::start_at(
+                &net.topo.client,
+                &gw.pin,
+                WAN1,
+                ALICE.name,
+                ALICE.password,
+                &[],
+            )
+            .unwrap();
+            c.wait_connected(Duration::from_secs(20)).unwrap();
+            assert!(installed(g, &pins).contains(&"session entries Some(1)".to_owned()));
+            client = Some(c);
+        } else if moment == "while a client logs in" {
+            client = Some(
+                Client::start_at(
+                    &net.topo.client,
+                    &gw.pin,
+                    WAN1,
+                    ALICE.name,
+                    ALICE.password,
+                    &[],
+                )
+                .unwrap(),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        gw.child_mut().kill().unwrap();
+        let _ = gw.child_mut().wait();
+        // The tunnel device, and the TC programs on it, went with vpnd, and
+        // so did the XDP guards (BPF links close with their process); the
+        // rules, routes, nft table and pinned maps stay for the restart
+        // to deal with.
+        assert!(g.ip(&["link", "show", "vpn0"]).is_err(), "{moment}");
+        let left = installed(g, &pins);
+        assert!(!left.iter().any(|l| l.starts_with("attached ")), "{left:?}");
+        if ["ready", "with a session up", "while a client logs in"].contains(&moment) {
+            for what in [
+                "rule ",
+                "route 7100",
+                "nft table inet vpn_gateway",
+                "pinned ",
+            ] {
+                assert!(left.iter().any(|l| l.starts_with(what)), "{what}: {left:?}");
+            }
+        }
+        if moment == "with a session up" {
+            assert!(
+                left.contains(&"session entries Some(1)".to_owned()),
+                "{left:?}"
+            );
+        }
+        // The old client would retry with a cookie the new vpnd never gave.
+        drop(client);
+
+        let mut gw2 = Gateway::start_with(&net.topo, config, &[ALICE]).unwrap();
+        let after = installed(g, &pins);
+        assert_eq!(
+            after,
+            clean,
+            "after SIGKILL {moment} and a restart\n{}",
+            gw2.log()
+        );
+        if moment == "with a session up" {
+            let mut c = Client::start_at(
+                &net.topo.client,
+                &gw2.pin,
+                WAN1,
+                ALICE.name,
+                ALICE.password,
+                &[],
+            )
+            .unwrap();
+            c.wait_connected(Duration::from_secs(20)).unwrap();
+            assert!(net.topo.client.ping("198.18.2.2", 2), "{}", gw2.log());
+        }
+        gw2.stop();
+        assert_eq!(
+            installed(g, &pins),
+            nothing,
+            "a clean stop after the restart ({moment})"
+        );
+    }
+}
