@@ -104,22 +104,26 @@ fn bulk_transfers(offloads: bool) {
         // packet's bytes per packet means the large packets were used.
         // Without TUN TSO it depends on the kernel where they are cut:
         // 6.18 after TC (about 4,800 bytes per packet counted), 6.1
-        // before it (1,453).
+        // before it (1,453). And only a fast sender makes them: TCP sizes
+        // its TSO packets to about 1 ms of its rate, one segment at the
+        // 14 Mbit/s of an emulated CPU (1,493 there, offloads on).
         let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
         let per_packet = delta("bytes_out") / delta("packets_out").max(1);
-        assert!(
-            delta("bytes_out") >= 2 * LEN as u64 && (!offloads || per_packet > 1500),
+        let counted = format!(
             "{transport}, offloads {offloads}: {} bytes in {} packets to the client",
             delta("bytes_out"),
             delta("packets_out")
         );
+        assert!(delta("bytes_out") >= 2 * LEN as u64, "{counted}");
+        assert_at_speed!(!offloads || per_packet > 1500, "{counted}");
         // Downloads over DTLS went out in UDP GSO runs, or one datagram
         // per message.
         let gso = gw.stats().unwrap()["dtls_rx"]["gso_messages"]
             .as_u64()
             .unwrap();
         match (transport, offloads) {
-            ("dtls", true) => assert!(gso > 100, "{gso} GSO sends"),
+            // Runs of records need TSO-sized reads: a fast sender's.
+            ("dtls", true) => assert_at_speed!(gso > 100, "{gso} GSO sends"),
             _ => assert_eq!(gso, 0, "{transport}, offloads {offloads}"),
         }
         if transport == "dtls" {

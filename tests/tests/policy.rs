@@ -373,8 +373,11 @@ fn bandwidth_limits_hold_within_ten_percent() {
             paced("dropped")
         );
         if transport == "dtls" {
-            // Thousands of packets each way waited on a worker.
-            assert!(
+            // The workers paced: thousands of packets each way waited on
+            // one (926 up on an emulated CPU whose upload reached 4.6 of
+            // the 8 Mbit/s).
+            assert!(up_paced + down_paced > 0, "{up_paced} {down_paced}");
+            assert_at_speed!(
                 up_paced > 1000 && down_paced > 1000,
                 "{up_paced} {down_paced}"
             );
