@@ -534,6 +534,18 @@ fn after_sigkill_at_any_moment_a_restart_leaves_exactly_one_set() {
     let config =
         |d: &std::path::Path| net.config_with(d, "[dtls]\nxdp_interfaces = [\"wan1\", \"wan2\"]\n");
     let g = &net.topo.gw;
+    // Alice's openconnect through isp1.
+    let alice = |gw: &Gateway| {
+        Client::start_at(
+            &net.topo.client,
+            &gw.pin,
+            WAN1,
+            ALICE.name,
+            ALICE.password,
+            &[],
+        )
+        .unwrap()
+    };
     let mut gw = Gateway::start_with(&net.topo, config, &[ALICE]).unwrap();
     let pins = gw.pin_dir.clone();
     let clean = installed(g, &pins);
@@ -591,30 +603,12 @@ fn after_sigkill_at_any_moment_a_restart_leaves_exactly_one_set() {
             None => Gateway::start_with(&net.topo, config, &[ALICE]).unwrap(),
         };
         if moment == "with a session up" {
-            let mut c = Client::start_at(
-                &net.topo.client,
-                &gw.pin,
-                WAN1,
-                ALICE.name,
-                ALICE.password,
-                &[],
-            )
-            .unwrap();
+            let mut c = alice(&gw);
             c.wait_connected(Duration::from_secs(20)).unwrap();
             assert!(installed(g, &pins).contains(&"session entries Some(1)".to_owned()));
             client = Some(c);
         } else if moment == "while a client logs in" {
-            client = Some(
-                Client::start_at(
-                    &net.topo.client,
-                    &gw.pin,
-                    WAN1,
-                    ALICE.name,
-                    ALICE.password,
-                    &[],
-                )
-                .unwrap(),
-            );
+            client = Some(alice(&gw));
             std::thread::sleep(Duration::from_millis(300));
         }
         gw.child_mut().kill().unwrap();
@@ -654,15 +648,7 @@ fn after_sigkill_at_any_moment_a_restart_leaves_exactly_one_set() {
             gw2.log()
         );
         if moment == "with a session up" {
-            let mut c = Client::start_at(
-                &net.topo.client,
-                &gw2.pin,
-                WAN1,
-                ALICE.name,
-                ALICE.password,
-                &[],
-            )
-            .unwrap();
+            let mut c = alice(&gw2);
             c.wait_connected(Duration::from_secs(20)).unwrap();
             assert!(net.topo.client.ping("198.18.2.2", 2), "{}", gw2.log());
         }

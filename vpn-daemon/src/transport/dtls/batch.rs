@@ -54,23 +54,10 @@ pub fn enable_pktinfo(fd: RawFd) {
     }
 }
 
-/// Asks the kernel to hand over a peer's consecutive datagrams as one
-/// message (UDP GRO, Linux 5.0): one trip through the stack and one copy
-/// for up to 64 KiB instead of one per datagram. It applies where the
-/// receiving device runs GRO (every NIC driver with NAPI; a veth with GRO
-/// or XDP on); elsewhere datagrams arrive one by one as before.
+/// UDP GRO on `fd` (`datapath/offloads.rs`); a kernel without it leaves
+/// datagrams one per message, as before.
 pub fn enable_gro(fd: RawFd) {
-    let on: libc::c_int = 1;
-    // SAFETY: a plain setsockopt with an int argument.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        )
-    };
+    let _ = crate::datapath::offloads::set_udp_gro(fd);
 }
 
 /// From a received message's control data: the local address it was sent
