@@ -13,6 +13,16 @@
 //! `fuzz/corpus/TARGET/` (not committed) for the next run. A crash leaves
 //! its input in `fuzz/artifacts/TARGET/` and fails the command; copy it
 //! into the seeds and a regression test when it is fixed.
+//!
+//! `--seed N` makes a run repeatable: libFuzzer's random choices come
+//! from N and the corpus starts from the committed seeds alone (in
+//! `fuzz/target/fresh-corpus/`, emptied first), so the same commit meets
+//! the same inputs in the same order, and a run stopped by time differs
+//! only in how far it got. The test gate (`cargo xtask test` under CI)
+//! runs that way, with [`GATE_SEED`]: CI stays a verdict on the commit,
+//! not on a roll of the dice, and `cargo xtask fuzz --seed 1` on a
+//! developer's machine meets what CI met. Finding new inputs is the job
+//! of runs without a seed, which keep their corpus.
 
 use std::{
     path::{Path, PathBuf},
@@ -23,6 +33,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{root, run};
+
+/// The seed of the test gate's runs.
+pub const GATE_SEED: u32 = 1;
 
 /// cargo-fuzz, from the crate registry.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -102,8 +115,9 @@ pub struct Outcome {
     pub crashed: bool,
 }
 
-/// Runs `targets` (all when empty) for `secs` each, two at a time.
-pub fn fuzz(targets: &[String], secs: u64) -> anyhow::Result<Vec<Outcome>> {
+/// Runs `targets` (all when empty) for `secs` each, two at a time;
+/// with `seed`, repeatably (see the module's notes).
+pub fn fuzz(targets: &[String], secs: u64, seed: Option<u32>) -> anyhow::Result<Vec<Outcome>> {
     for t in targets {
         if !TARGETS.contains(&t.as_str()) {
             bail!(
@@ -122,7 +136,7 @@ pub fn fuzz(targets: &[String], secs: u64) -> anyhow::Result<Vec<Outcome>> {
     for pair in targets.chunks(2) {
         let running = pair
             .iter()
-            .map(|t| start(&bin, t, secs).map(|c| (t, c)))
+            .map(|t| start(&bin, t, secs, seed).map(|c| (t, c)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         for (t, (mut child, log)) in running {
             // libFuzzer stops itself at -max_total_time; the bound here
@@ -154,8 +168,9 @@ pub fn fuzz(targets: &[String], secs: u64) -> anyhow::Result<Vec<Outcome>> {
                 crashed: !status.is_some_and(|s| s.success()),
             };
             println!(
-                "fuzz {}: {} inputs in {secs} s, coverage {}, corpus {}, {}",
+                "fuzz {}{}: {} inputs in {secs} s, coverage {}, corpus {}, {}",
                 o.target,
+                seed.map(|s| format!(" (seed {s})")).unwrap_or_default(),
                 o.runs,
                 o.coverage,
                 o.corpus,
@@ -183,9 +198,23 @@ fn artifacts(target: &str) -> PathBuf {
 }
 
 /// Starts `target` for `secs`, its output in a log file.
-fn start(bin: &Path, target: &str, secs: u64) -> anyhow::Result<(std::process::Child, PathBuf)> {
+fn start(
+    bin: &Path,
+    target: &str,
+    secs: u64,
+    seed: Option<u32>,
+) -> anyhow::Result<(std::process::Child, PathBuf)> {
     let dir = fuzz_dir();
-    let corpus = dir.join("corpus").join(target);
+    let corpus = match seed {
+        Some(_) => {
+            let c = dir.join("target").join("fresh-corpus").join(target);
+            if c.exists() {
+                std::fs::remove_dir_all(&c).with_context(|| c.display().to_string())?;
+            }
+            c
+        }
+        None => dir.join("corpus").join(target),
+    };
     let seeds = dir.join("seeds").join(target);
     let arts = artifacts(target);
     for d in [&corpus, &arts] {
@@ -197,6 +226,9 @@ fn start(bin: &Path, target: &str, secs: u64) -> anyhow::Result<(std::process::C
     c.arg(&corpus);
     if seeds.is_dir() {
         c.arg(&seeds);
+    }
+    if let Some(s) = seed {
+        c.arg(format!("-seed={s}"));
     }
     c.arg(format!("-max_total_time={secs}"))
         .arg("-rss_limit_mb=2048")

@@ -93,6 +93,10 @@ enum Cmd {
         targets: Vec<String>,
         #[arg(long, default_value_t = 60)]
         secs: u64,
+        /// Repeatable: this seed, the corpus from the committed seeds
+        /// alone (what the test gate does with seed 1).
+        #[arg(long)]
+        seed: Option<u32>,
     },
     /// Inside the VM only: PID 1, runs the plan and powers off.
     #[command(hide = true)]
@@ -229,7 +233,8 @@ fn summarize(mut child: std::process::Child, vm: bool) -> anyhow::Result<()> {
 }
 
 /// After the tests: every fuzz target for `VPN_FUZZ_SECS` (60 under CI,
-/// none otherwise: `cargo xtask fuzz` runs them on demand).
+/// none otherwise: `cargo xtask fuzz` runs them on demand), repeatably
+/// (seed [`fuzz::GATE_SEED`], corpus from the committed seeds).
 fn fuzz_smoke() -> anyhow::Result<()> {
     let secs = std::env::var("VPN_FUZZ_SECS")
         .ok()
@@ -245,7 +250,7 @@ fn fuzz_smoke() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let out = fuzz::fuzz(&[], secs)?;
+    let out = fuzz::fuzz(&[], secs, Some(fuzz::GATE_SEED))?;
     let crashed: Vec<&str> = out
         .iter()
         .filter(|o| o.crashed)
@@ -315,9 +320,13 @@ fn main() -> anyhow::Result<()> {
             let fuzzed = fuzz_smoke();
             tests.and(fuzzed)
         }
-        Cmd::Fuzz { targets, secs } => {
+        Cmd::Fuzz {
+            targets,
+            secs,
+            seed,
+        } => {
             setup::setup()?;
-            let out = fuzz::fuzz(&targets, secs)?;
+            let out = fuzz::fuzz(&targets, secs, seed)?;
             match out.iter().filter(|o| o.crashed).count() {
                 0 => Ok(()),
                 n => bail!("{n} fuzz targets crashed"),

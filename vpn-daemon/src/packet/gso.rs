@@ -80,13 +80,17 @@ impl<'a> Packets<'a> {
             }
             t @ (GSO_TCPV4 | GSO_TCPV6) => {
                 let v6 = t == GSO_TCPV6;
+                // The TCP header follows the IP header: right after an
+                // IPv4 header of IHL words (at least 5), after the fixed
+                // IPv6 header or its extension headers.
                 let ok_ip = match pkt.first().map(|b| b >> 4) {
                     Some(4) => {
                         !v6 && pkt.len() >= 20
                             && pkt[9] == 6
+                            && start >= 20
                             && start == usize::from(pkt[0] & 15) * 4
                     }
-                    Some(6) => v6 && pkt.len() >= 40,
+                    Some(6) => v6 && pkt.len() >= 40 && start >= 40,
                     _ => false,
                 };
                 // The kernel points csum_start at the TCP header.
@@ -346,5 +350,22 @@ mod tests {
         assert!(Packets::parse(&vnet(GSO_TCPV4, 40, 1400, 4000), &p).is_err());
         assert!(Packets::parse(&vnet(GSO_NONE, 0, 0, 3030), &p).is_err());
         assert!(Packets::parse(&[0; 4], &p).is_err());
+    }
+
+    /// Found by the tcp_packets fuzz target: a TCP header said to start
+    /// inside the IP header (IPv6 at 0, IPv4 with an IHL below 5) made a
+    /// segment shorter than its IP header, and its length underflow.
+    #[test]
+    fn a_tcp_header_inside_the_ip_header_is_refused() {
+        for start in [0, 20, 39] {
+            let mut v6 = tcp(true, 5, 3000, 0x10);
+            // A data offset of 5 where the header is said to start.
+            v6[start + 12] = 0x50;
+            assert!(Packets::parse(&vnet(GSO_TCPV6, start + 20, 8, start), &v6).is_err());
+        }
+        let mut v4 = tcp(false, 5, 3000, 0x10);
+        v4[0] = 0x43;
+        v4[12 + 12] = 0x50;
+        assert!(Packets::parse(&vnet(GSO_TCPV4, 32, 8, 12), &v4).is_err());
     }
 }
