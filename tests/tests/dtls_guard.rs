@@ -54,7 +54,7 @@ fn guard_passes_dtls_drops_garbage_and_limits_hellos() {
         port: u32::from(PORT),
         hello_rate: 1,
         hello_burst: 5,
-        _pad: 0,
+        tls_port: 0,
     })
     .unwrap();
     let run = |f: &[u8]| dp.test_run_xdp(f).unwrap();
@@ -109,4 +109,127 @@ fn guard_passes_dtls_drops_garbage_and_limits_hellos() {
         dp.test_run_xdp(&udp4(2, PORT, b"anything")).unwrap(),
         XDP_PASS
     );
+}
+
+/// Ethernet + IP + TCP from `src` to port `dport` with `flags`.
+fn tcp(src: std::net::IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = flags;
+    match src {
+        std::net::IpAddr::V4(a) => {
+            f.extend_from_slice(&[0x08, 0x00]);
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+            ip[8] = 64;
+            ip[9] = 6;
+            ip[12..16].copy_from_slice(&a.octets());
+            ip[16..20].copy_from_slice(&[198, 18, 1, 1]);
+            f.extend_from_slice(&ip);
+        }
+        std::net::IpAddr::V6(a) => {
+            f.extend_from_slice(&[0x86, 0xdd]);
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+            ip[6] = 6;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&a.octets());
+            ip[24] = 0xfd;
+            ip[39] = 1;
+            f.extend_from_slice(&ip);
+        }
+    }
+    f.extend_from_slice(&tcp);
+    f
+}
+
+/// A banned source opens no new connection (TCP SYN to the TLS port, DTLS
+/// ClientHello); its open connections, other ports and other sources pass;
+/// a ban ends on time and when lifted; an IPv6 ban covers its /64.
+#[test]
+fn banned_sources_open_no_new_connections() {
+    use std::{net::IpAddr, time::Duration};
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    require_root();
+    let mut dp = Datapath::load_for_test_run().unwrap();
+    dp.set_guard(GuardConfig {
+        port: u32::from(PORT),
+        hello_rate: 1000,
+        hello_burst: 1000,
+        tls_port: 443,
+    })
+    .unwrap();
+    let bad: IpAddr = "198.18.1.66".parse().unwrap();
+    let good: IpAddr = "198.18.1.67".parse().unwrap();
+    let run = |dp: &Datapath, f: &[u8]| dp.test_run_xdp(f).unwrap();
+
+    // Before the ban everything passes.
+    assert_eq!(run(&dp, &tcp(bad, 443, SYN)), XDP_PASS);
+    dp.ban("198.18.1.66/32".parse().unwrap(), None).unwrap();
+    assert_eq!(run(&dp, &tcp(bad, 443, SYN)), XDP_DROP, "new connection");
+    assert_eq!(
+        run(&dp, &udp4(66, PORT, &client_hello())),
+        XDP_DROP,
+        "new DTLS handshake"
+    );
+    assert_eq!(
+        run(&dp, &tcp(bad, 443, SYN | ACK)),
+        XDP_PASS,
+        "not an attempt"
+    );
+    assert_eq!(
+        run(&dp, &tcp(bad, 443, ACK)),
+        XDP_PASS,
+        "an open connection"
+    );
+    assert_eq!(
+        run(&dp, &udp4(66, PORT, &record(23, 0xfefd, &[0u8; 64]))),
+        XDP_PASS,
+        "an established DTLS channel"
+    );
+    assert_eq!(run(&dp, &tcp(bad, 22, SYN)), XDP_PASS, "another port");
+    assert_eq!(run(&dp, &tcp(good, 443, SYN)), XDP_PASS, "another source");
+
+    // Lifted.
+    dp.unban("198.18.1.66/32".parse().unwrap());
+    assert_eq!(run(&dp, &tcp(bad, 443, SYN)), XDP_PASS);
+
+    // A ban for a while ends by itself, though its entry is still there.
+    dp.ban(
+        "198.18.1.0/24".parse().unwrap(),
+        Some(Duration::from_millis(300)),
+    )
+    .unwrap();
+    assert_eq!(
+        run(&dp, &tcp(good, 443, SYN)),
+        XDP_DROP,
+        "in the banned /24"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        run(&dp, &tcp(good, 443, SYN)),
+        XDP_PASS,
+        "the ban has ended"
+    );
+
+    // IPv6: a /64 is one source.
+    dp.ban("fd00:66:0:1::/64".parse().unwrap(), None).unwrap();
+    let in64: IpAddr = "fd00:66:0:1::abcd".parse().unwrap();
+    let other: IpAddr = "fd00:66:0:2::1".parse().unwrap();
+    assert_eq!(run(&dp, &tcp(in64, 443, SYN)), XDP_DROP);
+    assert_eq!(run(&dp, &tcp(other, 443, SYN)), XDP_PASS);
+
+    let banned: u64 = dp
+        .guard_drops()
+        .into_iter()
+        .filter(|(r, _)| r.name() == "banned-source")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(banned, 4, "the drops counted as bans");
 }

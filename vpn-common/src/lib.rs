@@ -21,6 +21,10 @@
 //! | `rate_state`     | hash            | `u64` session id | [`RateState`] | BPF (daemon deletes) |
 //! | `uplink_active`  | array[2]        | `0`, `1`       | `[0]` active uplink number (0 = no uplinks managed), `[1]` bitmask of healthy uplinks | daemon |
 //! | `nat_exempt`     | LPM trie        | [`ExemptKey`]  | `u32` (unused)  | daemon |
+//! | `guard_config`   | array[1]        | `0`            | [`GuardConfig`] | daemon |
+//! | `guard_drops`    | per-CPU array   | `u32` reason ([`GuardDrop`]) | `u64` packets | BPF |
+//! | `hello_buckets`  | LRU hash        | [`SessionKey`] | [`HelloBucket`] | BPF |
+//! | `banned`         | LPM trie        | [`SessionKey`] | [`Ban`]         | daemon (`vpnctl ban`, ban points) |
 //!
 //! # Uplink marks
 //!
@@ -87,9 +91,10 @@ pub mod map_names {
     pub const NAT_EXEMPT: &str = "NAT_EXEMPT";
 
     /// Every map the daemon pins, in one place.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         UPLINK_ACTIVE,
         NAT_EXEMPT,
+        super::guard_map_names::BANNED,
         super::guard_map_names::GUARD_CONFIG,
         super::guard_map_names::GUARD_DROPS,
         super::guard_map_names::HELLO_BUCKETS,
@@ -283,6 +288,7 @@ pub mod guard_map_names {
     pub const GUARD_CONFIG: &str = "GUARD_CONFIG";
     pub const GUARD_DROPS: &str = "GUARD_DROPS";
     pub const HELLO_BUCKETS: &str = "HELLO_BUCKETS";
+    pub const BANNED: &str = "BANNED";
 }
 
 /// Settings of the XDP guard (`guard_config[0]`).
@@ -295,8 +301,26 @@ pub struct GuardConfig {
     pub hello_rate: u32,
     /// Burst of ClientHellos a source may send at once.
     pub hello_burst: u32,
-    pub _pad: u32,
+    /// TCP port of the TLS server: connection attempts (SYN without ACK)
+    /// from a banned source are dropped. 0 = none.
+    pub tls_port: u32,
 }
+
+/// A banned source: the value of `banned`, an LPM trie keyed by the
+/// address as in [`SessionKey`] (IPv4-mapped), with the prefix length in
+/// bits of that 128-bit form (an IPv4 /32 is 128, an IPv6 /64 is 64). The
+/// guard drops new connections from it: TCP SYNs to the TLS port and
+/// DTLS ClientHellos. Packets of connections already open pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ban {
+    /// When the ban ends, in `CLOCK_MONOTONIC` nanoseconds (what
+    /// `bpf_ktime_get_ns` reads); 0 = when it is removed.
+    pub until_ns: u64,
+}
+
+/// Bans the guard holds at once.
+pub const MAX_BANS: u32 = 65_536;
 
 /// Token bucket of one source address (LRU map, key = address as in
 /// [`SessionKey`]). Tokens are scaled by 1e9 so refills are exact in ns.
@@ -307,8 +331,7 @@ pub struct HelloBucket {
     pub last_ns: u64,
 }
 
-/// Why the XDP guard dropped a datagram to the DTLS port (index into
-/// `guard_drops`).
+/// Why the XDP guard dropped a packet (index into `guard_drops`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuardDrop {
@@ -320,9 +343,12 @@ pub enum GuardDrop {
     BadVersion = 2,
     /// A ClientHello over its source's rate.
     HelloRateLimited = 3,
+    /// A new connection (TCP SYN to the TLS port, DTLS ClientHello) from
+    /// a banned source.
+    Banned = 4,
 }
 
-pub const GUARD_DROP_REASONS: u32 = 4;
+pub const GUARD_DROP_REASONS: u32 = 5;
 
 impl GuardDrop {
     pub const ALL: [GuardDrop; GUARD_DROP_REASONS as usize] = [
@@ -330,6 +356,7 @@ impl GuardDrop {
         GuardDrop::BadContentType,
         GuardDrop::BadVersion,
         GuardDrop::HelloRateLimited,
+        GuardDrop::Banned,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -338,6 +365,7 @@ impl GuardDrop {
             GuardDrop::BadContentType => "dtls-bad-content-type",
             GuardDrop::BadVersion => "dtls-bad-version",
             GuardDrop::HelloRateLimited => "dtls-hello-rate-limited",
+            GuardDrop::Banned => "banned-source",
         }
     }
 }
@@ -492,6 +520,7 @@ const _: () = {
     assert!(size_of::<RateState>() == 16);
     assert!(size_of::<GuardConfig>() == 16);
     assert!(size_of::<HelloBucket>() == 16);
+    assert!(size_of::<Ban>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -527,6 +556,8 @@ mod pod {
     unsafe impl aya::Pod for GuardConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for HelloBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Ban {}
 }
 
 #[cfg(test)]

@@ -32,6 +32,18 @@ pub enum Request {
     },
     /// Events of the event log, oldest first.
     Events(EventQuery),
+    /// Bans in force (`vpnctl ban list`).
+    Bans,
+    /// Bans a prefix (`vpnctl ban add`) for `secs` (None: until lifted).
+    Ban {
+        source: String,
+        #[serde(default)]
+        secs: Option<u64>,
+    },
+    /// Lifts the ban of a prefix (`vpnctl ban remove`).
+    Unban {
+        source: String,
+    },
 }
 
 /// Which events `vpnctl events` wants.
@@ -93,6 +105,15 @@ pub enum Response {
         events: Vec<serde_json::Value>,
         /// Where the next `--follow` read starts.
         next: u64,
+    },
+    Bans {
+        bans: Vec<BanRow>,
+    },
+    Banned {
+        banned: BanRow,
+    },
+    Unbanned {
+        unbanned: BanRow,
     },
     Error {
         error: String,
@@ -276,6 +297,36 @@ pub struct Stats {
     /// RADIUS accounting records (absent without accounting).
     #[serde(default)]
     pub accounting: Option<AccountingStats>,
+    /// Ban points (`[ban]`, `auth/bans.rs`).
+    #[serde(default)]
+    pub bans: BanStats,
+}
+
+/// Ban points: bans and the offences that scored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BanStats {
+    /// Bans in force (or ended and not yet swept), now.
+    pub active: usize,
+    /// Sources with a score now.
+    pub scored_sources: usize,
+    /// Bans made by points since the start.
+    pub banned_total: u64,
+    /// Connections closed at accept because their source was banned
+    /// (those the XDP guard did not drop first).
+    pub refused_at_accept: u64,
+    /// Offences scored, by kind.
+    pub offences: Vec<(String, u64)>,
+}
+
+/// One row of `vpnctl ban list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BanRow {
+    pub source: String,
+    /// RFC 3339.
+    pub since: String,
+    /// Seconds left; None = until lifted.
+    pub secs_left: Option<u64>,
+    pub reason: String,
 }
 
 /// What RADIUS accounting sent.

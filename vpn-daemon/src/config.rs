@@ -56,6 +56,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub ban: BanConfig,
     /// RADIUS servers (`[radius]`), used when `auth.method = "radius"`.
     #[serde(default)]
     pub radius: RadiusConfig,
@@ -1032,6 +1034,60 @@ impl Default for Limits {
     }
 }
 
+/// `[ban]`: ban points (`auth/bans.rs`). Offences from a source score
+/// points; at `max_score` the source may open no new connections for
+/// `ban_secs`: the XDP guard drops its TCP SYNs to the TLS port and its
+/// DTLS ClientHellos (on `dtls.xdp_interfaces`), and the listener closes
+/// what reaches it. Its tunnels already up stay up. Only sources proven by
+/// a TCP handshake score (UDP sources can be forged). `vpnctl ban
+/// list|add|remove` shows and changes bans. Applied by a reload.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BanConfig {
+    /// The score that bans a source (an IPv4 address, an IPv6 /64). 0 =
+    /// ban points off. Default 100.
+    pub max_score: u32,
+    /// Seconds without a new offence after which a source's score is
+    /// forgotten. Default 1200.
+    pub reset_secs: u64,
+    /// Seconds a ban by points lasts. Default 900.
+    pub ban_secs: u64,
+    /// Points for a wrong password or an unknown user. Default 5: after
+    /// `limits.lockout_source_failures` (10) the source is locked out,
+    /// and ten more tries while locked out ban it.
+    pub wrong_password_points: u32,
+    /// Points for a login attempt while locked out. Default 5.
+    pub locked_out_points: u32,
+    /// Points for an HTTP request that cannot be read (not a slow one).
+    /// Default 20: openconnect never sends one.
+    pub malformed_request_points: u32,
+    /// Points for a TLS handshake that fails or times out (scanners,
+    /// clients that do not trust the certificate). Default 2.
+    pub failed_handshake_points: u32,
+    /// Points for a CONNECT with a cookie of no session (clients of a
+    /// session that ended try once). Default 2.
+    pub unknown_cookie_points: u32,
+    /// Prefixes that never score, e.g. an office's NAT address or the
+    /// monitoring system. Default none.
+    pub exempt: Vec<IpNet>,
+}
+
+impl Default for BanConfig {
+    fn default() -> Self {
+        BanConfig {
+            max_score: 100,
+            reset_secs: 1200,
+            ban_secs: 900,
+            wrong_password_points: 5,
+            locked_out_points: 5,
+            malformed_request_points: 20,
+            failed_handshake_points: 2,
+            unknown_cookie_points: 2,
+            exempt: Vec::new(),
+        }
+    }
+}
+
 /// `[[group]]`: a tunnel group offered at login.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -1121,6 +1177,8 @@ pub struct Settings {
     pub auth: AuthConfig,
     /// `[limits]`.
     pub limits: Limits,
+    /// `[ban]`.
+    pub ban: BanConfig,
     /// `[radius]`, when `auth.method = "radius"`.
     pub radius: Option<RadiusSettings>,
     /// `[ldap]`, when `auth.method = "ldap"`.
@@ -1449,6 +1507,19 @@ impl Config {
                 return Err(invalid(key, "0 is not allowed: use 1 or more"));
             }
         }
+        if self.ban.max_score > 0 {
+            for (key, value) in [
+                ("ban.reset_secs", self.ban.reset_secs),
+                ("ban.ban_secs", self.ban.ban_secs),
+            ] {
+                if value == 0 {
+                    return Err(invalid(
+                        key,
+                        "0 is not allowed: use 1 or more seconds (ban.max_score = 0 turns ban points off)",
+                    ));
+                }
+            }
+        }
         if l.max_connection_secs < self.http.request_timeout_secs {
             return Err(invalid(
                 "limits.max_connection_secs",
@@ -1608,6 +1679,7 @@ impl Config {
             },
             auth: self.auth.clone(),
             limits: self.limits.clone(),
+            ban: self.ban.clone(),
             radius: self.radius.validate(uses(AuthMethod::Radius))?,
             ldap: self.ldap.validate(uses(AuthMethod::Ldap), &policies)?,
             groups,

@@ -245,6 +245,7 @@ impl Gateway {
             tls_reads: self.tunnels.read_stats(),
             admission: self.admission_stats(),
             accounting: self.sessions.accounting_stats(),
+            bans: self.bans.stats(),
         }
     }
 
@@ -366,6 +367,28 @@ impl Gateway {
                 },
                 details => Response::Show { details },
             },
+            Ok(Request::Bans) => Response::Bans {
+                bans: self.bans.list().iter().map(ban_row).collect(),
+            },
+            Ok(Request::Ban { source, secs }) => match parse_prefix(&source) {
+                Ok(net) => Response::Banned {
+                    banned: ban_row(&self.bans.add(net, secs.map(Duration::from_secs))),
+                },
+                Err(error) => Response::Error { error },
+            },
+            Ok(Request::Unban { source }) => match parse_prefix(&source) {
+                Ok(net) => match self.bans.remove(net) {
+                    Some(b) => Response::Unbanned {
+                        unbanned: ban_row(&b),
+                    },
+                    None => Response::Error {
+                        error: format!(
+                            "no ban of {net} (vpnctl ban list shows them; a ban is lifted by its exact prefix)"
+                        ),
+                    },
+                },
+                Err(error) => Response::Error { error },
+            },
             Ok(Request::Disconnect { target }) => match self.sessions.disconnect(&target) {
                 Ok(n) => Response::Disconnected { disconnected: n },
                 Err(e) => Response::Error {
@@ -373,6 +396,30 @@ impl Gateway {
                 },
             },
         }
+    }
+}
+
+/// An address (its /32 or /128) or a prefix, as `vpnctl ban` takes them.
+fn parse_prefix(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            format!("'{s}' is not an address or a prefix: use e.g. 198.18.7.1, 198.18.7.0/24 or fd00:7::/64")
+        })
+}
+
+fn ban_row(b: &crate::auth::bans::Ban) -> crate::api::BanRow {
+    crate::api::BanRow {
+        source: b.net.to_string(),
+        since: humantime::format_rfc3339_seconds(b.since).to_string(),
+        // Rounded up: a ban of 3 s just made has "3s" left.
+        secs_left: b.until.map(|u| {
+            u.saturating_duration_since(std::time::Instant::now())
+                .as_millis()
+                .div_ceil(1000) as u64
+        }),
+        reason: b.reason.clone(),
     }
 }
 

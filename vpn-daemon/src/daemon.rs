@@ -96,7 +96,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
             port: u32::from(addr.port()),
             hello_rate: cfg.hello_rate,
             hello_burst: cfg.hello_burst,
-            _pad: 0,
+            tls_port: u32::from(settings.server.listen.port()),
         })?;
         for iface in &cfg.xdp_interfaces {
             dp.attach_guard(iface)?;
@@ -108,6 +108,20 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     } else {
         None
     };
+    let bans = {
+        let dp = sessions.datapath().clone();
+        crate::auth::bans::Bans::new(
+            settings.ban.clone(),
+            Box::new(move |net, change| match change {
+                Some(time) => Ok(dp.lock().ban(net, time)?),
+                None => {
+                    dp.lock().unban(net);
+                    Ok(())
+                }
+            }),
+            events.clone(),
+        )
+    };
     let admission = Arc::new(crate::auth::admission::Counters::default());
     let connections = crate::auth::admission::Connections::new(&settings.limits);
     let latencies = Arc::new(crate::telemetry::Latencies::default());
@@ -118,7 +132,10 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         users.clone(),
         sessions.clone(),
         events.clone(),
-        admission.clone(),
+        crate::login::Guards {
+            counters: admission.clone(),
+            bans: bans.clone(),
+        },
     );
     let tunnels = TunnelService::new(
         &settings,
@@ -126,6 +143,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         dtls.clone(),
         tun.clone(),
         events.clone(),
+        bans.clone(),
     );
     let listener = Listener::new(
         &settings,
@@ -134,6 +152,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         login.clone(),
         tunnels.clone(),
         latencies.clone(),
+        bans.clone(),
     );
     let gw = Arc::new(Gateway {
         settings: settings.clone(),
@@ -152,6 +171,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         uplinks: std::sync::OnceLock::new(),
         client_certs,
         latencies,
+        bans,
     });
 
     // Uplinks: routing tables, rules, the nft table and health checks.
@@ -178,6 +198,11 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     crate::transport::workers::start(&wiring, &tokio::runtime::Handle::current())
         .context("starting the packet workers")?;
     tokio::spawn(gw.sessions.clone().reap());
+    tokio::spawn(
+        gw.bans
+            .clone()
+            .expire_every(std::time::Duration::from_secs(5)),
+    );
     tokio::spawn(gw.sessions.clone().watch_users());
     tokio::spawn(gw.sessions.clone().follow_schedules());
     let accounting = settings.radius.as_ref().filter(|r| r.accounting).map(|r| {

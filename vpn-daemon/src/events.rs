@@ -80,6 +80,22 @@ pub enum Event {
         state: String,
         reason: String,
     },
+    /// A source may open no new connections (`auth/bans.rs`): its score
+    /// reached `ban.max_score`, or an admin banned it.
+    SourceBanned {
+        /// The prefix: an IPv4 /32 or IPv6 /64 by points, any by vpnctl.
+        source: String,
+        /// "score 100 of 100: wrong-password x12, ..." or "vpnctl".
+        reason: String,
+        /// How long; absent = until lifted.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        secs: Option<u64>,
+    },
+    /// A ban ended: "expired" or "vpnctl".
+    BanLifted {
+        source: String,
+        reason: String,
+    },
 }
 
 /// What a [`Event::LoginLockout`] locks.

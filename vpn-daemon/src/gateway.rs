@@ -79,6 +79,8 @@ pub struct Gateway {
     /// The client certificate verifier, when `tls.client_ca_file` is set
     /// (its CRLs follow reloads).
     pub client_certs: Option<Arc<crate::transport::client_cert::ClientVerifier>>,
+    /// Ban points and bans (`[ban]`, `vpnctl ban`).
+    pub bans: Arc<crate::auth::bans::Bans>,
 }
 
 impl Gateway {
@@ -144,6 +146,7 @@ impl Gateway {
         self.login
             .memory_ceiling
             .set(new.limits.max_memory_mib << 20);
+        self.bans.set_rules(new.ban.clone());
         let restart = self.settings.needs_restart(&new);
         let n = new.policies.len();
         self.events.emit(Event::ConfigReloaded {

@@ -17,7 +17,7 @@ use rand::RngCore as _;
 use crate::{
     auth::Grant,
     auth::admission::{Lockout, LoginRefused},
-    auth::login::{Checking, Ctx, Factor, LoginEvent, Reply, Step, Verdict},
+    auth::login::{Checking, Ctx, Factor, FailReason, LoginEvent, Reply, Step, Verdict},
     auth::{
         admission::{self, Verifier},
         ldap::LdapClient,
@@ -90,6 +90,14 @@ impl Backends {
     }
 }
 
+/// What keeps count of refusals and misbehaviour for the login service.
+pub struct Guards {
+    /// Login and password-check refusals (`vpnctl stats`).
+    pub counters: Arc<admission::Counters>,
+    /// Ban points.
+    pub bans: Arc<crate::auth::bans::Bans>,
+}
+
 /// The login portal's service: what answering a login takes.
 pub struct LoginService {
     flow: Mutex<LoginFlow>,
@@ -104,6 +112,8 @@ pub struct LoginService {
     events: Arc<EventLog>,
     /// Login and password-check refusals (`vpnctl stats`).
     counters: Arc<admission::Counters>,
+    /// Wrong passwords and tries while locked out score ban points.
+    bans: Arc<crate::auth::bans::Bans>,
     /// The groups shown in the form's selector.
     groups: Vec<GroupConfig>,
     /// The form's title (`server.name`).
@@ -128,7 +138,7 @@ impl LoginService {
         users: Arc<UserDb>,
         sessions: Arc<SessionManager>,
         events: Arc<EventLog>,
-        counters: Arc<admission::Counters>,
+        Guards { counters, bans }: Guards,
     ) -> Arc<Self> {
         Arc::new(LoginService {
             flow: Mutex::new(LoginFlow::new(
@@ -144,6 +154,7 @@ impl LoginService {
             sessions,
             events,
             counters,
+            bans,
             groups: settings.groups.clone(),
             title: settings.server.name.clone(),
             banner: settings.tunnel.banner.clone(),
@@ -290,7 +301,7 @@ impl LoginService {
                     Step::Authenticated { group, user, grant } => {
                         self.complete(user, &group, grant, peer)
                     }
-                    other => self.answer_login(other),
+                    other => self.answer_login(other, peer),
                 }
             }
             "auth-reply" => {
@@ -351,7 +362,7 @@ impl LoginService {
 
     /// The answer to a step of the login flow other than a password
     /// check or success (those are `auth_reply`'s).
-    fn answer_login(&self, step: Step) -> Response {
+    fn answer_login(&self, step: Step, peer: SocketAddr) -> Response {
         match step {
             Step::Form {
                 handle,
@@ -360,6 +371,13 @@ impl LoginService {
             } => self.form(&handle, &group, error.as_deref()),
             Step::Refused(r) => {
                 self.count_refused(&r);
+                if matches!(
+                    r,
+                    LoginRefused::SourceLocked { .. } | LoginRefused::UserLocked { .. }
+                ) {
+                    self.bans
+                        .offence(peer.ip(), crate::auth::bans::Offence::LockedOut);
+                }
                 self.refused(r)
             }
             Step::CertificateRequired { message } => {
@@ -395,6 +413,10 @@ impl LoginService {
         for e in events {
             if let LoginEvent::Failed { reason, .. } = &e {
                 self.outcome(&reason.to_string());
+                if matches!(reason, FailReason::WrongPassword | FailReason::UnknownUser) {
+                    self.bans
+                        .offence(peer.ip(), crate::auth::bans::Offence::WrongPassword);
+                }
             }
             self.events.emit(match e {
                 LoginEvent::Failed { user, reason } => Event::AuthenticationFailed {
@@ -499,7 +521,7 @@ impl LoginService {
         }
         self.log_login_events(events, peer);
         let Step::Authenticated { group, user, grant } = step else {
-            return self.answer_login(step);
+            return self.answer_login(step, peer);
         };
         self.complete(user, &group, grant, peer)
     }
@@ -589,7 +611,7 @@ impl LoginService {
         let u = user.to_owned();
         match self
             .verifier
-            .run(move || gw.users.authenticate(&u, &password))
+            .run(peer.ip(), move || gw.users.authenticate(&u, &password))
             .await
         {
             Ok(result) => Ok(result.into()),

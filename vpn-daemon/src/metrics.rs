@@ -237,6 +237,33 @@ pub fn render(gw: &Gateway) -> String {
         count(&refused, vec![("limit", why.into())], n);
     }
 
+    let b = &stats.bans;
+    gauge(
+        &mut reg,
+        "bans_active",
+        "Sources banned now (ban points or vpnctl ban)",
+        b.active as i64,
+    );
+    let offences = family::<Counter>(
+        &mut reg,
+        "ban_offences",
+        "Offences that scored ban points, by kind",
+    );
+    for (kind, n) in &b.offences {
+        count(&offences, vec![("offence", kind.clone())], *n);
+    }
+    let bans = family::<Counter>(
+        &mut reg,
+        "bans",
+        "Bans made by ban points, and connections of banned sources closed at accept",
+    );
+    count(&bans, vec![("what", "banned".into())], b.banned_total);
+    count(
+        &bans,
+        vec![("what", "closed_at_accept".into())],
+        b.refused_at_accept,
+    );
+
     if let Some(o) = &stats.offloads {
         let f = family::<Gauge>(
             &mut reg,

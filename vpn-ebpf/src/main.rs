@@ -30,9 +30,11 @@ mod prog {
         SPLIT_KEY_FIXED_BITS, SessionInfo, SessionKey, SessionStats, SplitKey, Verdict,
     };
     use vpn_common::{
+        Ban, GUARD_DROP_REASONS, GuardConfig, GuardDrop, HelloBucket, MAX_BANS, MAX_HELLO_SOURCES,
+    };
+    use vpn_common::{
         EXEMPT_KEY_FIXED_BITS, ExemptKey, MARK_BASE, MARK_EXEMPT, MAX_EXEMPT_ENTRIES,
     };
-    use vpn_common::{GUARD_DROP_REASONS, GuardConfig, GuardDrop, HelloBucket, MAX_HELLO_SOURCES};
 
     /// Hash maps whose entries are allocated on insert.
     const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -598,6 +600,22 @@ mod prog {
     static HELLO_BUCKETS: LruHashMap<SessionKey, HelloBucket, { MAX_HELLO_SOURCES as usize }> =
         LruHashMap::new();
 
+    /// Banned sources (prefixes), written by the daemon.
+    #[btf_map]
+    static BANNED: LpmTrie<SessionKey, Ban, { MAX_BANS as usize }> = LpmTrie::new();
+
+    /// Whether `src` is banned now.
+    #[inline(always)]
+    fn banned(src: &SessionKey) -> bool {
+        match BANNED.get(&Key::new(128, *src)) {
+            None => false,
+            // SAFETY: a helper without arguments.
+            Some(b) => {
+                b.until_ns == 0 || unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } < b.until_ns
+            }
+        }
+    }
+
     #[inline(always)]
     fn xdp_byte(ctx: &XdpContext, off: usize) -> Result<u8, ()> {
         let p = ctx.data() + off;
@@ -663,45 +681,76 @@ mod prog {
         true
     }
 
-    /// Ok = pass, Err = drop for that reason. Only UDP to the DTLS port is
-    /// looked at; everything else on the interface passes untouched. Every
-    /// packet offset is a constant (IPv4 with options and IPv6 with
-    /// extension headers pass to the daemon), which keeps the verifier's
-    /// bounds tracking simple.
+    /// Ok = pass, Err = drop for that reason. Only UDP to the DTLS port and
+    /// TCP to the TLS port are looked at; everything else on the interface
+    /// passes untouched. Every packet offset is a constant (IPv4 with
+    /// options and IPv6 with extension headers pass to the daemon, which
+    /// checks bans at accept too), which keeps the verifier's bounds
+    /// tracking simple.
     #[inline(always)]
     fn try_dtls_guard(ctx: &XdpContext) -> Result<(), Option<GuardDrop>> {
         let Some(cfg) = GUARD_CONFIG.get(0) else {
             return Ok(());
         };
-        if cfg.port == 0 {
+        if cfg.port == 0 && cfg.tls_port == 0 {
             return Ok(());
         }
         let mut src = [0u8; 16];
         match xdp_be16(ctx, 12).map_err(|_| None)? {
             0x0800 => {
-                // Version 4, no options; not a later fragment; UDP.
+                // Version 4, no options; not a later fragment.
                 if xdp_byte(ctx, 14).map_err(|_| None)? != 0x45
                     || xdp_be16(ctx, 14 + 6).map_err(|_| None)? & 0x1fff != 0
-                    || xdp_byte(ctx, 14 + 9).map_err(|_| None)? != PROTO_UDP
                 {
                     return Ok(());
                 }
+                let proto = xdp_byte(ctx, 14 + 9).map_err(|_| None)?;
                 for i in 0..4 {
                     src[i] = xdp_byte(ctx, 14 + 12 + i).map_err(|_| None)?;
                 }
-                check_dtls::<34>(ctx, cfg, &Packet::key(FAMILY_V4, &src))
+                let key = Packet::key(FAMILY_V4, &src);
+                match proto {
+                    PROTO_UDP => check_dtls::<34>(ctx, cfg, &key),
+                    PROTO_TCP => check_syn::<34>(ctx, cfg, &key),
+                    _ => Ok(()),
+                }
             }
             0x86dd => {
-                if xdp_byte(ctx, 14 + 6).map_err(|_| None)? != PROTO_UDP {
-                    return Ok(());
-                }
+                let proto = xdp_byte(ctx, 14 + 6).map_err(|_| None)?;
                 for i in 0..16 {
                     src[i] = xdp_byte(ctx, 14 + 8 + i).map_err(|_| None)?;
                 }
-                check_dtls::<54>(ctx, cfg, &Packet::key(FAMILY_V6, &src))
+                let key = Packet::key(FAMILY_V6, &src);
+                match proto {
+                    PROTO_UDP => check_dtls::<54>(ctx, cfg, &key),
+                    PROTO_TCP => check_syn::<54>(ctx, cfg, &key),
+                    _ => Ok(()),
+                }
             }
             _ => Ok(()),
         }
+    }
+
+    /// A TCP segment whose header starts at `TCP`: a connection attempt
+    /// to the TLS port from a banned source is dropped; segments of open
+    /// connections pass.
+    #[inline(always)]
+    fn check_syn<const TCP: usize>(
+        ctx: &XdpContext,
+        cfg: &GuardConfig,
+        src: &SessionKey,
+    ) -> Result<(), Option<GuardDrop>> {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        if cfg.tls_port == 0 || u32::from(xdp_be16(ctx, TCP + 2).map_err(|_| None)?) != cfg.tls_port
+        {
+            return Ok(());
+        }
+        let flags = xdp_byte(ctx, TCP + 13).map_err(|_| None)?;
+        if flags & (SYN | ACK) == SYN && banned(src) {
+            return Err(Some(GuardDrop::Banned));
+        }
+        Ok(())
     }
 
     /// The checks on a UDP datagram whose header starts at `UDP`.
@@ -711,7 +760,7 @@ mod prog {
         cfg: &GuardConfig,
         src: &SessionKey,
     ) -> Result<(), Option<GuardDrop>> {
-        if u32::from(xdp_be16(ctx, UDP + 2).map_err(|_| None)?) != cfg.port {
+        if cfg.port == 0 || u32::from(xdp_be16(ctx, UDP + 2).map_err(|_| None)?) != cfg.port {
             return Ok(());
         }
         let truncated = |_| Some(GuardDrop::Truncated);
@@ -736,17 +785,20 @@ mod prog {
         if ctx.data() + UDP + 8 + 13 + len > ctx.data_end() {
             return Err(Some(GuardDrop::Truncated));
         }
-        if content == 22
-            && xdp_byte(ctx, UDP + 8 + 13).map_err(truncated)? == 1
-            && !hello_allowed(src, cfg)
-        {
-            return Err(Some(GuardDrop::HelloRateLimited));
+        if content == 22 && xdp_byte(ctx, UDP + 8 + 13).map_err(truncated)? == 1 {
+            if banned(src) {
+                return Err(Some(GuardDrop::Banned));
+            }
+            if !hello_allowed(src, cfg) {
+                return Err(Some(GuardDrop::HelloRateLimited));
+            }
         }
         Ok(())
     }
 
-    /// XDP on the uplinks: only well-formed DTLS reaches the DTLS port, and
-    /// each source gets a limited rate of new handshakes.
+    /// XDP on the uplinks: only well-formed DTLS reaches the DTLS port,
+    /// each source gets a limited rate of new handshakes, and banned
+    /// sources open no new connections.
     #[xdp]
     pub fn dtls_guard(ctx: XdpContext) -> u32 {
         match try_dtls_guard(&ctx) {

@@ -527,16 +527,141 @@ fn bump<K: std::hash::Hash + Eq + Clone>(
 }
 
 /// Password checks: at most `max_concurrent` at a time on blocking
-/// threads, at most `max_queued` waiting. The memory checks keep
-/// (argon2's, `users::release_argon2_memory`) is let go after
-/// [`Verifier::QUIET`] without one.
+/// threads, at most `max_queued` waiting. One source (an IPv4 address, an
+/// IPv6 /64) runs at most half of them (at least one), and a slot that
+/// frees goes to the waiting source that runs the fewest, first come first
+/// served among equals: a storm of wrong passwords from one address
+/// leaves the other half to everyone else, and another user's check
+/// starts at the next free slot instead of behind the storm's queue. The
+/// memory checks keep (argon2's, `users::release_argon2_memory`) is let
+/// go after [`Verifier::QUIET`] without one.
 pub struct Verifier {
-    permits: tokio::sync::Semaphore,
+    slots: Arc<Slots>,
     max_queued: usize,
     /// Running and waiting.
     in_progress: AtomicUsize,
     max_concurrent: usize,
     quiet: Arc<Quiet>,
+}
+
+/// The verifier's slots, shared out fairly between sources.
+struct Slots {
+    max: usize,
+    per_source: usize,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    total: usize,
+    running: HashMap<IpAddr, usize>,
+    /// Waiting checks in arrival order; a closed sender is one given up.
+    waiting: VecDeque<(IpAddr, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl SlotState {
+    fn running(&self, src: &IpAddr) -> usize {
+        self.running.get(src).copied().unwrap_or(0)
+    }
+
+    fn take(&mut self, src: IpAddr) {
+        self.total += 1;
+        *self.running.entry(src).or_default() += 1;
+    }
+
+    fn give_back(&mut self, src: IpAddr) {
+        self.total -= 1;
+        if let Some(n) = self.running.get_mut(&src) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&src);
+            }
+        }
+    }
+}
+
+/// A running check's slot, given back on drop.
+struct Slot {
+    slots: Arc<Slots>,
+    src: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.release(self.src);
+    }
+}
+
+/// A check waiting for a slot. Dropped after a slot was granted but
+/// before the check saw it, it gives the slot back.
+struct Waiting {
+    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    slots: Arc<Slots>,
+    src: IpAddr,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.slots.release(self.src);
+            }
+        }
+    }
+}
+
+impl Slots {
+    async fn acquire(self: &Arc<Self>, src: IpAddr) -> Option<Slot> {
+        let rx = {
+            let mut s = self.state.lock();
+            if s.total < self.max && s.running(&src) < self.per_source {
+                s.take(src);
+                return Some(Slot {
+                    slots: self.clone(),
+                    src,
+                });
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.waiting.push_back((src, tx));
+            rx
+        };
+        let mut w = Waiting {
+            rx: Some(rx),
+            slots: self.clone(),
+            src,
+        };
+        let granted = w.rx.as_mut().expect("set above").await.is_ok();
+        w.rx = None;
+        granted.then(|| Slot {
+            slots: self.clone(),
+            src,
+        })
+    }
+
+    /// Gives `src`'s slot back and grants free slots to the waiting
+    /// sources that run the fewest.
+    fn release(&self, src: IpAddr) {
+        let mut s = self.state.lock();
+        s.give_back(src);
+        while s.total < self.max {
+            s.waiting.retain(|(_, tx)| !tx.is_closed());
+            let pick = s
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, (w, _))| s.running(w) < self.per_source)
+                .min_by_key(|(i, (w, _))| (s.running(w), *i))
+                .map(|(i, _)| i);
+            let Some((w, tx)) = pick.and_then(|i| s.waiting.remove(i)) else {
+                break;
+            };
+            s.take(w);
+            if tx.send(()).is_err() {
+                s.give_back(w);
+            }
+        }
+    }
 }
 
 /// When checks last ended, and whether a task waits to let go of their
@@ -566,7 +691,11 @@ impl Verifier {
             n => n,
         };
         Verifier {
-            permits: tokio::sync::Semaphore::new(max_concurrent),
+            slots: Arc::new(Slots {
+                max: max_concurrent,
+                per_source: (max_concurrent / 2).max(1),
+                state: Mutex::default(),
+            }),
             max_queued: limits.max_queued_verifications,
             in_progress: AtomicUsize::new(0),
             max_concurrent,
@@ -606,10 +735,11 @@ impl Verifier {
         });
     }
 
-    /// Runs `check` on a blocking thread once a permit is free, or says
-    /// the queue is full.
+    /// Runs `check` for a login from `source` on a blocking thread once
+    /// the source gets a slot, or says the queue is full.
     pub async fn run<T: Send + 'static>(
         &self,
+        source: IpAddr,
         check: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Busy> {
         struct InProgress<'a>(&'a AtomicUsize);
@@ -623,7 +753,7 @@ impl Verifier {
         if n >= self.max_concurrent + self.max_queued {
             return Err(Busy);
         }
-        let _permit = self.permits.acquire().await.map_err(|_| Busy)?;
+        let _slot = self.slots.acquire(source_key(source)).await.ok_or(Busy)?;
         let r = tokio::task::spawn_blocking(check).await.map_err(|_| Busy);
         self.ended();
         r
@@ -831,7 +961,7 @@ mod tests {
         let v = Verifier::with_release(&Limits::default(), release);
         let released = || RELEASED.load(Ordering::SeqCst);
         for _ in 0..5 {
-            v.run(|| ()).await.unwrap();
+            v.run(ip("198.18.1.2"), || ()).await.unwrap();
             tokio::time::sleep(Verifier::QUIET / 3).await;
         }
         assert_eq!(released(), 0, "checks went on");
@@ -839,7 +969,7 @@ mod tests {
         assert_eq!(released(), 1);
         tokio::time::sleep(Verifier::QUIET * 3).await;
         assert_eq!(released(), 1, "once per quiet spell");
-        v.run(|| ()).await.unwrap();
+        v.run(ip("198.18.1.2"), || ()).await.unwrap();
         tokio::time::sleep(Verifier::QUIET * 2).await;
         assert_eq!(released(), 2);
     }
@@ -860,21 +990,69 @@ mod tests {
         };
         let first = tokio::spawn({
             let (v, rx) = (v.clone(), rx.clone());
-            async move { v.run(slow(rx)).await }
+            async move { v.run(ip("198.18.1.2"), slow(rx)).await }
         });
         let second = tokio::spawn({
             let (v, rx) = (v.clone(), rx.clone());
-            async move { v.run(slow(rx)).await }
+            async move { v.run(ip("198.18.1.2"), slow(rx)).await }
         });
         while v.in_progress() < 2 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(v.run(|| ()).await, Err(Busy));
+        assert_eq!(v.run(ip("198.18.1.2"), || ()).await, Err(Busy));
         tx.send(()).unwrap();
         tx.send(()).unwrap();
         assert_eq!(first.await.unwrap(), Ok(()));
         assert_eq!(second.await.unwrap(), Ok(()));
         assert_eq!(v.in_progress(), 0);
-        assert_eq!(v.run(|| 7).await, Ok(7));
+        assert_eq!(v.run(ip("198.18.1.2"), || 7).await, Ok(7));
+    }
+
+    /// One source storming password checks gets at most half the slots,
+    /// and a freed slot goes to the source running the fewest: another
+    /// user's check starts at once, not behind the storm's queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_storm_from_one_source_leaves_slots_for_the_others() {
+        let v = Arc::new(Verifier::new(&Limits {
+            max_concurrent_verifications: 2,
+            max_queued_verifications: 16,
+            ..Limits::default()
+        }));
+        let storm = ip("198.18.3.2");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let started = Arc::new(AtomicUsize::new(0));
+        let mut stormers = Vec::new();
+        for _ in 0..6 {
+            let (v, rx, started) = (v.clone(), rx.clone(), started.clone());
+            stormers.push(tokio::spawn(async move {
+                v.run(storm, move || {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.lock().recv();
+                })
+                .await
+            }));
+        }
+        while v.in_progress() < 6 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "the storm holds one of two slots"
+        );
+        // Another source's check runs now, while the storm waits.
+        let alice =
+            tokio::time::timeout(Duration::from_secs(5), v.run(ip("198.18.1.2"), || "alice")).await;
+        assert_eq!(alice, Ok(Ok("alice")));
+        for _ in 0..6 {
+            tx.send(()).unwrap();
+        }
+        for s in stormers {
+            assert_eq!(s.await.unwrap(), Ok(()));
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 6);
+        assert_eq!(v.in_progress(), 0);
     }
 }

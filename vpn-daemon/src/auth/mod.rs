@@ -1,13 +1,14 @@
 //! Who may log in, and how much a stranger may make the gateway do before
 //! that: the login flow (`login`), the local user database (`users`), the
 //! RADIUS client (`radius`) and its accounting (`accounting`), the LDAP /
-//! Active Directory client (`ldap`), and the limits before authentication
-//! (`admission`).
+//! Active Directory client (`ldap`), the limits before authentication
+//! (`admission`), and ban points (`bans`).
 
 use std::{net::Ipv4Addr, time::Duration};
 
 pub mod accounting;
 pub mod admission;
+pub mod bans;
 pub mod ldap;
 pub mod login;
 pub mod radius;

@@ -24,9 +24,9 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use vpn_common::{
-    ClassKey, DropReason, ExemptKey, GuardConfig, GuardDrop, Interval, IntervalRange, PolicyInfo,
-    PortsKey, RateState, SessionInfo, SessionKey, SessionStats, SplitKey, guard_map_names,
-    map_names, prog_names,
+    Ban, ClassKey, DropReason, ExemptKey, GuardConfig, GuardDrop, Interval, IntervalRange,
+    PolicyInfo, PortsKey, RateState, SessionInfo, SessionKey, SessionStats, SplitKey,
+    guard_map_names, map_names, prog_names,
 };
 
 use crate::policy::Compiled;
@@ -114,11 +114,35 @@ pub struct Datapath {
     rate: HashMap<MapData, u64, RateState>,
     guard_config: Array<MapData, GuardConfig>,
     guard_drops: PerCpuArray<MapData, u64>,
+    banned: LpmTrie<MapData, SessionKey, Ban>,
     uplink_active: Array<MapData, u32>,
     exempt: LpmTrie<MapData, ExemptKey, u32>,
     /// What `set_exempt` installed, to replace it.
     exempt_installed: Vec<(u32, ExemptKey)>,
     pin_dir: Option<PathBuf>,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+/// The `banned` key for a prefix: the address IPv4-mapped, the length
+/// in bits of that 128-bit form.
+fn ban_key(net: ipnet::IpNet) -> Key<SessionKey> {
+    let plen = match net {
+        ipnet::IpNet::V4(n) => 96 + u32::from(n.prefix_len()),
+        ipnet::IpNet::V6(n) => u32::from(n.prefix_len()),
+    };
+    Key::new(plen, key_for(net.network()))
 }
 
 /// The key for a client address.
@@ -297,6 +321,7 @@ impl Datapath {
             rate: HashMap::try_from(take(&mut ebpf, map_names::RATE_STATE)?)?,
             guard_config: Array::try_from(take(&mut ebpf, guard_map_names::GUARD_CONFIG)?)?,
             guard_drops: PerCpuArray::try_from(take(&mut ebpf, guard_map_names::GUARD_DROPS)?)?,
+            banned: LpmTrie::try_from(take(&mut ebpf, guard_map_names::BANNED)?)?,
             uplink_active: Array::try_from(take(&mut ebpf, map_names::UPLINK_ACTIVE)?)?,
             exempt: LpmTrie::try_from(take(&mut ebpf, map_names::NAT_EXEMPT)?)?,
             exempt_installed: Vec::new(),
@@ -586,6 +611,29 @@ impl Datapath {
         self.guard_config
             .set(0, cfg, 0)
             .map_err(writing("setting the XDP guard"))
+    }
+
+    /// Bans `net` in the XDP guard for `time` from now (None: until
+    /// [`Self::unban`]): its new connections are dropped. The guard ends
+    /// the ban itself when the time is up; the entry stays until removed.
+    pub fn ban(
+        &mut self,
+        net: ipnet::IpNet,
+        time: Option<std::time::Duration>,
+    ) -> Result<(), MapWriteError> {
+        let until_ns = time.map_or(0, |t| {
+            monotonic_ns()
+                .saturating_add(u64::try_from(t.as_nanos()).unwrap_or(u64::MAX))
+                .max(1)
+        });
+        self.banned
+            .insert(&ban_key(net), Ban { until_ns }, 0)
+            .map_err(writing(format!("banning {net}")))
+    }
+
+    /// Lifts the ban on `net` (a ban that is not there is not an error).
+    pub fn unban(&mut self, net: ipnet::IpNet) {
+        let _ = self.banned.remove(&ban_key(net));
     }
 
     /// Attaches the XDP guard to an uplink (in the calling thread's netns).

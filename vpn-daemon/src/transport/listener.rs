@@ -17,7 +17,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    auth::admission::{self, ConnectionRefused, ConnectionSlot, Connections},
+    auth::{
+        admission::{self, ConnectionRefused, ConnectionSlot, Connections},
+        bans::{Bans, Offence},
+    },
     config::Settings,
     login::LoginService,
     proto::http::{self, Request, Response},
@@ -41,6 +44,9 @@ pub struct Listener {
     /// Accepts one connection at a time at the descriptor limit, to tell
     /// it so.
     spare: Arc<SpareDescriptor>,
+    /// Banned sources are closed at accept; failed handshakes and
+    /// malformed requests score.
+    bans: Arc<Bans>,
 }
 
 impl Listener {
@@ -51,6 +57,7 @@ impl Listener {
         login: Arc<LoginService>,
         tunnels: Arc<TunnelService>,
         latencies: Arc<crate::telemetry::Latencies>,
+        bans: Arc<Bans>,
     ) -> Arc<Self> {
         let l = &settings.limits;
         Arc::new(Listener {
@@ -64,6 +71,7 @@ impl Listener {
             cert_name: settings.tls.client_username,
             latencies,
             spare: SpareDescriptor::new(),
+            bans,
         })
     }
 
@@ -123,6 +131,12 @@ impl Listener {
                     }
                 }
             };
+            // What the XDP guard did not drop (no guard on that uplink,
+            // IPv4 options, a connection begun just before the ban).
+            if self.bans.is_banned(peer.ip()) {
+                tracing::debug!(%peer, "connection closed: the source is banned");
+                continue;
+            }
             let slot = match self.connections.admit(peer.ip()) {
                 Ok(slot) => slot,
                 Err(refused) => {
@@ -158,11 +172,12 @@ impl Listener {
         let opened = tokio::time::Instant::now();
         let timeout = Duration::from_secs(self.http.request_timeout_secs);
         let tcp = AdaptiveStream::new(tcp);
+        let handshake = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Err(_) => Err(ConnectionError::HandshakeTimeout(timeout)),
+            Ok(r) => r.map_err(ConnectionError::Handshake),
+        };
         let mut tls: ClientTls = Box::new(
-            tokio::time::timeout(timeout, acceptor.accept(tcp))
-                .await
-                .map_err(|_| ConnectionError::HandshakeTimeout(timeout))?
-                .map_err(ConnectionError::Handshake)?,
+            handshake.inspect_err(|_| self.bans.offence(peer.ip(), Offence::FailedHandshake))?,
         );
         self.latencies
             .tls_handshake
@@ -197,6 +212,10 @@ impl Listener {
                 Err(e) => {
                     if let Some((code, reason)) = e.status() {
                         tracing::info!(%peer, "bad request: {e}");
+                        // A slow request is not a malformed one.
+                        if code != 408 {
+                            self.bans.offence(peer.ip(), Offence::MalformedRequest);
+                        }
                         let _ = Response::text(code, reason, format!("{e}\n"))
                             .closing()
                             .write_to(&mut tls)

@@ -67,6 +67,8 @@ pub struct TunnelService {
     read_batching: bool,
     /// How TLS tunnels' reads were batched (`vpnctl stats`).
     reads: Counters,
+    /// A CONNECT with an unknown cookie scores ban points.
+    bans: Arc<crate::auth::bans::Bans>,
 }
 
 impl TunnelService {
@@ -76,6 +78,7 @@ impl TunnelService {
         dtls: Option<Arc<DtlsServer>>,
         tun: Arc<Tun>,
         events: Arc<EventLog>,
+        bans: Arc<crate::auth::bans::Bans>,
     ) -> Arc<Self> {
         Arc::new(TunnelService {
             sessions,
@@ -86,6 +89,7 @@ impl TunnelService {
             psk_negotiate: settings.dtls.as_ref().is_some_and(|d| d.psk_negotiate),
             read_batching: settings.tls.read_batching,
             reads: Counters::default(),
+            bans,
         })
     }
 
@@ -116,6 +120,8 @@ impl TunnelService {
             .and_then(|c| self.sessions.table().by_cookie(c))
         else {
             tracing::info!(%peer, "CONNECT with an unknown or expired cookie");
+            self.bans
+                .offence(peer.ip(), crate::auth::bans::Offence::UnknownCookie);
             Response::text(
                 401,
                 "Cookie is not valid",

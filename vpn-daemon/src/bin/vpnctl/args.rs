@@ -64,6 +64,29 @@ pub enum Command {
     /// Manage the local user database (no daemon needed).
     #[command(subcommand)]
     User(UserCommand),
+    /// Banned sources: they open no new connections (dropped in XDP
+    /// before any socket work); their tunnels already up stay up. Sources
+    /// are banned by ban points (`[ban]`) or here.
+    #[command(subcommand)]
+    Ban(BanCommand),
+}
+
+#[derive(Subcommand)]
+pub enum BanCommand {
+    /// Bans in force: source, since, time left, reason.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ban an address or a prefix (198.18.7.1, 198.18.7.0/24, fd00:7::/64).
+    Add {
+        source: String,
+        /// For how long (`30m`, `2h`, `1day`); without it, until removed.
+        #[arg(long = "for", value_name = "TIME", value_parser = humantime::parse_duration)]
+        time: Option<std::time::Duration>,
+    },
+    /// Lift the ban of exactly that address or prefix.
+    Remove { source: String },
 }
 
 #[derive(Subcommand)]

@@ -1,6 +1,7 @@
 //! `vpnctl`: thin dispatch; each subcommand lives in its own module.
 
 mod args;
+mod ban;
 mod policy;
 mod sessions;
 mod user;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Command::User(cmd) => user::run(cmd),
         Command::Reload => policy::reload(&args.socket),
         Command::Policy(cmd) => policy::run(&args.socket, cmd),
+        Command::Ban(cmd) => ban::run(&args.socket, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -157,6 +157,19 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
         },
         a.connections_refused_descriptors
     );
+    let b = &stats.bans;
+    println!(
+        "ban points: {} bans now ({} by points since start), {} sources scoring, {} connections closed at accept; offences: {}",
+        b.active,
+        b.banned_total,
+        b.scored_sources,
+        b.refused_at_accept,
+        b.offences
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("packets dropped by vpnd before the tunnel device:");
     for (reason, n) in &stats.daemon_drops {
         println!("  {reason:<22} {n}");
