@@ -620,6 +620,38 @@ pool_v6 = "{POOL6}"
         })
     }
 
+    /// Starts vpnd again on the same configuration file and state
+    /// directory (after [`Gateway::stop`] or [`Gateway::kill`]), its log
+    /// appended to the first run's, and waits until it is ready.
+    pub fn restart(&mut self, topo: &Topology) -> anyhow::Result<()> {
+        if let Some(c) = &mut self.child {
+            stop_child(c);
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("vpnd.log"))?;
+        let child = topo
+            .gw
+            .cmd_keep_mounts(bin_dir().join("vpnd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,vpnd=debug,vpn_daemon=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting vpnd again")?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Kills vpnd with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Waits until vpnd answers `vpnctl` (20 s at most), then reads the
     /// pin of its certificate.
     pub fn wait_ready(&mut self) -> anyhow::Result<()> {

@@ -451,6 +451,13 @@ pub struct SessionConfig {
     /// one, it is refused with a message. 0 = no limit. Default 3 (Cisco
     /// ASA's simultaneous logins; ocserv's max-same-clients is 2).
     pub max_per_user: u32,
+    /// Sessions survive a restart of vpnd (`session/persist.rs`): they are
+    /// saved to `server.state_dir/sessions.json` (cookies as hashes) at
+    /// each change; a stop closes the tunnels without ending the sessions,
+    /// and clients reconnect with their cookies to the same addresses,
+    /// policy, timers and counters. After a crash the changes of the last
+    /// 100 ms are lost. Off, the file is removed at start. Default false.
+    pub persist: bool,
 }
 
 impl Default for SessionConfig {
@@ -462,6 +469,7 @@ impl Default for SessionConfig {
             keepalive_secs: 20,
             disconnected_timeout_secs: 300,
             max_per_user: 3,
+            persist: false,
         }
     }
 }
@@ -1236,6 +1244,8 @@ pub struct SessionSettings {
     pub disconnected: Duration,
     /// The dead-peer interval, TLS and DTLS.
     pub dpd: Duration,
+    /// `session.persist`.
+    pub persist: bool,
 }
 
 /// `[dtls]` of an enabled DTLS server, defaults applied.
@@ -1676,6 +1686,7 @@ impl Config {
                 idle: Duration::from_secs(self.session.idle_timeout_secs),
                 disconnected: Duration::from_secs(self.session.disconnected_timeout_secs),
                 dpd: Duration::from_secs(self.session.dpd_secs),
+                persist: self.session.persist,
             },
             auth: self.auth.clone(),
             limits: self.limits.clone(),

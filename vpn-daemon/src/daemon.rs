@@ -197,6 +197,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     };
     crate::transport::workers::start(&wiring, &tokio::runtime::Handle::current())
         .context("starting the packet workers")?;
+    restore_sessions(&gw);
     tokio::spawn(gw.sessions.clone().reap());
     tokio::spawn(
         gw.bans
@@ -247,9 +248,19 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         }
     }
     service_manager::stopping();
-    for s in gw.sessions.table().all() {
-        gw.sessions
-            .end(s.id, crate::session::EndReason::GatewayShutdown);
+    if settings.session.persist {
+        // The sessions stay for the next start; their clients reconnect.
+        gw.sessions.close_tunnels_for_restart();
+        let path = crate::session::persist::path(&settings.server.state_dir);
+        match gw.sessions.save(&path) {
+            Ok(n) => tracing::info!("session.persist: {n} sessions saved to {}", path.display()),
+            Err(e) => tracing::error!("session.persist: saving the sessions: {e:#}"),
+        }
+    } else {
+        for s in gw.sessions.table().all() {
+            gw.sessions
+                .end(s.id, crate::session::EndReason::GatewayShutdown);
+        }
     }
     // Give tunnels a moment to send their TERMINATE frames, and the
     // accounting Stops a few seconds to reach a server.
@@ -266,6 +277,37 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// `session.persist`: puts the saved sessions back and saves on each
+/// change from now on. Off, a file an earlier run saved is removed, so
+/// that turning it on later brings back nothing stale.
+fn restore_sessions(gw: &Arc<Gateway>) {
+    use crate::session::persist;
+    let path = persist::path(&gw.settings.server.state_dir);
+    if !gw.settings.session.persist {
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
+    match persist::read(&path) {
+        Ok(None) => {}
+        Ok(Some(saved)) => {
+            let (restored, left_out) = gw.sessions.restore(saved);
+            for why in &left_out {
+                tracing::warn!("session.persist: not restored: {why}");
+            }
+            tracing::info!(
+                "session.persist: {restored} sessions restored from {}",
+                path.display()
+            );
+            gw.events
+                .emit(crate::events::Event::SessionsRestored { restored, left_out });
+        }
+        Err(e) => tracing::warn!("session.persist: {e:#}; starting without saved sessions"),
+    }
+    // Saved at once: what was left out does not come back next time.
+    gw.sessions.table().changed.notify_one();
+    tokio::spawn(gw.sessions.clone().save_on_change(path));
 }
 
 /// Descriptors at full load: a TCP socket per session and per login in

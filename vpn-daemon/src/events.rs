@@ -91,6 +91,12 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         secs: Option<u64>,
     },
+    /// Saved sessions put back at start (`session.persist`), and why
+    /// each other was left out.
+    SessionsRestored {
+        restored: usize,
+        left_out: Vec<String>,
+    },
     /// A ban ended: "expired" or "vpnctl".
     BanLifted {
         source: String,

@@ -528,6 +528,16 @@ impl UserDb {
         self.current().find(name).map(|u| u.group_policy.clone())
     }
 
+    /// A fingerprint of a user's password hash (SHA-256 of it, hex), to
+    /// tell after a restart whether the password changed meanwhile
+    /// (`session.persist`): `None` if the user is not in the database.
+    pub fn credential_tag(&self, name: &str) -> Option<String> {
+        use sha2::Digest as _;
+        self.current()
+            .find(name)
+            .map(|u| hex::encode(sha2::Sha256::digest(u.password_hash.as_bytes())))
+    }
+
     /// Checks a user's password. Slow by design (argon2): call it from a
     /// blocking thread. Unknown users cost the same as known ones, so timing
     /// does not reveal which names exist.

@@ -360,9 +360,23 @@ impl Datapath {
 
     /// Lets packets from and to `ip` through, counted for this session.
     pub fn add_session(&mut self, ip: IpAddr, info: SessionInfo) -> Result<(), MapWriteError> {
+        self.add_session_counting_from(ip, info, SessionStats::default())
+    }
+
+    /// [`Self::add_session`] with counters that start at `from` (a
+    /// session restored after a restart).
+    pub fn add_session_counting_from(
+        &mut self,
+        ip: IpAddr,
+        info: SessionInfo,
+        from: SessionStats,
+    ) -> Result<(), MapWriteError> {
         let key = key_for(ip);
+        let mut counters = per_cpu_zero::<SessionStats>()?.to_vec();
+        counters[0] = from;
+        let counters = PerCpuValues::try_from(counters).map_err(MapWriteError::PerCpu)?;
         self.stats
-            .insert(key, per_cpu_zero()?, 0)
+            .insert(key, counters, 0)
             .map_err(writing(format!("creating the counters of session {ip}")))?;
         self.sessions
             .insert(key, info, 0)

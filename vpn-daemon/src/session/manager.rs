@@ -38,7 +38,7 @@ use crate::{
     policies::{MissingPolicy, PolicyError, PolicySet},
     session::{
         EndReason, Kick, OwnTimeouts, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot,
-        new_cookie, pool::Pool,
+        new_cookie, persist, pool::Pool,
     },
 };
 
@@ -330,6 +330,8 @@ impl SessionManager {
     /// undone and the error returned. Returns the sessions whose policy no
     /// longer exists, for [`Self::end_orphans`].
     fn rebind(&self, policies: &PolicySet) -> Result<Vec<(u64, EndReason)>, PolicyError> {
+        // Policies may change: `session.persist` saves again.
+        self.table.changed.notify_one();
         let mut moves = Vec::new();
         let mut writes = Vec::new();
         let mut orphans = Vec::new();
@@ -471,49 +473,29 @@ impl SessionManager {
             );
         }
         let now = Instant::now();
-        let id = self.table.next_id();
-        let session = Arc::new(Session {
-            id,
-            user: user.to_owned(),
-            group: group.to_owned(),
-            policy: Mutex::new(binding.clone()),
-            rate_up_bps: AtomicU64::new(up_rate),
-            rate_down_bps: AtomicU64::new(down_rate),
+        let session = Arc::new(new_session(Granted {
+            id: self.table.next_id(),
+            user,
+            group,
+            binding: binding.clone(),
+            rates: (up_rate, down_rate),
             lease,
-            login_from: client,
-            mac: pseudo_mac(user),
+            client,
             created: SystemTime::now(),
             started: now,
-            last_activity_ms: Default::default(),
-            tunnel: Mutex::new(TunnelSlot {
-                down_since: Some(now),
-                ..Default::default()
-            }),
-            spoofed_dropped: AtomicU64::new(0),
             own_timeouts: OwnTimeouts {
                 session: grant.session_timeout,
                 idle: grant.idle_timeout,
             },
             class: grant.class.clone(),
             auth_source: grant.source,
-            span: crate::session::session_span(id, user, lease.v4),
-        });
+        }));
         {
             let mut dp = self.datapath.lock();
-            let info = SessionInfo {
-                session_id: session.id,
-                policy_id: binding.id,
-                flags: 0,
-            };
-            for a in session.addresses() {
-                if let Err(e) = dp.add_session(a, info) {
-                    for b in session.addresses() {
-                        dp.remove_session(b);
-                    }
-                    pool.release(lease.v4);
-                    tracing::error!("cannot install session in BPF maps: {e}");
-                    return Err(SessionRefused::Datapath);
-                }
+            if let Err(e) = install(&mut dp, &session, binding.id, Default::default()) {
+                pool.release(lease.v4);
+                tracing::error!("cannot install session in BPF maps: {e}");
+                return Err(SessionRefused::Datapath);
             }
         }
         drop(policies);
@@ -566,6 +548,195 @@ impl SessionManager {
             Err(e) => {
                 s.policy.lock().own = before;
                 Err(e.into())
+            }
+        }
+    }
+
+    /// The table as `session.persist` saves it.
+    pub fn snapshot(&self) -> persist::Saved {
+        let stats = self.datapath.lock().all_session_stats();
+        let mut sessions: Vec<persist::SavedSession> = self
+            .table
+            .with_cookie_hashes()
+            .into_iter()
+            .map(|(s, hash)| persist::SavedSession {
+                id: s.id,
+                user: s.user.clone(),
+                group: s.group.clone(),
+                own_policy: s.policy.lock().own.clone(),
+                v4: s.lease.v4,
+                v6: s.lease.v6,
+                login_from: s.login_from,
+                created_ms: persist::unix_ms(s.created),
+                session_timeout_secs: s.own_timeouts.session.map(|d| d.as_secs()),
+                idle_timeout_secs: s.own_timeouts.idle.map(|d| d.as_secs()),
+                class: s.class.iter().map(hex::encode).collect(),
+                auth_source: persist::auth_source_name(s.auth_source).to_owned(),
+                cookie_sha256: hex::encode(hash),
+                credential: (s.auth_source == AuthSource::Local)
+                    .then(|| self.users.credential_tag(&s.user))
+                    .flatten(),
+                counters: stats.of(s.addresses()).into(),
+            })
+            .collect();
+        sessions.sort_by_key(|s| s.id);
+        persist::Saved::new(sessions)
+    }
+
+    /// Puts saved sessions back (`session.persist`, at start): each with
+    /// its addresses, policy, timers, counters and cookie, waiting for its
+    /// client's CONNECT. Returns how many, and why each other was left out.
+    pub fn restore(&self, saved: persist::Saved) -> (usize, Vec<String>) {
+        let (now, now_sys) = (Instant::now(), SystemTime::now());
+        let mut restored = 0;
+        let mut left_out = Vec::new();
+        let mut max_id = 0;
+        // Lock order: pool, policies, datapath.
+        let mut pool = self.pool.lock();
+        let policies = self.policies.lock();
+        for r in saved.sessions {
+            let who = format!("session {} of {} ({})", r.id, r.user, r.v4);
+            let mut leave = |why: String| left_out.push(format!("{who}: {why}"));
+            let age = now_sys
+                .duration_since(persist::from_unix_ms(r.created_ms))
+                .unwrap_or_default();
+            let own_timeouts = OwnTimeouts {
+                session: r.session_timeout_secs.map(Duration::from_secs),
+                idle: r.idle_timeout_secs.map(Duration::from_secs),
+            };
+            let limit = own_timeouts.apply(&self.limits.timeouts).session;
+            if !limit.is_zero() && age >= limit {
+                leave("its session time is up".into());
+                continue;
+            }
+            let hash: Option<[u8; 32]> = hex::decode(&r.cookie_sha256)
+                .ok()
+                .and_then(|h| h.try_into().ok());
+            let class: Option<Vec<Vec<u8>>> = r.class.iter().map(|c| hex::decode(c).ok()).collect();
+            let (Some(hash), Some(class), Some(auth_source)) =
+                (hash, class, persist::auth_source_from(&r.auth_source))
+            else {
+                leave("its record is damaged".into());
+                continue;
+            };
+            // A local user follows the database, as `watch_users` would
+            // have had vpnd been up.
+            let mut own_policy = r.own_policy.clone();
+            if auth_source == AuthSource::Local {
+                let Some(policy) = self.users.policy_of(&r.user) else {
+                    leave("the user is no longer in the user database".into());
+                    continue;
+                };
+                if r.credential.is_some() && self.users.credential_tag(&r.user) != r.credential {
+                    leave("the user's password changed".into());
+                    continue;
+                }
+                own_policy = policy;
+            }
+            let (binding, rates) = match policies.resolve(own_policy.as_deref()) {
+                Ok(p) => (
+                    PolicyBinding {
+                        own: own_policy.clone(),
+                        effective: p.as_ref().map(|p| p.def.name.clone()),
+                        id: p.as_ref().map_or(0, |p| p.id),
+                    },
+                    p.map_or((0, 0), |p| {
+                        (p.def.info.rate_up_bps, p.def.info.rate_down_bps)
+                    }),
+                ),
+                Err(e) => {
+                    leave(e.to_string());
+                    continue;
+                }
+            };
+            if self.table.len() >= self.limits.max_sessions {
+                leave("the gateway is full (server.max_sessions)".into());
+                continue;
+            }
+            let Some(lease) = pool.reserve(r.v4) else {
+                leave("the address is not a free address of the pool".into());
+                continue;
+            };
+            if lease.v6 != r.v6 {
+                pool.release(lease.v4);
+                leave(format!(
+                    "its IPv6 address {:?} is not the pool's for {} now",
+                    r.v6, r.v4
+                ));
+                continue;
+            }
+            let session = new_session(Granted {
+                id: r.id,
+                user: &r.user,
+                group: &r.group,
+                binding: binding.clone(),
+                rates,
+                lease,
+                client: r.login_from,
+                created: persist::from_unix_ms(r.created_ms),
+                // Its timers go on from where they were (from now, on a
+                // host whose clock restarted).
+                started: now.checked_sub(age).unwrap_or(now),
+                own_timeouts,
+                class,
+                auth_source,
+            });
+            // Not idle for the time it spent saved.
+            session.last_activity_ms.store(
+                u64::try_from(now.duration_since(session.started).as_millis()).unwrap_or(0),
+                Ordering::Relaxed,
+            );
+            let mut dp = self.datapath.lock();
+            if let Err(e) = install(&mut dp, &session, binding.id, r.counters.into()) {
+                drop(dp);
+                pool.release(lease.v4);
+                leave(format!("its BPF entries: {e}"));
+                continue;
+            }
+            drop(dp);
+            max_id = max_id.max(r.id);
+            self.table.insert_hashed(Arc::new(session), hash);
+            restored += 1;
+        }
+        self.table.ids_above(max_id);
+        (restored, left_out)
+    }
+
+    /// Writes the table to `path` now.
+    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<usize> {
+        let saved = self.snapshot();
+        persist::write(path, &saved)?;
+        Ok(saved.sessions.len())
+    }
+
+    /// Saves the table to `path` shortly after each change, and every
+    /// [`persist::REFRESH`] while sessions exist, for the daemon's life.
+    pub async fn save_on_change(self: Arc<Self>, path: std::path::PathBuf) {
+        let mut saved_empty = false;
+        loop {
+            let changed =
+                tokio::time::timeout(persist::REFRESH, self.table.changed.notified()).await;
+            if changed.is_err() && saved_empty && self.table.is_empty() {
+                continue;
+            }
+            tokio::time::sleep(persist::COALESCE).await;
+            let (m, p) = (self.clone(), path.clone());
+            match tokio::task::spawn_blocking(move || m.save(&p)).await {
+                Ok(Ok(n)) => saved_empty = n == 0,
+                Ok(Err(e)) => tracing::error!("session.persist: saving the sessions: {e:#}"),
+                Err(e) => tracing::error!("session.persist: saving the sessions: {e}"),
+            }
+        }
+    }
+
+    /// Closes every tunnel without ending its session (a stop with
+    /// `session.persist`): the clients reconnect with their cookies.
+    pub fn close_tunnels_for_restart(&self) {
+        for s in self.table.all() {
+            if let Some(h) = s.tunnel.lock().handle.take()
+                && let Some(k) = h.kick
+            {
+                let _ = k.send(Kick::Replaced);
             }
         }
     }
@@ -687,6 +858,74 @@ impl SessionManager {
             }
         }
     }
+}
+
+/// What a session is made of, from a login or a saved session.
+struct Granted<'a> {
+    id: u64,
+    user: &'a str,
+    group: &'a str,
+    binding: PolicyBinding,
+    /// Up and down limits, bit/s.
+    rates: (u64, u64),
+    lease: crate::session::pool::Lease,
+    client: IpAddr,
+    created: SystemTime,
+    started: Instant,
+    own_timeouts: OwnTimeouts,
+    class: Vec<Vec<u8>>,
+    auth_source: AuthSource,
+}
+
+fn new_session(g: Granted<'_>) -> Session {
+    Session {
+        id: g.id,
+        user: g.user.to_owned(),
+        group: g.group.to_owned(),
+        policy: Mutex::new(g.binding),
+        rate_up_bps: AtomicU64::new(g.rates.0),
+        rate_down_bps: AtomicU64::new(g.rates.1),
+        lease: g.lease,
+        login_from: g.client,
+        mac: pseudo_mac(g.user),
+        created: g.created,
+        started: g.started,
+        last_activity_ms: Default::default(),
+        tunnel: Mutex::new(TunnelSlot {
+            down_since: Some(Instant::now()),
+            ..Default::default()
+        }),
+        spoofed_dropped: AtomicU64::new(0),
+        own_timeouts: g.own_timeouts,
+        class: g.class,
+        auth_source: g.auth_source,
+        span: crate::session::session_span(g.id, g.user, g.lease.v4),
+    }
+}
+
+/// Installs a session's BPF entries, its counters starting at `from`;
+/// all of them or none.
+fn install(
+    dp: &mut crate::datapath::bpf::Datapath,
+    s: &Session,
+    policy_id: u32,
+    from: vpn_common::SessionStats,
+) -> Result<(), crate::datapath::bpf::MapWriteError> {
+    let info = SessionInfo {
+        session_id: s.id,
+        policy_id,
+        flags: 0,
+    };
+    for (i, a) in s.addresses().enumerate() {
+        let from = if i == 0 { from } else { Default::default() };
+        if let Err(e) = dp.add_session_counting_from(a, info, from) {
+            for b in s.addresses() {
+                dp.remove_session(b);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Writes every `(address, new, old)` with `set`; if one write fails, the

@@ -8,6 +8,7 @@
 
 pub mod dynamic_auth;
 pub mod manager;
+pub mod persist;
 pub mod pool;
 
 use std::{
@@ -272,6 +273,8 @@ pub fn cookie_hash(cookie: &str) -> [u8; 32] {
 pub struct SessionTable {
     inner: RwLock<Indexes>,
     next_id: AtomicU64,
+    /// Told of every insert and removal (`session.persist` saves then).
+    pub changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -287,12 +290,33 @@ impl SessionTable {
     }
 
     pub fn insert(&self, s: std::sync::Arc<Session>, cookie: &str) {
+        self.insert_hashed(s, cookie_hash(cookie));
+    }
+
+    /// Inserts a session known by its cookie's hash (a restored one).
+    pub fn insert_hashed(&self, s: std::sync::Arc<Session>, cookie_hash: [u8; 32]) {
         let mut i = self.inner.write();
-        i.by_cookie.insert(cookie_hash(cookie), s.id);
+        i.by_cookie.insert(cookie_hash, s.id);
         for a in s.addresses() {
             i.by_addr.insert(a, s.clone());
         }
         i.by_id.insert(s.id, s);
+        drop(i);
+        self.changed.notify_one();
+    }
+
+    /// Every session with its cookie's hash.
+    pub fn with_cookie_hashes(&self) -> Vec<(std::sync::Arc<Session>, [u8; 32])> {
+        let i = self.inner.read();
+        i.by_cookie
+            .iter()
+            .filter_map(|(h, id)| i.by_id.get(id).map(|s| (s.clone(), *h)))
+            .collect()
+    }
+
+    /// Ids from now on are above `id` (after restoring sessions).
+    pub fn ids_above(&self, id: u64) {
+        self.next_id.fetch_max(id, Ordering::Relaxed);
     }
 
     /// Removes a session from every index; `None` if it was already gone
@@ -304,6 +328,8 @@ impl SessionTable {
         for a in s.addresses() {
             i.by_addr.remove(&a);
         }
+        drop(i);
+        self.changed.notify_one();
         Some(s)
     }
 

@@ -78,6 +78,14 @@ impl Pool {
         self.allocate(user)
     }
 
+    /// Takes exactly `a` (a restored session's address) when it is a free
+    /// client address of the pool.
+    pub fn reserve(&mut self, a: Ipv4Addr) -> Option<Lease> {
+        let off = self.offset_of(a).filter(|o| !self.used.contains(o))?;
+        self.used.insert(off);
+        Some(self.lease_at(off))
+    }
+
     /// Allocates an address for `user`, or `None` when the pool is full.
     pub fn allocate(&mut self, user: &str) -> Option<Lease> {
         let preferred = self.last_by_user.get(user).copied();
