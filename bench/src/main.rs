@@ -15,6 +15,7 @@ mod load;
 mod neighbours;
 mod ocserv;
 mod scale;
+mod soak;
 mod tunnel;
 
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
@@ -174,9 +175,10 @@ fn main() -> anyhow::Result<()> {
         "scale" => ("scale", scale::run()?),
         "clients" => ("clients", clients::run()?),
         "neighbours" => ("neighbours", neighbours::run()?),
+        "soak" => ("soak", soak::run()?),
         other => {
             bail!(
-                "unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale, clients, neighbours"
+                "unknown benchmark '{other}': available: classifier, forwarding, tunnel, scale, clients, neighbours, soak"
             )
         }
     };

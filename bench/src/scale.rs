@@ -25,10 +25,10 @@ use vpn_tests::{ConfigParts, GW_INSIDE, GW_OUTSIDE, Gateway, Topology, bin_dir};
 
 use crate::ocserv::{Ocserv, Setup, crypt};
 
-const PASSWORD: &str = "scale-pw";
+pub const PASSWORD: &str = "scale-pw";
 const SOURCES: u32 = 64;
 
-fn env_or(name: &str, default: u64) -> anyhow::Result<u64> {
+pub fn env_or(name: &str, default: u64) -> anyhow::Result<u64> {
     match std::env::var(name) {
         Err(_) => Ok(default),
         Ok(v) => v
@@ -45,7 +45,7 @@ struct Params {
 }
 
 /// The generator's source addresses, added to the client namespace.
-fn sources(topo: &Topology) -> anyhow::Result<Vec<String>> {
+pub fn sources(topo: &Topology) -> anyhow::Result<Vec<String>> {
     let v: Vec<String> = (0..SOURCES)
         .map(|i| format!("198.18.1.{}", 64 + i))
         .collect();
@@ -144,7 +144,7 @@ impl Run<'_> {
     }
 }
 
-fn users_toml(n: u64, hash: &str) -> UserFile {
+pub fn users_toml(n: u64, hash: &str) -> UserFile {
     UserFile {
         users: (0..n)
             .map(|i| User {
@@ -386,7 +386,7 @@ fn burst(o: &Outcome) -> Burst {
     }
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()

@@ -57,7 +57,7 @@ enum Cmd {
     /// Run a benchmark from bench/ (release build, needs root); writes its
     /// table to bench/results/NAME.md.
     Bench {
-        /// classifier | forwarding | tunnel
+        /// classifier | forwarding | tunnel | scale | clients | neighbours | soak
         #[arg(default_value = "classifier")]
         name: String,
     },

@@ -86,6 +86,12 @@ pub struct Options {
     /// keepalives, DPD answers and echoes over it.
     #[arg(long)]
     pub dtls: bool,
+    /// Churn (the soak): each session lives 0.5 to 1.5 times this many
+    /// seconds, then ends, and its client logs in again, until the hold
+    /// ends. One ending in five vanishes (closes without DISCONNECT, as a
+    /// client that lost its network). 0 = every session lasts the run.
+    #[arg(long, default_value_t = 0)]
+    pub churn: u64,
 }
 
 /// MemAvailable from /proc/meminfo, in MiB.
@@ -113,6 +119,8 @@ pub struct Sample {
     pub processes: usize,
     /// CPU seconds (user + system) of the gateway's processes so far.
     pub cpu_s: f64,
+    /// Open descriptors of the gateway's processes.
+    pub fds: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,6 +176,10 @@ pub struct Report {
     pub dpd_answered: u64,
     pub echo_sent: u64,
     pub echo_received: u64,
+    /// With --churn: sessions that ended and were followed by a new
+    /// login, and endings without DISCONNECT.
+    pub relogins: u64,
+    pub vanished: u64,
     pub samples: Vec<Sample>,
     /// Set by the caller: the run ended at its time limit.
     pub hit_limit: bool,
@@ -180,6 +192,8 @@ struct Shared {
     ok: AtomicU64,
     last_ok_ms: AtomicU64,
     times: Mutex<Vec<LoginTimes>>,
+    relogins: AtomicU64,
+    vanished: AtomicU64,
     failures: Mutex<BTreeMap<Failure, u64>>,
     counters: TunnelCounters,
 }
@@ -318,7 +332,9 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
         until: hold_end,
         keepalive: Duration::from_secs(opts.keepalive),
         echo: opts.echo.map(|a| (a, Duration::from_secs(opts.echo_every))),
+        vanish: false,
     });
+    let churn = Duration::from_secs(opts.churn);
     let gate = Arc::new(tokio::sync::Semaphore::new(opts.in_flight));
 
     let sampler = {
@@ -330,8 +346,8 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let (pss, rss, n, mut cpu) = match pid {
-                    Some(p) => tokio::task::spawn_blocking(move || gateway_usage(p))
+                let ((pss, rss, n, mut cpu), fds) = match pid {
+                    Some(p) => tokio::task::spawn_blocking(move || (gateway_usage(p), open_fds(p)))
                         .await
                         .unwrap_or_default(),
                     None => Default::default(),
@@ -349,6 +365,7 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
                     rss_kib: rss,
                     processes: n,
                     cpu_s: cpu,
+                    fds,
                 });
                 if Instant::now() >= hold_end + Duration::from_secs(2) {
                     return out;
@@ -385,32 +402,72 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
         let user = format!("{}{}", opts.user_prefix, i % opts.users);
         let password = opts.password.clone();
         tasks.spawn(async move {
-            let permit = tokio::select! {
-                p = gate.acquire_owned() => p.expect("never closed"),
-                _ = tokio::time::sleep_until(deadline) => return shared.fail(Failure::Deadline),
-            };
-            let login = tokio::select! {
-                r = peer::login(&target, source, &user, &password) => r,
-                _ = tokio::time::sleep_until(deadline) => Err(Failure::Deadline),
-            };
-            drop(permit);
-            let tunnel = match login {
-                Ok((tunnel, times)) => {
-                    shared.ok.fetch_add(1, Relaxed);
-                    shared
-                        .last_ok_ms
-                        .fetch_max(start.elapsed().as_millis() as u64, Relaxed);
-                    shared.times.lock().push(times);
-                    tunnel
+            let mut round = 0u64;
+            loop {
+                let permit = tokio::select! {
+                    p = gate.clone().acquire_owned() => p.expect("never closed"),
+                    _ = tokio::time::sleep_until(deadline) => return shared.fail(Failure::Deadline),
+                };
+                let login = tokio::select! {
+                    r = peer::login(&target, source, &user, &password) => r,
+                    _ = tokio::time::sleep_until(deadline) => Err(Failure::Deadline),
+                };
+                drop(permit);
+                let tunnel = match login {
+                    Ok((tunnel, times)) => {
+                        shared.ok.fetch_add(1, Relaxed);
+                        shared
+                            .last_ok_ms
+                            .fetch_max(start.elapsed().as_millis() as u64, Relaxed);
+                        shared.times.lock().push(times);
+                        tunnel
+                    }
+                    Err(f) => {
+                        shared.fail(f);
+                        if churn.is_zero() || Instant::now() + Duration::from_secs(5) >= hold_end {
+                            return;
+                        }
+                        // Churn goes on: this client tries again shortly.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let n = shared.held.fetch_add(1, Relaxed) + 1;
+                shared.held_max.fetch_max(n, Relaxed);
+                let mine;
+                let h = if churn.is_zero() {
+                    &*hold
+                } else {
+                    // A life of 0.5 to 1.5 churns, spread by a hash of
+                    // the client and its round; every fifth ending
+                    // vanishes.
+                    let spread = (i as u64)
+                        .wrapping_mul(2_654_435_761)
+                        .wrapping_add(round * 40_503)
+                        % 1000;
+                    let life = churn.mul_f64(0.5 + spread as f64 / 1000.0);
+                    let until = (Instant::now() + life).min(hold.until);
+                    mine = Hold {
+                        until,
+                        keepalive: hold.keepalive,
+                        echo: hold.echo,
+                        vanish: until < hold.until && (i as u64 + round).is_multiple_of(5),
+                    };
+                    &mine
+                };
+                let r = tunnel.hold(h, &shared.counters).await;
+                shared.held.fetch_sub(1, Relaxed);
+                if let Err(f) = r {
+                    shared.fail(f);
                 }
-                Err(f) => return shared.fail(f),
-            };
-            let n = shared.held.fetch_add(1, Relaxed) + 1;
-            shared.held_max.fetch_max(n, Relaxed);
-            let r = tunnel.hold(&hold, &shared.counters).await;
-            shared.held.fetch_sub(1, Relaxed);
-            if let Err(f) = r {
-                shared.fail(f);
+                if churn.is_zero() || Instant::now() + Duration::from_secs(5) >= hold_end {
+                    return;
+                }
+                if h.vanish {
+                    shared.vanished.fetch_add(1, Relaxed);
+                }
+                shared.relogins.fetch_add(1, Relaxed);
+                round += 1;
             }
         });
     }
@@ -460,9 +517,19 @@ async fn drive(opts: Options) -> anyhow::Result<Report> {
         dpd_answered: c.dpd_answered.load(Relaxed),
         echo_sent: c.echo_sent.load(Relaxed),
         echo_received: c.echo_received.load(Relaxed),
+        relogins: shared.relogins.load(Relaxed),
+        vanished: shared.vanished.load(Relaxed),
         samples,
         hit_limit: Instant::now() >= deadline,
     })
+}
+
+/// Open descriptors of `root` and its descendants.
+pub fn open_fds(root: u32) -> usize {
+    process_tree(root)
+        .iter()
+        .map(|(p, _)| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count()))
+        .sum()
 }
 
 /// `root` and all its descendants, each with its CPU clock ticks (utime

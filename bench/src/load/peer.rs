@@ -347,6 +347,9 @@ pub struct Hold {
     pub keepalive: Duration,
     /// An ICMP echo to this address every `echo_every`, if set.
     pub echo: Option<(Ipv4Addr, Duration)>,
+    /// At `until`, vanish (close the connection without a DISCONNECT, as
+    /// a client that lost its network) instead of saying goodbye.
+    pub vanish: bool,
 }
 
 impl Tunnel {
@@ -429,6 +432,9 @@ impl Tunnel {
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = tokio::time::Instant::now();
+                    if now >= hold.until && hold.vanish {
+                        return Ok(());
+                    }
                     if now >= hold.until {
                         let mut bye = vec![0xb0];
                         bye.extend_from_slice(b"Aborted by caller");
