@@ -838,3 +838,134 @@ fn vpnd_serves_with_only_cap_net_admin_and_cap_bpf_in_every_thread() {
     again.wait_connected(Duration::from_secs(20)).unwrap();
     assert!(topo.client.ping(SERVER, 2));
 }
+
+/// Whether `needle` is anywhere in the readable memory of process `pid`
+/// (its mappings, read through /proc/PID/mem).
+fn in_memory(pid: u32, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        // Overlapping chunks, so a needle across a boundary is found.
+        let mut at = a;
+        while at < b {
+            let n = ((b - at) as usize).min(buf.len());
+            let Ok(got) = mem.read_at(&mut buf[..n], at) else {
+                break;
+            };
+            if got == 0 {
+                break;
+            }
+            if buf[..got].windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            if at + got as u64 >= b {
+                break;
+            }
+            at += (got - needle.len().min(got)) as u64 + 1;
+        }
+    }
+    false
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Defence in depth (issue 21): vpnd, which parses everything clients
+/// send, never holds the TLS private key; a locked-down signer process
+/// does (nobody, no capabilities, no new privileges, seccomp), and signs
+/// each handshake for it. Killed, it is started again for the next one.
+#[test]
+fn the_private_key_is_held_only_by_the_locked_down_key_signer() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let gw = Gateway::start(&topo, ConfigParts::default(), &[ALICE]).unwrap();
+    let pid = gw.pid().unwrap();
+    let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
+    c.wait_connected(Duration::from_secs(20)).unwrap();
+
+    // The key's private scalar (P-256, in its SEC1 structure: version 1,
+    // then a 32-byte octet string).
+    let pem = std::fs::read(gw.state_dir.join("server-key.pem")).unwrap();
+    let der = rustls_pemfile::private_key(&mut &pem[..]).unwrap().unwrap();
+    let der = der.secret_der().to_vec();
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("an EC private key");
+    let scalar = der[at + 5..at + 37].to_vec();
+    // The search finds it where it is (this process just read it).
+    assert!(in_memory(std::process::id(), &scalar), "the search works");
+    assert!(!in_memory(pid, &scalar), "vpnd holds the private key");
+    let pem_line = pem
+        .split(|b| *b == b'\n')
+        .nth(2)
+        .expect("a PEM body line")
+        .to_vec();
+    assert!(!in_memory(pid, &pem_line), "vpnd holds the key's PEM");
+
+    let signer = |pid: u32| -> u32 {
+        let found = children(pid).into_iter().find(|c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|l| l.windows(12).any(|w| w == b"--key-signer"))
+        });
+        found.expect("a key signer child of vpnd")
+    };
+    let s = signer(pid);
+    assert_eq!(status_field(s, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(status_field(s, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(s, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(s, "NoNewPrivs"), "1");
+    assert_eq!(status_field(s, "Seccomp"), "2", "a seccomp filter");
+
+    // Killed: the next handshake starts it again, and logins go on.
+    drop(c);
+    // SAFETY: kill(2) on the signer our vpnd started, found by its parent.
+    assert_eq!(unsafe { libc::kill(s as libc::pid_t, libc::SIGKILL) }, 0);
+    let cookie = authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
+    assert!(!cookie.is_empty());
+    let again = signer(pid);
+    assert_ne!(again, s);
+    assert!(
+        gw.log().contains("key signer started again"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(status_field(again, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(again, "NoNewPrivs"), "1");
+    assert_eq!(status_field(again, "Seccomp"), "2");
+}

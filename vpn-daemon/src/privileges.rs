@@ -33,6 +33,8 @@ use std::{
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct CapSet(pub u64);
 
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
 pub const CAP_NET_BIND_SERVICE: u32 = 10;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_NET_RAW: u32 = 13;
@@ -280,6 +282,13 @@ pub fn drop_all_but(keep: CapSet, wait: Duration) -> Result<Dropped, DropError> 
         dropped: CapSet(before).without(keep),
         threads: signalled.len(),
     })
+}
+
+/// Drops the calling thread's capabilities to `keep` (all sets, the
+/// bounding set too while CAP_SETPCAP is held): for a process of one
+/// thread, such as the key signer.
+pub fn drop_own(keep: CapSet) -> Result<(), std::io::Error> {
+    apply(keep.0, last_cap())
 }
 
 /// The threads of this process holding more than `keep`, by id.

@@ -17,6 +17,22 @@ struct Args {
     /// Validate FILE and exit: 0 if valid, 2 with the reason if not.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
+    /// (vpnd starts this itself) Hold the private key in KEY and sign
+    /// for vpnd over stdin; `transport/key_signer.rs`.
+    #[arg(long, value_name = "KEY", hide = true)]
+    key_signer: Option<PathBuf>,
+    /// With --key-signer: generate the key and a self-signed certificate
+    /// here first when they do not exist.
+    #[arg(long, value_name = "CERT", hide = true, requires = "key_signer")]
+    generate_cert: Option<PathBuf>,
+    /// With --generate-cert: a name (DNS name or address) of it.
+    #[arg(
+        long = "name",
+        value_name = "NAME",
+        hide = true,
+        requires = "generate_cert"
+    )]
+    names: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +57,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(key) = &args.key_signer {
+        let generate = args.generate_cert.as_deref().map(|c| (c, &args.names[..]));
+        return match vpn_daemon::transport::key_signer::serve(key, generate) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vpnd key signer: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(path) = args.check_config {
         return match Config::load(&path) {
             Ok(_) => {

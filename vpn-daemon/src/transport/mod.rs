@@ -8,6 +8,7 @@
 pub mod client_cert;
 pub mod dtls;
 pub mod io_buffer;
+pub mod key_signer;
 pub mod listener;
 pub mod pacing;
 pub mod read_batch;

@@ -1,6 +1,9 @@
 //! The server certificate: loaded from PEM files, or generated once
 //! (self-signed, rcgen) into the state directory. Clients pin it by its
-//! `pin-sha256:` fingerprint, which we log at start.
+//! `pin-sha256:` fingerprint, which we log at start. Its private key is
+//! read, generated and used only by the key signer (`key_signer.rs`), a
+//! process of its own: vpnd holds the certificate and asks the signer for
+//! each handshake's signature.
 
 use std::{
     net::IpAddr,
@@ -10,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use base64::Engine as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
 use crate::config::Settings;
@@ -18,10 +21,10 @@ use crate::config::Settings;
 pub const GENERATED_CERT: &str = "server-cert.pem";
 pub const GENERATED_KEY: &str = "server-key.pem";
 
-/// A certificate chain and its key, plus the leaf's pin.
+/// A certificate chain and the signer of its key, plus the leaf's pin.
 pub struct ServerIdentity {
     pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    pub key: Arc<super::key_signer::RemoteKey>,
     pub pin: String,
     pub cert_path: PathBuf,
 }
@@ -50,36 +53,31 @@ pub fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(chain)
 }
 
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    rustls_pemfile::private_key(&mut &pem[..])
-        .with_context(|| format!("parsing private key in {}", path.display()))?
-        .ok_or_else(|| {
-            anyhow!(
-                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-                path.display()
-            )
-        })
-}
-
-/// Loads the configured certificate or the generated one, generating it on
-/// first use.
+/// The configured certificate or the generated one (generated with its
+/// key on first use, by the key signer), and the key signer started.
 pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
-    let (cert_path, key_path) = match (&s.tls.cert_file, &s.tls.key_file) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
+    use super::key_signer::{RemoteKey, Spawn};
+    let spawn = match (&s.tls.cert_file, &s.tls.key_file) {
+        (Some(c), Some(k)) => Spawn {
+            key: k.clone(),
+            generate: None,
+        }
+        .with_cert(c),
         _ => {
             let dir = &s.server.state_dir;
             let c = dir.join(GENERATED_CERT);
-            let k = dir.join(GENERATED_KEY);
-            if !c.exists() || !k.exists() {
-                generate(s, &c, &k)?;
+            Spawn {
+                key: dir.join(GENERATED_KEY),
+                generate: Some((c.clone(), names(s))),
             }
-            (c, k)
+            .with_cert(&c)
         }
     };
+    let (spawn, cert_path) = spawn;
+    let key = RemoteKey::start(spawn)?;
     let chain = read_chain(&cert_path)?;
-    let key = read_key(&key_path)?;
     let pin = pin_sha256(&chain[0])?;
+    tracing::info!(pid = key.pid(), "the private key is held by the key signer");
     Ok(ServerIdentity {
         chain,
         key,
@@ -88,8 +86,9 @@ pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
     })
 }
 
-fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+/// The names a generated certificate is for: `tls.hostnames` (or
+/// "vpn-gateway") and the listening address.
+fn names(s: &Settings) -> Vec<String> {
     let mut names = if s.tls.hostnames.is_empty() {
         vec!["vpn-gateway".to_owned()]
     } else {
@@ -99,16 +98,24 @@ fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
     if !ip.is_unspecified() {
         names.push(ip.to_string());
     }
+    names
+}
+
+/// Generates a key and a self-signed certificate for `names` (the key
+/// signer does, before it reads the key).
+pub(super) fn generate(names: &[String], cert: &Path, key: &Path) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    for n in &names {
+    for n in names {
         params.subject_alt_names.push(match n.parse::<IpAddr>() {
             Ok(ip) => rcgen::SanType::IpAddress(ip),
             Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
         });
     }
+    let first = names.first().map_or("vpn-gateway", String::as_str);
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, names[0].clone());
+        .push(rcgen::DnType::CommonName, first.to_owned());
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let c = params.self_signed(&kp)?;
     let dir = cert.parent().unwrap_or(Path::new("."));
@@ -123,7 +130,10 @@ fn generate(s: &Settings, cert: &Path, key: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", key.display()))?;
     kf.write_all(kp.serialize_pem().as_bytes())?;
     std::fs::write(cert, c.pem()).with_context(|| format!("writing {}", cert.display()))?;
-    tracing::info!(cert = %cert.display(), "generated a self-signed server certificate");
+    eprintln!(
+        "vpnd key signer: generated a self-signed server certificate in {}",
+        cert.display()
+    );
     Ok(())
 }
 
@@ -146,10 +156,28 @@ pub fn server_config(
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let cfg = builder
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .context("certificate and key do not match")?;
+    let certified = rustls::sign::CertifiedKey::new(id.chain.clone(), id.key.clone());
+    certified.keys_match().map_err(|e| {
+        anyhow!(
+            "{}: certificate and key do not match: {e}",
+            id.cert_path.display()
+        )
+    })?;
+    let cfg = builder.with_cert_resolver(Arc::new(OneCert(Arc::new(certified))));
     Ok(Arc::new(cfg))
+}
+
+/// The one certificate, for every client.
+#[derive(Debug)]
+struct OneCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// A client's TLS connection, buffered both ways under TLS while busy
