@@ -951,6 +951,12 @@ fn the_private_key_is_held_only_by_the_locked_down_key_signer() {
     assert_eq!(status_field(s, "CapPrm"), "0000000000000000");
     assert_eq!(status_field(s, "NoNewPrivs"), "1");
     assert_eq!(status_field(s, "Seccomp"), "2", "a seccomp filter");
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{s}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    assert_eq!(fds, [0, 1, 2], "the signer holds its socket and stdio only");
 
     // Killed: the next handshake starts it again, and logins go on.
     drop(c);

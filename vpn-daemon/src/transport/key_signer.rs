@@ -283,6 +283,22 @@ impl Signer for RemoteSigner {
 pub fn serve(key: &Path, generate: Option<(&Path, &[String])>) -> anyhow::Result<()> {
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Nothing of vpnd's but the socket (0) and the log (2): a descriptor
+    // that lacked close-on-exec (a tunnel queue, a map) must not reach a
+    // process whose job is only to sign.
+    // SAFETY: close_range on descriptors this process does not use.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for fd in fds.into_iter().filter(|fd| *fd > 2) {
+            // SAFETY: as above.
+            unsafe { libc::close(fd) };
+        }
+    }
     if let Some((cert, names)) = generate
         && (!cert.exists() || !key.exists())
     {
