@@ -821,7 +821,24 @@ fn vpnd_serves_with_only_cap_net_admin_and_cap_bpf_in_every_thread() {
             name.trim()
         );
         assert_eq!(caps.effective, kept, "{}", name.trim());
+        // And the system calls it never makes are filtered in every one.
+        let field = |f: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(f))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(field("Seccomp:"), "2", "{}", name.trim());
+        assert_eq!(field("NoNewPrivs:"), "1", "{}", name.trim());
     }
+    assert!(
+        gw.log()
+            .contains("seccomp: 45 system calls a serving vpnd never makes now fail"),
+        "{}",
+        gw.log()
+    );
     assert!(
         gw.log()
             .contains("capabilities: kept cap_net_admin,cap_bpf, dropped the rest"),

@@ -21,6 +21,9 @@
 //! is read back until every thread shows the kept set. Threads created
 //! later inherit it from whichever thread creates them.
 //!
+//! Then [`forbid_system_calls`] makes the system calls a serving vpnd
+//! never makes fail, in every thread.
+//!
 //! A leaf: nothing here knows the rest of the crate.
 
 use std::{
@@ -289,6 +292,84 @@ pub fn drop_all_but(keep: CapSet, wait: Duration) -> Result<Dropped, DropError> 
 /// thread, such as the key signer.
 pub fn drop_own(keep: CapSet) -> Result<(), std::io::Error> {
     apply(keep.0, last_cap())
+}
+
+/// System calls a serving vpnd never makes, and that an attacker who got
+/// code running in it would want: debugging and reading other processes,
+/// mounts and namespaces, kernel modules, kexec and reboot, the clock,
+/// changing user, the kernel keyring, io_uring, userfaultfd, perf. After
+/// [`forbid_system_calls`] they fail with EPERM in every thread (and in
+/// what vpnd runs, `nft`), on top of the unit's own filter and for a vpnd
+/// started without systemd.
+const FORBIDDEN: &[libc::c_long] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_reboot,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_acct,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setreuid,
+    libc::SYS_setregid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setgroups,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_perf_event_open,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_personality,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_vhangup,
+];
+
+/// Makes the [`FORBIDDEN`] system calls fail with EPERM in every thread
+/// from now on (seccomp with TSYNC; it sets no_new_privs, which costs a
+/// serving vpnd nothing: what it runs keeps the capabilities it has).
+/// Returns how many.
+pub fn forbid_system_calls() -> Result<usize, String> {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| format!("seccomp on {}: {e:?}", std::env::consts::ARCH))?;
+    let filter = SeccompFilter::new(
+        FORBIDDEN.iter().map(|s| (*s, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| format!("the seccomp filter: {e}"))?;
+    let prog: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|e| format!("the seccomp filter: {e:?}"))?;
+    seccompiler::apply_filter_all_threads(&prog)
+        .map_err(|e| format!("applying the seccomp filter: {e}"))?;
+    Ok(FORBIDDEN.len())
 }
 
 /// The threads of this process holding more than `keep`, by id.
