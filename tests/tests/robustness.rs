@@ -141,4 +141,14 @@ fn garbage_in_the_tunnel_ends_only_that_tunnel() {
     );
     assert!(topo.client.ping(SERVER, 2));
     assert!(client.child_mut().try_wait().unwrap().is_none());
+    // The bad frame scored ban points for its source (its TCP handshake
+    // proved it; openconnect never sends one).
+    let offences = &gw.stats().unwrap()["bans"]["offences"];
+    let bad = offences
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o[0] == "bad-record")
+        .map(|o| o[1].as_u64().unwrap());
+    assert_eq!(bad, Some(1), "{offences}");
 }

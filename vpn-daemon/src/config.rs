@@ -1075,6 +1075,10 @@ pub struct BanConfig {
     /// Points for a CONNECT with a cookie of no session (clients of a
     /// session that ended try once). Default 2.
     pub unknown_cookie_points: u32,
+    /// Points for a CSTP frame that does not parse on a TLS tunnel (the
+    /// tunnel ends; openconnect never sends one). DTLS records do not
+    /// score: their source can be forged. Default 20.
+    pub bad_record_points: u32,
     /// Prefixes that never score, e.g. an office's NAT address or the
     /// monitoring system. Default none.
     pub exempt: Vec<IpNet>,
@@ -1091,6 +1095,7 @@ impl Default for BanConfig {
             malformed_request_points: 20,
             failed_handshake_points: 2,
             unknown_cookie_points: 2,
+            bad_record_points: 20,
             exempt: Vec::new(),
         }
     }

@@ -13,7 +13,7 @@
 //! Only offences from a source proven by a TCP handshake score: a wrong
 //! password or unknown user, a login attempt while locked out, a malformed
 //! HTTP request, a failed or abandoned TLS handshake, a CONNECT with an
-//! unknown cookie. Nothing on UDP scores: a datagram's source address is
+//! unknown cookie, a CSTP frame that does not parse. Nothing on UDP scores: a datagram's source address is
 //! whatever its sender wrote, and scoring it would let anyone ban anyone.
 //! DTLS floods meet the guard's per-source ClientHello buckets instead.
 //!
@@ -60,15 +60,19 @@ pub enum Offence {
     FailedHandshake,
     /// `CONNECT` with a cookie of no session.
     UnknownCookie,
+    /// A CSTP frame that does not parse, on a TLS tunnel (the tunnel
+    /// ends).
+    BadRecord,
 }
 
 impl Offence {
-    pub const ALL: [Offence; 5] = [
+    pub const ALL: [Offence; 6] = [
         Offence::WrongPassword,
         Offence::LockedOut,
         Offence::MalformedRequest,
         Offence::FailedHandshake,
         Offence::UnknownCookie,
+        Offence::BadRecord,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl Offence {
             Offence::MalformedRequest => "malformed-request",
             Offence::FailedHandshake => "failed-handshake",
             Offence::UnknownCookie => "unknown-cookie",
+            Offence::BadRecord => "bad-record",
         }
     }
 
@@ -88,6 +93,7 @@ impl Offence {
             Offence::MalformedRequest => c.malformed_request_points,
             Offence::FailedHandshake => c.failed_handshake_points,
             Offence::UnknownCookie => c.unknown_cookie_points,
+            Offence::BadRecord => c.bad_record_points,
         }
     }
 }
@@ -264,7 +270,7 @@ pub struct Bans {
     enforce: Enforce,
     events: Arc<EventLog>,
     /// Offences scored, per [`Offence`] (in `Offence::ALL` order).
-    offences: [AtomicU64; 5],
+    offences: [AtomicU64; 6],
     /// Bans made by points, and connections closed at accept because
     /// their source was banned.
     pub banned_total: AtomicU64,

@@ -475,6 +475,10 @@ impl TunnelService {
                 Ok(None) => return None,
                 Err(e) => {
                     tracing::info!("ending tunnel: {e}");
+                    if let Some(peer) = session.tunnel.lock().peer {
+                        self.bans
+                            .offence(peer.ip(), crate::auth::bans::Offence::BadRecord);
+                    }
                     return Some(TunnelEnd::Down(DownReason::BadFrame(e.to_string())));
                 }
             };
