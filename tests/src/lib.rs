@@ -795,6 +795,14 @@ pool_v6 = "{POOL6}"
         c.wait_with_output().expect("vpnctl ends")
     }
 
+    /// The events of type `kind` logged so far, oldest first.
+    pub fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+
     /// All events logged so far.
     pub fn events(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.events)

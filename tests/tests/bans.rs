@@ -43,31 +43,29 @@ fn alice_login_time(topo: &Topology, gw: &Gateway) -> Duration {
     t.elapsed()
 }
 
+/// A gateway with the XDP guard on both client-facing interfaces.
+fn guarded(topo: &Topology, users: &[TestUser<'_>]) -> Gateway {
+    Gateway::start(
+        topo,
+        ConfigParts {
+            rest: "[dtls]\nxdp_interfaces = [\"up0\", \"up1\"]\n",
+            ..ConfigParts::default()
+        },
+        users,
+    )
+    .unwrap()
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {
-    gw.events()
-        .into_iter()
-        .filter(|e| e["event"] == kind)
-        .collect()
 }
 
 #[test]
 fn a_wrong_password_storm_is_banned_in_xdp_and_others_log_in_at_their_usual_speed() {
     require_root();
     let topo = Topology::new().unwrap();
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: "[dtls]\nxdp_interfaces = [\"up0\", \"up1\"]\n",
-            ..ConfigParts::default()
-        },
-        &[ALICE, BOB],
-    )
-    .unwrap();
+    let gw = guarded(&topo, &[ALICE, BOB]);
     let attacker = CLIENT2_OUTSIDE;
     let attacker_net = format!("{attacker}/32");
 
@@ -142,7 +140,7 @@ fn a_wrong_password_storm_is_banned_in_xdp_and_others_log_in_at_their_usual_spee
     );
 
     // Banned by points, with the reason; the drops happened in XDP.
-    let banned = events_of(&gw, "source_banned");
+    let banned = gw.events_of("source_banned");
     assert_eq!(banned.len(), 1, "{banned:?}");
     assert_eq!(banned[0]["source"], attacker_net.as_str());
     let reason = banned[0]["reason"].as_str().unwrap();
@@ -178,7 +176,7 @@ fn a_wrong_password_storm_is_banned_in_xdp_and_others_log_in_at_their_usual_spee
         "{out}"
     );
     assert!(gets_in(&topo.client2, attacker));
-    let lifted = events_of(&gw, "ban_lifted");
+    let lifted = gw.events_of("ban_lifted");
     assert_eq!(lifted.last().unwrap()["reason"], "vpnctl", "{lifted:?}");
     let out = gw.vpnctl(&["ban", "remove", attacker]).unwrap_err();
     assert!(
@@ -191,15 +189,7 @@ fn a_wrong_password_storm_is_banned_in_xdp_and_others_log_in_at_their_usual_spee
 fn vpnctl_bans_a_prefix_for_a_while_and_refuses_nonsense() {
     require_root();
     let topo = Topology::new().unwrap();
-    let gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: "[dtls]\nxdp_interfaces = [\"up0\", \"up1\"]\n",
-            ..ConfigParts::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
+    let gw = guarded(&topo, &[ALICE]);
     let before = gw.drops("banned-source").unwrap();
     let out = gw
         .vpnctl(&["ban", "add", "198.18.3.0/24", "--for", "3s"])
@@ -222,7 +212,7 @@ fn vpnctl_bans_a_prefix_for_a_while_and_refuses_nonsense() {
     });
     assert!(back.is_some(), "the ban did not end");
     let lifted = wait_for(Duration::from_secs(10), || {
-        events_of(&gw, "ban_lifted")
+        gw.events_of("ban_lifted")
             .into_iter()
             .find(|e| e["source"] == "198.18.3.0/24")
     })

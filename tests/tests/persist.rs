@@ -8,6 +8,19 @@ use vpn_tests::*;
 
 const PERSIST: &str = "[session]\npersist = true\n";
 
+/// A gateway with `session.persist` on, Alice its user.
+fn with_persist(topo: &Topology) -> Gateway {
+    Gateway::start(
+        topo,
+        ConfigParts {
+            rest: PERSIST,
+            ..ConfigParts::default()
+        },
+        &[ALICE],
+    )
+    .unwrap()
+}
+
 fn state_file(gw: &Gateway) -> std::path::PathBuf {
     gw.state_dir.join("sessions.json")
 }
@@ -23,15 +36,7 @@ fn only_session(gw: &Gateway) -> serde_json::Value {
 fn with_session_persist_clients_reconnect_to_their_sessions_after_a_stop_or_a_kill() {
     require_root();
     let topo = Topology::new().unwrap();
-    let mut gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: PERSIST,
-            ..ConfigParts::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
+    let mut gw = with_persist(&topo);
     let cookie = authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
     let mut c = Client::start_with_cookie(&topo, &gw, &cookie).unwrap();
     let env = c.wait_connected(Duration::from_secs(20)).unwrap();
@@ -82,9 +87,8 @@ fn with_session_persist_clients_reconnect_to_their_sessions_after_a_stop_or_a_ki
         saved_bytes = s["bytes_in"].as_u64().unwrap();
         assert!(saved_bytes > 0, "{how}: {s}");
         let restored = gw
-            .events()
-            .into_iter()
-            .rfind(|e| e["event"] == "sessions_restored")
+            .events_of("sessions_restored")
+            .pop()
             .expect("a sessions_restored event");
         assert_eq!(restored["restored"], 1, "{how}: {restored}");
 
@@ -118,11 +122,7 @@ fn with_session_persist_clients_reconnect_to_their_sessions_after_a_stop_or_a_ki
     assert!(out.status.success(), "{out:?}");
     gw.restart(&topo).unwrap();
     assert!(gw.sessions().unwrap().is_empty());
-    let restored = gw
-        .events()
-        .into_iter()
-        .rfind(|e| e["event"] == "sessions_restored")
-        .unwrap();
+    let restored = gw.events_of("sessions_restored").pop().unwrap();
     assert_eq!(restored["restored"], 0, "{restored}");
     let why = restored["left_out"][0].as_str().unwrap();
     assert!(
@@ -148,15 +148,7 @@ fn with_session_persist_clients_reconnect_to_their_sessions_after_a_stop_or_a_ki
 fn without_session_persist_a_restart_ends_sessions_and_forgets_a_saved_file() {
     require_root();
     let topo = Topology::new().unwrap();
-    let mut gw = Gateway::start(
-        &topo,
-        ConfigParts {
-            rest: PERSIST,
-            ..ConfigParts::default()
-        },
-        &[ALICE],
-    )
-    .unwrap();
+    let mut gw = with_persist(&topo);
     let mut c = Client::start(&topo, &gw, ALICE.name, ALICE.password, &[]).unwrap();
     c.wait_connected(Duration::from_secs(20)).unwrap();
     gw.stop();

@@ -43,13 +43,6 @@ fn with_one_server() -> (Topology, FreeRadius, Gateway) {
     (topo, radius, gw)
 }
 
-fn events_of(gw: &Gateway, kind: &str) -> Vec<serde_json::Value> {
-    gw.events()
-        .into_iter()
-        .filter(|e| e["event"] == kind)
-        .collect()
-}
-
 #[test]
 fn radius_accept_applies_filter_id_framed_ip_and_timeouts() {
     let (topo, radius, gw) = with_one_server();
@@ -154,7 +147,7 @@ fn radius_rejects_wrong_passwords_and_unknown_policies_fail_closed() {
         "{}",
         c.log()
     );
-    let failed = events_of(&gw, "authentication_failed");
+    let failed = gw.events_of("authentication_failed");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0]["user"], "alice");
     assert_eq!(failed[0]["reason"], "rejected by the authentication server");
@@ -164,7 +157,7 @@ fn radius_rejects_wrong_passwords_and_unknown_policies_fail_closed() {
     assert!(!g.wait_exit(Duration::from_secs(20)).unwrap().success());
     assert!(g.log().contains("no-such-policy"), "{}", g.log());
     assert!(gw.sessions().unwrap().is_empty());
-    let refused = events_of(&gw, "login_refused");
+    let refused = gw.events_of("login_refused");
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["user"], "ghost");
 }
@@ -199,7 +192,7 @@ fn radius_challenge_asks_openconnect_for_a_second_factor() {
     assert!(!c.wait_exit(Duration::from_secs(20)).unwrap().success());
     assert!(c.log().contains("Wrong code"), "{}", c.log());
     assert!(
-        events_of(&gw, "authentication_failed")
+        gw.events_of("authentication_failed")
             .iter()
             .any(|e| e["user"] == "mfa")
     );
@@ -232,7 +225,7 @@ fn radius_fails_over_and_says_when_no_server_answers() {
         "{log}"
     );
     assert!(!log.contains("invalid username or password"), "{log}");
-    let down = events_of(&gw, "authentication_unavailable");
+    let down = gw.events_of("authentication_unavailable");
     assert_eq!(down.len(), 1, "{down:?}");
     let servers = down[0]["servers"].as_str().unwrap();
     assert!(
@@ -244,7 +237,7 @@ fn radius_fails_over_and_says_when_no_server_answers() {
         "{servers}"
     );
     // Not counted as a failed login.
-    assert!(events_of(&gw, "authentication_failed").is_empty());
+    assert!(gw.events_of("authentication_failed").is_empty());
     assert!(
         radius.log().contains("Message-Authenticator"),
         "{}",

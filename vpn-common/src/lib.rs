@@ -428,6 +428,7 @@ pub struct SessionInfo {
 /// ingress on the tunnel device), "tx" is to the client (TC egress).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct SessionStats {
     pub rx_packets: u64,
     pub rx_bytes: u64,

@@ -576,7 +576,7 @@ impl SessionManager {
                 credential: (s.auth_source == AuthSource::Local)
                     .then(|| self.users.credential_tag(&s.user))
                     .flatten(),
-                counters: stats.of(s.addresses()).into(),
+                counters: stats.of(s.addresses()),
             })
             .collect();
         sessions.sort_by_key(|s| s.id);
@@ -687,7 +687,7 @@ impl SessionManager {
                 Ordering::Relaxed,
             );
             let mut dp = self.datapath.lock();
-            if let Err(e) = install(&mut dp, &session, binding.id, r.counters.into()) {
+            if let Err(e) = install(&mut dp, &session, binding.id, r.counters) {
                 drop(dp);
                 pool.release(lease.v4);
                 leave(format!("its BPF entries: {e}"));

@@ -78,43 +78,7 @@ pub struct SavedSession {
     #[serde(default)]
     pub credential: Option<String>,
     /// Its traffic counters when saved.
-    pub counters: SavedCounters,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedCounters {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_denied: u64,
-    pub tx_denied: u64,
-}
-
-impl From<vpn_common::SessionStats> for SavedCounters {
-    fn from(s: vpn_common::SessionStats) -> Self {
-        SavedCounters {
-            rx_packets: s.rx_packets,
-            rx_bytes: s.rx_bytes,
-            tx_packets: s.tx_packets,
-            tx_bytes: s.tx_bytes,
-            rx_denied: s.rx_denied,
-            tx_denied: s.tx_denied,
-        }
-    }
-}
-
-impl From<SavedCounters> for vpn_common::SessionStats {
-    fn from(s: SavedCounters) -> Self {
-        vpn_common::SessionStats {
-            rx_packets: s.rx_packets,
-            rx_bytes: s.rx_bytes,
-            tx_packets: s.tx_packets,
-            tx_bytes: s.tx_bytes,
-            rx_denied: s.rx_denied,
-            tx_denied: s.tx_denied,
-        }
-    }
+    pub counters: vpn_common::SessionStats,
 }
 
 pub fn auth_source_name(a: crate::auth::AuthSource) -> &'static str {
@@ -236,7 +200,7 @@ mod tests {
             auth_source: "radius".into(),
             cookie_sha256: "00".repeat(32),
             credential: None,
-            counters: SavedCounters {
+            counters: vpn_common::SessionStats {
                 rx_bytes: 5,
                 ..Default::default()
             },
