@@ -173,7 +173,8 @@ impl BanBook {
         s.points = s.points.saturating_add(points);
         s.last = Some(now);
         *s.counts.entry(offence).or_default() += 1;
-        if s.points < r.max_score {
+        // Bounded as the guard's map is; the score stays for later.
+        if s.points < r.max_score || self.bans.len() >= vpn_common::MAX_BANS as usize {
             return None;
         }
         let mut counts: Vec<(Offence, u32)> = s.counts.iter().map(|(o, n)| (*o, *n)).collect();
@@ -474,6 +475,36 @@ mod tests {
         });
         assert_eq!(b.offence(a, Offence::MalformedRequest, t2), None);
         assert_eq!(b.offence(a, Offence::MalformedRequest, t2), None);
+    }
+
+    /// Bans by points are bounded as the guard's map is: past
+    /// `MAX_BANS`, a source that reaches the limit keeps its score and
+    /// is not banned (the listener's lockouts still hold it back).
+    #[test]
+    fn bans_by_points_stop_at_the_maps_size() {
+        let mut b = BanBook::new(BanConfig {
+            max_score: 5,
+            wrong_password_points: 5,
+            ..rules()
+        });
+        let t = Instant::now();
+        let max = vpn_common::MAX_BANS as usize;
+        for i in 0..max {
+            // A /64 each: fd00:0:0:i::1.
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(
+                0xfd00_u128 << 112 | (i as u128) << 64 | 1,
+            ));
+            assert!(b.offence(ip, Offence::WrongPassword, t).is_some(), "{i}");
+        }
+        let over = ip("fd00:1::1");
+        assert_eq!(b.offence(over, Offence::WrongPassword, t), None);
+        assert_eq!(b.list().len(), max);
+        // Room again once bans end.
+        b.expire(t + Duration::from_secs(600));
+        assert!(
+            b.offence(over, Offence::WrongPassword, t + Duration::from_secs(600))
+                .is_some()
+        );
     }
 
     #[test]
