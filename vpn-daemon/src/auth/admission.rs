@@ -1033,8 +1033,15 @@ mod tests {
                 .await
             }));
         }
-        while v.in_progress() < 6 {
-            tokio::task::yield_now().await;
+        // The first check starts (a blocking thread can take a while on a
+        // loaded machine); then no second one does while it runs.
+        let t0 = std::time::Instant::now();
+        while v.in_progress() < 6 || started.load(Ordering::SeqCst) == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the storm never started"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
