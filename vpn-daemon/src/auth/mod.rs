@@ -14,8 +14,10 @@ pub mod login;
 pub mod radius;
 pub mod users;
 
-/// Who authenticated a session.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Who authenticated a session (saved by `session.persist` as "local",
+/// "radius", "ldap" or "certificate").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AuthSource {
     /// The local user database: its later changes (user removed, password
     /// or policy changed) apply to the session.

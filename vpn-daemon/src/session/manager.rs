@@ -571,7 +571,7 @@ impl SessionManager {
                 session_timeout_secs: s.own_timeouts.session.map(|d| d.as_secs()),
                 idle_timeout_secs: s.own_timeouts.idle.map(|d| d.as_secs()),
                 class: s.class.iter().map(hex::encode).collect(),
-                auth_source: persist::auth_source_name(s.auth_source).to_owned(),
+                auth_source: s.auth_source,
                 cookie_sha256: hex::encode(hash),
                 credential: (s.auth_source == AuthSource::Local)
                     .then(|| self.users.credential_tag(&s.user))
@@ -613,9 +613,8 @@ impl SessionManager {
                 .ok()
                 .and_then(|h| h.try_into().ok());
             let class: Option<Vec<Vec<u8>>> = r.class.iter().map(|c| hex::decode(c).ok()).collect();
-            let (Some(hash), Some(class), Some(auth_source)) =
-                (hash, class, persist::auth_source_from(&r.auth_source))
-            else {
+            let auth_source = r.auth_source;
+            let (Some(hash), Some(class)) = (hash, class) else {
                 leave("its record is damaged".into());
                 continue;
             };

@@ -68,8 +68,7 @@ pub struct SavedSession {
     pub idle_timeout_secs: Option<u64>,
     /// RADIUS Class values, hex.
     pub class: Vec<String>,
-    /// "local", "radius", "ldap" or "certificate".
-    pub auth_source: String,
+    pub auth_source: crate::auth::AuthSource,
     /// SHA-256 of its cookie, hex.
     pub cookie_sha256: String,
     /// A local user's password fingerprint (`UserDb::credential_tag`): a
@@ -79,27 +78,6 @@ pub struct SavedSession {
     pub credential: Option<String>,
     /// Its traffic counters when saved.
     pub counters: vpn_common::SessionStats,
-}
-
-pub fn auth_source_name(a: crate::auth::AuthSource) -> &'static str {
-    use crate::auth::AuthSource::*;
-    match a {
-        Local => "local",
-        Radius => "radius",
-        Ldap => "ldap",
-        Certificate => "certificate",
-    }
-}
-
-pub fn auth_source_from(s: &str) -> Option<crate::auth::AuthSource> {
-    use crate::auth::AuthSource::*;
-    Some(match s {
-        "local" => Local,
-        "radius" => Radius,
-        "ldap" => Ldap,
-        "certificate" => Certificate,
-        _ => return None,
-    })
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -197,7 +175,7 @@ mod tests {
             session_timeout_secs: Some(3600),
             idle_timeout_secs: None,
             class: vec!["0a0b".into()],
-            auth_source: "radius".into(),
+            auth_source: crate::auth::AuthSource::Radius,
             cookie_sha256: "00".repeat(32),
             credential: None,
             counters: vpn_common::SessionStats {

@@ -67,11 +67,6 @@ pub struct Spawn {
 }
 
 impl Spawn {
-    /// With the certificate `cert` it goes with.
-    pub fn with_cert(self, cert: &Path) -> (Spawn, PathBuf) {
-        (self, cert.to_owned())
-    }
-
     fn command(&self) -> anyhow::Result<(Command, UnixStream)> {
         let (ours, theirs) = UnixStream::pair().context("a socket pair for the key signer")?;
         let exe = std::env::current_exe().context("finding vpnd's own executable")?;

@@ -57,23 +57,26 @@ pub fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 /// key on first use, by the key signer), and the key signer started.
 pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
     use super::key_signer::{RemoteKey, Spawn};
-    let spawn = match (&s.tls.cert_file, &s.tls.key_file) {
-        (Some(c), Some(k)) => Spawn {
-            key: k.clone(),
-            generate: None,
-        }
-        .with_cert(c),
+    let (spawn, cert_path) = match (&s.tls.cert_file, &s.tls.key_file) {
+        (Some(c), Some(k)) => (
+            Spawn {
+                key: k.clone(),
+                generate: None,
+            },
+            c.clone(),
+        ),
         _ => {
             let dir = &s.server.state_dir;
             let c = dir.join(GENERATED_CERT);
-            Spawn {
-                key: dir.join(GENERATED_KEY),
-                generate: Some((c.clone(), names(s))),
-            }
-            .with_cert(&c)
+            (
+                Spawn {
+                    key: dir.join(GENERATED_KEY),
+                    generate: Some((c.clone(), names(s))),
+                },
+                c,
+            )
         }
     };
-    let (spawn, cert_path) = spawn;
     let key = RemoteKey::start(spawn)?;
     let chain = read_chain(&cert_path)?;
     let pin = pin_sha256(&chain[0])?;
