@@ -429,11 +429,17 @@ pub struct UserChanges {
     pub password_changed: Vec<String>,
     /// Users whose own group policy changed.
     pub policy_changed: Vec<String>,
+    /// When the newest version of the file was read. A session that
+    /// started later logged in with it (a user who changed their password
+    /// and logged in again at once keeps that new session). Of changes
+    /// read apart, the last counts: a session in between ends too.
+    pub read_at: Option<std::time::Instant>,
 }
 
 impl UserChanges {
     /// The changes from `old` to `new`, added to these.
     fn add(&mut self, old: &UserFile, new: &UserFile) {
+        self.read_at = Some(std::time::Instant::now());
         for u in &old.users {
             let name = || u.name.clone();
             match new.find(&u.name) {
@@ -780,12 +786,16 @@ mod tests {
                 group_policy: Some("eng".into())
             }
         );
+        let before = std::time::Instant::now();
+        let changes = db.take_changes();
+        assert!(changes.read_at.is_some_and(|t| t <= before), "{changes:?}");
         assert_eq!(
-            db.take_changes(),
+            changes,
             UserChanges {
                 removed: vec!["bob".into()],
                 password_changed: vec!["alice".into()],
                 policy_changed: vec!["carol".into()],
+                read_at: changes.read_at,
             }
         );
         assert!(db.take_changes().is_empty(), "taken once");

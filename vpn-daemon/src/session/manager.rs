@@ -819,7 +819,11 @@ impl SessionManager {
                 continue;
             }
             for s in self.table.all() {
-                if s.auth_source != AuthSource::Local {
+                // A session that logged in after the change was read used
+                // the new file.
+                if s.auth_source != AuthSource::Local
+                    || changes.read_at.is_some_and(|t| s.started >= t)
+                {
                     continue;
                 }
                 let reason = if changes.removed.contains(&s.user) {
