@@ -175,6 +175,7 @@ pub const POLICY_SPLIT_ENFORCE: u32 = 2;
 /// lengths.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct ClassKey {
     pub policy: u32,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
@@ -189,6 +190,7 @@ pub struct ClassKey {
 /// of policy and family plus the address prefix).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct SplitKey {
     pub policy: u32,
     pub family: u32,
@@ -201,6 +203,7 @@ pub const SPLIT_KEY_FIXED_BITS: u32 = 64;
 /// Key of `policy_ports`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PortsKey {
     pub policy: u32,
     pub class: u32,
@@ -219,6 +222,7 @@ pub struct IntervalRange {
 /// Ports `lo..=hi` (host order) have their first matching rule here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Interval {
     pub lo: u16,
     pub hi: u16,
@@ -228,6 +232,7 @@ pub struct Interval {
 /// What a matching rule says.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Verdict {
     /// Index into `rule_hits`.
     pub slot: u32,
@@ -264,6 +269,7 @@ pub const DOWN_RATE_TOLERANCE_NS: u64 = 2_000_000_000;
 /// Per-policy switches and limits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PolicyInfo {
     /// `POLICY_*` bits.
     pub flags: u32,
@@ -294,6 +300,7 @@ pub mod guard_map_names {
 /// Settings of the XDP guard (`guard_config[0]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct GuardConfig {
     /// UDP port of the DTLS server; 0 = guard off (everything passes).
     pub port: u32,
@@ -387,6 +394,7 @@ pub mod prog_names {
 /// (`::ffff:a.b.c.d`) so one map serves both families.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct SessionKey {
     /// The address in network byte order.
     pub addr: [u8; 16],
@@ -414,6 +422,7 @@ impl SessionKey {
 /// Per-session state the daemon installs when a tunnel comes up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct SessionInfo {
     /// The daemon's session id (also shown by `vpnctl sessions`).
     pub session_id: u64,

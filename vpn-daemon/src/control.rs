@@ -147,16 +147,22 @@ impl Gateway {
 
     /// The rules of policy `p` with their hits.
     fn rule_rows(&self, p: &crate::policies::Installed) -> Vec<RuleRow> {
-        let dp = self.sessions.datapath().lock();
+        let n = p.def.rules.len() as u32;
+        let hits = self
+            .sessions
+            .datapath()
+            .lock()
+            .rule_hits(p.first_slot..p.first_slot + n);
         p.def
             .rules
             .iter()
+            .zip(hits)
             .enumerate()
-            .map(|(i, r)| RuleRow {
+            .map(|(i, (r, hits))| RuleRow {
                 index: i + 1,
                 rule: r.describe(),
                 comment: r.comment.clone(),
-                hits: dp.rule_hits(p.first_slot + i as u32),
+                hits,
             })
             .collect()
     }
@@ -165,7 +171,6 @@ impl Gateway {
     /// the log ends now. Reads at most the log's last 8 MiB (from
     /// `q.from` when set).
     pub fn events(&self, q: &EventQuery) -> Result<(Vec<serde_json::Value>, u64), String> {
-        use std::io::{Read as _, Seek as _, SeekFrom};
         const WINDOW: u64 = 8 << 20;
         let Some(path) = &self.settings.server.event_log else {
             return Err("no event log: set server.event_log".into());
@@ -178,22 +183,21 @@ impl Gateway {
                     .map_err(|e| format!("since '{t}' is not an RFC 3339 time: {e}"))
             })
             .transpose()?;
-        let mut f = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        let read = |start| {
+            self.events
+                .read(start, WINDOW)
+                .unwrap_or(Ok((0, String::new())))
+                .map_err(|e| format!("reading {}: {e}", path.display()))
         };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // Where to start needs the length: a first read learns it.
+        let (len, _) = read(u64::MAX)?;
         // A log that shrank was rotated: start over.
         let start = match q.from {
             Some(from) if from <= len => from,
             Some(_) => 0,
             None => len.saturating_sub(WINDOW),
         };
-        let mut text = String::new();
-        f.seek(SeekFrom::Start(start))
-            .and_then(|_| f.take(WINDOW).read_to_string(&mut text))
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let (_, text) = read(start)?;
         // Only whole lines: a line being written is read next time.
         let whole = text.rfind('\n').map_or(0, |i| i + 1);
         let mut events: Vec<serde_json::Value> = text[..whole]
@@ -258,14 +262,11 @@ impl Gateway {
         let dp = self.sessions.datapath().lock();
         all.iter()
             .flat_map(|p| {
-                let n = p.def.rules.len().min(max);
-                (0..n).map(|i| {
-                    (
-                        p.def.name.clone(),
-                        i + 1,
-                        dp.rule_hits(p.first_slot + i as u32),
-                    )
-                })
+                let n = p.def.rules.len().min(max) as u32;
+                let hits = dp.rule_hits(p.first_slot..p.first_slot + n);
+                hits.into_iter()
+                    .enumerate()
+                    .map(|(i, h)| (p.def.name.clone(), i + 1, h))
             })
             .collect()
     }
@@ -315,7 +316,11 @@ impl Gateway {
                 sessions: self.session_rows(),
             },
             Ok(Request::Uplinks) => Response::Uplinks {
-                uplinks: self.uplinks.get().map(|u| u.rows()).unwrap_or_default(),
+                uplinks: if self.settings.uplinks.is_empty() {
+                    Vec::new()
+                } else {
+                    self.broker.uplinks()
+                },
             },
             Ok(Request::Stats) => Response::Stats {
                 stats: Box::new(self.stats()),

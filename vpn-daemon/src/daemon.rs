@@ -9,11 +9,10 @@ use crate::{
     auth::users::UserDb,
     config::Settings,
     control,
-    datapath::{bpf::Datapath, offloads::Offloads, tun::Tun},
+    datapath::offloads::Offloads,
     events::EventLog,
     gateway::Gateway,
     login::LoginService,
-    net::netlink,
     session::manager::SessionManager,
     transport::{listener::Listener, tls, tls_tunnel::TunnelService},
 };
@@ -37,29 +36,22 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     let client_certs = crate::transport::client_cert::ClientVerifier::from_settings(&settings.tls)?;
     let tls_config = tls::server_config(&identity, settings.tls.tls13, client_certs.clone())?;
 
-    // A TUN queue and a packet worker per core, and a queue for the TLS
-    // tunnels.
-    let (tun, tun_offload) = Tun::create(
-        &settings.device.name,
-        crate::transport::workers::tun_queues(),
-        settings.device.offloads,
-    )
-    .with_context(|| {
-        format!(
-            "creating TUN device {} (tunnel.device)",
-            settings.device.name
-        )
-    })?;
+    // Everything privileged (TUN device, BPF programs and maps, XDP
+    // guards, uplinks) is the broker's; vpnd gets the TUN queues.
+    let crate::broker::Started {
+        broker,
+        tun,
+        tun_offload,
+    } = crate::broker::Broker::start(&config_path)?;
+    tracing::info!(
+        pid = broker.pid(),
+        "broker started: it holds the data path and the uplinks"
+    );
     let tun = Arc::new(tun);
     let offloads = Offloads::decide(settings.device.offloads, tun_offload);
-    let mut addrs = vec![(settings.gateway_v4().into(), settings.pool_v4.prefix_len())];
-    if let (Some(a), Some(n)) = (settings.gateway_v6(), settings.pool_v6) {
-        addrs.push((a.into(), n.prefix_len()));
-    }
-    netlink::configure_tunnel(tun.name(), settings.device.mtu, &addrs).await?;
-    netlink::enable_forwarding(settings.pool_v6.is_some())?;
-    let datapath = Datapath::load(tun.name(), &settings.server.bpf_pin_dir)?;
-    tracing::info!(pins = %settings.server.bpf_pin_dir.display(), "BPF programs attached to {}", tun.name());
+    let datapath: crate::datapath::bpf::SharedDatapath = Arc::new(parking_lot::Mutex::new(
+        Box::new(crate::broker::RemoteDatapath(broker.clone())),
+    ));
 
     let (tcp, acceptor) = crate::transport::listener::bind(&settings, tls_config).await?;
     let control_path = settings.server.control_socket.clone();
@@ -67,12 +59,7 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
 
     let users = Arc::new(users);
     let events = Arc::new(events);
-    let sessions = SessionManager::new(
-        &settings,
-        Arc::new(parking_lot::Mutex::new(datapath)),
-        events.clone(),
-        users.clone(),
-    )?;
+    let sessions = SessionManager::new(&settings, datapath, events.clone(), users.clone())?;
     let dtls = if let Some(cfg) = &settings.dtls {
         let addr = cfg.listen;
         let dtls = crate::transport::dtls::DtlsServer::bind(
@@ -91,18 +78,6 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         // A session that ends takes its DTLS channel with it.
         let channels = dtls.clone();
         sessions.on_end(Box::new(move |id| channels.close_session(id)));
-        let mut dp = sessions.datapath().lock();
-        dp.set_guard(vpn_common::GuardConfig {
-            port: u32::from(addr.port()),
-            hello_rate: cfg.hello_rate,
-            hello_burst: cfg.hello_burst,
-            tls_port: u32::from(settings.server.listen.port()),
-        })?;
-        for iface in &cfg.xdp_interfaces {
-            dp.attach_guard(iface)?;
-            tracing::info!(iface, "XDP guard attached");
-        }
-        drop(dp);
         tracing::info!(%addr, "DTLS (PSK-NEGOTIATE) listening");
         Some(dtls)
     } else {
@@ -168,28 +143,12 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         connections,
         admission,
         dtls,
-        uplinks: std::sync::OnceLock::new(),
+        broker: broker.clone(),
         client_certs,
         latencies,
         bans,
     });
 
-    // Uplinks: routing tables, rules, the nft table and health checks.
-    // Whatever a crashed run left is removed first, configured or not.
-    crate::net::uplinks::cleanup(&settings.failover)
-        .await
-        .context("removing stale uplink state")?;
-    if !settings.uplinks.is_empty() {
-        let u = crate::net::uplinks::Uplinks::start(
-            &settings.uplinks,
-            &settings.failover,
-            gw.sessions.datapath().clone(),
-            gw.events.clone(),
-        )
-        .await?;
-        let _ = gw.uplinks.set(u);
-        tracing::info!(uplinks = settings.uplinks.len(), "uplinks managed");
-    }
     let wiring = crate::transport::workers::Wiring {
         tun: gw.tun.clone(),
         sessions: gw.sessions.table().clone(),
@@ -224,7 +183,17 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     }
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));
-    drop_capabilities();
+    // From here vpnd serves as nobody: the files it reads and writes
+    // while serving are the broker's to reach.
+    service_manager::connect();
+    crate::files::set(Box::new(crate::broker::BrokerFiles(broker.clone())));
+    {
+        let broker = broker.clone();
+        identity
+            .key
+            .restart_through(Box::new(move || broker.start_key_signer()));
+    }
+    drop_privileges();
     tracing::info!(listen = %settings.server.listen, control = %control_path.display(), "vpnd ready");
     service_manager::ready();
 
@@ -268,14 +237,11 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     if let Some(a) = &accounting {
         a.flush(std::time::Duration::from_secs(3)).await;
     }
-    gw.sessions.datapath().lock().unpin();
-    if let Some((from, to)) = crate::resources::room_for_shutdown() {
-        tracing::info!("descriptor limit raised from {from} to {to} for the shutdown's own work");
+    // The broker unpins the maps, removes the uplinks' routes, rules and
+    // nft table and the control socket, and exits.
+    if let Err(e) = broker.stop() {
+        tracing::error!("stopping the broker: {e}");
     }
-    if let Err(e) = crate::net::uplinks::cleanup(&settings.failover).await {
-        tracing::error!("removing uplink state: {e:#}");
-    }
-    let _ = std::fs::remove_file(&control_path);
     Ok(())
 }
 
@@ -352,25 +318,25 @@ fn raise_nofile(settings: &Settings) {
     );
 }
 
-/// Everything that needed more than CAP_NET_ADMIN and CAP_BPF (binding
-/// sockets, loading programs, raw sockets, rlimits) is done: every thread
-/// drops the rest. A failure is logged and serving goes on (the service
-/// unit's bounding set still bounds the process).
-fn drop_capabilities() {
-    use crate::privileges::{drop_all_but, serving_needs};
-    match drop_all_but(serving_needs(), std::time::Duration::from_secs(2)) {
-        Ok(d) if d.dropped.is_empty() => {
-            tracing::info!(kept = %d.kept, "capabilities: holding only what serving needs")
-        }
+/// The user vpnd serves as: nobody, nogroup (Debian's 65534).
+const SERVING_USER: (u32, u32) = (65534, 65534);
+
+/// Everything that needed a privilege (binding sockets, starting the
+/// broker and the key signer, rlimits, reading the key and the files) is
+/// done: every thread becomes nobody and drops every capability, and the
+/// system calls a serving vpnd never makes fail. A failure is logged and
+/// serving goes on (the service unit's bounding set still bounds the
+/// process).
+fn drop_privileges() {
+    let (uid, gid) = SERVING_USER;
+    match crate::privileges::become_user(uid, gid, std::time::Duration::from_secs(2)) {
         Ok(d) => tracing::info!(
-            kept = %d.kept,
             dropped = d.dropped.len(),
             threads = d.threads,
-            "capabilities: kept {}, dropped the rest ({})",
-            d.kept,
+            "serving as uid {uid} gid {gid}; capabilities: none kept, dropped {} in every thread",
             d.dropped
         ),
-        Err(e) => tracing::error!("capabilities not dropped: {e}"),
+        Err(e) => tracing::error!("privileges not dropped: {e}"),
     }
     match crate::privileges::forbid_system_calls() {
         Ok(n) => tracing::info!("seccomp: {n} system calls a serving vpnd never makes now fail"),
@@ -381,12 +347,44 @@ fn drop_capabilities() {
 /// Telling systemd (`Type=notify`) where the daemon is: READY=1 once it
 /// serves, WATCHDOG=1 at half the watchdog interval while the runtime
 /// runs, STOPPING=1 when it shuts down. Without `NOTIFY_SOCKET` (not
-/// under systemd) each is a no-op.
+/// under systemd) each is a no-op. The socket is connected once, before
+/// vpnd becomes nobody: its path may be under a directory only root can
+/// search.
 mod service_manager {
-    use sd_notify::NotifyState;
+    use std::{os::unix::net::UnixDatagram, sync::OnceLock};
+
+    static SOCKET: OnceLock<Option<UnixDatagram>> = OnceLock::new();
+
+    /// Connects to `NOTIFY_SOCKET` (a path, or `@` and an abstract name).
+    pub fn connect() {
+        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
+            use std::os::{linux::net::SocketAddrExt as _, unix::ffi::OsStrExt as _};
+            let sock = UnixDatagram::unbound().ok()?;
+            let connected = match path.as_bytes().strip_prefix(b"@") {
+                Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)
+                    .and_then(|a| sock.connect_addr(&a)),
+                None => sock.connect(&path),
+            };
+            match connected {
+                Ok(()) => Some(sock),
+                Err(e) => {
+                    tracing::warn!("NOTIFY_SOCKET {}: {e}", path.to_string_lossy());
+                    None
+                }
+            }
+        });
+        let _ = SOCKET.set(socket);
+    }
+
+    fn notify(state: &str) -> std::io::Result<()> {
+        match SOCKET.get() {
+            Some(Some(s)) => s.send(state.as_bytes()).map(drop),
+            _ => Ok(()),
+        }
+    }
 
     pub fn ready() {
-        if let Err(e) = sd_notify::notify(false, &[NotifyState::Ready]) {
+        if let Err(e) = notify("READY=1") {
             tracing::warn!("telling the service manager we are ready: {e}");
         }
         if let Some(usec) = watchdog_usec() {
@@ -396,19 +394,19 @@ mod service_manager {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                    let _ = notify("WATCHDOG=1");
                 }
             });
         }
     }
 
     pub fn stopping() {
-        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+        let _ = notify("STOPPING=1");
     }
 
     /// The watchdog interval systemd asks for, as sd_watchdog_enabled(3)
     /// reads it: WATCHDOG_USEC, for this process unless WATCHDOG_PID
-    /// names another. (sd-notify's own check insists on WATCHDOG_PID.)
+    /// names another.
     fn watchdog_usec() -> Option<u64> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
         match std::env::var("WATCHDOG_PID").ok() {

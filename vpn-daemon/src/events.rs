@@ -229,9 +229,12 @@ impl EventLog {
                 if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(d)?;
                 }
+                // Readable too: `vpnctl events` reads it through this
+                // descriptor, as vpnd serves as a user that may not open it.
                 Some(Mutex::new(
                     std::fs::OpenOptions::new()
                         .create(true)
+                        .read(true)
                         .append(true)
                         .open(p)?,
                 ))
@@ -248,10 +251,32 @@ impl EventLog {
         let json = serde_json::to_string(&line).expect("events serialise");
         tracing::info!(target: "vpnd::event", "{json}");
         if let Some(f) = &self.file {
-            let mut f = f.lock();
-            if let Err(e) = writeln!(f, "{json}") {
+            // One write per line: the broker appends to the same file.
+            let line = json + "\n";
+            if let Err(e) = f.lock().write_all(line.as_bytes()) {
                 tracing::error!("cannot write event log: {e}");
             }
         }
+    }
+
+    /// The log's length, and up to `max` bytes of it from `start` (or
+    /// `None` without a log file).
+    pub fn read(&self, start: u64, max: u64) -> Option<std::io::Result<(u64, String)>> {
+        use std::os::unix::fs::FileExt as _;
+        let f = self.file.as_ref()?.lock();
+        Some((|| {
+            let len = f.metadata()?.len();
+            let want = len.saturating_sub(start).min(max) as usize;
+            let mut buf = vec![0u8; want];
+            let mut got = 0;
+            while got < want {
+                match f.read_at(&mut buf[got..], start + got as u64)? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            buf.truncate(got);
+            Ok((len, String::from_utf8_lossy(&buf).into_owned()))
+        })())
     }
 }

@@ -16,7 +16,6 @@ use crate::{
     datapath::tun::Tun,
     events::{Event, EventLog},
     login::LoginService,
-    net::uplinks::Uplinks,
     policies::PolicyError,
     session::manager::SessionManager,
     transport::{dtls::DtlsServer, listener::Listener, tls_tunnel::TunnelService},
@@ -72,8 +71,8 @@ pub struct Gateway {
     pub admission: Arc<admission::Counters>,
     /// The DTLS server, when `[dtls] enabled`.
     pub dtls: Option<Arc<DtlsServer>>,
-    /// The uplinks, when `[[uplink]]`s are configured.
-    pub uplinks: std::sync::OnceLock<Arc<Uplinks>>,
+    /// The privileged part: the data path's maps and the uplinks.
+    pub broker: Arc<crate::broker::Broker>,
     /// Latency histograms the services fill in (the metrics endpoint).
     pub latencies: Arc<crate::telemetry::Latencies>,
     /// The client certificate verifier, when `tls.client_ca_file` is set

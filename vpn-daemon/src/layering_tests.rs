@@ -20,6 +20,7 @@ const LEAVES: &[&str] = &[
     "telemetry",
     "privileges",
     "resources",
+    "files",
 ];
 
 /// The top-level modules each top-level module uses.

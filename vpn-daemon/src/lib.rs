@@ -39,11 +39,13 @@
 //! `Option` handled there, never an `expect`.
 pub mod api;
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod events;
+pub mod files;
 pub mod gateway;
 #[cfg(test)]
 mod hostile_input_tests;

@@ -341,7 +341,7 @@ pub fn render(gw: &Gateway) -> String {
         count(&c, vec![("result", "dropped".into())], acct.dropped);
     }
 
-    if let Some(u) = gw.uplinks.get() {
+    if !gw.settings.uplinks.is_empty() {
         let up = family::<Gauge>(&mut reg, "uplink_up", "1 while an uplink is healthy");
         let active = family::<Gauge>(
             &mut reg,
@@ -353,7 +353,7 @@ pub fn render(gw: &Gateway) -> String {
             "uplink_probe_rtt_seconds",
             "The last probe's round trip",
         );
-        for row in u.rows() {
+        for row in gw.broker.uplinks() {
             let l = vec![("uplink", row.name.clone())];
             set(&up, l.clone(), i64::from(row.state == "up"));
             set(&active, l.clone(), i64::from(row.role == "active"));

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use vpn_common::{MAX_INTERVALS, MAX_RULE_SLOTS};
 
 use crate::{
-    datapath::bpf::{Datapath, MapWriteError},
+    datapath::{DatapathOps, bpf::MapWriteError},
     policy::PolicyDef,
     policy::{self, CompileError, Compiled},
 };
@@ -124,7 +124,7 @@ impl PolicySet {
     /// changes.
     pub fn apply(
         &mut self,
-        dp: &mut Datapath,
+        dp: &mut dyn DatapathOps,
         defs: &[PolicyDef],
         default: Option<String>,
         split: &[IpNet],
@@ -168,7 +168,7 @@ impl PolicySet {
     /// Undoes an [`PolicySet::apply`] whose sessions could not all be moved
     /// (they were moved back): the new versions are removed and the set is
     /// as it was.
-    pub fn rollback(&mut self, dp: &mut Datapath, applied: Applied) {
+    pub fn rollback(&mut self, dp: &mut dyn DatapathOps, applied: Applied) {
         for f in &applied.fresh {
             self.remove(dp, f);
         }
@@ -178,7 +178,7 @@ impl PolicySet {
 
     fn install(
         &mut self,
-        dp: &mut Datapath,
+        dp: &mut dyn DatapathOps,
         def: &PolicyDef,
         split: &[IpNet],
         max_entries: usize,
@@ -243,7 +243,7 @@ impl PolicySet {
         }
     }
 
-    fn remove(&mut self, dp: &mut Datapath, p: &Installed) {
+    fn remove(&mut self, dp: &mut dyn DatapathOps, p: &Installed) {
         dp.remove_policy(p.id, &p.compiled);
         self.slots.free(p.first_slot, p.def.rules.len());
         self.intervals
@@ -251,7 +251,7 @@ impl PolicySet {
     }
 
     /// Removes versions returned by [`PolicySet::apply`].
-    pub fn retire(&mut self, dp: &mut Datapath, old: Vec<Arc<Installed>>) {
+    pub fn retire(&mut self, dp: &mut dyn DatapathOps, old: Vec<Arc<Installed>>) {
         for p in old {
             self.remove(dp, &p);
         }

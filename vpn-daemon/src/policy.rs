@@ -421,7 +421,7 @@ pub fn evaluate(rules: &[Rule], p: &PacketMeta) -> Option<usize> {
 }
 
 /// A policy compiled to map entries (layout in `vpn-common`).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Compiled {
     /// Distinct rule prefix lengths per family, longest first, ending in 0.
     pub v4_lens: Vec<u8>,

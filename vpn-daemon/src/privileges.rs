@@ -4,22 +4,25 @@
 //! programs (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN), binding port 443
 //! (CAP_NET_BIND_SERVICE), opening the uplink probes' raw sockets
 //! (CAP_NET_RAW), raising rlimits (CAP_SYS_RESOURCE), and, run as plain
-//! root, everything else too. Serving needs two: CAP_NET_ADMIN for routes,
-//! TC, nft and the uplinks' netlink work, and CAP_BPF for the `bpf()`
-//! calls that read and write the session maps (the kernel refuses every
-//! `bpf()` call without it while `kernel.unprivileged_bpf_disabled` is
-//! set, Debian's default). [`drop_all_but`] keeps those and drops the
-//! rest from the effective, permitted, inheritable, ambient and bounding
-//! sets, so neither this process nor anything it could exec gets them back.
+//! root, everything else too. Once set up, the broker (`broker/mod.rs`)
+//! needs two: CAP_NET_ADMIN for routes, nft and the uplinks' netlink
+//! work, and CAP_BPF for the `bpf()` calls that read and write the maps
+//! (the kernel refuses every `bpf()` call without it while
+//! `kernel.unprivileged_bpf_disabled` is set, Debian's default).
+//! [`drop_all_but`] keeps those and drops the rest from the effective,
+//! permitted, inheritable, ambient and bounding sets, so neither the
+//! process nor anything it could exec gets them back. vpnd itself needs
+//! none: [`become_user`] makes it nobody with nothing.
 //!
 //! Capabilities belong to threads, not processes: `capset` changes only
 //! the calling thread's, and by the time the daemon serves, tokio's
 //! workers, its blocking pool and the packet workers all exist. So the
 //! drop is done the way glibc's `setuid` and libcap's psx do it: every
 //! thread of the process is signalled and drops its own in the handler
-//! (two system calls, both async-signal-safe), then `/proc/self/task/*/status`
-//! is read back until every thread shows the kept set. Threads created
-//! later inherit it from whichever thread creates them.
+//! (a few system calls, all async-signal-safe; user and group ids are per
+//! thread in the kernel too), then `/proc/self/task/*/status` is read back
+//! until every thread shows the kept set (and user). Threads created later
+//! inherit them from whichever thread creates them.
 //!
 //! Then [`forbid_system_calls`] makes the system calls a serving vpnd
 //! never makes fail, in every thread.
@@ -148,9 +151,11 @@ impl fmt::Debug for CapSet {
     }
 }
 
-/// What serving needs: CAP_NET_ADMIN, and CAP_BPF where the kernel has it
-/// (5.8 and later; before it, `bpf()` needed CAP_SYS_ADMIN).
-pub fn serving_needs() -> CapSet {
+/// What the broker keeps once it serves (`broker/mod.rs`): CAP_NET_ADMIN
+/// for the uplinks' netlink and nft work, and CAP_BPF where the kernel
+/// has it (5.8 and later; before it, `bpf()` needed CAP_SYS_ADMIN) for
+/// the maps. vpnd itself keeps nothing.
+pub fn broker_needs() -> CapSet {
     if last_cap() >= CAP_BPF {
         CapSet::of(&[CAP_NET_ADMIN, CAP_BPF])
     } else {
@@ -236,13 +241,49 @@ pub enum DropError {
 /// The set the signal handler drops to; `u64::MAX` while nothing is asked.
 static TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
 
+/// The user and group the handler switches to (`uid << 32 | gid`);
+/// `u64::MAX` for none.
+static BECOME: AtomicU64 = AtomicU64::new(u64::MAX);
+
 /// Drops every capability but `keep` (those of it the process has) in
 /// every thread of the process, waiting up to `wait` for them all.
 pub fn drop_all_but(keep: CapSet, wait: Duration) -> Result<Dropped, DropError> {
+    drop_to(keep, wait)
+}
+
+/// Every thread of the process becomes user `uid` and group `gid` (no
+/// supplementary groups) and drops every capability, the bounding set
+/// included: what vpnd does before it serves (`broker/mod.rs`). Each
+/// thread switches itself, as for [`drop_all_but`]: the bounding set is
+/// dropped first (that takes CAP_SETPCAP, gone with the switch), then the
+/// groups and the user, which clears the rest.
+pub fn become_user(uid: u32, gid: u32, wait: Duration) -> Result<Dropped, DropError> {
+    BECOME.store(u64::from(uid) << 32 | u64::from(gid), Ordering::SeqCst);
+    drop_to(CapSet::EMPTY, wait)
+}
+
+/// The user every thread must have become, if any.
+fn target_user() -> Option<u32> {
+    let b = BECOME.load(Ordering::SeqCst);
+    (b != u64::MAX).then_some((b >> 32) as u32)
+}
+
+/// Whether a thread's status shows the user asked for (all four ids).
+fn is_target_user(status: &str) -> bool {
+    let Some(uid) = target_user() else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .is_some_and(|ids| ids.split_whitespace().all(|i| i.parse() == Ok(uid)))
+}
+
+fn drop_to(keep: CapSet, wait: Duration) -> Result<Dropped, DropError> {
     let own = read_status("/proc/thread-self/status")?;
     let keep = keep.intersect(own.permitted);
     let before = own.permitted.0 | own.bounding.0;
-    if own.within(keep) && all_within(keep)?.is_empty() {
+    if own.within(keep) && target_user().is_none() && all_within(keep)?.is_empty() {
         return Ok(Dropped {
             kept: keep,
             dropped: CapSet::EMPTY,
@@ -388,7 +429,7 @@ fn all_within(keep: CapSet) -> Result<Vec<libc::pid_t>, DropError> {
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
             continue;
         };
-        if !ThreadCaps::parse(&status).is_some_and(|c| c.within(keep)) {
+        if !ThreadCaps::parse(&status).is_some_and(|c| c.within(keep)) || !is_target_user(&status) {
             out.push(tid);
         }
     }
@@ -495,6 +536,23 @@ fn apply(keep: u64, last_cap: u32) -> Result<(), std::io::Error> {
             0,
         )
     };
+    let switch = BECOME.load(Ordering::SeqCst);
+    if switch != u64::MAX {
+        let (uid, gid) = ((switch >> 32) as libc::uid_t, switch as libc::gid_t);
+        // SAFETY: raw system calls with integer arguments, on this thread's
+        // own credentials (glibc's wrappers would signal every thread, which
+        // is not async-signal-safe here). Leaving uid 0 clears the
+        // permitted and effective sets.
+        unsafe {
+            if libc::syscall(libc::SYS_getuid) as libc::uid_t != uid
+                && (libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
     let mut hdr = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -533,7 +591,7 @@ mod tests {
         let c = ThreadCaps::parse(STATUS).unwrap();
         assert_eq!(c.permitted, CapSet(0x1ff_ffff_ffff));
         assert_eq!(c.inheritable, CapSet::EMPTY);
-        assert!(!c.within(serving_needs()));
+        assert!(!c.within(broker_needs()));
         let kept = CapSet::of(&[CAP_NET_ADMIN, CAP_BPF]);
         let dropped = ThreadCaps {
             permitted: kept,

@@ -14,8 +14,6 @@
 //!   `/proc/self/statm` through a descriptor opened at start, so reading
 //!   it at the memory limit or the descriptor limit still works.
 //!
-//! - [`room_for_shutdown`]: what the shutdown needs, even at the limit.
-//!
 //! A leaf: nothing here knows the rest of the crate.
 
 use std::{
@@ -34,27 +32,6 @@ use parking_lot::Mutex;
 /// descriptor left.
 pub fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Makes room for the shutdown's own work at the descriptor limit
-/// (removing the nft table runs `nft`, which takes eight descriptors for
-/// its pipes; rtnetlink takes a socket): the soft limit goes up to the
-/// hard one, which needs no privilege. The sessions the shutdown ended
-/// free theirs too, but a few sessions free fewer than `nft` needs.
-/// Returns the soft limit before and after when it changed.
-pub fn room_for_shutdown() -> Option<(u64, u64)> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit on a struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 || r.rlim_cur >= r.rlim_max {
-        return None;
-    }
-    let from = r.rlim_cur;
-    r.rlim_cur = r.rlim_max;
-    // SAFETY: as above.
-    (unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } == 0).then_some((from, r.rlim_max))
 }
 
 /// A descriptor held in reserve for one connection at the limit; see the

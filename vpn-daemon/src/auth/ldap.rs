@@ -56,7 +56,7 @@ pub struct LdapClient {
 impl LdapClient {
     /// A client for `settings`, trusting the certificates of `ca_file`.
     pub fn new(settings: LdapSettings) -> anyhow::Result<Self> {
-        let pem = std::fs::read(&settings.ca_file)
+        let pem = crate::files::read(&settings.ca_file)
             .with_context(|| format!("ldap.ca_file {}", settings.ca_file.display()))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {

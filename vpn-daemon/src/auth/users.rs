@@ -259,7 +259,7 @@ fn verify_argon2(password: &str, hash: &str) -> bool {
 impl UserFile {
     /// Reads the file; a missing file is an empty database.
     pub fn read(path: &Path) -> Result<Self, UserError> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::files::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => {
@@ -486,7 +486,7 @@ pub enum AuthResult {
 
 impl UserDb {
     pub fn open(path: PathBuf) -> Result<Self, UserError> {
-        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mtime = crate::files::modified(&path).ok();
         let f = UserFile::read(&path)?;
         Ok(UserDb {
             path,
@@ -502,9 +502,7 @@ impl UserDb {
     /// kept for [`Self::take_changes`]). A broken file keeps the previous
     /// copy and logs why.
     fn current(&self) -> std::sync::Arc<UserFile> {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+        let mtime = crate::files::modified(&self.path).ok();
         let mut c = self.cached.lock();
         if c.mtime != mtime {
             c.mtime = mtime;

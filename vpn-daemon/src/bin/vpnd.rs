@@ -21,6 +21,10 @@ struct Args {
     /// for vpnd over stdin; `transport/key_signer.rs`.
     #[arg(long, value_name = "KEY", hide = true)]
     key_signer: Option<PathBuf>,
+    /// (vpnd starts this itself) Set up and hold what takes privileges
+    /// for the vpnd whose socket is stdin; `broker/mod.rs`.
+    #[arg(long, value_name = "CONFIG", hide = true, conflicts_with_all = ["config", "key_signer"])]
+    broker: Option<PathBuf>,
     /// With --key-signer: generate the key and a self-signed certificate
     /// here first when they do not exist.
     #[arg(long, value_name = "CERT", hide = true, requires = "key_signer")]
@@ -63,6 +67,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vpnd key signer: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(config) = &args.broker {
+        return match vpn_daemon::broker::serve(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("vpnd broker: {e:#}");
                 ExitCode::FAILURE
             }
         };

@@ -36,9 +36,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vp
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The data path as services share it: each takes the lock for one
-/// change or read (lock order in `session/manager.rs`).
-pub type SharedDatapath = std::sync::Arc<parking_lot::Mutex<Datapath>>;
+/// The data path as the sessions' services share it: each takes the lock
+/// for one change or read (lock order in `session/manager.rs`). In `vpnd`
+/// it is the broker's (`RemoteDatapath` of the `broker` module).
+pub type SharedDatapath = std::sync::Arc<parking_lot::Mutex<Box<dyn super::DatapathOps>>>;
+
+/// The data path in the process that loaded it (the broker's uplinks).
+pub type LocalDatapath = std::sync::Arc<parking_lot::Mutex<Datapath>>;
 
 /// A map write the kernel refused while the gateway runs (a full map, no
 /// memory): what was being written, and the kernel's answer.
@@ -51,6 +55,9 @@ pub enum MapWriteError {
     },
     #[error("per-CPU values: {0}")]
     PerCpu(std::io::Error),
+    /// The broker refused the write or could not be asked.
+    #[error("{0}")]
+    Broker(String),
 }
 
 /// Names a refused write.
@@ -62,9 +69,19 @@ fn writing(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> MapWr
 }
 
 /// Every address's counters at one moment ([`Datapath::all_session_stats`]).
+#[derive(Default)]
 pub struct StatsSnapshot(std::collections::HashMap<SessionKey, SessionStats>);
 
 impl StatsSnapshot {
+    /// The snapshot's entries (to send it to another process).
+    pub fn entries(&self) -> Vec<(SessionKey, SessionStats)> {
+        self.0.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    pub fn from_entries(entries: Vec<(SessionKey, SessionStats)>) -> Self {
+        StatsSnapshot(entries.into_iter().collect())
+    }
+
     /// The counters of `addrs` (a session's addresses), summed.
     pub fn of(&self, addrs: impl IntoIterator<Item = IpAddr>) -> SessionStats {
         let mut t = SessionStats::default();

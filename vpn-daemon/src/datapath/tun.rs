@@ -91,8 +91,28 @@ impl Tun {
         Ok((tun, offload))
     }
 
+    /// The device `name` from queues another process opened (the
+    /// broker's).
+    pub fn from_queues(name: &str, queues: Vec<File>) -> io::Result<Self> {
+        if queues.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no queues of TUN device {name}"),
+            ));
+        }
+        Ok(Tun {
+            queues,
+            name: name.to_owned(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How many queues it has.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
     }
 
     /// Queue `q` (non-blocking): its data path thread polls and reads it.

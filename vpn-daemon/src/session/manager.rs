@@ -291,7 +291,7 @@ impl SessionManager {
     pub fn apply_policies(&self, settings: &Settings) -> Result<(), PolicyError> {
         let mut policies = self.policies.lock();
         let applied = policies.apply(
-            &mut self.datapath.lock(),
+            &mut **self.datapath.lock(),
             &settings.policies,
             settings.default_policy.clone(),
             // The split list clients were given at connect time.
@@ -302,13 +302,13 @@ impl SessionManager {
         // new policies too), then drop the versions nobody uses.
         match self.rebind(&policies) {
             Ok(orphans) => {
-                policies.retire(&mut self.datapath.lock(), applied.old);
+                policies.retire(&mut **self.datapath.lock(), applied.old);
                 drop(policies);
                 self.end_orphans(orphans);
                 Ok(())
             }
             Err(e) => {
-                policies.rollback(&mut self.datapath.lock(), applied);
+                policies.rollback(&mut **self.datapath.lock(), applied);
                 Err(e)
             }
         }
@@ -492,7 +492,7 @@ impl SessionManager {
         }));
         {
             let mut dp = self.datapath.lock();
-            if let Err(e) = install(&mut dp, &session, binding.id, Default::default()) {
+            if let Err(e) = install(&mut **dp, &session, binding.id, Default::default()) {
                 pool.release(lease.v4);
                 tracing::error!("cannot install session in BPF maps: {e}");
                 return Err(SessionRefused::Datapath);
@@ -686,7 +686,7 @@ impl SessionManager {
                 Ordering::Relaxed,
             );
             let mut dp = self.datapath.lock();
-            if let Err(e) = install(&mut dp, &session, binding.id, r.counters) {
+            if let Err(e) = install(&mut **dp, &session, binding.id, r.counters) {
                 drop(dp);
                 pool.release(lease.v4);
                 leave(format!("its BPF entries: {e}"));
@@ -909,7 +909,7 @@ fn new_session(g: Granted<'_>) -> Session {
 /// Installs a session's BPF entries, its counters starting at `from`;
 /// all of them or none.
 fn install(
-    dp: &mut crate::datapath::bpf::Datapath,
+    dp: &mut dyn crate::datapath::DatapathOps,
     s: &Session,
     policy_id: u32,
     from: vpn_common::SessionStats,

@@ -24,7 +24,6 @@
 //! `disconnected_timeout_secs` unless its cookie returns).
 
 use std::{
-    io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -97,22 +96,8 @@ pub fn path(state_dir: &Path) -> PathBuf {
 /// Writes `saved` to `path` whole or not at all: a new file (0600),
 /// synced, renamed over the old one.
 pub fn write(path: &Path, saved: &Saved) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("json.new");
     let text = serde_json::to_vec(saved)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&text)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    crate::files::write_private(path, &text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads the saved table: None without a file. A file that does not read

@@ -42,8 +42,8 @@ fn read_crls(path: Option<&Path>) -> anyhow::Result<Vec<CertificateRevocationLis
     let Some(path) = path else {
         return Ok(Vec::new());
     };
-    let pem =
-        std::fs::read(path).with_context(|| format!("tls.client_crl_file {}", path.display()))?;
+    let pem = crate::files::read(path)
+        .with_context(|| format!("tls.client_crl_file {}", path.display()))?;
     let crls = rustls_pemfile::crls(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("tls.client_crl_file {}: not PEM CRLs", path.display()))?;

@@ -85,11 +85,31 @@ impl Spawn {
     }
 }
 
+impl Spawn {
+    /// Starts a signer for another process (the broker starts one for
+    /// vpnd): the child, and the socket to give away.
+    pub fn start_detached(&self) -> anyhow::Result<(Child, UnixStream)> {
+        let (mut cmd, stream) = self.command()?;
+        let child = cmd.spawn().context("starting the key signer")?;
+        Ok((child, stream))
+    }
+}
+
+/// Starts a signer elsewhere and returns the socket to it and its pid.
+pub type Restart = Box<dyn Fn() -> anyhow::Result<(UnixStream, u32)> + Send + Sync>;
+
 /// A running signer.
-#[derive(Debug)]
 struct Link {
-    child: Child,
+    /// Ours to stop, unless another process started it.
+    child: Option<Child>,
+    pid: u32,
     stream: UnixStream,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key signer {}", self.pid)
+    }
 }
 
 impl Link {
@@ -97,10 +117,18 @@ impl Link {
     fn start(spawn: &Spawn) -> anyhow::Result<(Link, KeyInfo)> {
         let (mut cmd, stream) = spawn.command()?;
         let child = cmd.spawn().context("starting the key signer")?;
+        Link::over(stream, child.id(), Some(child))
+    }
+
+    /// The signer at the end of `stream`, once it says what its key is.
+    fn over(stream: UnixStream, pid: u32, child: Option<Child>) -> anyhow::Result<(Link, KeyInfo)> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut link = Link { child, stream };
+        let mut link = Link { child, pid, stream };
         let info = KeyInfo::read(&mut link.stream).map_err(|e| {
-            let status = link.child.try_wait().ok().flatten();
+            let status = link
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             anyhow!(
                 "the key signer did not start ({e}{})",
                 status.map_or(String::new(), |s| format!("; it exited: {s}"))
@@ -137,8 +165,10 @@ impl Drop for Link {
         // The signer ends at the end of its socket. (vpnd cannot signal
         // it: it runs as nobody, and vpnd has no CAP_KILL once it serves.)
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -187,11 +217,11 @@ impl KeyInfo {
 }
 
 /// The server key as rustls sees it: every signature is the signer's.
-#[derive(Debug)]
 pub struct RemoteKey {
     info: KeyInfo,
     spawn: Spawn,
     link: Arc<Mutex<Option<Link>>>,
+    restart: Arc<std::sync::OnceLock<Restart>>,
 }
 
 impl RemoteKey {
@@ -203,12 +233,19 @@ impl RemoteKey {
             info,
             spawn,
             link: Arc::new(Mutex::new(Some(link))),
+            restart: Arc::default(),
         }))
+    }
+
+    /// From now on a signer that failed is started again by `restart`
+    /// (once vpnd serves as nobody it cannot read the key to start one).
+    pub fn restart_through(&self, restart: Restart) {
+        let _ = self.restart.set(restart);
     }
 
     /// The signer's process id (for tests and the log).
     pub fn pid(&self) -> Option<u32> {
-        self.link.lock().as_ref().map(|l| l.child.id())
+        self.link.lock().as_ref().map(|l| l.pid)
     }
 }
 
@@ -219,6 +256,7 @@ impl SigningKey for RemoteKey {
             scheme,
             spawn: self.spawn.clone(),
             link: self.link.clone(),
+            restart: self.restart.clone(),
         }))
     }
 
@@ -231,11 +269,23 @@ impl SigningKey for RemoteKey {
     }
 }
 
-#[derive(Debug)]
 struct RemoteSigner {
     scheme: SignatureScheme,
     spawn: Spawn,
     link: Arc<Mutex<Option<Link>>>,
+    restart: Arc<std::sync::OnceLock<Restart>>,
+}
+
+impl std::fmt::Debug for RemoteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteKey({:?})", self.link.lock())
+    }
+}
+
+impl std::fmt::Debug for RemoteSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteSigner({:?})", self.scheme)
+    }
 }
 
 impl Signer for RemoteSigner {
@@ -245,9 +295,9 @@ impl Signer for RemoteSigner {
             match l.sign(self.scheme, message) {
                 Ok(sig) => return Ok(sig),
                 Err(e) => {
-                    let status = l.child.try_wait().ok().flatten();
+                    let status = l.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                     tracing::warn!(
-                        pid = l.child.id(),
+                        pid = l.pid,
                         "the key signer failed ({e}{}); starting it again",
                         status.map_or(String::new(), |s| format!("; it exited: {s}"))
                     );
@@ -255,11 +305,15 @@ impl Signer for RemoteSigner {
                 }
             }
         }
-        let (mut l, _) = Link::start(&self.spawn).map_err(|e| {
+        let started = match self.restart.get() {
+            Some(restart) => restart().and_then(|(stream, pid)| Link::over(stream, pid, None)),
+            None => Link::start(&self.spawn),
+        };
+        let (mut l, _) = started.map_err(|e| {
             tracing::error!("{e:#}");
             rustls::Error::General("the key signer is not running".into())
         })?;
-        tracing::info!(pid = l.child.id(), "key signer started again");
+        tracing::info!(pid = l.pid, "key signer started again");
         let sig = l
             .sign(self.scheme, message)
             .map_err(|e| rustls::Error::General(format!("the key signer: {e}")));

@@ -56,8 +56,23 @@ pub fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 /// The configured certificate or the generated one (generated with its
 /// key on first use, by the key signer), and the key signer started.
 pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
-    use super::key_signer::{RemoteKey, Spawn};
-    let (spawn, cert_path) = match (&s.tls.cert_file, &s.tls.key_file) {
+    let (spawn, cert_path) = signer_spawn(s);
+    let key = super::key_signer::RemoteKey::start(spawn)?;
+    let chain = read_chain(&cert_path)?;
+    let pin = pin_sha256(&chain[0])?;
+    tracing::info!(pid = key.pid(), "the private key is held by the key signer");
+    Ok(ServerIdentity {
+        chain,
+        key,
+        pin,
+        cert_path,
+    })
+}
+
+/// How to start the key signer for `s`, and the certificate's path.
+pub fn signer_spawn(s: &Settings) -> (super::key_signer::Spawn, PathBuf) {
+    use super::key_signer::Spawn;
+    match (&s.tls.cert_file, &s.tls.key_file) {
         (Some(c), Some(k)) => (
             Spawn {
                 key: k.clone(),
@@ -76,17 +91,7 @@ pub fn load_identity(s: &Settings) -> anyhow::Result<ServerIdentity> {
                 c,
             )
         }
-    };
-    let key = RemoteKey::start(spawn)?;
-    let chain = read_chain(&cert_path)?;
-    let pin = pin_sha256(&chain[0])?;
-    tracing::info!(pid = key.pid(), "the private key is held by the key signer");
-    Ok(ServerIdentity {
-        chain,
-        key,
-        pin,
-        cert_path,
-    })
+    }
 }
 
 /// The names a generated certificate is for: `tls.hostnames` (or

@@ -46,7 +46,7 @@ use vpn_common::{MARK_BASE, MARK_EXEMPT, MARK_MASK, MARK_UPLINK, MAX_UPLINKS};
 
 use crate::{
     config::{FailoverConfig, UplinkConfig},
-    datapath::bpf::SharedDatapath,
+    datapath::bpf::LocalDatapath,
     events::{Event, EventLog},
     net::netlink::get_link,
 };
@@ -87,7 +87,7 @@ pub struct Uplinks {
     /// The healthy set last written to the data path (`u32::MAX` = none
     /// yet), so each probe does not rewrite it.
     healthy_mask: AtomicU32,
-    datapath: SharedDatapath,
+    datapath: LocalDatapath,
     events: Arc<EventLog>,
 }
 
@@ -104,7 +104,7 @@ impl Uplinks {
     pub async fn start(
         cfg: &[UplinkConfig],
         failover: &FailoverConfig,
-        datapath: SharedDatapath,
+        datapath: LocalDatapath,
         events: Arc<EventLog>,
     ) -> anyhow::Result<Arc<Uplinks>> {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
