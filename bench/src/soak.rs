@@ -29,6 +29,18 @@ use vpn_tests::{ConfigParts, GW_INSIDE, GW_OUTSIDE, Gateway, Topology, wait_for}
 
 use crate::scale::{PASSWORD, env_or, machine, sources, users_toml};
 
+/// The broker vpnd `pid` started (its child running `--broker`).
+fn broker_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .find(|c: &u32| {
+            std::fs::read_to_string(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|l| l.contains("--broker"))
+        })
+}
+
 /// vpnd's resident KiB and open descriptors now.
 fn usage(pid: u32) -> (u64, usize) {
     let (_, rss, _, _) = crate::load::gateway_usage(pid);
@@ -86,6 +98,8 @@ pub fn run() -> anyhow::Result<String> {
     std::thread::sleep(Duration::from_secs(3));
     let pid = gw.pid().context("vpnd's pid")?;
     let at_start = usage(pid);
+    let broker = broker_of(pid).context("vpnd's broker")?;
+    let broker_at_start = usage(broker);
 
     let ramp = sessions as f64 / rate as f64;
     let hold = minutes * 60;
@@ -128,6 +142,7 @@ pub fn run() -> anyhow::Result<String> {
     std::thread::sleep(Duration::from_secs(5));
     let stats: Value = serde_json::from_str(&gw.vpnctl(&["stats", "--json"])?)?;
     let at_end = usage(pid);
+    let broker_at_end = usage(broker);
 
     let samples = r["samples"].as_array().cloned().unwrap_or_default();
     let ramp_end = ramp + 5.0;
@@ -141,6 +156,9 @@ pub fn run() -> anyhow::Result<String> {
             .collect()
     };
     let rss = series("rss_kib");
+    // The second half alone: does it level off?
+    let half = (warm + hold_end) / 2.0;
+    let rss_late: Vec<(f64, f64)> = rss.iter().copied().filter(|(t, _)| *t >= half).collect();
     let fds = series("fds");
     let held = series("held");
     let first = |v: &[(f64, f64)]| v.first().map_or(0.0, |p| p.1);
@@ -206,6 +224,11 @@ pub fn run() -> anyhow::Result<String> {
     )?;
     writeln!(
         t,
+        "| and over the second half of that | {:+.2} MiB per hour |",
+        per_hour(&rss_late) / 1024.0
+    )?;
+    writeln!(
+        t,
         "| vpnd descriptors after the warm-up, at the end | {:.0}, {:.0} (trend {:+.1} per hour) |",
         first(&fds),
         last(&fds),
@@ -229,6 +252,14 @@ pub fn run() -> anyhow::Result<String> {
         at_start.1,
         at_end.0 as f64 / 1024.0,
         at_end.1
+    )?;
+    writeln!(
+        t,
+        "| its broker at start, after the soak | {:.1} MiB and {} descriptors, {:.1} MiB and {} descriptors |",
+        broker_at_start.0 as f64 / 1024.0,
+        broker_at_start.1,
+        broker_at_end.0 as f64 / 1024.0,
+        broker_at_end.1
     )?;
     writeln!(
         t,
