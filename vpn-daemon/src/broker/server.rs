@@ -27,6 +27,10 @@ use crate::{
 /// The most rule counters one request reads or zeroes.
 const MAX_SLOTS: u32 = 1 << 16;
 
+/// The most key signers started for vpnd that may run at once (vpnd uses
+/// one; one that failed ends when vpnd drops its socket).
+const MAX_SIGNERS: usize = 4;
+
 /// How long a new broker waits for an old one (of a vpnd that just
 /// died) to be gone.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -266,6 +270,9 @@ fn file(held: &Held, req: Request) -> Reply {
 fn start_key_signer(held: &Held) -> anyhow::Result<(u32, UnixStream)> {
     let mut signers = held.signers.lock();
     signers.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+    if signers.len() >= MAX_SIGNERS {
+        bail!("{MAX_SIGNERS} key signers started for vpnd still run");
+    }
     let (mut spawn, _) = crate::transport::tls::signer_spawn(&held.settings);
     spawn.generate = None;
     let (child, stream) = spawn.start_detached()?;
