@@ -183,21 +183,17 @@ impl Gateway {
                     .map_err(|e| format!("since '{t}' is not an RFC 3339 time: {e}"))
             })
             .transpose()?;
-        let read = |start| {
-            self.events
-                .read(start, WINDOW)
-                .unwrap_or(Ok((0, String::new())))
-                .map_err(|e| format!("reading {}: {e}", path.display()))
-        };
-        // Where to start needs the length: a first read learns it.
-        let (len, _) = read(u64::MAX)?;
         // A log that shrank was rotated: start over.
-        let start = match q.from {
+        let from = |len: u64| match q.from {
             Some(from) if from <= len => from,
             Some(_) => 0,
             None => len.saturating_sub(WINDOW),
         };
-        let (_, text) = read(start)?;
+        let (start, text) = self
+            .events
+            .read(from, WINDOW)
+            .unwrap_or(Ok((0, String::new())))
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
         // Only whole lines: a line being written is read next time.
         let whole = text.rfind('\n').map_or(0, |i| i + 1);
         let mut events: Vec<serde_json::Value> = text[..whole]

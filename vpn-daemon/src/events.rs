@@ -259,13 +259,18 @@ impl EventLog {
         }
     }
 
-    /// The log's length, and up to `max` bytes of it from `start` (or
-    /// `None` without a log file).
-    pub fn read(&self, start: u64, max: u64) -> Option<std::io::Result<(u64, String)>> {
+    /// Up to `max` bytes of the log from where `start` says, given the
+    /// log's length (or `None` without a log file), and where they start.
+    pub fn read(
+        &self,
+        start: impl FnOnce(u64) -> u64,
+        max: u64,
+    ) -> Option<std::io::Result<(u64, String)>> {
         use std::os::unix::fs::FileExt as _;
         let f = self.file.as_ref()?.lock();
         Some((|| {
             let len = f.metadata()?.len();
+            let start = start(len);
             let want = len.saturating_sub(start).min(max) as usize;
             let mut buf = vec![0u8; want];
             let mut got = 0;
@@ -276,7 +281,7 @@ impl EventLog {
                 }
             }
             buf.truncate(got);
-            Ok((len, String::from_utf8_lossy(&buf).into_owned()))
+            Ok((start, String::from_utf8_lossy(&buf).into_owned()))
         })())
     }
 }

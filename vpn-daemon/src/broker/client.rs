@@ -53,6 +53,25 @@ struct Link {
     broken: Option<String>,
 }
 
+impl Link {
+    /// Sends `req` and reads the reply (a refusal as the error).
+    fn exchange(&mut self, req: &Request) -> Result<Reply, String> {
+        if let Some(why) = &self.broken {
+            return Err(why.clone());
+        }
+        let answer = write_frame(&mut self.stream, req).and_then(|()| read_frame(&mut self.stream));
+        let why = match answer {
+            Ok(Some(Reply::Failed(e))) => return Err(e),
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => "the broker has gone".to_owned(),
+            // A late reply would answer the next request: the link is done.
+            Err(e) => format!("the broker did not answer: {e}"),
+        };
+        self.broken = Some(why.clone());
+        Err(why)
+    }
+}
+
 /// What [`Broker::start`] gives vpnd.
 pub struct Started {
     pub broker: Arc<Broker>,
@@ -156,26 +175,7 @@ impl Broker {
 
     /// One request and its reply.
     fn call(&self, req: &Request) -> Result<Reply, String> {
-        let mut link = self.link.lock();
-        if let Some(why) = &link.broken {
-            return Err(why.clone());
-        }
-        let answer = write_frame(&mut link.stream, req).and_then(|()| read_frame(&mut link.stream));
-        match answer {
-            Ok(Some(Reply::Failed(e))) => Err(e),
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => {
-                link.broken = Some("the broker has gone".into());
-                Err("the broker has gone".into())
-            }
-            Err(e) => {
-                // A late reply would answer the next request: the link is
-                // done.
-                let why = format!("the broker did not answer: {e}");
-                link.broken = Some(why.clone());
-                Err(why)
-            }
-        }
+        self.link.lock().exchange(req)
     }
 
     fn done(&self, req: &Request) -> Result<(), String> {
@@ -204,20 +204,12 @@ impl Broker {
     /// A new key signer, started by the broker: the socket to it and its
     /// pid.
     pub fn start_key_signer(&self) -> anyhow::Result<(UnixStream, u32)> {
+        // The socket follows the reply: the link stays ours until it came.
         let mut link = self.link.lock();
-        if let Some(why) = &link.broken {
-            bail!("{why}");
-        }
-        let answer = write_frame(&mut link.stream, &Request::StartKeySigner)
-            .and_then(|()| read_frame::<Reply>(&mut link.stream));
-        let pid = match answer {
-            Ok(Some(Reply::KeySigner { pid })) => pid,
-            Ok(Some(Reply::Failed(e))) => bail!("the broker could not start a key signer: {e}"),
-            other => {
-                let why = format!("the broker did not answer: {other:?}");
-                link.broken = Some(why.clone());
-                bail!(why);
-            }
+        let pid = match link.exchange(&Request::StartKeySigner) {
+            Ok(Reply::KeySigner { pid }) => pid,
+            Ok(other) => bail!("the broker answered {other:?}"),
+            Err(e) => bail!("the broker could not start a key signer: {e}"),
         };
         let fd = recv_fds(&link.stream, 1)
             .ok()

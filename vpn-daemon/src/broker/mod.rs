@@ -204,6 +204,26 @@ fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut UnixStream) -> io::Result<Op
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+fn one_byte(byte: &mut [u8; 1]) -> libc::iovec {
+    libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    }
+}
+
+/// A `msghdr` of one buffer and a control buffer; valid as long as both
+/// live.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is a valid value (null pointers, zero
+    // lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
 /// Sends `fds` with one byte of data (`SCM_RIGHTS`; just the byte when
 /// there are none).
 fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
@@ -211,10 +231,7 @@ fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
         return (&*s).write_all(&[0]);
     }
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
+    let mut iov = one_byte(&mut byte);
     let data_len = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
@@ -223,11 +240,7 @@ fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
     // the sendmsg call, and the control buffer has CMSG_SPACE bytes for
     // one header with `fds`.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
+        let msg = message(&mut iov, &mut control);
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -243,10 +256,7 @@ fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
 /// Receives the descriptors [`send_fds`] sent (at most `max`).
 fn recv_fds(s: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
+    let mut iov = one_byte(&mut byte);
     // SAFETY: as in send_fds.
     let space = unsafe { libc::CMSG_SPACE((max * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut control = vec![0u8; space];
@@ -254,11 +264,7 @@ fn recv_fds(s: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
     // SAFETY: as in send_fds; the kernel writes at most `space` bytes of
     // control data, and each SCM_RIGHTS descriptor it wrote is ours to own.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
+        let mut msg = message(&mut iov, &mut control);
         let n = libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
         if n < 0 {
             return Err(io::Error::last_os_error());
