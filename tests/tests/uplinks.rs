@@ -669,3 +669,192 @@ fn after_sigkill_at_any_moment_a_restart_leaves_exactly_one_set() {
         );
     }
 }
+
+/// Runs `openconnect --authenticate` from the client with `args` (the
+/// server last); returns its exit status and output.
+fn authenticate_with(net: &Net, pin: &str, args: &[&str]) -> (bool, String) {
+    let mut child = net
+        .topo
+        .client
+        .cmd("openconnect")
+        .args([
+            "--authenticate",
+            "--protocol=anyconnect",
+            "-v",
+            "--servercert",
+            pin,
+            "-u",
+            ALICE.name,
+            "--passwd-on-stdin",
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    writeln!(child.stdin.take().unwrap(), "{}", ALICE.password).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The client profile: openconnect downloads it at login (through the
+/// port suffix openconnect 9.01 adds to its path), its server list has
+/// both uplinks' names, a client that has it does not download it again,
+/// its entry for isp2 takes openconnect to isp2 in the entry's group, and
+/// a reload that changes it makes clients download the new file.
+#[test]
+fn openconnect_downloads_the_profile_and_connects_by_its_entries() {
+    require_root();
+    let net = Net::new();
+    let config = |d: &std::path::Path, backup: &str| {
+        net.config_with(
+            d,
+            &format!(
+                "[[group]]\nname = \"staff\"\n[[group]]\nname = \"guests\"\n\
+                 [profile]\nhost_name = \"Corp VPN\"\ntrusted_dns_domains = [\"corp.example.com\"]\n{backup}"
+            ),
+        )
+        .replace("listen = \"0.0.0.0:443\"", "listen = \"0.0.0.0:8443\"")
+        .replace(
+            "name = \"isp1\"\n",
+            "name = \"isp1\"\nhostname = \"vpn-isp1.test\"\n",
+        )
+        .replace(
+            "name = \"isp2\"\n",
+            "name = \"isp2\"\nhostname = \"vpn-isp2.test\"\n",
+        )
+    };
+    let gw = Gateway::start_with(&net.topo, |d| config(d, ""), &[ALICE]).unwrap();
+    let resolve = [
+        format!("--resolve=vpn-isp1.test:{WAN1}"),
+        format!("--resolve=vpn-isp2.test:{WAN2}"),
+    ];
+    let dir = TempDir::new("profile").unwrap();
+    let file = dir.path().join("profile.xml");
+    let file_arg = file.to_str().unwrap();
+    let login = |target: &str, group: Option<&str>| {
+        let mut args = vec![resolve[0].as_str(), resolve[1].as_str(), "-x", file_arg];
+        if let Some(g) = group {
+            args.extend(["--authgroup", g]);
+        }
+        args.push(target);
+        authenticate_with(&net, &gw.pin, &args)
+    };
+    let sent = |gw: &Gateway| gw.log().matches("client profile sent").count();
+
+    // First login (no file yet): openconnect fetches and keeps it.
+    let (ok, out) = login("https://vpn-isp1.test:8443/", Some("staff"));
+    assert!(ok, "{out}\n{}", gw.log());
+    let got = std::fs::read(&file).unwrap_or_else(|e| panic!("{e}: {out}\n{}", gw.log()));
+    let text = String::from_utf8(got.clone()).unwrap();
+    assert!(
+        text.contains("<HostAddress>vpn-isp1.test:8443</HostAddress>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<HostAddress>vpn-isp2.test:8443</HostAddress>"),
+        "{text}"
+    );
+    assert!(text.contains("<UserGroup>staff</UserGroup>"), "{text}");
+    assert!(
+        text.contains("<TrustedDNSDomains>corp.example.com<"),
+        "{text}"
+    );
+    assert_eq!(sent(&gw), 1, "{}", gw.log());
+    // The file is the one announced, byte for byte: its SHA-1 is the
+    // one the gateway logged when it sent it.
+    let sha1 = sha1_of(&file);
+    assert!(
+        gw.log()
+            .lines()
+            .any(|l| l.contains("client profile sent") && l.contains(&sha1)),
+        "{sha1} not sent:\n{}",
+        gw.log()
+    );
+
+    // Second login: the file's hash matches, nothing is downloaded.
+    let (ok, out) = login("https://vpn-isp1.test:8443/", Some("staff"));
+    assert!(ok, "{out}");
+    assert_eq!(sent(&gw), 1, "downloaded again:\n{out}");
+    assert_eq!(std::fs::read(&file).unwrap(), got);
+
+    // The isp2 entry, by name: openconnect goes to vpn-isp2.test in the
+    // entry's group.
+    let (ok, out) = login("Corp VPN (isp2)", None);
+    assert!(ok, "{out}\n{}", gw.log());
+    let sessions = gw.sessions().unwrap();
+    let last = sessions
+        .iter()
+        .max_by_key(|s| s["id"].as_u64().unwrap())
+        .unwrap();
+    assert_eq!(last["group"], "staff", "{last}");
+    let through_isp2 = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("login succeeded"))
+        .any(|l| l.contains("198.18.41.2:"));
+    assert!(through_isp2, "no login through isp2:\n{}", gw.log());
+
+    // Only a session's own group's profile, and only with its cookie.
+    let cookie = out
+        .lines()
+        .find_map(|l| l.strip_prefix("COOKIE="))
+        .and_then(|c| c.trim_matches('\'').rsplit("webvpn=").next())
+        .unwrap()
+        .to_owned();
+    let get = |path: &str, cookie: Option<&str>| {
+        let mut cmd = net.topo.client.cmd("curl");
+        cmd.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--resolve", &format!("vpn-isp1.test:8443:{WAN1}")])
+            .arg(format!("https://vpn-isp1.test:8443{path}"));
+        if let Some(c) = cookie {
+            cmd.args(["-b", &format!("webvpn={c}")]);
+        }
+        String::from_utf8(sh(&mut cmd).unwrap().stdout).unwrap()
+    };
+    assert_eq!(get("/profiles/staff.xml", Some(&cookie)), "200");
+    assert_eq!(get("/profiles/staff.xml", None), "404");
+    assert_eq!(get("/profiles/staff.xml", Some("0123456789abcdef")), "404");
+    assert_eq!(get("/profiles/guests.xml", Some(&cookie)), "404");
+    let served = sent(&gw);
+
+    // A reload that adds a backup server: a new file, downloaded again.
+    std::fs::write(
+        &gw.config,
+        config(gw.dir.path(), "backup_servers = [\"vpn-dr.test\"]\n"),
+    )
+    .unwrap();
+    let out = gw.vpnctl(&["reload"]).unwrap();
+    assert!(!out.contains("restart"), "{out}");
+    let (ok, out) = login("https://vpn-isp1.test:8443/", Some("staff"));
+    assert!(ok, "{out}");
+    assert_eq!(
+        sent(&gw),
+        served + 1,
+        "not downloaded after the change:\n{out}"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("<HostAddress>vpn-dr.test</HostAddress>"),
+        "{text}"
+    );
+}
+
+/// SHA-1 of the file at `path`, upper-case hex (`sha1sum`).
+fn sha1_of(path: &std::path::Path) -> String {
+    let out = sh(std::process::Command::new("sha1sum").arg(path)).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_uppercase()
+}

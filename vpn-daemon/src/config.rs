@@ -7,6 +7,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -86,6 +87,52 @@ pub struct Config {
     /// `vpnctl reload` applies changes to these and to `[policy]` live.
     #[serde(default, rename = "group_policy")]
     pub group_policies: Vec<GroupPolicyConfig>,
+    /// The client profile (`[profile]`, options in `profile.rs`): the
+    /// server list, backup servers, trusted network detection and
+    /// always-on settings Cisco clients download at login. A reload
+    /// applies changes to new logins.
+    #[serde(default)]
+    pub profile: crate::profile::ProfileOptions,
+    #[serde(default)]
+    pub identity_feed: IdentityFeedConfig,
+}
+
+/// `[identity_feed]`: who holds which VPN address, for web proxies and
+/// other consumers (`identity.rs`): `GET /v1/mappings`, `GET
+/// /v1/mappings/<address>` and the stream of numbered changes `GET
+/// /v1/changes` (server-sent events, resumable with `Last-Event-ID`),
+/// over HTTPS with the gateway's certificate. Keep it on a management
+/// address: it tells who is connected from where.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityFeedConfig {
+    /// Default false.
+    pub enabled: bool,
+    /// `address:port`. Default `127.0.0.1:9443`.
+    pub listen: SocketAddr,
+    /// The shared secret consumers present, as a bearer token
+    /// (`Authorization: Bearer SECRET`) or as the password of basic
+    /// authentication (any user name). At least 16 characters; required
+    /// when enabled.
+    pub secret: String,
+    /// Changes kept for consumers that reconnect (1 to 1000000): one that
+    /// was away for more gets a fresh snapshot instead. Default 10000.
+    pub history: usize,
+    /// Consumers connected at once (1 to 1024); more are refused with 503.
+    /// Default 16.
+    pub max_consumers: usize,
+}
+
+impl Default for IdentityFeedConfig {
+    fn default() -> Self {
+        IdentityFeedConfig {
+            enabled: false,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9443)),
+            secret: String::new(),
+            history: 10_000,
+            max_consumers: 16,
+        }
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint (`GET /metrics`, OpenMetrics
@@ -180,6 +227,12 @@ pub struct UplinkConfig {
     /// Lower is preferred. Default 100.
     #[serde(default = "default_uplink_priority")]
     pub priority: u32,
+    /// The public name (or address, `host` or `host:port`) clients reach
+    /// the gateway at through this uplink, e.g. "vpn-isp1.example.com":
+    /// the client profile's server list has an entry for it, with the
+    /// other uplinks' names as its backups. Default none.
+    #[serde(default)]
+    pub hostname: Option<String>,
     /// Masquerade VPN traffic leaving here to the interface's address.
     /// Default true.
     #[serde(default = "default_true")]
@@ -1128,6 +1181,10 @@ pub struct GroupConfig {
     /// `"radius"` in front of an OTP server, after `"ldap"`).
     #[serde(default)]
     pub second_factor: Option<AuthMethod>,
+    /// `[group.profile]`: this group's client profile options over
+    /// `[profile]`'s (e.g. always-on for the managed laptops' group).
+    #[serde(default)]
+    pub profile: Option<crate::profile::ProfileOptions>,
 }
 
 impl GroupConfig {
@@ -1140,6 +1197,7 @@ impl GroupConfig {
             cert_name_must_match: true,
             method: None,
             second_factor: None,
+            profile: None,
         }
     }
 }
@@ -1213,6 +1271,13 @@ pub struct Settings {
     pub failover: FailoverConfig,
     /// `[metrics]` listen address, when enabled.
     pub metrics: Option<SocketAddr>,
+    /// The client profile of each group (`[profile]`, `[group.profile]`).
+    pub profiles: Arc<crate::profile::Profiles>,
+    /// `[identity_feed]`, when enabled.
+    pub identity_feed: Option<IdentityFeedConfig>,
+    /// `identity_feed.history` (the journal keeps it while the feed is
+    /// off too).
+    pub identity_history: usize,
 }
 
 /// `[tls]`, defaults applied.
@@ -1617,6 +1682,29 @@ impl Config {
             ))));
         }
         let policies = self.validate_policies(&routing, &split_allow)?;
+        let profiles = self.profiles(&groups)?;
+        let f = &self.identity_feed;
+        if !(1..=1_000_000).contains(&f.history) {
+            return Err(invalid(
+                "identity_feed.history",
+                format!("{} is out of range: use 1 to 1000000 changes", f.history),
+            ));
+        }
+        if !(1..=1024).contains(&f.max_consumers) {
+            return Err(invalid(
+                "identity_feed.max_consumers",
+                format!("{} is out of range: use 1 to 1024", f.max_consumers),
+            ));
+        }
+        if f.enabled && f.secret.chars().count() < 16 {
+            return Err(invalid(
+                "identity_feed.secret",
+                format!(
+                    "a secret of {} characters is too short: use at least 16 (e.g. `openssl rand -hex 16`)",
+                    f.secret.chars().count()
+                ),
+            ));
+        }
         let control_gid = match &self.server.control_group {
             None => None,
             Some(g) => Some(crate::unix_users::gid_of(g).ok_or_else(|| {
@@ -1707,8 +1795,98 @@ impl Config {
             uplinks: self.uplinks.clone(),
             failover: self.failover.clone(),
             metrics: self.metrics.enabled.then_some(self.metrics.listen),
+            profiles: Arc::new(profiles),
+            identity_feed: self
+                .identity_feed
+                .enabled
+                .then(|| self.identity_feed.clone()),
+            identity_history: self.identity_feed.history,
             raw: self,
         })
+    }
+}
+
+impl Config {
+    /// The addresses clients reach the gateway at, preferred first: the
+    /// uplinks' `hostname`s by priority, else `tls.hostnames`, else the
+    /// listening address, each with the port when it is not 443.
+    fn profile_servers(&self) -> Vec<crate::profile::Server> {
+        let port = self.server.listen.port();
+        let with_port = |h: &str| {
+            let bare_v6 = h.parse::<Ipv6Addr>().is_ok();
+            match (port, bare_v6) {
+                (443, false) => h.to_owned(),
+                (443, true) => format!("[{h}]"),
+                (_, true) => format!("[{h}]:{port}"),
+                _ if h.ends_with(']') || !h.contains(':') => format!("{h}:{port}"),
+                _ => h.to_owned(),
+            }
+        };
+        let mut uplinks: Vec<&UplinkConfig> = self
+            .uplinks
+            .iter()
+            .filter(|u| u.hostname.is_some())
+            .collect();
+        uplinks.sort_by_key(|u| u.priority);
+        let several = uplinks.len() > 1;
+        let mut servers: Vec<crate::profile::Server> = uplinks
+            .iter()
+            .filter_map(|u| {
+                Some(crate::profile::Server {
+                    via: several.then(|| u.name.clone()),
+                    address: with_port(u.hostname.as_deref()?),
+                })
+            })
+            .collect();
+        if servers.is_empty() {
+            let listen = self.server.listen.ip();
+            let names: Vec<String> = if !self.tls.hostnames.is_empty() {
+                self.tls.hostnames.clone()
+            } else if !listen.is_unspecified() {
+                vec![listen.to_string()]
+            } else {
+                vec!["vpn-gateway".into()]
+            };
+            servers = names
+                .iter()
+                .map(|h| crate::profile::Server {
+                    via: None,
+                    address: with_port(h),
+                })
+                .collect();
+        }
+        servers
+    }
+
+    /// Every group's client profile.
+    fn profiles(&self, groups: &[GroupConfig]) -> Result<crate::profile::Profiles, ConfigError> {
+        for u in &self.uplinks {
+            if let Some(h) = &u.hostname
+                && !crate::profile::is_host_address(h)
+            {
+                return Err(invalid(
+                    "uplink.hostname",
+                    format!(
+                        "uplink '{}': '{h}' is not a host name or address: use e.g. vpn-isp1.example.com, vpn.example.com:8443 or an IP address",
+                        u.name
+                    ),
+                ));
+            }
+        }
+        let groups: Vec<crate::profile::GroupProfile<'_>> = groups
+            .iter()
+            .map(|g| crate::profile::GroupProfile {
+                group: &g.name,
+                options: g.profile.as_ref(),
+            })
+            .collect();
+        crate::profile::Profiles::build(
+            &self.profile,
+            &groups,
+            &self.profile_servers(),
+            &self.server.name,
+        )
+        .map_err(|e| invalid(e.key, e.message))
     }
 }
 
@@ -1931,6 +2109,29 @@ pub fn parse_session_timeout(s: &str) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(hours * 3600))
 }
 
+/// `groups` without their `[group.profile]`s, which a reload applies.
+fn without_profiles(groups: &[GroupConfig]) -> Vec<GroupConfig> {
+    groups
+        .iter()
+        .map(|g| GroupConfig {
+            profile: None,
+            ..g.clone()
+        })
+        .collect()
+}
+
+/// `uplinks` without their `hostname`s (only in client profiles, which a
+/// reload applies).
+fn without_hostnames(uplinks: &[UplinkConfig]) -> Vec<UplinkConfig> {
+    uplinks
+        .iter()
+        .map(|u| UplinkConfig {
+            hostname: None,
+            ..u.clone()
+        })
+        .collect()
+}
+
 impl Settings {
     /// The sections that differ in `new` and only take effect after a
     /// restart (group policies and the default policy change live).
@@ -1979,11 +2180,19 @@ impl Settings {
                     && (a.radius.servers == b.radius.servers
                         || !(b.radius.accounting || b.radius.dynamic_authorization.is_some())),
             ),
-            ("group", a.groups == b.groups),
+            // Client profiles apply to new logins at once.
+            (
+                "group",
+                without_profiles(&a.groups) == without_profiles(&b.groups),
+            ),
             ("dtls", a.dtls == b.dtls),
-            ("uplink", a.uplinks == b.uplinks),
+            (
+                "uplink",
+                without_hostnames(&a.uplinks) == without_hostnames(&b.uplinks),
+            ),
             ("failover", a.failover == b.failover),
             ("metrics", a.metrics == b.metrics),
+            ("identity_feed", a.identity_feed == b.identity_feed),
         ]
         .into_iter()
         .filter_map(|(name, same)| (!same).then_some(name))
@@ -2042,6 +2251,10 @@ mod tests {
         assert_eq!(s.uplinks[0].probe.interval_ms, 500);
         assert_eq!(s.uplinks[1].priority, 20);
         assert!(s.uplinks[1].masquerade);
+        assert_eq!(
+            s.uplinks[0].hostname.as_deref(),
+            Some("vpn-isp1.example.com")
+        );
 
         let two = |a: &str, b: &str| {
             format!(
@@ -2295,6 +2508,88 @@ mod tests {
         assert!(
             old.needs_restart(&ceiling).is_empty(),
             "the memory ceiling applies at once"
+        );
+    }
+
+    #[test]
+    fn profiles_list_the_uplinks_by_priority_and_change_live() {
+        let uplinks = |h1: &str| {
+            format!(
+                "[server]\nlisten = \"198.18.0.1:8443\"\n\
+                 [[group]]\nname = \"staff\"\n[group.profile]\nalways_on = true\n\
+                 [[group]]\nname = \"guests\"\n\
+                 [profile]\ntrusted_dns_domains = [\"corp.example.com\"]\n\
+                 [[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"198.18.11.2\"\npriority = 200\nhostname = \"vpn2.example.com\"\n\
+                 [[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"198.18.10.2\"\nhostname = \"{h1}\"\n"
+            )
+        };
+        let s = parse(&uplinks("vpn1.example.com")).unwrap();
+        let staff = s.profiles.of_group("staff").unwrap();
+        let x = std::str::from_utf8(&staff.bytes).unwrap();
+        // By priority, with the listening port, and each the other's backup.
+        let first = x
+            .find("<HostAddress>vpn1.example.com:8443</HostAddress>")
+            .unwrap();
+        let second = x
+            .find("<HostAddress>vpn2.example.com:8443</HostAddress>")
+            .unwrap();
+        assert!(first < second, "{x}");
+        assert!(x.contains("<HostName>vpn-gateway (isp1)</HostName>"), "{x}");
+        assert!(x.contains("<AlwaysOn>true"), "{x}");
+        let guests = s.profiles.of_group("guests").unwrap();
+        assert!(
+            std::str::from_utf8(&guests.bytes)
+                .unwrap()
+                .contains("<AlwaysOn>false")
+        );
+        // A new name is a new file, and needs no restart.
+        let t = parse(&uplinks("vpn1.example.net")).unwrap();
+        assert_ne!(t.profiles.of_group("staff").unwrap().sha1, staff.sha1);
+        assert!(s.needs_restart(&t).is_empty(), "{:?}", s.needs_restart(&t));
+        let e = parse(&uplinks("vpn 1")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("config key 'uplink.hostname': uplink 'isp1': 'vpn 1' is not"),
+            "{e}"
+        );
+        // Without uplink names: the certificate's names.
+        let s = parse("[tls]\nhostnames = [\"vpn.example.com\"]\n").unwrap();
+        let x = s.profiles.of_group("default").unwrap();
+        assert!(
+            std::str::from_utf8(&x.bytes)
+                .unwrap()
+                .contains("<HostAddress>vpn.example.com</HostAddress>")
+        );
+        let e = parse("[profile]\nalways_on = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config key 'profile.always_on'"), "{e}");
+    }
+
+    #[test]
+    fn the_identity_feed_needs_a_long_secret_and_bounded_sizes() {
+        assert!(parse("").unwrap().identity_feed.is_none());
+        let e = parse("[identity_feed]\nenabled = true\nsecret = \"short\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key 'identity_feed.secret': a secret of 5 characters"),
+            "{e}"
+        );
+        let e = parse("[identity_feed]\nhistory = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("identity_feed.history") && e.contains("1 to 1000000"),
+            "{e}"
+        );
+        let s = parse(
+            "[identity_feed]\nenabled = true\nsecret = \"0123456789abcdef\"\nlisten = \"198.18.2.1:9443\"\n",
+        )
+        .unwrap();
+        let f = s.identity_feed.unwrap();
+        assert_eq!(
+            (f.listen.port(), f.history, f.max_consumers),
+            (9443, 10_000, 16)
         );
     }
 

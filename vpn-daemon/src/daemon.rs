@@ -35,6 +35,8 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
     );
     let client_certs = crate::transport::client_cert::ClientVerifier::from_settings(&settings.tls)?;
     let tls_config = tls::server_config(&identity, settings.tls.tls13, client_certs.clone())?;
+    // The identity feed's consumers show no client certificate.
+    let feed_tls = tls::server_config(&identity, settings.tls.tls13, None)?;
 
     // Everything privileged (TUN device, BPF programs and maps, XDP
     // guards, uplinks) is the broker's; vpnd gets the TUN queues.
@@ -180,6 +182,12 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
         let l = crate::metrics::bind(addr).await?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
         tokio::spawn(crate::metrics::serve(gw.clone(), l));
+    }
+    if let Some(f) = &settings.identity_feed {
+        let l = crate::identity::bind(f.listen).await?;
+        tracing::info!(addr = %f.listen, "identity feed at https://{}/v1/changes", f.listen);
+        let feed = crate::identity::Feed::new(f, gw.sessions.journal().clone());
+        tokio::spawn(crate::identity::serve(feed, l, feed_tls));
     }
     tokio::spawn(control::serve(gw.clone(), control));
     let serve = tokio::spawn(gw.listener.clone().serve(tcp, acceptor));

@@ -102,6 +102,20 @@ pub enum Event {
         source: String,
         reason: String,
     },
+    /// Who holds a VPN address changed: the identity feed's change
+    /// number `seq` (`add`: a session got its addresses; `update`: its
+    /// policy changed; `remove`: they are free).
+    IdentityChanged {
+        seq: u64,
+        op: &'static str,
+        session_id: u64,
+        user: String,
+        group: String,
+        policy: Option<String>,
+        vpn_address: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vpn_address6: Option<String>,
+    },
 }
 
 /// What a [`Event::LoginLockout`] locks.

@@ -142,6 +142,7 @@ impl Gateway {
             v.install(crls);
         }
         self.login.set_backends(backends);
+        self.login.set_profiles(new.profiles.clone());
         self.login
             .memory_ceiling
             .set(new.limits.max_memory_mib << 20);

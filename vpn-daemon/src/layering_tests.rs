@@ -21,6 +21,7 @@ const LEAVES: &[&str] = &[
     "privileges",
     "resources",
     "files",
+    "profile",
 ];
 
 /// The top-level modules each top-level module uses.

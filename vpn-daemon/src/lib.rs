@@ -49,6 +49,7 @@ pub mod files;
 pub mod gateway;
 #[cfg(test)]
 mod hostile_input_tests;
+pub mod identity;
 #[cfg(test)]
 mod layering_tests;
 pub mod login;
@@ -60,6 +61,7 @@ pub mod paths;
 pub mod policies;
 pub mod policy;
 pub mod privileges;
+pub mod profile;
 pub mod proto;
 pub mod resources;
 pub mod session;

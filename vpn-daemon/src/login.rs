@@ -120,6 +120,9 @@ pub struct LoginService {
     title: String,
     /// Shown after a login (`tunnel.banner`).
     banner: Option<String>,
+    /// Each group's client profile, announced at login and served to its
+    /// sessions (replaced by a reload).
+    profiles: RwLock<Arc<crate::profile::Profiles>>,
     /// How long a login may take (`auth.timeout_secs`): the login cookie's
     /// age.
     login_secs: u64,
@@ -158,6 +161,7 @@ impl LoginService {
             groups: settings.groups.clone(),
             title: settings.server.name.clone(),
             banner: settings.tunnel.banner.clone(),
+            profiles: RwLock::new(settings.profiles.clone()),
             login_secs: settings.auth.timeout_secs,
             lockout_window_secs: settings.limits.lockout_window_secs,
             memory_ceiling: {
@@ -216,6 +220,11 @@ impl LoginService {
         *self.backends.write() = Arc::new(b);
     }
 
+    /// Announces and serves `p` from now on (a reload).
+    pub fn set_profiles(&self, p: Arc<crate::profile::Profiles>) {
+        *self.profiles.write() = p;
+    }
+
     /// Logins in progress, sources and users locked out, password checks
     /// running or waiting, now.
     pub fn counts(&self) -> (usize, usize, usize, usize) {
@@ -245,11 +254,43 @@ impl LoginService {
                 "/1/binaries/update.txt" => Response::text(200, "OK", "0,0,0000\n"),
                 "/logout" => Response::text(200, "OK", ""),
                 p if p.starts_with("/+CSCOT+/") => Response::xml("<vpn rev=\"1.0\"></vpn>\n".into()),
+                p if p.starts_with("/profiles/") => self.profile(req, peer),
                 _ => Response::text(404, "Not Found", "not found\n"),
             },
             m => Response::text(405, "Method Not Allowed", format!("method {m} is not supported\n"))
                 .header("Allow", "GET, POST, CONNECT"),
         }
+    }
+
+    /// `GET /profiles/<group>.xml`: the client profile, for a session of
+    /// that group (its cookie). Anyone else gets 404, as for a file that
+    /// does not exist, so the names of groups do not leak.
+    fn profile(&self, req: &Request, peer: SocketAddr) -> Response {
+        let profiles = self.profiles.read().clone();
+        let session = req
+            .cookie("webvpn")
+            .and_then(|c| self.sessions.table().by_cookie(c));
+        let found = match (&session, profiles.group_at(&req.path)) {
+            (Some(s), Some(group)) if s.group == group => profiles.of_group(group),
+            _ => None,
+        };
+        let Some(p) = found else {
+            tracing::info!(
+                %peer,
+                path = %crate::proto::client_string(&req.path),
+                session = session.is_some(),
+                "client profile request refused"
+            );
+            return Response::text(404, "Not Found", "not found\n");
+        };
+        if let Some(s) = &session {
+            tracing::info!(parent: &s.span, %peer, uri = %p.uri, sha1 = %p.sha1, "client profile sent");
+        }
+        let mut r = Response::new(200, "OK")
+            .header("Content-Type", "text/xml")
+            .header("Cache-Control", "no-store");
+        r.body = p.bytes.to_vec();
+        r
     }
 
     async fn post(
@@ -301,7 +342,7 @@ impl LoginService {
                     Step::Authenticated { group, user, grant } => {
                         self.complete(user, &group, grant, peer)
                     }
-                    other => self.answer_login(other, peer),
+                    other => self.answer_login(other, peer, &req.path),
                 }
             }
             "auth-reply" => {
@@ -362,13 +403,17 @@ impl LoginService {
 
     /// The answer to a step of the login flow other than a password
     /// check or success (those are `auth_reply`'s).
-    fn answer_login(&self, step: Step, peer: SocketAddr) -> Response {
+    fn answer_login(&self, step: Step, peer: SocketAddr, path: &str) -> Response {
         match step {
             Step::Form {
                 handle,
                 group,
                 error,
-            } => self.form(&handle, &group, error.as_deref()),
+            } => {
+                // A group URL (`/NAME`) fixes the group, as on an ASA.
+                let locked = path.strip_prefix('/') == Some(group.as_str());
+                self.form(&handle, &group, error.as_deref(), locked)
+            }
             Step::Refused(r) => {
                 self.count_refused(&r);
                 if matches!(
@@ -440,7 +485,7 @@ impl LoginService {
         }
     }
 
-    fn form(&self, handle: &str, group: &str, error: Option<&str>) -> Response {
+    fn form(&self, handle: &str, group: &str, error: Option<&str>, locked: bool) -> Response {
         let groups: Vec<auth_xml::GroupOption<'_>> = self
             .groups
             .iter()
@@ -456,6 +501,7 @@ impl LoginService {
             error,
             groups: &groups,
             selected_group: group,
+            locked,
         });
         Response::xml(body).header(
             "Set-Cookie",
@@ -521,7 +567,7 @@ impl LoginService {
         }
         self.log_login_events(events, peer);
         let Step::Authenticated { group, user, grant } = step else {
-            return self.answer_login(step, peer);
+            return self.answer_login(step, peer, &req.path);
         };
         self.complete(user, &group, grant, peer)
     }
@@ -537,10 +583,16 @@ impl LoginService {
             Ok((session, cookie)) => {
                 self.outcome("success");
                 tracing::info!(parent: &session.span, %peer, "login succeeded");
+                let profiles = self.profiles.read().clone();
+                let profile = profiles.of_group(group).map(|p| auth_xml::ProfileRef {
+                    uri: &p.uri,
+                    sha1: &p.sha1,
+                });
                 Response::xml(auth_xml::complete(
                     session.id,
                     &cookie,
                     self.banner.as_deref(),
+                    profile,
                 ))
                 .header("Set-Cookie", format!("webvpn={cookie}; Secure; HttpOnly"))
                 .header(

@@ -142,6 +142,9 @@ pub struct LoginForm<'a> {
     pub error: Option<&'a str>,
     pub groups: &'a [GroupOption<'a>],
     pub selected_group: &'a str,
+    /// The group is the one the URL named (a group URL, as a profile's
+    /// host entry makes): no selector, and the form posts back there.
+    pub locked: bool,
 }
 
 fn esc(s: &str) -> std::borrow::Cow<'_, str> {
@@ -169,10 +172,17 @@ pub fn login_form(f: &LoginForm<'_>) -> String {
             esc(e)
         ));
     }
-    x.push_str("<form method=\"post\" action=\"/auth\">\n");
+    if f.locked {
+        x.push_str(&format!(
+            "<form method=\"post\" action=\"/{}\">\n",
+            esc(f.selected_group)
+        ));
+    } else {
+        x.push_str("<form method=\"post\" action=\"/auth\">\n");
+    }
     x.push_str("<input type=\"text\" name=\"username\" label=\"Username:\"/>\n");
     x.push_str("<input type=\"password\" name=\"password\" label=\"Password:\"/>\n");
-    if f.groups.len() > 1 {
+    if f.groups.len() > 1 && !f.locked {
         x.push_str("<select name=\"group_list\" label=\"GROUP:\">\n");
         // The selected group goes first, as ocserv does: some clients take
         // the first option regardless of `selected`.
@@ -251,10 +261,30 @@ pub fn fatal_error(title: &str, error: &str) -> String {
     )
 }
 
-/// The `complete` document carrying the session cookie.
-pub fn complete(session_id: u64, token: &str, banner: Option<&str>) -> String {
+/// A client profile to announce: where it is and its SHA-1 (hex).
+pub struct ProfileRef<'a> {
+    pub uri: &'a str,
+    pub sha1: &'a str,
+}
+
+/// The `complete` document carrying the session cookie, and the client
+/// profile's manifest when there is one (§2.13: clients compare the hash
+/// with the file they have and fetch it at `uri` when it differs).
+pub fn complete(
+    session_id: u64,
+    token: &str,
+    banner: Option<&str>,
+    profile: Option<ProfileRef<'_>>,
+) -> String {
+    let config = profile.map_or(String::new(), |p| {
+        format!(
+            "<config client=\"vpn\" type=\"private\">\n<vpn-profile-manifest>\n<vpn rev=\"1.0\">\n<file type=\"profile\" service-type=\"user\">\n<uri>{}</uri>\n<hash type=\"sha1\">{}</hash>\n</file>\n</vpn>\n</vpn-profile-manifest>\n</config>\n",
+            esc(p.uri),
+            esc(p.sha1)
+        )
+    });
     format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<config-auth client=\"vpn\" type=\"complete\" aggregate-auth-version=\"2\">\n<version who=\"sg\">vpn-gateway</version>\n<session-id>{session_id}</session-id>\n<session-token>{}</session-token>\n<auth id=\"success\">\n<title>SSL VPN Service</title>\n<message id=\"0\" param1=\"\" param2=\"\"></message>\n<banner>{}</banner>\n</auth>\n<capabilities><crypto-supported>ssl-dhe</crypto-supported></capabilities>\n</config-auth>\n",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<config-auth client=\"vpn\" type=\"complete\" aggregate-auth-version=\"2\">\n<version who=\"sg\">vpn-gateway</version>\n<session-id>{session_id}</session-id>\n<session-token>{}</session-token>\n<auth id=\"success\">\n<title>SSL VPN Service</title>\n<message id=\"0\" param1=\"\" param2=\"\"></message>\n<banner>{}</banner>\n</auth>\n<capabilities><crypto-supported>ssl-dhe</crypto-supported></capabilities>\n{config}</config-auth>\n",
         esc(token),
         esc(banner.unwrap_or(""))
     )
@@ -310,6 +340,24 @@ mod tests {
     }
 
     #[test]
+    fn complete_announces_the_profile_where_openconnect_looks() {
+        let x = complete(
+            7,
+            "tok",
+            None,
+            Some(ProfileRef {
+                uri: "/profiles/staff.xml",
+                sha1: "7C508348F4F5BDB5F42CCB99398D9E9F644C6487",
+            }),
+        );
+        // config/vpn-profile-manifest/vpn[@rev="1.0"]/file[@type="profile"][@service-type="user"]
+        let at = x.find("<config client=\"vpn\" type=\"private\">\n<vpn-profile-manifest>\n<vpn rev=\"1.0\">\n<file type=\"profile\" service-type=\"user\">\n<uri>/profiles/staff.xml</uri>\n<hash type=\"sha1\">7C508348F4F5BDB5F42CCB99398D9E9F644C6487</hash>");
+        assert!(at.is_some(), "{x}");
+        assert!(x.ends_with("</config>\n</config-auth>\n"));
+        assert!(!complete(7, "tok", None, None).contains("<config client"));
+    }
+
+    #[test]
     fn cisco_logout() {
         let a = parse_client_auth(
             "<config-auth client=\"vpn\" type=\"logout\"><session-token>abc</session-token></config-auth>",
@@ -338,12 +386,26 @@ mod tests {
             error: Some("bad <password>"),
             groups: &groups,
             selected_group: "sales",
+            locked: false,
         });
         assert!(x.contains("Sales &amp; &lt;Marketing&gt;"));
         assert!(x.contains("param1=\"bad &lt;password&gt;\""));
         let sales = x.find("value=\"sales\" selected=\"true\"").unwrap();
         let eng = x.find("value=\"eng\"").unwrap();
         assert!(sales < eng);
+        assert!(x.contains("action=\"/auth\""));
+        // Reached by its group URL: no selector, and back to that URL.
+        let locked = login_form(&LoginForm {
+            handle: "h1",
+            title: "Login",
+            message: "Hi",
+            error: None,
+            groups: &groups,
+            selected_group: "sales",
+            locked: true,
+        });
+        assert!(!locked.contains("group_list"), "{locked}");
+        assert!(locked.contains("<form method=\"post\" action=\"/sales\">"));
         // The form we write is itself parseable.
         let mut r = Reader::from_str(&x);
         loop {
@@ -366,6 +428,7 @@ mod tests {
             error: None,
             groups: &groups,
             selected_group: "default",
+            locked: false,
         });
         assert!(!x.contains("group_list"));
         assert!(!x.contains("<error"));

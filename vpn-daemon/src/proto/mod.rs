@@ -8,6 +8,7 @@ pub mod connect;
 pub mod cstp;
 pub mod dpd;
 pub mod http;
+pub mod identity;
 pub mod radius;
 
 /// The longest client-chosen string (a user name, say) an event or log

@@ -36,9 +36,10 @@ use crate::{
     events::{Event, EventLog},
     mac::pseudo_mac,
     policies::{MissingPolicy, PolicyError, PolicySet},
+    proto::identity::{Mapping, Op},
     session::{
         EndReason, Kick, OwnTimeouts, PolicyBinding, Session, SessionTable, Timeouts, TunnelSlot,
-        new_cookie, persist, pool::Pool,
+        journal::Journal, new_cookie, persist, pool::Pool,
     },
 };
 
@@ -138,6 +139,8 @@ pub struct SessionManager {
     ended_spoofed: AtomicU64,
     /// The counters of sessions that ended (metrics count from start).
     ended_traffic: Mutex<vpn_common::SessionStats>,
+    /// Who holds which address, change by change (the identity feed).
+    journal: Arc<Journal>,
 }
 
 impl SessionManager {
@@ -162,6 +165,7 @@ impl SessionManager {
             accounting: OnceLock::new(),
             ended_spoofed: AtomicU64::new(0),
             ended_traffic: Mutex::default(),
+            journal: Arc::new(Journal::new(settings.identity_history)),
         });
         m.apply_policies(settings)?;
         Ok(m)
@@ -240,6 +244,38 @@ impl SessionManager {
                 self.account(&s, accounting::Status::InterimUpdate, &stats, None);
             }
         }
+    }
+
+    /// Who holds which address: the identity feed's source.
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// Records `op` on `s` in the journal and the event log.
+    fn record_identity(&self, op: Op, s: &Session) {
+        let policy = s.policy.lock().effective.clone();
+        let change = self.journal.record(
+            op,
+            Mapping {
+                session_id: s.id,
+                user: s.user.clone(),
+                groups: vec![s.group.clone()],
+                policy: policy.clone(),
+                address: s.lease.v4,
+                address6: s.lease.v6,
+                since: humantime::format_rfc3339_seconds(s.created).to_string(),
+            },
+        );
+        self.events.emit(Event::IdentityChanged {
+            seq: change.seq,
+            op: op.name(),
+            session_id: s.id,
+            user: s.user.clone(),
+            group: s.group.clone(),
+            policy,
+            vpn_address: s.lease.v4.to_string(),
+            vpn_address6: s.lease.v6.map(|a| a.to_string()),
+        });
     }
 
     /// Calls `hook` with each session's id when it ends (set once).
@@ -382,7 +418,12 @@ impl SessionManager {
             let mut current = s.policy.lock();
             if *current != binding {
                 tracing::info!(user = s.user, policy = ?binding.effective, "session policy changed");
+                let moved = current.effective != binding.effective;
                 *current = binding;
+                drop(current);
+                if moved {
+                    self.record_identity(Op::Update, &s);
+                }
             }
         }
         Ok(orphans)
@@ -501,6 +542,7 @@ impl SessionManager {
         drop(policies);
         let cookie = new_cookie();
         self.table.insert(session.clone(), &cookie);
+        self.record_identity(Op::Add, &session);
         self.account(
             &session,
             accounting::Status::Start,
@@ -694,7 +736,9 @@ impl SessionManager {
             }
             drop(dp);
             max_id = max_id.max(r.id);
-            self.table.insert_hashed(Arc::new(session), hash);
+            let session = Arc::new(session);
+            self.table.insert_hashed(session.clone(), hash);
+            self.record_identity(Op::Add, &session);
             restored += 1;
         }
         self.table.ids_above(max_id);
@@ -785,6 +829,8 @@ impl SessionManager {
             }
             dp.forget_rate_state(s.id);
         }
+        // Before the address can go to someone else.
+        self.record_identity(Op::Remove, &s);
         self.pool.lock().release(s.lease.v4);
         self.ended_spoofed
             .fetch_add(s.spoofed_dropped.load(Ordering::Relaxed), Ordering::Relaxed);

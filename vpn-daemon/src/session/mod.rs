@@ -7,6 +7,7 @@
 //! or when no tunnel has been attached for `disconnected_timeout_secs`.
 
 pub mod dynamic_auth;
+pub mod journal;
 pub mod manager;
 pub mod persist;
 pub mod pool;
