@@ -20,6 +20,7 @@
 //! | `rule_hits`      | per-CPU array   | `u32` rule slot | `u64` packets  | BPF |
 //! | `rate_state`     | hash            | `u64` session id | [`RateState`] | BPF (daemon deletes) |
 //! | `uplink_active`  | array[2]        | `0`, `1`       | `[0]` active uplink number (0 = no uplinks managed), `[1]` bitmask of healthy uplinks | daemon |
+//! | `web_proxy_up`   | array[1]        | `0`            | bitmask of healthy web proxies (bit n-1 = proxy n) | daemon |
 //! | `nat_exempt`     | LPM trie        | [`ExemptKey`]  | `u32` (unused)  | daemon |
 //! | `guard_config`   | array[1]        | `0`            | [`GuardConfig`] | daemon |
 //! | `guard_drops`    | per-CPU array   | `u32` reason ([`GuardDrop`]) | `u64` packets | BPF |
@@ -35,6 +36,16 @@
 //! prefixes (`nat_exempt`). The daemon's `ip rule`s route marked packets by
 //! the uplink's table (after the main table's specific routes), and its nft
 //! table masquerades marked, non-exempt packets leaving that uplink.
+//!
+//! # Web proxy redirection
+//!
+//! A policy with a web proxy ([`PolicyInfo::web_proxy`]) has its clients'
+//! TCP packets to one of its `web_ports` (IPv4) marked [`MARK_BASE`] |
+//! [`MARK_WEB`] | the proxy's number (low byte) instead, while the proxy
+//! is healthy in `web_proxy_up`: the daemon's `ip rule` for that mark
+//! routes them to the proxy host, which intercepts them (the WCCP-like
+//! model). While it is down they go their usual way, or are dropped
+//! ([`DropReason::WebProxyDown`]) when the policy fails closed.
 //!
 //! All maps are pinned under [`DEFAULT_PIN_DIR`] (configurable for tests).
 //!
@@ -89,9 +100,11 @@ pub mod map_names {
     pub const RATE_STATE: &str = "RATE_STATE";
     pub const UPLINK_ACTIVE: &str = "UPLINK_ACTIVE";
     pub const NAT_EXEMPT: &str = "NAT_EXEMPT";
+    pub const WEB_PROXY_UP: &str = "WEB_PROXY_UP";
 
     /// Every map the daemon pins, in one place.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
+        WEB_PROXY_UP,
         UPLINK_ACTIVE,
         NAT_EXEMPT,
         super::guard_map_names::BANNED,
@@ -119,8 +132,14 @@ pub const MARK_MASK: u32 = 0xffff_0000;
 pub const MARK_UPLINK: u32 = 0x0000_00ff;
 /// The destination is NAT-exempt on that uplink.
 pub const MARK_EXEMPT: u32 = 0x0000_0100;
+/// Redirected to a web proxy (its number in the low byte).
+pub const MARK_WEB: u32 = 0x0000_0200;
 /// Uplinks the daemon manages at most.
 pub const MAX_UPLINKS: u32 = 16;
+/// Web proxies the daemon redirects to at most.
+pub const MAX_WEB_PROXIES: u32 = 16;
+/// Web ports one policy redirects at most.
+pub const MAX_WEB_PORTS: usize = 4;
 /// Entries in `nat_exempt` (all uplinks).
 pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
 
@@ -287,6 +306,13 @@ pub struct PolicyInfo {
     pub rate_up_bps: u64,
     /// Bandwidth limit to clients, bits per second (0 = unlimited).
     pub rate_down_bps: u64,
+    /// TCP destination ports redirected to the web proxy (0 = unused).
+    pub web_ports: [u16; MAX_WEB_PORTS],
+    /// The web proxy (1-based; 0 = none).
+    pub web_proxy: u8,
+    /// 1: drop web traffic while the proxy is down; 0: let it go direct.
+    pub web_fail_closed: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Maps of the XDP guard in front of the DTLS port.
@@ -480,10 +506,12 @@ pub enum DropReason {
     SplitEnforcement = 5,
     /// Over the session's bandwidth limit.
     RateLimit = 6,
+    /// Web traffic of a policy that fails closed while its proxy is down.
+    WebProxyDown = 7,
 }
 
 /// Number of [`DropReason`] values; the size of the `drops` array.
-pub const DROP_REASONS: u32 = 7;
+pub const DROP_REASONS: u32 = 8;
 
 impl DropReason {
     /// All reasons, in index order.
@@ -495,6 +523,7 @@ impl DropReason {
         DropReason::ClientIsolation,
         DropReason::SplitEnforcement,
         DropReason::RateLimit,
+        DropReason::WebProxyDown,
     ];
 
     /// A short name for displays (`vpnctl stats`).
@@ -507,6 +536,7 @@ impl DropReason {
             DropReason::ClientIsolation => "client-isolation",
             DropReason::SplitEnforcement => "split-enforcement",
             DropReason::RateLimit => "rate-limit",
+            DropReason::WebProxyDown => "web-proxy-down",
         }
     }
 }
@@ -526,7 +556,7 @@ const _: () = {
     assert!(size_of::<IntervalRange>() == 8);
     assert!(size_of::<Interval>() == 12);
     assert!(size_of::<Verdict>() == 8);
-    assert!(size_of::<PolicyInfo>() == 56);
+    assert!(size_of::<PolicyInfo>() == 72);
     assert!(size_of::<RateState>() == 16);
     assert!(size_of::<GuardConfig>() == 16);
     assert!(size_of::<HelloBucket>() == 16);

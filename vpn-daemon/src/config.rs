@@ -81,6 +81,10 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// Web proxies group policies redirect web traffic to
+    /// (`[[web_proxy]]`, `group_policy.web_proxy`).
+    #[serde(default, rename = "web_proxy")]
+    pub web_proxies: Vec<WebProxyConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// Group policies (`[[group_policy]]`, see `policy.rs` for the fields).
@@ -98,7 +102,7 @@ pub struct Config {
 }
 
 /// `[identity_feed]`: who holds which VPN address, for web proxies and
-/// other consumers (`identity.rs`): `GET /v1/mappings`, `GET
+/// other consumers (`identity/`): `GET /v1/mappings`, `GET
 /// /v1/mappings/<address>` and the stream of numbered changes `GET
 /// /v1/changes` (server-sent events, resumable with `Last-Event-ID`),
 /// over HTTPS with the gateway's certificate. Keep it on a management
@@ -275,6 +279,42 @@ impl Default for ProbeConfig {
             failures: 3,
         }
     }
+}
+
+/// `[[web_proxy]]`: a web proxy on a directly connected network, in
+/// intercept (transparent) mode. The web traffic of the policies that name
+/// it is routed to it unchanged (addresses and ports as the client sent
+/// them), and it intercepts it; its answers come back through the gateway
+/// to the clients. Its health is a TCP connection to `probe_port`; while
+/// it is down each policy's `web_proxy_down` applies.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebProxyConfig {
+    /// Name policies use and events show, e.g. "squid".
+    pub name: String,
+    /// The proxy host's IPv4 address, on a network the gateway is
+    /// directly connected to.
+    pub address: Ipv4Addr,
+    /// The port the health probe connects to (the proxy's). Default 3128.
+    #[serde(default = "default_probe_port")]
+    pub probe_port: u16,
+    /// Milliseconds between probes, 100 to 60000. Default 1000.
+    #[serde(default = "default_proxy_interval")]
+    pub interval_ms: u64,
+    /// Failed probes in a row that make the proxy down, 1 to 20. Default 3.
+    /// One success makes it up again.
+    #[serde(default = "default_proxy_failures")]
+    pub failures: u32,
+}
+
+fn default_probe_port() -> u16 {
+    3128
+}
+fn default_proxy_interval() -> u64 {
+    1000
+}
+fn default_proxy_failures() -> u32 {
+    3
 }
 
 /// `[failover]`: how uplinks take over from each other.
@@ -1269,6 +1309,8 @@ pub struct Settings {
     pub uplinks: Vec<UplinkConfig>,
     /// `[failover]`.
     pub failover: FailoverConfig,
+    /// `[[web_proxy]]`.
+    pub web_proxies: Vec<WebProxyConfig>,
     /// `[metrics]` listen address, when enabled.
     pub metrics: Option<SocketAddr>,
     /// The client profile of each group (`[profile]`, `[group.profile]`).
@@ -1546,6 +1588,7 @@ impl Config {
             ));
         }
         self.validate_uplinks()?;
+        self.validate_web_proxies()?;
         if self.session.dpd_secs == 0 {
             return Err(invalid(
                 "session.dpd_secs",
@@ -1794,6 +1837,7 @@ impl Config {
             dtls,
             uplinks: self.uplinks.clone(),
             failover: self.failover.clone(),
+            web_proxies: self.web_proxies.clone(),
             metrics: self.metrics.enabled.then_some(self.metrics.listen),
             profiles: Arc::new(profiles),
             identity_feed: self
@@ -1807,6 +1851,126 @@ impl Config {
 }
 
 impl Config {
+    /// Checks `[[web_proxy]]`.
+    fn validate_web_proxies(&self) -> Result<(), ConfigError> {
+        let max = vpn_common::MAX_WEB_PROXIES as usize;
+        if self.web_proxies.len() > max {
+            return Err(invalid(
+                "web_proxy",
+                format!(
+                    "{} web proxies configured: at most {max}",
+                    self.web_proxies.len()
+                ),
+            ));
+        }
+        for (i, w) in self.web_proxies.iter().enumerate() {
+            if w.name.is_empty() || self.web_proxies[..i].iter().any(|o| o.name == w.name) {
+                return Err(invalid(
+                    "web_proxy.name",
+                    format!(
+                        "'{}' is empty or used twice: every web proxy needs its own name",
+                        w.name
+                    ),
+                ));
+            }
+            if w.address.is_unspecified() || w.address.is_loopback() || w.address.is_multicast() {
+                return Err(invalid(
+                    "web_proxy.address",
+                    format!(
+                        "web proxy '{}': {} is not a host address: use the proxy's address on a network the gateway is connected to",
+                        w.name, w.address
+                    ),
+                ));
+            }
+            if w.probe_port == 0
+                || !(100..=60_000).contains(&w.interval_ms)
+                || !(1..=20).contains(&w.failures)
+            {
+                return Err(invalid(
+                    "web_proxy.probe_port",
+                    format!(
+                        "web proxy '{}': probe_port {} / interval_ms {} / failures {}: use a port of 1 or more, 100 to 60000 ms and 1 to 20 failures",
+                        w.name, w.probe_port, w.interval_ms, w.failures
+                    ),
+                ));
+            }
+        }
+        let rules = vpn_common::MAX_WEB_PROXIES;
+        let first = self
+            .failover
+            .table_base
+            .saturating_add(vpn_common::MAX_UPLINKS);
+        let tables = first..first.saturating_add(rules);
+        if !self.web_proxies.is_empty() && (253..=255).any(|t| tables.contains(&t)) {
+            return Err(invalid(
+                "failover.table_base",
+                format!(
+                    "{}: the web proxies' tables {}..{} must avoid the kernel's tables 253-255",
+                    self.failover.table_base, tables.start, tables.end
+                ),
+            ));
+        }
+        if !self.web_proxies.is_empty() && self.failover.rule_priority <= rules {
+            return Err(invalid(
+                "failover.rule_priority",
+                format!(
+                    "{}: web proxies take the {rules} `ip rule` priorities below it: use {} or more",
+                    self.failover.rule_priority,
+                    rules + 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A policy's web proxy (1-based, 0 = none) and ports.
+    fn policy_web_proxy(
+        &self,
+        p: &GroupPolicyConfig,
+    ) -> Result<(u8, [u16; vpn_common::MAX_WEB_PORTS]), ConfigError> {
+        let mut ports = [0u16; vpn_common::MAX_WEB_PORTS];
+        let Some(name) = &p.web_proxy else {
+            if p.web_ports.is_some() {
+                return Err(invalid(
+                    "group_policy.web_ports",
+                    format!(
+                        "policy '{}': web_ports without web_proxy: name the [[web_proxy]] to send them to",
+                        p.name
+                    ),
+                ));
+            }
+            return Ok((0, ports));
+        };
+        let Some(i) = self.web_proxies.iter().position(|w| &w.name == name) else {
+            let known: Vec<&str> = self.web_proxies.iter().map(|w| w.name.as_str()).collect();
+            return Err(invalid(
+                "group_policy.web_proxy",
+                format!(
+                    "policy '{}': web proxy '{name}' is not configured (web proxies: {})",
+                    p.name,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        let list = p.web_ports.clone().unwrap_or_else(|| vec![80, 443]);
+        if list.is_empty() || list.len() > ports.len() || list.contains(&0) {
+            return Err(invalid(
+                "group_policy.web_ports",
+                format!(
+                    "policy '{}': {list:?}: list 1 to {} TCP ports, none of them 0",
+                    p.name,
+                    ports.len()
+                ),
+            ));
+        }
+        ports[..list.len()].copy_from_slice(&list);
+        Ok((i as u8 + 1, ports))
+    }
+
     /// The addresses clients reach the gateway at, preferred first: the
     /// uplinks' `hostname`s by priority, else `tls.hostnames`, else the
     /// listening address, each with the port when it is not 443.
@@ -1987,6 +2151,7 @@ impl Config {
                     }
                 },
             };
+            let (web_proxy, web_ports) = self.policy_web_proxy(p)?;
             out.push(PolicyDef {
                 name: p.name.clone(),
                 schedule,
@@ -1996,6 +2161,11 @@ impl Config {
                     uplink,
                     rate_up_bps: p.bandwidth_up_kbps.saturating_mul(1000),
                     rate_down_bps: p.bandwidth_down_kbps.saturating_mul(1000),
+                    web_proxy,
+                    web_ports,
+                    web_fail_closed: u8::from(
+                        p.web_proxy_down == crate::policy::WebProxyDown::Closed,
+                    ),
                     ..Default::default()
                 },
             });
@@ -2191,6 +2361,7 @@ impl Settings {
                 without_hostnames(&a.uplinks) == without_hostnames(&b.uplinks),
             ),
             ("failover", a.failover == b.failover),
+            ("web_proxy", a.web_proxies == b.web_proxies),
             ("metrics", a.metrics == b.metrics),
             ("identity_feed", a.identity_feed == b.identity_feed),
         ]
@@ -2591,6 +2762,49 @@ mod tests {
             (f.listen.port(), f.history, f.max_consumers),
             (9443, 10_000, 16)
         );
+    }
+
+    #[test]
+    fn web_proxies_and_the_policies_that_use_them() {
+        let proxy = "[[web_proxy]]\nname = \"squid\"\naddress = \"198.18.5.2\"\n";
+        let s = parse(&format!(
+            "{proxy}[[group_policy]]\nname = \"web\"\nweb_proxy = \"squid\"\nweb_proxy_down = \"closed\"\n"
+        ))
+        .unwrap();
+        let info = s.policy("web").unwrap().info;
+        assert_eq!(
+            (info.web_proxy, info.web_ports, info.web_fail_closed),
+            (1, [80, 443, 0, 0], 1)
+        );
+        assert_eq!(s.web_proxies[0].probe_port, 3128);
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        let e = err("[[group_policy]]\nname = \"web\"\nweb_proxy = \"squid\"\n");
+        assert!(
+            e.contains("group_policy.web_proxy")
+                && e.contains("'squid' is not configured (web proxies: none)"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{proxy}[[group_policy]]\nname = \"web\"\nweb_proxy = \"squid\"\nweb_ports = [80, 443, 8080, 8443, 3000]\n"
+        ));
+        assert!(
+            e.contains("group_policy.web_ports") && e.contains("1 to 4 TCP ports"),
+            "{e}"
+        );
+        let e = err("[[group_policy]]\nname = \"web\"\nweb_ports = [80]\n");
+        assert!(e.contains("web_ports without web_proxy"), "{e}");
+        let e = err(&format!("{proxy}[failover]\nrule_priority = 10\n"));
+        assert!(
+            e.contains("failover.rule_priority") && e.contains("use 17 or more"),
+            "{e}"
+        );
+        let e = err("[[web_proxy]]\nname = \"squid\"\naddress = \"127.0.0.1\"\n");
+        assert!(
+            e.contains("web_proxy.address") && e.contains("127.0.0.1"),
+            "{e}"
+        );
+        let e = err(&format!("{proxy}{proxy}"));
+        assert!(e.contains("web_proxy.name") && e.contains("'squid'"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,13 @@ pub enum Event {
         restored: usize,
         left_out: Vec<String>,
     },
+    /// A web proxy's health changed ("up" or "down"): the policies that
+    /// redirect to it send web traffic to it, or not.
+    WebProxyState {
+        proxy: String,
+        state: String,
+        reason: String,
+    },
     /// A ban ended: "expired" or "vpnctl".
     BanLifted {
         source: String,

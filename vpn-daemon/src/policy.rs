@@ -120,6 +120,27 @@ pub struct GroupPolicyConfig {
     /// it is healthy (otherwise the active one). Absent = the active one.
     #[serde(default)]
     pub uplink: Option<String>,
+    /// Name of the `[[web_proxy]]` this policy's clients' web traffic
+    /// (TCP to `web_ports`, IPv4) is routed to, unchanged, for the proxy
+    /// to intercept (the WCCP-like model). Absent = none.
+    #[serde(default)]
+    pub web_proxy: Option<String>,
+    /// The TCP ports that are web traffic, at most 4. Default [80, 443].
+    #[serde(default)]
+    pub web_ports: Option<Vec<u16>>,
+    /// While the proxy is down: `"open"` (default; web traffic goes
+    /// direct) or `"closed"` (it is dropped).
+    #[serde(default)]
+    pub web_proxy_down: WebProxyDown,
+}
+
+/// `group_policy.web_proxy_down`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebProxyDown {
+    #[default]
+    Open,
+    Closed,
 }
 
 /// `[group_policy.schedule]`: days and hours (the gateway's local time).

@@ -33,7 +33,8 @@ mod prog {
         Ban, GUARD_DROP_REASONS, GuardConfig, GuardDrop, HelloBucket, MAX_BANS, MAX_HELLO_SOURCES,
     };
     use vpn_common::{
-        EXEMPT_KEY_FIXED_BITS, ExemptKey, MARK_BASE, MARK_EXEMPT, MAX_EXEMPT_ENTRIES,
+        EXEMPT_KEY_FIXED_BITS, ExemptKey, MARK_BASE, MARK_EXEMPT, MARK_WEB, MAX_EXEMPT_ENTRIES,
+        MAX_WEB_PORTS,
     };
 
     /// Hash maps whose entries are allocated on insert.
@@ -85,6 +86,10 @@ mod prog {
     /// (packets are not marked). `[1]`: bit n-1 set = uplink n is healthy.
     #[btf_map]
     static UPLINK_ACTIVE: Array<u32, 2> = Array::new();
+
+    /// `[0]`: bit n-1 set = web proxy n is healthy.
+    #[btf_map]
+    static WEB_PROXY_UP: Array<u32, 1> = Array::new();
 
     /// Per uplink, the destinations that keep the client's own address.
     #[btf_map]
@@ -400,6 +405,15 @@ mod prog {
         // Before the policy's branches: marking there multiplies the
         // verifier's states past its limit (a dropped packet's mark is moot).
         mark_uplink(ctx, &p, policy);
+        if policy != 0
+            && let Err(reason) = redirect_web(ctx, &p, policy)
+        {
+            if let Some(s) = SESSION_STATS.get_ptr_mut(&key) {
+                // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
+                unsafe { (*s).rx_denied += 1 };
+            }
+            return Err(reason);
+        }
         let stats = SESSION_STATS.get_ptr_mut(&key);
         if policy != 0
             && let Err(reason) = enforce_outbound(policy, session_id, u64::from(ctx.len()), &p)
@@ -459,6 +473,45 @@ mod prog {
             0
         };
         ctx.set_mark(MARK_BASE | active | exempt);
+    }
+
+    /// Sends a client's web traffic (TCP to one of its policy's web ports,
+    /// IPv4) to the policy's web proxy by marking it for the proxy's
+    /// `ip rule`, while the proxy is healthy; while it is down the packet
+    /// keeps its way, or is dropped when the policy fails closed.
+    #[inline(always)]
+    fn redirect_web(ctx: &TcContext, p: &Packet, policy: u32) -> Result<(), DropReason> {
+        if p.proto != PROTO_TCP || p.family != FAMILY_V4 {
+            return Ok(());
+        }
+        // SAFETY: read at once; a policy's entry never changes in place.
+        let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
+            return Ok(());
+        };
+        let proxy = u32::from(info.web_proxy);
+        if !(1..=16).contains(&proxy) {
+            return Ok(());
+        }
+        let mut web = false;
+        for i in 0..MAX_WEB_PORTS {
+            if info.web_ports[i] != 0 && info.web_ports[i] == p.dport {
+                web = true;
+            }
+        }
+        if !web {
+            return Ok(());
+        }
+        let up = WEB_PROXY_UP
+            .get(0)
+            .is_some_and(|&mask| mask & (1u32 << (proxy - 1)) != 0);
+        if up {
+            ctx.set_mark(MARK_BASE | MARK_WEB | proxy);
+            Ok(())
+        } else if info.web_fail_closed != 0 {
+            Err(DropReason::WebProxyDown)
+        } else {
+            Ok(())
+        }
     }
 
     /// The policy on a packet from the client: isolation, split

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "freeradius-utils", // radclient: the RADIUS server's side of CoA and Disconnect tests
     "slapd",            // the LDAP directory the authentication tests log in against
     "ldap-utils",       // ldapsearch, for checking an LDAP setup by hand
+    "squid",            // the web proxy redirection tests send web traffic through
+    "curl",             // web requests through the tunnel and to the identity feed
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

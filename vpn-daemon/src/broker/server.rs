@@ -171,6 +171,22 @@ async fn set_up(config: &Path) -> anyhow::Result<(Held, Tun, Result<(), Off>)> {
     crate::net::uplinks::cleanup(&settings.failover)
         .await
         .context("removing stale uplink state")?;
+    crate::net::web_proxy::cleanup(&settings.failover)
+        .await
+        .context("removing stale web proxy routes")?;
+    if !settings.web_proxies.is_empty() {
+        crate::net::web_proxy::WebProxies::start(
+            &settings.web_proxies,
+            &settings.failover,
+            datapath.clone(),
+            events.clone(),
+        )
+        .await?;
+        tracing::info!(
+            proxies = settings.web_proxies.len(),
+            "web proxy redirection set up"
+        );
+    }
     let uplinks = if settings.uplinks.is_empty() {
         None
     } else {
@@ -400,6 +416,9 @@ async fn tear_down(held: &Held) {
     held.datapath.lock().unpin();
     if let Err(e) = crate::net::uplinks::cleanup(&held.settings.failover).await {
         tracing::error!("removing uplink state: {e:#}");
+    }
+    if let Err(e) = crate::net::web_proxy::cleanup(&held.settings.failover).await {
+        tracing::error!("removing web proxy routes: {e:#}");
     }
     let _ = std::fs::remove_file(&held.settings.server.control_socket);
 }

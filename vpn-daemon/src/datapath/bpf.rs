@@ -133,6 +133,7 @@ pub struct Datapath {
     guard_drops: PerCpuArray<MapData, u64>,
     banned: LpmTrie<MapData, SessionKey, Ban>,
     uplink_active: Array<MapData, u32>,
+    web_proxy_up: Array<MapData, u32>,
     exempt: LpmTrie<MapData, ExemptKey, u32>,
     /// What `set_exempt` installed, to replace it.
     exempt_installed: Vec<(u32, ExemptKey)>,
@@ -340,6 +341,7 @@ impl Datapath {
             guard_drops: PerCpuArray::try_from(take(&mut ebpf, guard_map_names::GUARD_DROPS)?)?,
             banned: LpmTrie::try_from(take(&mut ebpf, guard_map_names::BANNED)?)?,
             uplink_active: Array::try_from(take(&mut ebpf, map_names::UPLINK_ACTIVE)?)?,
+            web_proxy_up: Array::try_from(take(&mut ebpf, map_names::WEB_PROXY_UP)?)?,
             exempt: LpmTrie::try_from(take(&mut ebpf, map_names::NAT_EXEMPT)?)?,
             exempt_installed: Vec::new(),
             ebpf,
@@ -605,6 +607,14 @@ impl Datapath {
         self.uplink_active
             .set(1, mask, 0)
             .map_err(writing("setting healthy uplinks"))
+    }
+
+    /// Tells the data path which web proxies are healthy (bit n-1 = proxy
+    /// n): policies redirect web traffic only to a healthy one.
+    pub fn set_healthy_web_proxies(&mut self, mask: u32) -> Result<(), MapWriteError> {
+        self.web_proxy_up
+            .set(0, mask, 0)
+            .map_err(writing("setting healthy web proxies"))
     }
 
     /// Replaces the NAT-exemption prefixes: `(uplink number, prefix)`.

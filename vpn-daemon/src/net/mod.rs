@@ -3,3 +3,4 @@
 
 pub mod netlink;
 pub mod uplinks;
+pub mod web_proxy;

@@ -1,7 +1,7 @@
 //! The identity journal: every change to who holds which VPN address,
 //! numbered, with the state they lead to. The session manager records a
 //! change where the table changes (a login, a restore, a policy move, an
-//! end); the identity feed (`identity.rs`) serves the state and the
+//! end); the identity feed (`identity/`) serves the state and the
 //! changes, and the event log gets each change too.
 //!
 //! A removal is recorded before the address goes back to the pool, so a

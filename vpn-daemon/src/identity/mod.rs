@@ -14,6 +14,12 @@
 //! Every request carries the shared secret (bearer token or basic
 //! authentication password); anything else gets 401. A consumer that
 //! stops reading is dropped after `WRITE_TIMEOUT`.
+//!
+//! [`consumer`] is the other end: a client that keeps every mapping
+//! current from the stream, resuming where it left off (the Squid helper,
+//! `vpn-identity-helper`, answers from it).
+
+pub mod consumer;
 
 use std::{
     net::SocketAddr,
