@@ -55,6 +55,7 @@ failures = 2
 name = "web-open"
 web_proxy = "squid"
 web_ports = [80]
+web_proxy_pac_url = "http://{PROXY}:3128/proxy.pac"
 
 [[group_policy]]
 name = "web-closed"
@@ -310,6 +311,13 @@ fn web_traffic_goes_through_squid_which_logs_the_vpn_user_and_a_dead_proxy_fails
     let mut b = Client::start_in(&topo.client2, &gw, CLOSED.name, CLOSED.password, &[]).unwrap();
     let env_b = b.wait_connected(Duration::from_secs(20)).unwrap();
     let addr_b = env_b["INTERNAL_IP4_ADDRESS"].clone();
+    // The explicit way too, where the policy has one: a PAC URL pushed at
+    // connect, which openconnect hands to its script.
+    assert_eq!(
+        env_a.get("CISCO_PROXY_PAC").map(String::as_str),
+        Some("http://198.18.5.2:3128/proxy.pac")
+    );
+    assert_eq!(env_b.get("CISCO_PROXY_PAC"), None);
 
     // Through Squid: the web server sees the proxy, Squid logs the user.
     for (ns, addr, user) in [

@@ -1771,6 +1771,7 @@ impl Config {
             disconnected_timeout_secs: self.session.disconnected_timeout_secs,
             dpd_secs: self.session.dpd_secs,
             keepalive_secs: self.session.keepalive_secs,
+            proxy_pac: None,
         };
         let dtls = self.dtls.enabled.then(|| {
             let mut listen = self.server.listen;
@@ -2152,10 +2153,24 @@ impl Config {
                 },
             };
             let (web_proxy, web_ports) = self.policy_web_proxy(p)?;
+            if let Some(url) = &p.web_proxy_pac_url
+                && !((url.starts_with("http://") || url.starts_with("https://"))
+                    && url.len() <= 512
+                    && url.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(invalid(
+                    "group_policy.web_proxy_pac_url",
+                    format!(
+                        "policy '{}': {url:?} is not an http:// or https:// URL of at most 512 printable characters without spaces",
+                        p.name
+                    ),
+                ));
+            }
             out.push(PolicyDef {
                 name: p.name.clone(),
                 schedule,
                 rules,
+                proxy_pac: p.web_proxy_pac_url.clone(),
                 info: PolicyInfo {
                     flags,
                     uplink,
@@ -2790,6 +2805,18 @@ mod tests {
         assert!(
             e.contains("group_policy.web_ports") && e.contains("1 to 4 TCP ports"),
             "{e}"
+        );
+        let e = err(
+            "[[group_policy]]\nname = \"web\"\nweb_proxy_pac_url = \"http://x/p.pac\\r\\nX-Evil: 1\"\n",
+        );
+        assert!(e.contains("group_policy.web_proxy_pac_url"), "{e}");
+        let s = parse(
+            "[[group_policy]]\nname = \"web\"\nweb_proxy_pac_url = \"https://198.18.5.2/p.pac\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.policy("web").unwrap().proxy_pac.as_deref(),
+            Some("https://198.18.5.2/p.pac")
         );
         let e = err("[[group_policy]]\nname = \"web\"\nweb_ports = [80]\n");
         assert!(e.contains("web_ports without web_proxy"), "{e}");

@@ -86,6 +86,8 @@ pub struct PolicyDef {
     pub info: PolicyInfo,
     /// When it applies, and the fallback policy outside that window.
     pub schedule: Option<(Schedule, String)>,
+    /// `web_proxy_pac_url`.
+    pub proxy_pac: Option<String>,
 }
 
 /// `[[group_policy]]` in the config file.
@@ -132,6 +134,12 @@ pub struct GroupPolicyConfig {
     /// direct) or `"closed"` (it is dropped).
     #[serde(default)]
     pub web_proxy_down: WebProxyDown,
+    /// A proxy auto-config (PAC) URL pushed to this policy's clients at
+    /// connect (`X-CSTP-MSIE-Proxy-PAC-URL`): the explicit-proxy way, for
+    /// clients that apply it (openconnect hands it to its script as
+    /// `CISCO_PROXY_PAC`). `http://` or `https://`. Absent = none.
+    #[serde(default)]
+    pub web_proxy_pac_url: Option<String>,
 }
 
 /// `group_policy.web_proxy_down`.

@@ -46,6 +46,8 @@ pub struct TunnelParams {
     pub disconnected_timeout_secs: u64,
     pub dpd_secs: u64,
     pub keepalive_secs: u64,
+    /// A proxy auto-config URL (the session's policy's).
+    pub proxy_pac: Option<String>,
 }
 
 /// The session's part of the answer.
@@ -340,6 +342,9 @@ pub fn response_head(
         h.push(("X-DTLS-Keepalive", p.keepalive_secs.to_string()));
         h.push(("X-DTLS-Rekey-Method", "none".into()));
     }
+    if let Some(pac) = &p.proxy_pac {
+        h.push(("X-CSTP-MSIE-Proxy-PAC-URL", pac.clone()));
+    }
     let mut out = String::from("HTTP/1.1 200 CONNECTED\r\n");
     for (n, v) in h {
         out.push_str(n);
@@ -460,6 +465,7 @@ mod tests {
             disconnected_timeout_secs: 300,
             dpd_secs: 30,
             keepalive_secs: 20,
+            proxy_pac: Some("http://198.18.5.2/proxy.pac".into()),
         }
     }
 
@@ -568,6 +574,10 @@ mod tests {
         assert_eq!(values(&head, "X-CSTP-Tunnel-All-DNS"), ["false"]);
         assert_eq!(values(&head, "X-CSTP-Banner"), ["Hello%0Aworld"]);
         assert_eq!(values(&head, "X-CSTP-Idle-Timeout"), ["none"]);
+        assert_eq!(
+            values(&head, "X-CSTP-MSIE-Proxy-PAC-URL"),
+            ["http://198.18.5.2/proxy.pac"]
+        );
         assert_eq!(values(&head, "X-CSTP-Session-Timeout-Remaining"), ["100"]);
         // The datagram on a 1500-byte path fills exactly.
         assert_eq!(values(&head, "X-CSTP-MTU"), ["1434"]);

@@ -389,6 +389,7 @@ impl SessionManager {
                     let binding = PolicyBinding {
                         own,
                         effective: p.as_ref().map(|p| p.def.name.clone()),
+                        proxy_pac: p.as_ref().and_then(|p| p.def.proxy_pac.clone()),
                         id: p.map_or(0, |p| p.id),
                     };
                     let old_id = s.policy.lock().id;
@@ -486,6 +487,7 @@ impl SessionManager {
                 PolicyBinding {
                     own: group_policy,
                     effective: p.as_ref().map(|p| p.def.name.clone()),
+                    proxy_pac: p.as_ref().and_then(|p| p.def.proxy_pac.clone()),
                     id: p.as_ref().map_or(0, |p| p.id),
                 },
                 p.map_or((0, 0), |p| {
@@ -679,6 +681,7 @@ impl SessionManager {
                     PolicyBinding {
                         own: own_policy.clone(),
                         effective: p.as_ref().map(|p| p.def.name.clone()),
+                        proxy_pac: p.as_ref().and_then(|p| p.def.proxy_pac.clone()),
                         id: p.as_ref().map_or(0, |p| p.id),
                     },
                     p.map_or((0, 0), |p| {

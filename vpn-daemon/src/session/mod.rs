@@ -55,6 +55,8 @@ pub struct PolicyBinding {
     pub effective: Option<String>,
     /// Its installed id; 0 = none.
     pub id: u32,
+    /// Its proxy auto-config URL, pushed at CONNECT.
+    pub proxy_pac: Option<String>,
 }
 
 /// The tunnel side of a session, behind one lock.
@@ -170,10 +172,14 @@ impl Session {
         base: &'a crate::proto::connect::TunnelParams,
     ) -> std::borrow::Cow<'a, crate::proto::connect::TunnelParams> {
         let own = self.own_timeouts;
-        if own == OwnTimeouts::default() {
+        let pac = self.policy.lock().proxy_pac.clone();
+        if own == OwnTimeouts::default() && pac.is_none() {
             return std::borrow::Cow::Borrowed(base);
         }
         let mut p = base.clone();
+        if pac.is_some() {
+            p.proxy_pac = pac;
+        }
         if let Some(s) = own.session {
             p.session_timeout = p.session_timeout.min(s);
         }
