@@ -244,3 +244,86 @@ fn the_feed_needs_its_secret_and_a_consumer_resumes_after_60_s_with_every_change
     );
     stale.stop();
 }
+
+/// Sends `bytes` to the feed over TLS from the internal network (openssl
+/// s_client); returns what came back.
+fn raw(topo: &Topology, bytes: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut c = topo
+        .server
+        .cmd("timeout")
+        .args([
+            "5",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-connect",
+            "198.18.2.1:9443",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let _ = stdin.write_all(bytes);
+    // Closing stdin would end s_client before the answer: keep it open
+    // until the server closes.
+    let out = c.wait_with_output().unwrap();
+    drop(stdin);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bad_requests_to_the_feed_get_clear_errors_and_it_keeps_serving() {
+    require_root();
+    let topo = Topology::new().unwrap();
+    let rest = config("p1");
+    let gw = Gateway::start(
+        &topo,
+        ConfigParts {
+            rest: &rest,
+            ..Default::default()
+        },
+        &[ALICE],
+    )
+    .unwrap();
+    let auth = format!("Authorization: Bearer {SECRET}\r\n");
+    let cases: [(String, &str); 5] = [
+        ("GARBAGE\r\n\r\n".into(), "HTTP/1.1 400"),
+        (
+            format!(
+                "GET /v1/mappings HTTP/1.1\r\nX: {}\r\n\r\n",
+                "a".repeat(20_000)
+            ),
+            "HTTP/1.1 431",
+        ),
+        (
+            format!("POST /v1/mappings HTTP/1.1\r\n{auth}Content-Length: 0\r\n\r\n"),
+            "HTTP/1.1 405",
+        ),
+        (
+            format!("GET /v2/everything HTTP/1.1\r\n{auth}\r\n"),
+            "HTTP/1.1 404",
+        ),
+        (
+            "GET /v1/changes HTTP/1.1\r\nAuthorization: Basic Og==\r\n\r\n".into(),
+            "HTTP/1.1 401",
+        ),
+    ];
+    for (req, want) in &cases {
+        let got = raw(&topo, req.as_bytes());
+        assert!(got.starts_with(want), "{req:.60?}: {got:?}");
+    }
+    // Still serving, with the right secret.
+    authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
+    let (code, body) = get(&topo, "/v1/mappings", &["-H", &bearer(SECRET)]);
+    assert_eq!(code, 200, "{body}");
+    let snap: Snapshot = serde_json::from_str(&body).unwrap();
+    assert_eq!(snap.mappings[0].user, "alice");
+    assert!(
+        gw.log()
+            .contains("identity feed: request without the secret refused"),
+        "refusals are logged"
+    );
+}
