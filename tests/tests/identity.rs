@@ -315,8 +315,23 @@ fn bad_requests_to_the_feed_get_clear_errors_and_it_keeps_serving() {
         let got = raw(&topo, req.as_bytes());
         assert!(got.starts_with(want), "{req:.60?}: {got:?}");
     }
-    // Still serving, with the right secret.
+    // A flood of idle connections is capped (vpnd's descriptors are the
+    // VPN's too): logins go on, and the feed serves again once they go.
+    let idle = in_netns(&topo.server, || {
+        (0..150)
+            .filter_map(|_| std::net::TcpStream::connect("198.18.2.1:9443").ok())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(idle.len(), 150);
+    let capped = wait_for(Duration::from_secs(5), || {
+        gw.log()
+            .contains("identity feed: too many connections")
+            .then_some(())
+    });
+    assert!(capped.is_some(), "no cap:\n{}", gw.log());
     authenticate(&topo, &gw, ALICE.name, ALICE.password).unwrap();
+    drop(idle);
+    // Still serving, with the right secret.
     let (code, body) = get(&topo, "/v1/mappings", &["-H", &bearer(SECRET)]);
     assert_eq!(code, 200, "{body}");
     let snap: Snapshot = serde_json::from_str(&body).unwrap();

@@ -52,12 +52,19 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshake and request head, at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections that are not (yet) streams, at most: each holds a
+/// descriptor of vpnd's for up to `REQUEST_TIMEOUT`, and the descriptors
+/// are the VPN's too.
+const MAX_REQUESTS: usize = 64;
+
 /// The feed's state.
 pub struct Feed {
     journal: Arc<Journal>,
     secret: String,
     max_consumers: usize,
     consumers: AtomicUsize,
+    /// Connections open now, streams included.
+    open: AtomicUsize,
 }
 
 impl Feed {
@@ -67,6 +74,7 @@ impl Feed {
             secret: cfg.secret.clone(),
             max_consumers: cfg.max_consumers,
             consumers: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
         })
     }
 }
@@ -90,8 +98,14 @@ pub async fn serve(feed: Arc<Feed>, listener: TcpListener, tls: Arc<rustls::Serv
                 continue;
             }
         };
+        if feed.open.fetch_add(1, Ordering::Relaxed) >= feed.max_consumers + MAX_REQUESTS {
+            feed.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "identity feed: too many connections; closed at once");
+            continue;
+        }
         let (feed, acceptor) = (feed.clone(), acceptor.clone());
         tokio::spawn(async move {
+            let _open = Consumer(&feed.open);
             if let Err(e) = connection(&feed, &acceptor, tcp, peer).await {
                 tracing::debug!(%peer, "identity feed: {e}");
             }
@@ -99,7 +113,7 @@ pub async fn serve(feed: Arc<Feed>, listener: TcpListener, tls: Arc<rustls::Serv
     }
 }
 
-/// Counts a consumer for as long as it lives.
+/// Counts a consumer (or a connection) for as long as it lives.
 struct Consumer<'a>(&'a AtomicUsize);
 
 impl Drop for Consumer<'_> {
