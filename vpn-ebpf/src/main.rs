@@ -405,18 +405,18 @@ mod prog {
         // Before the policy's branches: marking there multiplies the
         // verifier's states past its limit (a dropped packet's mark is moot).
         mark_uplink(ctx, &p, policy);
-        if policy != 0
-            && let Err(reason) = redirect_web(ctx, &p, policy)
-        {
-            if let Some(s) = SESSION_STATS.get_ptr_mut(&key) {
-                // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
-                unsafe { (*s).rx_denied += 1 };
-            }
-            return Err(reason);
-        }
+        // The daemon inserts a policy's entry last and removes it only
+        // after no session points at it: a miss cannot happen mid-update.
+        // SAFETY: read at once; a policy's entry never changes in place.
+        let info = if policy != 0 {
+            unsafe { POLICIES.get(&policy) }
+        } else {
+            None
+        };
         let stats = SESSION_STATS.get_ptr_mut(&key);
-        if policy != 0
-            && let Err(reason) = enforce_outbound(policy, session_id, u64::from(ctx.len()), &p)
+        if let Some(info) = info
+            && let Err(reason) = redirect_web(ctx, &p, info)
+                .and_then(|()| enforce_outbound(info, policy, session_id, u64::from(ctx.len()), &p))
         {
             if let Some(s) = stats {
                 // SAFETY: SESSION_STATS is per-CPU: no other CPU writes this value.
@@ -480,14 +480,10 @@ mod prog {
     /// `ip rule`, while the proxy is healthy; while it is down the packet
     /// keeps its way, or is dropped when the policy fails closed.
     #[inline(always)]
-    fn redirect_web(ctx: &TcContext, p: &Packet, policy: u32) -> Result<(), DropReason> {
+    fn redirect_web(ctx: &TcContext, p: &Packet, info: &PolicyInfo) -> Result<(), DropReason> {
         if p.proto != PROTO_TCP || p.family != FAMILY_V4 {
             return Ok(());
         }
-        // SAFETY: read at once; a policy's entry never changes in place.
-        let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
-            return Ok(());
-        };
         let proxy = u32::from(info.web_proxy);
         if !(1..=16).contains(&proxy) {
             return Ok(());
@@ -518,17 +514,12 @@ mod prog {
     /// enforcement, the rules (against its destination), the upload limit.
     #[inline(always)]
     fn enforce_outbound(
+        info: &PolicyInfo,
         policy: u32,
         session_id: u64,
         len: u64,
         p: &Packet,
     ) -> Result<(), DropReason> {
-        // The daemon inserts a policy's entry last and removes it only
-        // after no session points at it: a miss cannot happen mid-update.
-        // SAFETY: read at once; a policy's entry never changes in place.
-        let Some(info) = (unsafe { POLICIES.get(&policy) }) else {
-            return Ok(());
-        };
         if info.flags & POLICY_ISOLATE != 0
             && SESSIONS.get_ptr(&Packet::key(p.family, &p.dst)).is_some()
         {
