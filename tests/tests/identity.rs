@@ -143,7 +143,11 @@ fn the_feed_needs_its_secret_and_a_consumer_resumes_after_60_s_with_every_change
         ("add", "alice")
     );
     assert_eq!(added.mapping.policy.as_deref(), Some("p1"));
-    assert_eq!(added.mapping.groups, ["default"]);
+    assert_eq!(added.mapping.group, "default");
+    assert!(
+        added.mapping.groups.is_empty(),
+        "a local user has no directory groups"
+    );
     let alice_addr = added.mapping.address;
     let last_seen = ev[1].id.clone().unwrap();
     first.stop();

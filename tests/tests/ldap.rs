@@ -70,6 +70,23 @@ fn ldaps_search_then_bind_maps_groups_to_policies() {
     let mut erin = Client::start(&topo, &gw, "erin", "erin-pw", &[]).unwrap();
     erin.wait_connected(Duration::from_secs(20)).unwrap();
     assert_eq!(policy_of(&gw, "erin"), "engineering", "a nested group");
+    // Her directory groups go to the identity feed's consumers (and the
+    // event log) with her address.
+    let mapped = gw
+        .events_of("identity_changed")
+        .into_iter()
+        .find(|e| e["user"] == "erin" && e["op"] == "add")
+        .expect("erin's identity_changed event");
+    let groups: Vec<&str> = mapped["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g.as_str())
+        .collect();
+    assert!(
+        groups.contains(&"vpn-interns") && groups.contains(&"vpn-eng"),
+        "{mapped}"
+    );
     drop(erin);
 
     // In no group: the default policy (unmapped = "default").

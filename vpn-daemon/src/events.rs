@@ -118,6 +118,8 @@ pub enum Event {
         session_id: u64,
         user: String,
         group: String,
+        /// Directory groups (LDAP).
+        groups: Vec<String>,
         policy: Option<String>,
         vpn_address: String,
         #[serde(skip_serializing_if = "Option::is_none")]

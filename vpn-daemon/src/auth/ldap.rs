@@ -199,6 +199,11 @@ impl LdapClient {
                 Some(own_policy) => Verdict::Accept(Grant {
                     source: crate::auth::AuthSource::Ldap,
                     own_policy,
+                    groups: groups
+                        .iter()
+                        .take(MAX_FEED_GROUPS)
+                        .map(|g| crate::proto::client_string(first_rdn_value(g)))
+                        .collect(),
                     ..Grant::default()
                 }),
                 None => Verdict::Rejected {
@@ -285,6 +290,9 @@ fn normalize_dn(dn: &str) -> String {
         .join(",")
         .to_lowercase()
 }
+
+/// Directory groups a session carries at most (the identity feed's).
+const MAX_FEED_GROUPS: usize = 32;
 
 /// The value of a DN's first RDN (`cn=vpn-eng,ou=groups,...` → `vpn-eng`).
 fn first_rdn_value(dn: &str) -> &str {

@@ -48,6 +48,9 @@ pub struct Grant {
     pub idle_timeout: Option<Duration>,
     /// RADIUS Class values, echoed in accounting.
     pub class: Vec<Vec<u8>>,
+    /// The user's directory groups (LDAP: each group's first RDN value,
+    /// `vpn-eng` for `cn=vpn-eng,ou=groups,...`), for the identity feed.
+    pub groups: Vec<String>,
 }
 
 /// No server of a directory answered a login: each one and why.
@@ -87,6 +90,11 @@ impl Grant {
                 self.class
             } else {
                 second.class
+            },
+            groups: if second.groups.is_empty() {
+                self.groups
+            } else {
+                second.groups
             },
         }
     }

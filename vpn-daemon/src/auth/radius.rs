@@ -265,6 +265,7 @@ fn grant(p: &Packet) -> Grant {
         session_timeout: secs(attr::SESSION_TIMEOUT),
         idle_timeout: secs(attr::IDLE_TIMEOUT),
         class: p.all(attr::CLASS).map(<[u8]>::to_vec).collect(),
+        groups: Vec::new(),
     }
 }
 
@@ -356,6 +357,7 @@ mod tests {
                 session_timeout: Some(Duration::from_secs(60)),
                 idle_timeout: None,
                 class: vec![b"c1".to_vec()],
+                groups: vec![],
             })
         );
         let seen = seen.await.unwrap();

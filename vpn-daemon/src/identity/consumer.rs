@@ -104,7 +104,8 @@ impl Mappings {
 
 /// The answer to one request line of Squid's external ACL protocol
 /// (`[CHANNEL] ADDRESS`, the channel when `concurrency` is on): `OK
-/// user=NAME group=GROUP` for an address a session holds, `ERR` for one
+/// user=NAME group=GROUP [groups=A,B]` for an address a session holds
+/// (`groups`: its directory groups), `ERR` for one
 /// none holds or while the feed gave no state within `wait`, `BH` (broken
 /// helper) for a line without an address.
 pub fn squid_answer(maps: &Mappings, line: &str, wait: Duration) -> String {
@@ -122,10 +123,17 @@ pub fn squid_answer(maps: &Mappings, line: &str, wait: Duration) -> String {
     }
     match maps.lookup(addr) {
         // User and group names are validated: no spaces, no quotes.
+        Some(m) if m.groups.is_empty() => format!("{prefix}OK user={} group={}", m.user, m.group),
+        // Directory group names are client strings: quoted, with their
+        // quotes and backslashes escaped (Squid's helper syntax).
         Some(m) => format!(
-            "{prefix}OK user={} group={}",
+            "{prefix}OK user={} group={} groups=\"{}\"",
             m.user,
-            m.groups.first().map_or("", String::as_str)
+            m.group,
+            m.groups
+                .join(",")
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
         ),
         None => format!("{prefix}ERR"),
     }
@@ -317,7 +325,8 @@ mod tests {
         Mapping {
             session_id: id,
             user: user.into(),
-            groups: vec!["staff".into()],
+            group: "staff".into(),
+            groups: vec![],
             policy: None,
             address: std::net::Ipv4Addr::new(198, 19, 0, last),
             address6: None,
@@ -400,6 +409,18 @@ mod tests {
             "7 OK user=alice group=staff"
         );
         assert_eq!(squid_answer(&maps, "8 198.19.0.11", w), "8 ERR");
+        let mut dir = m(2, "bob", 12);
+        dir.groups = vec!["vpn-eng".into(), "odd \"one\"".into()];
+        let add = Change {
+            seq: 2,
+            op: Op::Add,
+            mapping: dir,
+        };
+        feed(&maps, &sse_event(&pos(2), "add", &add));
+        assert_eq!(
+            squid_answer(&maps, "198.19.0.12", w),
+            "OK user=bob group=staff groups=\"vpn-eng,odd \\\"one\\\"\""
+        );
         assert_eq!(squid_answer(&maps, "198.19.0.11", w), "ERR");
         assert_eq!(
             squid_answer(&maps, "9 -", w),

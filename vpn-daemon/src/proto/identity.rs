@@ -22,6 +22,9 @@ pub struct Mapping {
     pub session_id: u64,
     pub user: String,
     /// The tunnel group the user logged in to.
+    pub group: String,
+    /// The user's directory groups (LDAP), if any.
+    #[serde(default)]
     pub groups: Vec<String>,
     /// The group policy in force, if any.
     pub policy: Option<String>,
@@ -200,7 +203,8 @@ mod tests {
         Mapping {
             session_id: 7,
             user: "alice".into(),
-            groups: vec!["staff".into()],
+            group: "staff".into(),
+            groups: vec!["vpn-eng".into()],
             policy: Some("eng".into()),
             address: "198.19.0.37".parse().unwrap(),
             address6: Some("fd00:1::25".parse().unwrap()),

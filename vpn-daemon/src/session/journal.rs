@@ -134,7 +134,8 @@ mod tests {
         Mapping {
             session_id: id,
             user: user.into(),
-            groups: vec!["staff".into()],
+            group: "staff".into(),
+            groups: vec![],
             policy: None,
             address: std::net::Ipv4Addr::new(198, 19, 0, last),
             address6: None,

@@ -259,7 +259,8 @@ impl SessionManager {
             Mapping {
                 session_id: s.id,
                 user: s.user.clone(),
-                groups: vec![s.group.clone()],
+                group: s.group.clone(),
+                groups: s.groups.clone(),
                 policy: policy.clone(),
                 address: s.lease.v4,
                 address6: s.lease.v6,
@@ -272,6 +273,7 @@ impl SessionManager {
             session_id: s.id,
             user: s.user.clone(),
             group: s.group.clone(),
+            groups: s.groups.clone(),
             policy,
             vpn_address: s.lease.v4.to_string(),
             vpn_address6: s.lease.v6.map(|a| a.to_string()),
@@ -531,6 +533,7 @@ impl SessionManager {
                 idle: grant.idle_timeout,
             },
             class: grant.class.clone(),
+            groups: grant.groups.clone(),
             auth_source: grant.source,
         }));
         {
@@ -615,6 +618,7 @@ impl SessionManager {
                 session_timeout_secs: s.own_timeouts.session.map(|d| d.as_secs()),
                 idle_timeout_secs: s.own_timeouts.idle.map(|d| d.as_secs()),
                 class: s.class.iter().map(hex::encode).collect(),
+                groups: s.groups.clone(),
                 auth_source: s.auth_source,
                 cookie_sha256: hex::encode(hash),
                 credential: (s.auth_source == AuthSource::Local)
@@ -723,6 +727,7 @@ impl SessionManager {
                 started: now.checked_sub(age).unwrap_or(now),
                 own_timeouts,
                 class,
+                groups: r.groups.clone(),
                 auth_source,
             });
             // Not idle for the time it spent saved.
@@ -926,6 +931,7 @@ struct Granted<'a> {
     started: Instant,
     own_timeouts: OwnTimeouts,
     class: Vec<Vec<u8>>,
+    groups: Vec<String>,
     auth_source: AuthSource,
 }
 
@@ -950,6 +956,7 @@ fn new_session(g: Granted<'_>) -> Session {
         spoofed_dropped: AtomicU64::new(0),
         own_timeouts: g.own_timeouts,
         class: g.class,
+        groups: g.groups,
         auth_source: g.auth_source,
         span: crate::session::session_span(g.id, g.user, g.lease.v4),
     }

@@ -98,6 +98,8 @@ pub struct Session {
     pub own_timeouts: OwnTimeouts,
     /// RADIUS Class values from the Access-Accept, for accounting.
     pub class: Vec<Vec<u8>>,
+    /// Directory groups (LDAP), for the identity feed.
+    pub groups: Vec<String>,
     /// Who authenticated it.
     pub auth_source: crate::auth::AuthSource,
     /// See [`Session::span`].
@@ -402,6 +404,7 @@ mod tests {
             spoofed_dropped: AtomicU64::new(0),
             own_timeouts: OwnTimeouts::default(),
             class: Vec::new(),
+            groups: Vec::new(),
             auth_source: crate::auth::AuthSource::Local,
             span: tracing::Span::none(),
         })

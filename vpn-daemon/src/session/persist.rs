@@ -67,6 +67,9 @@ pub struct SavedSession {
     pub idle_timeout_secs: Option<u64>,
     /// RADIUS Class values, hex.
     pub class: Vec<String>,
+    /// Directory groups (LDAP).
+    #[serde(default)]
+    pub groups: Vec<String>,
     pub auth_source: crate::auth::AuthSource,
     /// SHA-256 of its cookie, hex.
     pub cookie_sha256: String,
@@ -160,6 +163,7 @@ mod tests {
             session_timeout_secs: Some(3600),
             idle_timeout_secs: None,
             class: vec!["0a0b".into()],
+            groups: vec!["vpn-eng".into()],
             auth_source: crate::auth::AuthSource::Radius,
             cookie_sha256: "00".repeat(32),
             credential: None,
