@@ -354,6 +354,30 @@ fn web_traffic_goes_through_squid_which_logs_the_vpn_user_and_a_dead_proxy_fails
     // sees her VPN address), bob's fails closed (dropped, counted).
     squid.stop();
     wait_state(&gw, 2, "down");
+    // What an admin sees: vpnctl and the metrics.
+    let rows: serde_json::Value =
+        serde_json::from_str(&gw.vpnctl(&["web-proxies", "--json"]).unwrap()).unwrap();
+    assert_eq!(rows[0]["name"], "squid", "{rows}");
+    assert_eq!(rows[0]["state"], "down", "{rows}");
+    assert!(rows[0]["probes_failed"].as_u64().unwrap() >= 2, "{rows}");
+    let metric = |line: &str| {
+        let out = topo
+            .gw
+            .cmd("curl")
+            .args(["-s", "--max-time", "3", "http://127.0.0.1:9810/metrics"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(line))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        metric("vpn_web_proxy_up{").as_deref(),
+        Some("vpn_web_proxy_up{proxy=\"squid\"} 0")
+    );
+    let changes = metric("vpn_identity_changes_total ").unwrap();
+    assert!(changes.ends_with(" 2"), "alice and bob mapped: {changes}");
     assert_eq!(fetch(&topo.client).as_deref(), Some("web-ok\n"));
     assert_eq!(web.last_peer().as_deref(), Some(addr_a.as_str()));
     let before = gw.drops("web-proxy-down").unwrap();
@@ -363,6 +387,10 @@ fn web_traffic_goes_through_squid_which_logs_the_vpn_user_and_a_dead_proxy_fails
     // Back up: through Squid again.
     squid.run();
     wait_state(&gw, 3, "up");
+    assert_eq!(
+        metric("vpn_web_proxy_up{").as_deref(),
+        Some("vpn_web_proxy_up{proxy=\"squid\"} 1")
+    );
     assert_eq!(fetch(&topo.client2).as_deref(), Some("web-ok\n"));
     assert_eq!(web.last_peer().as_deref(), Some(PROXY));
 

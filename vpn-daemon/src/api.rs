@@ -25,6 +25,8 @@ pub enum Request {
     },
     /// The uplinks: health, role, traffic.
     Uplinks,
+    /// The web proxies: health and probes.
+    WebProxies,
     /// Everything about the sessions of a user name, or the session
     /// holding an address.
     Show {
@@ -97,6 +99,9 @@ pub enum Response {
     },
     Uplinks {
         uplinks: Vec<UplinkRow>,
+    },
+    WebProxies {
+        web_proxies: Vec<WebProxyRow>,
     },
     Show {
         details: Vec<SessionDetail>,
@@ -247,6 +252,22 @@ pub struct UplinkRow {
     pub address: Option<String>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+/// What `vpnctl web-proxies` shows of one web proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebProxyRow {
+    pub name: String,
+    pub address: String,
+    /// `address:port` the health probe connects to.
+    pub probe: String,
+    /// `up` or `down`.
+    pub state: String,
+    pub consecutive_failures: u32,
+    pub probes_sent: u64,
+    pub probes_failed: u64,
+    /// Seconds since the state last changed (or since start).
+    pub state_secs: u64,
 }
 
 /// The kernel offloads the data path uses (`datapath/offloads.rs`).

@@ -318,6 +318,13 @@ impl Gateway {
                     self.broker.uplinks()
                 },
             },
+            Ok(Request::WebProxies) => Response::WebProxies {
+                web_proxies: if self.settings.web_proxies.is_empty() {
+                    Vec::new()
+                } else {
+                    self.broker.web_proxies()
+                },
+            },
             Ok(Request::Stats) => Response::Stats {
                 stats: Box::new(self.stats()),
             },

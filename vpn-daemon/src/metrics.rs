@@ -363,6 +363,31 @@ pub fn render(gw: &Gateway) -> String {
         }
     }
 
+    if !gw.settings.web_proxies.is_empty() {
+        let up = family::<Gauge>(
+            &mut reg,
+            "web_proxy_up",
+            "1 while the web proxy answers its health probe",
+        );
+        let failed = family::<Counter>(
+            &mut reg,
+            "web_proxy_probes_failed",
+            "Health probes of the web proxy that failed",
+        );
+        for row in gw.broker.web_proxies() {
+            let l = vec![("proxy", row.name.clone())];
+            set(&up, l.clone(), i64::from(row.state == "up"));
+            count(&failed, l, row.probes_failed);
+        }
+    }
+    let changes = Counter::<u64>::default();
+    changes.inc_by(gw.sessions.journal().seq());
+    reg.register(
+        "identity_changes",
+        "Changes of who holds which VPN address since start (the identity feed's last sequence number)",
+        changes,
+    );
+
     let hits = family::<Counter>(
         &mut reg,
         "policy_rule_hits",

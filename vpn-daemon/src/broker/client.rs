@@ -185,6 +185,22 @@ impl Broker {
         }
     }
 
+    /// The web proxies' state (`vpnctl web-proxies`, metrics); none when
+    /// the broker cannot say.
+    pub fn web_proxies(&self) -> Vec<crate::api::WebProxyRow> {
+        match self.call(&Request::WebProxies) {
+            Ok(Reply::WebProxies(rows)) => rows,
+            Ok(other) => {
+                tracing::error!("broker: web proxies answered with {other:?}");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!("broker: web proxies: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     /// The uplinks' state (`vpnctl uplinks`, metrics); none when the broker
     /// cannot say.
     pub fn uplinks(&self) -> Vec<UplinkRow> {

@@ -112,6 +112,8 @@ pub enum Request {
     },
     /// The uplinks' health, roles and traffic (`vpnctl uplinks`).
     Uplinks,
+    /// The web proxies' health (`vpnctl web-proxies`).
+    WebProxies,
     /// A file the configuration names (`crate::files`): its bytes.
     ReadFile {
         path: PathBuf,
@@ -143,6 +145,7 @@ pub enum Reply {
     Snapshot(Vec<(SessionKey, SessionStats)>),
     Counts(Vec<u64>),
     Uplinks(Vec<crate::api::UplinkRow>),
+    WebProxies(Vec<crate::api::WebProxyRow>),
     /// The key signer started, its socket sent next.
     KeySigner {
         pid: u32,

@@ -44,6 +44,7 @@ struct Held {
     readable: parking_lot::Mutex<Vec<std::path::PathBuf>>,
     datapath: LocalDatapath,
     uplinks: Option<Arc<Uplinks>>,
+    web_proxies: Option<Arc<crate::net::web_proxy::WebProxies>>,
     /// Key signers started for vpnd, to reap.
     signers: parking_lot::Mutex<Vec<std::process::Child>>,
     /// Until the broker exits: no second broker sets up beside it.
@@ -174,8 +175,10 @@ async fn set_up(config: &Path) -> anyhow::Result<(Held, Tun, Result<(), Off>)> {
     crate::net::web_proxy::cleanup(&settings.failover)
         .await
         .context("removing stale web proxy routes")?;
-    if !settings.web_proxies.is_empty() {
-        crate::net::web_proxy::WebProxies::start(
+    let web_proxies = if settings.web_proxies.is_empty() {
+        None
+    } else {
+        let w = crate::net::web_proxy::WebProxies::start(
             &settings.web_proxies,
             &settings.failover,
             datapath.clone(),
@@ -186,7 +189,8 @@ async fn set_up(config: &Path) -> anyhow::Result<(Held, Tun, Result<(), Off>)> {
             proxies = settings.web_proxies.len(),
             "web proxy redirection set up"
         );
-    }
+        Some(w)
+    };
     let uplinks = if settings.uplinks.is_empty() {
         None
     } else {
@@ -207,6 +211,7 @@ async fn set_up(config: &Path) -> anyhow::Result<(Held, Tun, Result<(), Off>)> {
         settings,
         datapath,
         uplinks,
+        web_proxies,
         _lock: lock,
     };
     Ok((held, tun, tun_offload))
@@ -402,6 +407,15 @@ fn answer(held: &Held, req: Request) -> Reply {
         Request::Uplinks => {
             drop(dp);
             Reply::Uplinks(held.uplinks.as_ref().map(|u| u.rows()).unwrap_or_default())
+        }
+        Request::WebProxies => {
+            drop(dp);
+            Reply::WebProxies(
+                held.web_proxies
+                    .as_ref()
+                    .map(|w| w.rows())
+                    .unwrap_or_default(),
+            )
         }
         Request::Stop
         | Request::StartKeySigner

@@ -49,11 +49,21 @@ fn priority(f: &FailoverConfig, number: u32) -> u32 {
     f.rule_priority - MAX_WEB_PROXIES + number - 1
 }
 
+/// A proxy's probes, for `vpnctl web-proxies`.
+#[derive(Debug, Clone, Copy)]
+struct Probes {
+    failures: u32,
+    sent: u64,
+    failed: u64,
+    since: std::time::Instant,
+}
+
 /// The proxies, their health, and where it goes.
 pub struct WebProxies {
     cfg: Vec<WebProxyConfig>,
     /// Bit n-1: proxy n is up.
     healthy: AtomicU32,
+    probes: parking_lot::Mutex<Vec<Probes>>,
     datapath: LocalDatapath,
     events: Arc<EventLog>,
 }
@@ -106,6 +116,15 @@ impl WebProxies {
         let me = Arc::new(WebProxies {
             cfg: cfg.to_vec(),
             healthy: AtomicU32::new(0),
+            probes: parking_lot::Mutex::new(vec![
+                Probes {
+                    failures: 0,
+                    sent: 0,
+                    failed: 0,
+                    since: std::time::Instant::now(),
+                };
+                cfg.len()
+            ]),
             datapath,
             events,
         });
@@ -114,6 +133,13 @@ impl WebProxies {
                 .await;
         let mut mask = 0;
         for (i, up) in first.into_iter().enumerate() {
+            let mut p = me.probes.lock();
+            p[i].sent += 1;
+            if !up {
+                p[i].failed += 1;
+                p[i].failures = cfg[i].failures;
+            }
+            drop(p);
             tracing::info!(
                 proxy = cfg[i].name,
                 address = %cfg[i].address,
@@ -157,6 +183,16 @@ impl WebProxies {
             let was_up = failures < w.failures;
             failures = if ok { 0 } else { failures.saturating_add(1) };
             let up = failures < w.failures;
+            {
+                let mut p = self.probes.lock();
+                let p = &mut p[i];
+                p.sent += 1;
+                p.failed += u64::from(!ok);
+                p.failures = failures;
+                if up != was_up {
+                    p.since = std::time::Instant::now();
+                }
+            }
             if up != was_up {
                 self.set(i, up, ok);
             }
@@ -192,6 +228,34 @@ impl WebProxies {
             state: if up { "up" } else { "down" }.into(),
             reason,
         });
+    }
+}
+
+impl WebProxies {
+    /// Each proxy's state and probes (`vpnctl web-proxies`).
+    pub fn rows(&self) -> Vec<crate::api::WebProxyRow> {
+        let healthy = self.healthy.load(Ordering::Relaxed);
+        let probes = self.probes.lock().clone();
+        self.cfg
+            .iter()
+            .zip(probes)
+            .enumerate()
+            .map(|(i, (w, p))| crate::api::WebProxyRow {
+                name: w.name.clone(),
+                address: w.address.to_string(),
+                probe: self.target(i).to_string(),
+                state: if healthy & (1 << i) != 0 {
+                    "up"
+                } else {
+                    "down"
+                }
+                .into(),
+                consecutive_failures: p.failures,
+                probes_sent: p.sent,
+                probes_failed: p.failed,
+                state_secs: p.since.elapsed().as_secs(),
+            })
+            .collect()
     }
 }
 

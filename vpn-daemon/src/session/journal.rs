@@ -85,6 +85,11 @@ impl Journal {
         change
     }
 
+    /// The number of the last change (0 = none yet).
+    pub fn seq(&self) -> u64 {
+        self.inner.lock().seq
+    }
+
     /// Every mapping now, and the number of the last change.
     pub fn snapshot(&self) -> Snapshot {
         let i = self.inner.lock();

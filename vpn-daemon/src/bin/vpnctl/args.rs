@@ -55,6 +55,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Web proxies (`[[web_proxy]]`): up or down, probes sent and failed,
+    /// how long in that state.
+    WebProxies {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read the configuration: group policies apply live to every session;
     /// a file that does not validate is rejected and the running one stays.
     Reload,

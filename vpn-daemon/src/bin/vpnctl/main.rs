@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Disconnect { target } => sessions::disconnect(&args.socket, &target),
         Command::Stats { json } => sessions::stats(&args.socket, json),
         Command::Uplinks { json } => sessions::uplinks(&args.socket, json),
+        Command::WebProxies { json } => sessions::web_proxies(&args.socket, json),
         Command::Show { target, json } => sessions::show(&args.socket, &target, json),
         Command::Events(a) => sessions::events(&args.socket, a),
         Command::User(cmd) => user::run(cmd),

@@ -411,6 +411,36 @@ pub fn events(socket: &Path, a: crate::args::EventsArgs) -> anyhow::Result<()> {
     }
 }
 
+pub fn web_proxies(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let Response::WebProxies { web_proxies } = call(socket, Request::WebProxies)? else {
+        bail!("unexpected answer from vpnd");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&web_proxies)?);
+        return Ok(());
+    }
+    if web_proxies.is_empty() {
+        println!("no web proxies configured ([[web_proxy]] in the config)");
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<22} {:<5} {:>8} {:>13} {:>10}",
+        "NAME", "PROBE", "STATE", "FAILURES", "FAILED/SENT", "FOR"
+    );
+    for w in web_proxies {
+        println!(
+            "{:<12} {:<22} {:<5} {:>8} {:>13} {:>10}",
+            w.name,
+            w.probe,
+            w.state,
+            w.consecutive_failures,
+            format!("{}/{}", w.probes_failed, w.probes_sent),
+            format!("{}s", w.state_secs)
+        );
+    }
+    Ok(())
+}
+
 pub fn uplinks(socket: &Path, json: bool) -> anyhow::Result<()> {
     let Response::Uplinks { uplinks } = call(socket, Request::Uplinks)? else {
         bail!("unexpected answer from vpnd");
