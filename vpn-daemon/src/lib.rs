@@ -15,9 +15,13 @@
 //!   workers ([`transport::workers`]) move packets between the tunnel
 //!   device ([`datapath::tun`]) and the DTLS channels, with the packet
 //!   surgery of [`packet`].
-//! - [`net::uplinks`] routes the clients' traffic out, [`control`] answers
+//! - [`net::uplinks`] routes the clients' traffic out, [`net::web_proxy`]
+//!   routes a policy's web traffic to its proxy, [`control`] answers
 //!   `vpnctl` (the messages and figures are [`api`]'s, plain data),
 //!   [`events`] writes the event log.
+//! - [`profile`] generates the client profile the login announces;
+//!   [`identity`] serves who holds which address (the journal of
+//!   [`session::journal`]) to web proxies and their helper.
 //!
 //! # Errors
 //!
