@@ -68,3 +68,57 @@ pub fn enable_forwarding(ipv6: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Deletes the IPv4 `ip rule`s whose priority is in `priorities` and the
+/// IPv4 routes in the tables `tables`: what a component owns by range,
+/// removed at stop and after a crash.
+pub async fn delete_owned(
+    handle: &rtnetlink::Handle,
+    priorities: std::ops::RangeInclusive<u32>,
+    tables: std::ops::RangeInclusive<u32>,
+) -> anyhow::Result<()> {
+    use netlink_packet_route::{route::RouteAttribute, rule::RuleAttribute};
+    let rules: Vec<_> = handle
+        .rule()
+        .get(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context("listing ip rules")?;
+    for r in rules {
+        let prio = r.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        });
+        if prio.is_some_and(|p| priorities.contains(&p)) {
+            handle
+                .rule()
+                .del(r)
+                .execute()
+                .await
+                .context("deleting an ip rule")?;
+        }
+    }
+    let routes: Vec<_> = handle
+        .route()
+        .get(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context("listing routes")?;
+    for r in routes {
+        let table = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        });
+        if table.is_some_and(|t| tables.contains(&t)) {
+            handle
+                .route()
+                .del(r)
+                .execute()
+                .await
+                .context("deleting a route")?;
+        }
+    }
+    Ok(())
+}

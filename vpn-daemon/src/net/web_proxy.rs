@@ -24,8 +24,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::TryStreamExt as _;
-use netlink_packet_route::{route::RouteAttribute, rule::RuleAttribute};
+use netlink_packet_route::rule::RuleAttribute;
 use vpn_common::{MARK_BASE, MARK_WEB, MAX_UPLINKS, MAX_WEB_PROXIES};
 
 use crate::{
@@ -272,51 +271,12 @@ async fn probe(target: SocketAddr, timeout: Duration) -> bool {
 pub async fn cleanup(f: &FailoverConfig) -> anyhow::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
     tokio::spawn(conn);
-    let ours = priority(f, 1)..=priority(f, MAX_WEB_PROXIES);
-    let rules: Vec<_> = handle
-        .rule()
-        .get(rtnetlink::IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await
-        .context("listing ip rules")?;
-    for r in rules {
-        let prio = r.attributes.iter().find_map(|a| match a {
-            RuleAttribute::Priority(p) => Some(*p),
-            _ => None,
-        });
-        if prio.is_some_and(|p| ours.contains(&p)) {
-            handle
-                .rule()
-                .del(r)
-                .execute()
-                .await
-                .context("deleting an ip rule")?;
-        }
-    }
-    let tables = table(f, 1)..=table(f, MAX_WEB_PROXIES);
-    let routes: Vec<_> = handle
-        .route()
-        .get(rtnetlink::IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await
-        .context("listing routes")?;
-    for r in routes {
-        let t = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        });
-        if t.is_some_and(|t| tables.contains(&t)) {
-            handle
-                .route()
-                .del(r)
-                .execute()
-                .await
-                .context("deleting a route")?;
-        }
-    }
-    Ok(())
+    crate::net::netlink::delete_owned(
+        &handle,
+        priority(f, 1)..=priority(f, MAX_WEB_PROXIES),
+        table(f, 1)..=table(f, MAX_WEB_PROXIES),
+    )
+    .await
 }
 
 #[cfg(test)]

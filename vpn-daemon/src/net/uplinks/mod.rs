@@ -36,7 +36,6 @@ use anyhow::{Context as _, anyhow};
 use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
     link::{LinkAttribute, LinkFlag, LinkMessage},
-    route::RouteAttribute,
     rule::RuleAttribute,
 };
 use netlink_sys::AsyncSocket as _;
@@ -473,51 +472,12 @@ pub async fn cleanup(f: &FailoverConfig) -> anyhow::Result<()> {
 
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
     tokio::spawn(conn);
-    let ours = f.rule_priority..=f.rule_priority + RULE_SPAN;
-    let rules: Vec<_> = handle
-        .rule()
-        .get(rtnetlink::IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await
-        .context("listing ip rules")?;
-    for r in rules {
-        let prio = r.attributes.iter().find_map(|a| match a {
-            RuleAttribute::Priority(p) => Some(*p),
-            _ => None,
-        });
-        if prio.is_some_and(|p| ours.contains(&p)) {
-            handle
-                .rule()
-                .del(r)
-                .execute()
-                .await
-                .context("deleting an ip rule")?;
-        }
-    }
-    let tables = f.table_base..f.table_base + MAX_UPLINKS;
-    let routes: Vec<_> = handle
-        .route()
-        .get(rtnetlink::IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await
-        .context("listing routes")?;
-    for r in routes {
-        let table = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        });
-        if table.is_some_and(|t| tables.contains(&t)) {
-            handle
-                .route()
-                .del(r)
-                .execute()
-                .await
-                .context("deleting a route")?;
-        }
-    }
-    Ok(())
+    crate::net::netlink::delete_owned(
+        &handle,
+        f.rule_priority..=f.rule_priority + RULE_SPAN,
+        f.table_base..=f.table_base + MAX_UPLINKS - 1,
+    )
+    .await
 }
 
 /// The daemon's nft table: a masquerade rule per masquerading uplink, for
