@@ -275,7 +275,8 @@ impl LoginService {
             _ => None,
         };
         let Some(p) = found else {
-            tracing::info!(
+            // Debug: a stranger's requests must not fill the log.
+            tracing::debug!(
                 %peer,
                 path = %crate::proto::client_string(&req.path),
                 session = session.is_some(),

@@ -7,7 +7,6 @@
 //! (`vpn-identity-helper`) is a small synchronous program.
 
 use std::{
-    collections::HashMap,
     io::{BufRead, BufReader, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     sync::Arc,
@@ -17,7 +16,9 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use parking_lot::{Condvar, Mutex};
 
-use crate::proto::identity::{Change, Mapping, Position, Snapshot, SseEvent, SseReader};
+use crate::proto::identity::{
+    Change, Mapping, MappingSet, Position, Snapshot, SseEvent, SseReader,
+};
 
 /// No event nor keepalive for this long (the server sends one every
 /// 15 s): the connection is dead.
@@ -34,7 +35,7 @@ const BACKOFF: [Duration; 4] = [
 #[derive(Default)]
 struct State {
     position: Option<String>,
-    by_session: HashMap<u64, Mapping>,
+    mappings: MappingSet,
 }
 
 /// The mappings as the feed last told them.
@@ -51,19 +52,11 @@ impl Mappings {
         match ev.event.as_str() {
             "snapshot" => {
                 let snap: Snapshot = serde_json::from_str(&ev.data).context("snapshot event")?;
-                s.by_session = snap
-                    .mappings
-                    .into_iter()
-                    .map(|m| (m.session_id, m))
-                    .collect();
+                s.mappings.replace(snap.mappings);
             }
             "add" | "update" | "remove" => {
                 let c: Change = serde_json::from_str(&ev.data).context("change event")?;
-                if ev.event == "remove" {
-                    s.by_session.remove(&c.mapping.session_id);
-                } else {
-                    s.by_session.insert(c.mapping.session_id, c.mapping);
-                }
+                s.mappings.apply(c.op, c.mapping);
             }
             // Newer servers may send more kinds; skipping them is safe
             // only while they change no mapping, which is their contract.
@@ -79,12 +72,7 @@ impl Mappings {
 
     /// The holder of `a`, as last known.
     pub fn lookup(&self, a: IpAddr) -> Option<Mapping> {
-        self.state
-            .lock()
-            .by_session
-            .values()
-            .find(|m| m.holds(a))
-            .cloned()
+        self.state.lock().mappings.lookup(a).cloned()
     }
 
     /// The last position seen (`EPOCH-SEQ`).

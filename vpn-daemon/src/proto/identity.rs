@@ -12,7 +12,10 @@
 //! gets exactly the changes after it, in order. `EPOCH` changes when vpnd
 //! restarts, so positions from before a restart get a fresh snapshot.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,13 +37,54 @@ pub struct Mapping {
     pub since: String,
 }
 
-impl Mapping {
-    /// Whether `a` is one of its addresses.
-    pub fn holds(&self, a: IpAddr) -> bool {
-        match a {
-            IpAddr::V4(v4) => v4 == self.address,
-            IpAddr::V6(v6) => Some(v6) == self.address6,
+/// The mappings at one moment, by session and by address: both ends of
+/// the feed keep one (the journal its state, a consumer its copy), and a
+/// lookup by address costs one hash probe however many sessions there are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MappingSet {
+    by_session: BTreeMap<u64, Mapping>,
+    by_addr: HashMap<IpAddr, u64>,
+}
+
+impl MappingSet {
+    /// Applies `op` on `m`.
+    pub fn apply(&mut self, op: Op, m: Mapping) {
+        if let Some(old) = self.by_session.remove(&m.session_id) {
+            self.unindex(&old);
         }
+        if op != Op::Remove {
+            self.by_addr.insert(IpAddr::V4(m.address), m.session_id);
+            if let Some(a) = m.address6 {
+                self.by_addr.insert(IpAddr::V6(a), m.session_id);
+            }
+            self.by_session.insert(m.session_id, m);
+        }
+    }
+
+    fn unindex(&mut self, m: &Mapping) {
+        for a in std::iter::once(IpAddr::V4(m.address)).chain(m.address6.map(IpAddr::V6)) {
+            if self.by_addr.get(&a) == Some(&m.session_id) {
+                self.by_addr.remove(&a);
+            }
+        }
+    }
+
+    /// Everything `mappings` says, nothing else.
+    pub fn replace(&mut self, mappings: Vec<Mapping>) {
+        *self = MappingSet::default();
+        for m in mappings {
+            self.apply(Op::Add, m);
+        }
+    }
+
+    /// The mapping that holds `a`.
+    pub fn lookup(&self, a: IpAddr) -> Option<&Mapping> {
+        self.by_session.get(self.by_addr.get(&a.to_canonical())?)
+    }
+
+    /// Every mapping, by session id.
+    pub fn all(&self) -> Vec<Mapping> {
+        self.by_session.values().cloned().collect()
     }
 }
 
@@ -245,11 +289,26 @@ mod tests {
     }
 
     #[test]
-    fn a_mapping_holds_its_addresses() {
-        let m = mapping();
-        assert!(m.holds("198.19.0.37".parse().unwrap()));
-        assert!(m.holds("fd00:1::25".parse().unwrap()));
-        assert!(!m.holds("198.19.0.38".parse().unwrap()));
+    fn a_set_finds_either_address_and_forgets_both() {
+        let mut s = MappingSet::default();
+        s.apply(Op::Add, mapping());
+        let user = |s: &MappingSet, a: &str| s.lookup(a.parse().unwrap()).map(|m| m.user.clone());
+        assert_eq!(user(&s, "198.19.0.37").as_deref(), Some("alice"));
+        assert_eq!(user(&s, "fd00:1::25").as_deref(), Some("alice"));
+        assert_eq!(user(&s, "::ffff:198.19.0.37").as_deref(), Some("alice"));
+        assert_eq!(user(&s, "198.19.0.38"), None);
+        // The address goes to bob: alice's entry no longer claims it.
+        s.apply(Op::Remove, mapping());
+        let mut bob = mapping();
+        bob.session_id = 8;
+        bob.user = "bob".into();
+        bob.address6 = None;
+        s.apply(Op::Add, bob.clone());
+        assert_eq!(user(&s, "198.19.0.37").as_deref(), Some("bob"));
+        assert_eq!(user(&s, "fd00:1::25"), None);
+        s.replace(vec![]);
+        assert_eq!(user(&s, "198.19.0.37"), None);
+        assert!(s.all().is_empty());
     }
 
     #[test]

@@ -8,22 +8,19 @@
 //! consumer always sees an address's old holder leave before a new one
 //! comes.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    net::IpAddr,
-};
+use std::{collections::VecDeque, net::IpAddr};
 
 use parking_lot::Mutex;
 use rand::RngCore as _;
 use tokio::sync::watch;
 
-use crate::proto::identity::{Change, Mapping, Op, Snapshot};
+use crate::proto::identity::{Change, Mapping, MappingSet, Op, Snapshot};
 
 /// What the journal keeps, under one lock so a snapshot and its sequence
 /// number always agree.
 struct Inner {
     seq: u64,
-    current: BTreeMap<u64, Mapping>,
+    current: MappingSet,
     recent: VecDeque<Change>,
 }
 
@@ -47,7 +44,7 @@ impl Journal {
             keep: keep.max(1),
             inner: Mutex::new(Inner {
                 seq: 0,
-                current: BTreeMap::new(),
+                current: MappingSet::default(),
                 recent: VecDeque::new(),
             }),
             latest: watch::channel(0).0,
@@ -62,14 +59,7 @@ impl Journal {
     pub fn record(&self, op: Op, m: Mapping) -> Change {
         let mut i = self.inner.lock();
         i.seq += 1;
-        match op {
-            Op::Add | Op::Update => {
-                i.current.insert(m.session_id, m.clone());
-            }
-            Op::Remove => {
-                i.current.remove(&m.session_id);
-            }
-        }
+        i.current.apply(op, m.clone());
         let change = Change {
             seq: i.seq,
             op,
@@ -96,7 +86,7 @@ impl Journal {
         Snapshot {
             epoch: self.epoch.clone(),
             seq: i.seq,
-            mappings: i.current.values().cloned().collect(),
+            mappings: i.current.all(),
         }
     }
 
@@ -116,12 +106,7 @@ impl Journal {
 
     /// The mapping that holds `a` now.
     pub fn lookup(&self, a: IpAddr) -> Option<Mapping> {
-        self.inner
-            .lock()
-            .current
-            .values()
-            .find(|m| m.holds(a))
-            .cloned()
+        self.inner.lock().current.lookup(a).cloned()
     }
 
     /// Wakes up when a change is recorded (its value: the last sequence
